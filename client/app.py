@@ -1,0 +1,105 @@
+"""The ClientApp: honest local training, and the client-side attacks chosen by run config.
+
+Each node reads its partition from ``node_config`` (``partition-id``, ``num-partitions``)
+and everything else from the run config (see :mod:`softmerge.simulations.config`). A
+node whose partition id is listed in ``malicious-partitions`` applies ``attack`` to what
+it sends. Honest and malicious replies carry the same record keys, so nothing in the
+reply's shape gives an attacker away.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..simulations.config import RunSettings, parse_run_config
+from ..simulations.tasks import ArraySet, build_model, evaluate_model, load_partition, load_task, train_model
+from .attacks import flip_labels, poison_state
+
+# Simulated clients run in parallel actors on a small machine; one thread each avoids
+# oversubscribing the cores.
+torch.set_num_threads(1)
+
+app = ClientApp()
+
+
+def _local_data(settings: RunSettings, context: Context) -> tuple[int, int, ArraySet, ArraySet]:
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    data = load_partition(
+        settings.dataset, partition_id, num_partitions,
+        partitioning=settings.partitioning, alpha=settings.dirichlet_alpha,
+        gate_size=settings.server_gate_size, test_size=settings.server_test_size,
+        seed=settings.seed, path=settings.dataset_path,
+    )
+    # A fixed fifth of the partition is held out for federated evaluation.
+    cut = max(1, len(data) * 4 // 5) if len(data) > 1 else len(data)
+    return partition_id, num_partitions, ArraySet(data.x[:cut], data.y[:cut]), ArraySet(data.x[cut:], data.y[cut:])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return train_reply(msg, context, parse_run_config(context.run_config))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return evaluate_reply(msg, context, parse_run_config(context.run_config))
+
+
+def make_client_app(settings: RunSettings) -> ClientApp:
+    """A ClientApp bound to fixed settings, for in-process simulations that set no run config."""
+    bound = ClientApp()
+    bound.train()(lambda msg, context: train_reply(msg, context, settings))
+    bound.evaluate()(lambda msg, context: evaluate_reply(msg, context, settings))
+    return bound
+
+
+def train_reply(msg: Message, context: Context, settings: RunSettings) -> Message:
+    """Train on this node's partition; a malicious node then poisons what it sends."""
+    partition_id, num_partitions, train_set, _ = _local_data(settings, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    seed = settings.seed * 1_000_003 + server_round * 1_009 + partition_id
+
+    model = build_model(settings.dataset)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    model.load_state_dict(global_state)
+
+    malicious = partition_id in settings.malicious_ids and settings.attack != "none"
+    if malicious and settings.attack == "label-flip":
+        num_classes = load_task(settings.dataset, settings.server_gate_size, settings.server_test_size,
+                                settings.seed, settings.dataset_path).num_classes
+        train_set = ArraySet(train_set.x, flip_labels(train_set.y, num_classes))
+    torch.manual_seed(seed)
+    train_loss = train_model(model, train_set, epochs=settings.local_epochs, learning_rate=settings.learning_rate,
+                             batch_size=settings.batch_size, seed=seed)
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+
+    if malicious:
+        rank = sorted(settings.malicious_ids).index(partition_id)
+        if settings.attack == "extreme":
+            factors = settings.extreme_factors
+            scale = factors[rank % len(factors)]
+        else:
+            scale = settings.attack_scale or float(num_partitions)
+        state = poison_state(settings.attack, global_state, state, scale=scale, std=settings.gaussian_std,
+                             generator=torch.Generator().manual_seed(seed))
+
+    metrics = MetricRecord({
+        "train-loss": float(train_loss),
+        "num-examples": len(train_set),
+        # Reported so that simulations can score detection; the defense never uses it.
+        "partition-id": partition_id,
+    })
+    return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
+
+
+def evaluate_reply(msg: Message, context: Context, settings: RunSettings) -> Message:
+    """Loss and accuracy of the received model on this node's held-out fifth."""
+    _, _, _, eval_set = _local_data(settings, context)
+    model = build_model(settings.dataset)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loss, accuracy = evaluate_model(model, eval_set)
+    metrics = MetricRecord({"eval-loss": float(loss), "eval-acc": float(accuracy), "num-examples": len(eval_set)})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

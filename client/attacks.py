@@ -1,0 +1,57 @@
+"""Client-side poisoning attacks (see DESIGN.md section 4).
+
+Each attack rewrites the state a malicious client sends, given the global model it
+received and the model it trained honestly. An *update* is ``trained - global``. Only
+floating-point tensors are attacked; integer buffers are sent as trained.
+
+- sign-flip: send ``global - update``.
+- gaussian: send ``global + N(0, std^2)``.
+- scaling (model replacement): send ``global + gamma * update``, gamma about n.
+- extreme: send ``global + factor * update``; a factor of inf or nan sets every value to it.
+
+Label flipping (l -> C - 1 - l) happens in training instead; see :func:`flip_labels`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+
+def flip_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return (num_classes - 1 - labels).astype(labels.dtype)
+
+
+def poison_state(
+    attack: str,
+    global_state: Mapping[str, torch.Tensor],
+    trained_state: Mapping[str, torch.Tensor],
+    *,
+    scale: float = 1.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The state a malicious client sends instead of ``trained_state``."""
+    poisoned = {}
+    for name, trained in trained_state.items():
+        if not trained.dtype.is_floating_point or attack in ("none", "label-flip"):
+            poisoned[name] = trained.clone()
+            continue
+        base = global_state[name].to(trained.dtype)
+        update = trained - base
+        if attack == "sign-flip":
+            poisoned[name] = base - update
+        elif attack == "gaussian":
+            noise = torch.randn(trained.shape, generator=generator, dtype=torch.float64) * std
+            poisoned[name] = base + noise.to(trained.dtype)
+        elif attack in ("scaling", "extreme"):
+            if math.isnan(scale) or math.isinf(scale):
+                poisoned[name] = torch.full_like(trained, scale)
+            else:
+                poisoned[name] = base + update * scale
+        else:
+            raise ValueError(f"unknown client attack {attack!r}")
+    return poisoned

@@ -1,0 +1,89 @@
+"""Per-round results: accuracy, loss, seconds and the round's gate report.
+
+``results.json`` is rewritten atomically (write, then rename) after every round, so a
+reader never sees half a file and a crash loses at most the round in flight.
+``rounds.csv`` holds the scalar columns for spreadsheets and plots. Non-finite numbers
+(a collapsed model's loss) are written as JSON null and CSV 'nan'.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..aggregation import GateReport
+
+CSV_COLUMNS = ("round", "test_accuracy", "test_loss", "round_seconds", "aggregate_seconds", "gate_steps",
+               "excluded")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(_json_safe(payload), handle, indent=1, allow_nan=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+@dataclass
+class ResultsWriter:
+    """Collects one run's rounds and writes them to ``directory`` (if given)."""
+
+    directory: Path | None
+    settings: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    _last_time: float = field(default_factory=time.perf_counter)
+
+    def record(self, server_round: int, accuracy: float, loss: float, report: GateReport | None,
+               aggregate_seconds: float | None = None) -> dict[str, Any]:
+        now = time.perf_counter()
+        entry: dict[str, Any] = {
+            "round": server_round,
+            "test_accuracy": accuracy,
+            "test_loss": loss,
+            "round_seconds": now - self._last_time if server_round > 0 else 0.0,
+            "aggregate_seconds": report.seconds if report is not None else aggregate_seconds,
+            "gate_steps": report.steps if report is not None else None,
+            "excluded": len(report.excluded) if report is not None else None,
+        }
+        if report is not None:
+            entry["gates"] = report.to_dict()
+        self._last_time = now
+        self.rounds.append(entry)
+        self.flush()
+        return entry
+
+    def flush(self, status: str = "running") -> None:
+        if self.directory is None:
+            return
+        write_json_atomic(self.directory / "results.json",
+                          {"status": status, "settings": self.settings, "rounds": self.rounds})
+        temporary = self.directory / "rounds.csv.tmp"
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rounds)
+        os.replace(temporary, self.directory / "rounds.csv")
+
+
+def load_results(directory: str | os.PathLike) -> dict[str, Any]:
+    with open(Path(directory) / "results.json", encoding="utf-8") as handle:
+        return json.load(handle)

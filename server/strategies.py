@@ -1,0 +1,60 @@
+"""Choose a strategy by name: SoftMerge, or one of Flower's own strategies unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+from torch import nn
+
+from ..aggregation import GateReport, SoftMergeConfig
+from ..simulations.config import RunSettings
+from .strategy import SoftMerge
+
+
+def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
+    units = settings.softmerge_units
+    if units not in ("model", "layer", "tensor"):
+        units = [pattern.strip() for pattern in units.split(",")]
+    return SoftMergeConfig(
+        units=units, mode=settings.softmerge_mode, steps=settings.softmerge_steps, lr=settings.softmerge_lr,
+        l0_lambda=settings.softmerge_l0, batch_size=settings.softmerge_batch_size, seed=settings.seed,
+        include_keep=settings.softmerge_keep,
+    )
+
+
+def build_strategy(
+    settings: RunSettings,
+    model: nn.Module,
+    gate_split: tuple[torch.Tensor, torch.Tensor],
+    on_report: Callable[[int, GateReport], None] | None = None,
+    num_nodes: int | None = None,
+) -> FedAvg:
+    """The strategy named by ``settings.strategy``, with the run's sampling settings.
+
+    ``num_nodes`` (if known) sizes MultiKrum's selection to n - f, as Blanchard et al. do.
+    """
+    common = dict(
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=settings.fraction_evaluate,
+        min_evaluate_nodes=0 if settings.fraction_evaluate == 0 else 2,
+    )
+    f = settings.assumed_malicious
+    name = settings.strategy
+    if name == "softmerge":
+        return SoftMerge(model, gate_split, merge_config_from(settings), on_report=on_report, **common)
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedmedian":
+        return FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=settings.trim_beta, **common)
+    if name == "krum":
+        return Krum(num_malicious_nodes=f, **common)
+    if name == "multikrum":
+        selected = max(1, num_nodes - f) if num_nodes else max(1, f + 1)
+        return MultiKrum(num_malicious_nodes=f, num_nodes_to_select=selected, **common)
+    if name == "bulyan":
+        return Bulyan(num_malicious_nodes=f, **common)
+    raise ValueError(f"unknown strategy {name!r}")

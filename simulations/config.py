@@ -1,0 +1,198 @@
+"""The run config: every key, its type, its range and its default, checked in one place.
+
+Flower hands the ServerApp and the ClientApp ``context.run_config``, a flat mapping
+filled from ``[tool.flwr.app.config]`` and ``--run-config`` overrides. ``parse_run_config``
+checks every key before any training starts and raises one :class:`ConfigError` that
+names the key and what it allows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .tasks import DATASETS, PARTITIONINGS
+
+STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+CLIENT_ATTACKS = ("none", "sign-flip", "gaussian", "scaling", "extreme", "label-flip")
+UNIT_KINDS = ("model", "layer", "tensor")
+MERGE_MODES = ("weight", "select", "sum")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Parsed and checked run config (field names are the keys with '-' as '_')."""
+
+    num_server_rounds: int = 10
+    strategy: str = "softmerge"
+    dataset: str = "digits"
+    dataset_path: str = ""
+    partitioning: str = "iid"
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    local_epochs: int = 3
+    learning_rate: float = 0.1
+    batch_size: int = 16
+    server_gate_size: int = 200
+    server_test_size: int = 360
+    attack: str = "none"
+    malicious_partitions: str = ""
+    attack_scale: float = 0.0
+    gaussian_std: float = 1.0
+    extreme_values: str = "1e3,1e6,1e30"
+    assumed_malicious: int = 0
+    trim_beta: float = 0.2
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    softmerge_units: str = "layer"
+    softmerge_mode: str = "weight"
+    softmerge_steps: int = 100
+    softmerge_lr: float = 0.1
+    softmerge_l0: float = 0.01
+    softmerge_batch_size: int = 128
+    softmerge_keep: bool = True
+    output_dir: str = ""
+
+    @property
+    def malicious_ids(self) -> frozenset[int]:
+        return parse_id_list(self.malicious_partitions)
+
+    @property
+    def extreme_factors(self) -> tuple[float, ...]:
+        return parse_extreme_values(self.extreme_values)
+
+
+def parse_id_list(text: str) -> frozenset[int]:
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    try:
+        ids = frozenset(int(item) for item in items)
+    except ValueError:
+        raise ConfigError(f"malicious-partitions must be comma-separated partition ids, e.g. '7,8,9'; got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise ConfigError(f"malicious-partitions must hold ids >= 0; got {text!r}")
+    return ids
+
+
+def parse_extreme_values(text: str) -> tuple[float, ...]:
+    items = [item.strip().lower() for item in str(text).split(",") if item.strip()]
+    if not items:
+        raise ConfigError("extreme-values must list at least one factor, 'inf' or 'nan'")
+    try:
+        return tuple(float(item) for item in items)
+    except ValueError:
+        raise ConfigError(f"extreme-values must be numbers, 'inf' or 'nan', comma-separated; got {text!r}") from None
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"one of {', '.join(options)}"
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f">= {low}"
+
+
+def _open_interval(low: float, high: float, include_high: bool = True) -> Callable[[Any], str | None]:
+    def check(value: float) -> str | None:
+        ok = low < value <= high if include_high else low < value < high
+        return None if ok else f"in ({low}, {high}{']' if include_high else ')'}"
+    return check
+
+
+def _units(value: str) -> str | None:
+    if value in UNIT_KINDS:
+        return None
+    patterns = [p.strip() for p in value.split(",")]
+    return None if value.strip() and all(patterns) else f"one of {', '.join(UNIT_KINDS)} or comma-separated name patterns"
+
+
+_RULES: dict[str, Callable[[Any], str | None]] = {
+    "num_server_rounds": _at_least(1),
+    "strategy": _choice(STRATEGIES),
+    "dataset": _choice(DATASETS),
+    "partitioning": _choice(PARTITIONINGS),
+    "dirichlet_alpha": _open_interval(0, math.inf),
+    "seed": _at_least(0),
+    "local_epochs": _at_least(1),
+    "learning_rate": _open_interval(0, 10),
+    "batch_size": _at_least(1),
+    "server_gate_size": _at_least(1),
+    "server_test_size": _at_least(1),
+    "attack": _choice(CLIENT_ATTACKS),
+    "attack_scale": _at_least(0),
+    "gaussian_std": _at_least(0),
+    "assumed_malicious": _at_least(0),
+    "trim_beta": _open_interval(0, 0.5, include_high=False),
+    "fraction_train": _open_interval(0, 1),
+    "fraction_evaluate": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
+    "softmerge_units": _units,
+    "softmerge_mode": _choice(MERGE_MODES),
+    "softmerge_steps": _at_least(0),
+    "softmerge_lr": _open_interval(0, 100),
+    "softmerge_l0": _at_least(0),
+    "softmerge_batch_size": _at_least(1),
+}
+
+
+def parse_run_config(run_config: Mapping[str, Any], *, check_paths: bool = True) -> RunSettings:
+    """Check every key of a Flower run config and return typed settings.
+
+    Unknown keys are an error too: a typo would otherwise silently run the default.
+    """
+    known = {f.name.replace("_", "-"): f for f in fields(RunSettings)}
+    unknown = sorted(set(run_config) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s) {unknown}; known keys are {sorted(known)}")
+    values: dict[str, Any] = {}
+    for key, spec in known.items():
+        if key not in run_config:
+            continue
+        value = run_config[key]
+        expected = spec.type if isinstance(spec.type, type) else {"int": int, "float": float, "str": str,
+                                                                   "bool": bool}[spec.type]
+        value = _coerce(key, value, expected)
+        rule = _RULES.get(spec.name)
+        if rule is not None:
+            problem = rule(value)
+            if problem is not None:
+                raise ConfigError(f"run-config key '{key}' must be {problem}; got {value!r}")
+        values[spec.name] = value
+    settings = RunSettings(**values)
+    settings.malicious_ids  # noqa: B018  (parses, raising ConfigError on bad text)
+    settings.extreme_factors  # noqa: B018
+    if check_paths and settings.dataset == "fashion-mnist" and settings.dataset_path:
+        from pathlib import Path
+
+        if not Path(settings.dataset_path).is_dir():
+            raise ConfigError(f"run-config key 'dataset-path' must be an existing directory; got {settings.dataset_path!r}")
+    return settings
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"run-config key '{key}' must be true or false; got {value!r}")
+    if expected is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"run-config key '{key}' must be an integer; got {value!r}")
+        return int(value)
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"run-config key '{key}' must be a finite number; got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"run-config key '{key}' must be a string; got {value!r}")
+    return value
+
+
+def to_run_config(settings: RunSettings) -> dict[str, Any]:
+    """The run-config mapping (hyphenated keys) for the given settings."""
+    return {f.name.replace("_", "-"): getattr(settings, f.name) for f in fields(settings)}

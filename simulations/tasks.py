@@ -1,0 +1,253 @@
+"""Tasks: datasets, the server's clean split, client partitions and small models.
+
+Every dataset here loads offline:
+
+- ``digits``: scikit-learn's 8x8 digits (1,797 images), shipped inside the wheel.
+- ``fashion-mnist``: the four standard idx files, read from a directory. Debian's
+  ``dataset-fashion-mnist`` package installs them under /usr/share/datasets/fashion-mnist.
+
+One seeded permutation splits a dataset into the server's clean set (a *gate* split the
+gates learn on, and a *test* split accuracy is reported on) and a client pool. The pool
+is partitioned with flwr-datasets partitioners (IID or Dirichlet over labels), so the
+server's data never overlaps any client's.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+DATASETS = ("digits", "fashion-mnist")
+PARTITIONINGS = ("iid", "dirichlet")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+class DatasetUnavailable(FileNotFoundError):
+    """A dataset's files are not where they were looked for."""
+
+
+@dataclass(frozen=True)
+class ArraySet:
+    """Inputs and integer labels, as numpy arrays."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self.x), torch.from_numpy(self.y)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A dataset split into the server's clean gate and test splits and a client pool."""
+
+    name: str
+    num_classes: int
+    gate: ArraySet
+    test: ArraySet
+    pool: ArraySet
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel intensities are 0..16; scale to [0, 1] like the image tasks.
+    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one idx file (optionally gzipped) into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4:
+        raise ValueError(f"{path} is too short to be an idx file")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte idx file")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if values.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {values.size} values, its header says {shape}")
+    return values.reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    raise DatasetUnavailable(
+        f"Fashion-MNIST file {stem}[.gz] not found in {directory}. Install Debian's "
+        "'dataset-fashion-mnist' package, or set dataset-path to a directory holding the four idx files."
+    )
+
+
+def load_fashion_mnist_arrays(directory: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All 70,000 Fashion-MNIST images as (N, 1, 28, 28) float32 in [0, 1], and labels."""
+    directory = Path(directory) if directory else FASHION_MNIST_DIR
+    if not directory.is_dir():
+        raise DatasetUnavailable(
+            f"Fashion-MNIST directory {directory} does not exist. Install Debian's 'dataset-fashion-mnist' "
+            "package, or set dataset-path to a directory holding the four idx files."
+        )
+    parts = {key: read_idx(_find_idx(directory, stem)) for key, stem in FASHION_MNIST_FILES.items()}
+    images = np.concatenate([parts["train_images"], parts["test_images"]])
+    labels = np.concatenate([parts["train_labels"], parts["test_labels"]])
+    if len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST in {directory}: {len(images)} images but {len(labels)} labels")
+    return (images[:, None, :, :].astype(np.float32) / 255.0), labels.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def load_task(name: str, gate_size: int, test_size: int, seed: int, path: str = "") -> TaskData:
+    """Load a dataset and split it into gate, test and client-pool sets (cached per process)."""
+    if name == "digits":
+        x, y = load_digits_arrays()
+    elif name == "fashion-mnist":
+        x, y = load_fashion_mnist_arrays(path or None)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if gate_size < 1 or test_size < 1 or gate_size + test_size >= len(y):
+        raise ValueError(
+            f"server-gate-size ({gate_size}) and server-test-size ({test_size}) must be >= 1 and leave "
+            f"examples for the clients; {name} has {len(y)}"
+        )
+    order = np.random.default_rng(seed).permutation(len(y))
+    gate_idx, test_idx, pool_idx = np.split(order, [gate_size, gate_size + test_size])
+    return TaskData(
+        name=name,
+        num_classes=int(y.max()) + 1,
+        gate=ArraySet(x[gate_idx], y[gate_idx]),
+        test=ArraySet(x[test_idx], y[test_idx]),
+        pool=ArraySet(x[pool_idx], y[pool_idx]),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _partitioner(name: str, gate_size: int, test_size: int, seed: int, path: str, partitioning: str,
+                 num_partitions: int, alpha: float):
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    task = load_task(name, gate_size, test_size, seed, path)
+    if partitioning == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif partitioning == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=alpha,
+            min_partition_size=2, self_balancing=False, seed=seed,
+        )
+    else:
+        raise ValueError(f"unknown partitioning {partitioning!r}; choose one of {PARTITIONINGS}")
+    # The partitioner only needs labels; indices map back into the pool arrays.
+    partitioner.dataset = Dataset.from_dict({"index": np.arange(len(task.pool)), "label": task.pool.y})
+    return partitioner
+
+
+def load_partition(name: str, partition_id: int, num_partitions: int, *, partitioning: str = "iid",
+                   alpha: float = 0.5, gate_size: int = 200, test_size: int = 360, seed: int = 0,
+                   path: str = "") -> ArraySet:
+    """The client pool's partition ``partition_id`` of ``num_partitions``."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    task = load_task(name, gate_size, test_size, seed, path)
+    partitioner = _partitioner(name, gate_size, test_size, seed, path, partitioning, num_partitions, float(alpha))
+    indices = np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64)
+    return ArraySet(task.pool.x[indices], task.pool.y[indices])
+
+
+class DigitsMLP(nn.Module):
+    """A three-layer perceptron for 8x8 digits."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.fc3 = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and two dense layers for 1x28x28 images (about 0.2M parameters)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5, padding=2)
+        self.conv2 = nn.Conv2d(16, 32, 5, padding=2)
+        self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+def build_model(dataset: str, seed: int = 0) -> nn.Module:
+    """The task's model, with seeded initial weights."""
+    torch.manual_seed(seed)
+    if dataset == "digits":
+        return DigitsMLP()
+    if dataset == "fashion-mnist":
+        return SmallCNN()
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+
+
+def train_model(model: nn.Module, data: ArraySet, *, epochs: int, learning_rate: float, batch_size: int,
+                seed: int) -> float:
+    """Local SGD; returns the mean training loss of the last epoch."""
+    x, y = data.tensors()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    model.train()
+    last = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, len(y), batch_size):
+            batch = order[start:start + batch_size]
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(batch)
+            count += len(batch)
+        last = total / max(count, 1)
+    return last
+
+
+def evaluate_model(model: nn.Module, data: ArraySet, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy; a non-finite model scores its real (nan/inf) loss."""
+    x, y = data.tensors()
+    model.eval()
+    total, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            logits = model(x[start:start + batch_size])
+            total += float(nn.functional.cross_entropy(logits, y[start:start + batch_size], reduction="sum"))
+            correct += int((logits.argmax(-1) == y[start:start + batch_size]).sum())
+    return total / max(len(y), 1), correct / max(len(y), 1)
