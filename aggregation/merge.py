@@ -227,49 +227,52 @@ def mixing_weights(
 
 
 class _StackedCandidates:
-    """Candidates stacked once per round: one contiguous (K, d_u) matrix per unit."""
+    """Candidates stacked once per round: contiguous (K, d) matrices per unit.
+
+    Each unit has one matrix for its floating-point parameters and one for its
+    floating-point buffers. Buffers (BatchNorm statistics) follow the unit's mixing
+    weights but carry no gradient: batch norm cannot differentiate through them.
+    """
 
     def __init__(self, reference: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]],
-                 units: Sequence[MergeUnit]) -> None:
+                 units: Sequence[MergeUnit], buffer_names: set[str]) -> None:
         self.reference = reference
-        self.units = units
-        self.float_names: list[list[str]] = []
-        self.other_names: list[list[str]] = []
-        self.matrices: list[torch.Tensor] = []
+        self.states = states
         float_dtypes = [t.dtype for t in reference.values() if t.dtype.is_floating_point]
         self.dtype = torch.float64 if float_dtypes and all(d == torch.float64 for d in float_dtypes) else torch.float32
+        # Per unit: [(names, matrix, differentiable)] and the names that cannot be mixed.
+        self.groups: list[list[tuple[list[str], torch.Tensor, bool]]] = []
+        self.other_names: list[list[str]] = []
         for unit in units:
             floats = [n for n in unit.tensor_names if reference[n].dtype.is_floating_point]
-            self.float_names.append(floats)
+            groups = []
+            for names, differentiable in (([n for n in floats if n not in buffer_names], True),
+                                          ([n for n in floats if n in buffer_names], False)):
+                if names:
+                    matrix = torch.stack([torch.cat([state[n].reshape(-1).to(self.dtype) for n in names])
+                                          for state in states])
+                    groups.append((names, matrix, differentiable))
+            self.groups.append(groups)
             self.other_names.append([n for n in unit.tensor_names if n not in floats])
-            if floats:
-                matrix = torch.stack([
-                    torch.cat([state[n].reshape(-1).to(self.dtype) for n in floats]) for state in states
-                ])
-            else:
-                matrix = torch.empty(len(states), 0, dtype=self.dtype)
-            self.matrices.append(matrix)
-        self.states = states
 
     def merge(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Merged tensors for mixing weights (U, K); differentiable in ``weights``."""
         merged: dict[str, torch.Tensor] = {}
-        for u, matrix in enumerate(self.matrices):
-            flat = weights[u].to(self.dtype) @ matrix
-            offset = 0
-            for name in self.float_names[u]:
-                ref = self.reference[name]
-                merged[name] = flat[offset:offset + ref.numel()].view(ref.shape).to(ref.dtype)
-                offset += ref.numel()
+        for u, groups in enumerate(self.groups):
+            for names, matrix, differentiable in groups:
+                unit_weights = weights[u] if differentiable else weights[u].detach()
+                flat = unit_weights.to(self.dtype) @ matrix
+                offset = 0
+                for name in names:
+                    ref = self.reference[name]
+                    merged[name] = flat[offset:offset + ref.numel()].view(ref.shape).to(ref.dtype)
+                    offset += ref.numel()
             if self.other_names[u]:
                 # Integer buffers (batch counters) cannot be mixed: take the top candidate's.
                 top = int(weights[u].argmax())
                 for name in self.other_names[u]:
                     merged[name] = self.states[top][name]
         return merged
-
-    def single(self, index: int) -> dict[str, torch.Tensor]:
-        return dict(self.states[index])
 
 
 def evaluate_state(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: torch.Tensor,
@@ -366,7 +369,8 @@ def soft_merge(
                                 fallback_units=unit_names, seconds=time.perf_counter() - started)
             return {name: tensor.clone() for name, tensor in keep_state.items()}, report
 
-        stacked = _StackedCandidates(reference, states, units)
+        buffer_names = {name for name, _ in model.named_buffers()}
+        stacked = _StackedCandidates(reference, states, units, buffer_names)
         own = [evaluate_state(model, state, inputs, targets) for state in states]
         candidate_losses = [loss for loss, _ in own]
         if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):

@@ -14,7 +14,9 @@ turns Flower messages into candidates and the merged state back into an ArrayRec
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from logging import INFO, WARNING
 
 import torch
@@ -89,8 +91,13 @@ class SoftMerge(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Gate the valid replies' models on the gate split and return the merged model."""
         candidates, labels, contents, rejected = self._candidates_from_replies(list(replies))
+        # Replies arrive in completion order; sorting makes the gate noise, and so the
+        # merge, reproducible for a given seed.
+        order = sorted(range(len(labels)), key=lambda i: _natural_key(labels[i]))
+        candidates, labels = [candidates[i] for i in order], [labels[i] for i in order]
         keep = self._global_state if self._global_state is not None else self.model.state_dict()
-        merged, report = soft_merge(self.model, candidates, self.validation, self.merge_config, keep=keep,
+        round_config = replace(self.merge_config, seed=self.merge_config.seed + server_round)
+        merged, report = soft_merge(self.model, candidates, self.validation, round_config, keep=keep,
                                     labels=labels)
         report.excluded = rejected + report.excluded
         self.reports[server_round] = report
@@ -153,6 +160,10 @@ class SoftMerge(FedAvg):
                 server_round, report.fallback_units)
         for line in report.table().splitlines():
             log(INFO, "\t%s", line)
+
+
+def _natural_key(label: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label)]
 
 
 def report_summary(report: GateReport) -> dict[str, float | int]:

@@ -234,7 +234,7 @@ def train_model(model: nn.Module, data: ArraySet, *, epochs: int, learning_rate:
             loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
             count += len(batch)
         last = total / max(count, 1)
     return last

@@ -1,0 +1,187 @@
+"""The soft merge: units, mixing weights, exact selection, exclusion and extreme candidates."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from softmerge.aggregation import (
+    SoftMergeConfig,
+    build_merge_units,
+    evaluate_state,
+    mixing_weights,
+    soft_merge,
+    validate_candidates,
+)
+from softmerge.aggregation.merge import LOG_ALPHA_MIN
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.bn(self.fc(x)))
+
+
+def _perturbed(model, scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {k: (v + scale * torch.randn(v.shape, generator=generator)) if v.dtype.is_floating_point else v.clone()
+            for k, v in model.state_dict().items()}
+
+
+def test_layer_units_group_weight_bias_and_buffers():
+    units = build_merge_units(BatchNormNet(), "layer")
+    assert [u.name for u in units] == ["fc", "bn", "head"]
+    bn = units[1].tensor_names
+    assert set(bn) == {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
+
+
+def test_model_tensor_and_pattern_units():
+    net = BatchNormNet()
+    assert len(build_merge_units(net, "model")) == 1
+    assert len(build_merge_units(net, "tensor")) == len(net.state_dict())
+    units = build_merge_units(net, ["fc.*", "head.*"])
+    assert [u.name for u in units] == ["fc.*", "head.*", "rest"]
+    assert all(name.startswith("bn.") for name in units[2].tensor_names)
+
+
+def test_weight_mode_is_convex_and_closed_units_fall_back():
+    gates = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    weights = mixing_weights(gates, "weight", torch.tensor([2, 2]))
+    torch.testing.assert_close(weights[0], torch.tensor([2 / 3, 1 / 3, 0.0]))
+    torch.testing.assert_close(weights[1], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.equal(mixing_weights(gates, "sum", torch.tensor([2, 2]))[0], gates[0])
+
+
+def test_select_mode_forward_is_exactly_one_hot_with_a_soft_gradient():
+    log_alpha = torch.tensor([[0.3, 1.0, -0.2]], requires_grad=True)
+    gates = torch.sigmoid(log_alpha)
+    weights = mixing_weights(gates, "select", torch.tensor([0]))
+    assert weights.tolist() == [[0.0, 1.0, 0.0]]
+    (weights * torch.tensor([[1.0, 2.0, 3.0]])).sum().backward()
+    assert float(log_alpha.grad.abs().sum()) > 0
+
+
+def test_one_hot_gates_reproduce_the_chosen_candidate_exactly():
+    net = BatchNormNet()
+    candidates = [_perturbed(net, 0.5, seed) for seed in range(4)]
+    units = build_merge_units(net, "layer")
+    for chosen in range(4):
+        start = torch.full((len(units), 5), LOG_ALPHA_MIN)
+        start[:, chosen] = 5.0
+        merged, report = soft_merge(net, candidates, (torch.randn(8, 4), torch.randint(0, 2, (8,))),
+                                    SoftMergeConfig(mode="select", steps=0), labels=list("abcd"),
+                                    initial_log_alpha=start)
+        for name, tensor in candidates[chosen].items():
+            assert torch.equal(merged[name], tensor), name
+        assert all(row[chosen] == 1.0 for row in report.weights)
+
+
+def test_merge_never_changes_candidates_or_the_model():
+    net = BatchNormNet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    candidates = [_perturbed(net, 0.1, s) for s in range(3)]
+    copies = [{k: v.clone() for k, v in c.items()} for c in candidates]
+    soft_merge(net, candidates, (torch.randn(16, 4), torch.randint(0, 2, (16,))), SoftMergeConfig(steps=5))
+    for candidate, copy in zip(candidates, copies):
+        assert all(torch.equal(candidate[k], copy[k]) for k in copy)
+    assert all(torch.equal(net.state_dict()[k], before[k]) for k in before)
+
+
+def test_validation_excludes_mismatched_and_non_finite_candidates():
+    net = BatchNormNet()
+    good = _perturbed(net, 0.1, 0)
+    missing = {k: v for k, v in good.items() if k != "head.bias"}
+    extra = dict(good, **{"extra.weight": torch.zeros(1)})
+    shape = dict(good, **{"fc.weight": torch.zeros(4, 3)})
+    dtype = dict(good, **{"fc.weight": good["fc.weight"].double()})
+    nan = dict(good, **{"fc.bias": torch.tensor([0.0, float("nan"), 0.0])})
+    inf = dict(good, **{"head.weight": torch.full((2, 3), float("inf"))})
+    valid, excluded = validate_candidates(net.state_dict(), [good, missing, extra, shape, dtype, nan, inf, {}])
+    assert valid == [0]
+    reasons = {e.index: e.reason for e in excluded}
+    assert "missing" in reasons[1] and "unexpected" in reasons[2] and "shape" in reasons[3]
+    assert "dtype" in reasons[4] and "non-finite" in reasons[5] and "non-finite" in reasons[6]
+    assert "empty" in reasons[7]
+
+
+def test_nothing_valid_returns_the_keep_candidate():
+    net = BatchNormNet()
+    bad = dict(_perturbed(net, 0.1, 0), **{"fc.bias": torch.full((3,), float("nan"))})
+    merged, report = soft_merge(net, [bad], (torch.randn(8, 4), torch.randint(0, 2, (8,))))
+    assert all(torch.equal(merged[k], v) for k, v in net.state_dict().items())
+    assert len(report.excluded) == 1 and report.candidates == ["keep"]
+    assert all(row == [1.0] for row in report.weights)
+    # Without a keep candidate there is nothing to gate: the model's own state comes back.
+    merged, report = soft_merge(net, [bad], (torch.randn(8, 4), torch.randint(0, 2, (8,))),
+                                SoftMergeConfig(include_keep=False))
+    assert all(torch.equal(merged[k], v) for k, v in net.state_dict().items())
+    assert report.candidates == [] and report.fallback_units == report.units
+
+
+def test_config_rejects_bad_values_by_name():
+    with pytest.raises(ValueError, match="mode"):
+        SoftMergeConfig(mode="average")
+    with pytest.raises(ValueError, match="units"):
+        SoftMergeConfig(units="neuron")
+    with pytest.raises(ValueError, match="lr"):
+        SoftMergeConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="steps"):
+        SoftMergeConfig(steps=-1)
+
+
+def _poisoned(global_state, honest, factor):
+    if math.isinf(factor) or math.isnan(factor):
+        return {k: torch.full_like(v, factor) if v.dtype.is_floating_point else v for k, v in honest.items()}
+    return {k: global_state[k] + factor * (v - global_state[k]) for k, v in honest.items()}
+
+
+@pytest.mark.parametrize("factors", [(1e3, 1e6, 1e30), (1e3, 1e3, 1e3), (1e6, 1e6, 1e6), (1e30, 1e30, 1e30),
+                                     (float("inf"), float("nan"), 1e30)])
+def test_extreme_candidates_get_zero_weight_and_the_merge_stays_accurate(honest_candidates, digits_task, factors):
+    model, locals_ = honest_candidates
+    global_state = model.state_dict()
+    honest = locals_[:7]
+    bad = [_poisoned(global_state, locals_[7 + i], f) for i, f in enumerate(factors)]
+    labels = [f"h{i}" for i in range(7)] + ["bad0", "bad1", "bad2"]
+    gate = digits_task.gate.tensors()
+    x_test, y_test = digits_task.test.tensors()
+
+    merged, report = soft_merge(model, honest + bad, gate, SoftMergeConfig(), labels=labels)
+    honest_merged, _ = soft_merge(model, honest, gate, SoftMergeConfig(), labels=labels[:7])
+
+    for u in range(len(report.units)):
+        for k, label in enumerate(report.candidates):
+            if label.startswith("bad"):
+                assert report.weights[u][k] == 0.0 and report.gates[u][k] == 0.0, (label, report.units[u])
+    assert all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point)
+    assert all(math.isfinite(v) for row in report.log_alpha for v in row)
+    assert math.isfinite(report.loss_after)
+    _, accuracy = evaluate_state(model, merged, x_test, y_test)
+    _, honest_accuracy = evaluate_state(model, honest_merged, x_test, y_test)
+    assert accuracy >= honest_accuracy - 0.01, (accuracy, honest_accuracy)
+    assert report.weight_on(["bad0", "bad1", "bad2"]) == 0.0
+
+
+def test_gate_learning_shuts_out_a_sign_flipped_model_by_gradient_alone(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    global_state = model.state_dict()
+    flipped = _poisoned(global_state, locals_[9], -20.0)
+    config = SoftMergeConfig(warm_start=False, steps=200)
+    _, report = soft_merge(model, locals_[:5] + [flipped], digits_task.gate.tensors(), config,
+                           labels=[f"h{i}" for i in range(5)] + ["flip"])
+    assert report.steps > 0
+    assert report.weight_on(["flip"]) < 0.02
+    assert report.accuracy_after > 0.8
+
+
+def test_merge_is_deterministic_for_a_seed(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    first, _ = soft_merge(model, locals_, digits_task.gate.tensors(), SoftMergeConfig(seed=3))
+    second, _ = soft_merge(model, locals_, digits_task.gate.tensors(), SoftMergeConfig(seed=3))
+    assert all(torch.equal(first[k], second[k]) for k in first)
