@@ -41,12 +41,12 @@ class RunSettings:
     batch_size: int = 16
     server_gate_size: int = 200
     server_test_size: int = 360
-    attack: str = "none"
-    malicious_partitions: str = ""
+    attack: str = "extreme"
+    malicious_partitions: str = "7,8,9"
     attack_scale: float = 0.0
     gaussian_std: float = 1.0
     extreme_values: str = "1e3,1e6,1e30"
-    assumed_malicious: int = 0
+    assumed_malicious: int = 3
     trim_beta: float = 0.2
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
@@ -57,7 +57,7 @@ class RunSettings:
     softmerge_l0: float = 0.01
     softmerge_batch_size: int = 128
     softmerge_keep: bool = True
-    output_dir: str = ""
+    output_dir: str = "results/flwr-run"
 
     @property
     def malicious_ids(self) -> frozenset[int]:

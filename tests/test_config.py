@@ -1,0 +1,78 @@
+"""Every run-config error path names the key and what it allows."""
+
+import pytest
+
+from softmerge.simulations.config import ConfigError, RunSettings, parse_run_config, to_run_config
+
+
+def test_defaults_parse_and_round_trip():
+    settings = parse_run_config({})
+    assert settings == RunSettings()
+    assert parse_run_config(to_run_config(settings)) == settings
+
+
+def test_pyproject_app_config_is_valid():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    # The Flower app config and the code's defaults are one and the same.
+    assert parse_run_config(pyproject["tool"]["flwr"]["app"]["config"]) == RunSettings()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"strategy": "fedprox"}, "'strategy' must be one of softmerge"),
+        ({"attack": "teleport"}, "'attack' must be one of none"),
+        ({"dataset": "cifar"}, "'dataset' must be one of digits, fashion-mnist"),
+        ({"partitioning": "shards"}, "'partitioning' must be one of iid, dirichlet"),
+        ({"num-server-rounds": 0}, "'num-server-rounds' must be >= 1"),
+        ({"num-server-rounds": 2.5}, "'num-server-rounds' must be an integer"),
+        ({"num-server-rounds": "ten"}, "'num-server-rounds' must be an integer"),
+        ({"learning-rate": -0.1}, "'learning-rate' must be in (0, 10]"),
+        ({"learning-rate": float("nan")}, "'learning-rate' must be a finite number"),
+        ({"dirichlet-alpha": 0.0}, "'dirichlet-alpha' must be in (0, inf]"),
+        ({"trim-beta": 0.5}, "'trim-beta' must be in (0, 0.5)"),
+        ({"fraction-train": 0.0}, "'fraction-train' must be in (0, 1]"),
+        ({"fraction-evaluate": 1.5}, "'fraction-evaluate' must be in [0, 1]"),
+        ({"softmerge-mode": "mean"}, "'softmerge-mode' must be one of weight, select, sum"),
+        ({"softmerge-units": ""}, "'softmerge-units' must be one of model, layer, tensor"),
+        ({"softmerge-steps": -1}, "'softmerge-steps' must be >= 0"),
+        ({"softmerge-keep": "maybe"}, "'softmerge-keep' must be true or false"),
+        ({"malicious-partitions": "1,two"}, "malicious-partitions must be comma-separated partition ids"),
+        ({"malicious-partitions": "-1"}, "malicious-partitions must hold ids >= 0"),
+        ({"extreme-values": "big"}, "extreme-values must be numbers, 'inf' or 'nan'"),
+        ({"extreme-values": ""}, "extreme-values must list at least one factor"),
+        ({"dataset": "fashion-mnist", "dataset-path": "/no/such/dir"}, "'dataset-path' must be an existing directory"),
+        ({"num-rounds": 3}, "unknown run-config key(s) ['num-rounds']"),
+    ],
+)
+def test_bad_values_are_named(config, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_run_config(config)
+    assert message in str(caught.value)
+
+
+def test_strings_from_the_command_line_are_coerced():
+    settings = parse_run_config({"softmerge-keep": "false", "seed": 3.0})
+    assert settings.softmerge_keep is False and settings.seed == 3
+
+
+def test_cli_rejects_bad_config_before_any_run(capsys, tmp_path):
+    from softmerge.simulations.cli import main
+
+    assert main(["--attack", "teleport", "--output", str(tmp_path)]) == 2
+    assert "'attack' must be one of" in capsys.readouterr().err
+    assert main(["--malicious", "12", "--clients", "10", "--output", str(tmp_path)]) == 2
+    assert "do not exist with 10 clients" in capsys.readouterr().err
+    assert main(["--set", "softmerge-mode", "--output", str(tmp_path)]) == 2
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err
+
+
+def test_cli_reports_a_missing_dataset(capsys, tmp_path):
+    from softmerge.simulations.cli import main
+
+    code = main(["--dataset", "fashion-mnist", "--set", f"dataset-path={tmp_path}", "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert "Fashion-MNIST file train-images-idx3-ubyte[.gz] not found" in capsys.readouterr().err

@@ -1,0 +1,76 @@
+"""Datasets, splits and partitions load offline and never overlap."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from softmerge.simulations.tasks import (
+    DatasetUnavailable,
+    build_model,
+    load_fashion_mnist_arrays,
+    load_partition,
+    load_task,
+    read_idx,
+)
+
+
+def test_digits_splits_are_disjoint_and_cover_the_dataset(digits_task):
+    assert len(digits_task.gate) == 200 and len(digits_task.test) == 360
+    assert len(digits_task.gate) + len(digits_task.test) + len(digits_task.pool) == 1797
+
+
+@pytest.mark.parametrize("partitioning", ["iid", "dirichlet"])
+def test_partitions_are_disjoint_and_cover_the_pool(partitioning, digits_task):
+    parts = [load_partition("digits", p, 10, partitioning=partitioning, alpha=0.5) for p in range(10)]
+    assert sum(len(p) for p in parts) == len(digits_task.pool)
+    assert all(len(p) >= 2 for p in parts)
+    if partitioning == "dirichlet":
+        # Label skew: some partition misses some class, or class shares vary widely.
+        shares = np.array([[np.mean(p.y == c) for c in range(10)] for p in parts])
+        assert shares.max() > 0.3
+
+
+def test_partition_id_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match="partition-id 10 is outside 0..9"):
+        load_partition("digits", 10, 10)
+
+
+def test_split_sizes_are_checked():
+    with pytest.raises(ValueError, match="server-gate-size"):
+        load_task("digits", 1000, 900, 0, "")
+
+
+def _write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_standard_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (30, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (30,)))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (10, 28, 28)))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, (10,)))
+    x, y = load_fashion_mnist_arrays(tmp_path)
+    assert x.shape == (40, 1, 28, 28) and y.shape == (40,)
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    logits = build_model("fashion-mnist")(torch.from_numpy(x[:4]))
+    assert logits.shape == (4, 10)
+
+
+def test_fashion_mnist_missing_files_give_a_clear_error(tmp_path):
+    with pytest.raises(DatasetUnavailable, match="dataset-fashion-mnist"):
+        load_fashion_mnist_arrays(tmp_path)
+    with pytest.raises(DatasetUnavailable, match="does not exist"):
+        load_fashion_mnist_arrays(tmp_path / "absent")
+
+
+def test_corrupt_idx_file_is_rejected(tmp_path):
+    path = tmp_path / "bad-idx"
+    path.write_bytes(struct.pack(">HBB", 0, 0x08, 1) + struct.pack(">I", 100) + b"\x00" * 10)
+    with pytest.raises(ValueError, match="header says"):
+        read_idx(path)
