@@ -13,8 +13,14 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..simulations.config import RunSettings, parse_run_config
-from ..simulations.tasks import ArraySet, build_model, evaluate_model, load_partition, load_task, train_model
+from ..simulations.config import RunSettings, parse_run_config, partition_data, task_data
+from ..simulations.tasks import (
+    ArraySet,
+    build_model,
+    evaluate_model,
+    poison_with_backdoor,
+    train_model,
+)
 from .attacks import flip_labels, poison_state
 
 # Simulated clients run in parallel actors on a small machine; one thread each avoids
@@ -27,12 +33,7 @@ app = ClientApp()
 def _local_data(settings: RunSettings, context: Context) -> tuple[int, int, ArraySet, ArraySet]:
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
-    data = load_partition(
-        settings.dataset, partition_id, num_partitions,
-        partitioning=settings.partitioning, alpha=settings.dirichlet_alpha,
-        gate_size=settings.server_gate_size, test_size=settings.server_test_size,
-        seed=settings.seed, path=settings.dataset_path,
-    )
+    data = partition_data(settings, partition_id, num_partitions)
     # A fixed fifth of the partition is held out for federated evaluation.
     cut = max(1, len(data) * 4 // 5) if len(data) > 1 else len(data)
     return partition_id, num_partitions, ArraySet(data.x[:cut], data.y[:cut]), ArraySet(data.x[cut:], data.y[cut:])
@@ -68,9 +69,10 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
 
     malicious = partition_id in settings.malicious_ids and settings.attack != "none"
     if malicious and settings.attack == "label-flip":
-        num_classes = load_task(settings.dataset, settings.server_gate_size, settings.server_test_size,
-                                settings.seed, settings.dataset_path).num_classes
+        num_classes = task_data(settings).num_classes
         train_set = ArraySet(train_set.x, flip_labels(train_set.y, num_classes))
+    if malicious and settings.attack == "backdoor":
+        train_set = poison_with_backdoor(train_set, settings.backdoor_target, settings.backdoor_fraction, seed)
     torch.manual_seed(seed)
     train_loss = train_model(model, train_set, epochs=settings.local_epochs, learning_rate=settings.learning_rate,
                              batch_size=settings.batch_size, seed=seed)
@@ -78,12 +80,16 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
 
     if malicious:
         rank = sorted(settings.malicious_ids).index(partition_id)
-        if settings.attack == "extreme":
+        attack = settings.attack
+        if attack == "extreme":
             factors = settings.extreme_factors
             scale = factors[rank % len(factors)]
+        elif attack == "backdoor":
+            # Model replacement boost: global + gamma * (backdoored - global), when asked for.
+            attack, scale = ("scaling", settings.backdoor_boost) if settings.backdoor_boost > 0 else ("none", 1.0)
         else:
             scale = settings.attack_scale or float(num_partitions)
-        state = poison_state(settings.attack, global_state, state, scale=scale, std=settings.gaussian_std,
+        state = poison_state(attack, global_state, state, scale=scale, std=settings.gaussian_std,
                              generator=torch.Generator().manual_seed(seed))
 
     metrics = MetricRecord({

@@ -9,7 +9,14 @@ floating-point tensors are attacked; integer buffers are sent as trained.
 - scaling (model replacement): send ``global + gamma * update``, gamma about n.
 - extreme: send ``global + factor * update``; a factor of inf or nan sets every value to it.
 
-Label flipping (l -> C - 1 - l) happens in training instead; see :func:`flip_labels`.
+- layer-stealth (gate-aware, adaptive): honest in every layer but the last one (the
+  output layer, named by ``target_prefix``), which is sent as ``global - scale * update``.
+  It probes whether per-layer gates let the honest layers through while still closing
+  the poisoned one.
+
+Label flipping (l -> C - 1 - l) and the backdoor happen in training instead; see
+:func:`flip_labels` and :func:`softmerge.simulations.tasks.poison_with_backdoor`. A
+backdoor may be boosted by model replacement: ``scaling`` applied to the backdoored model.
 """
 
 from __future__ import annotations
@@ -33,17 +40,24 @@ def poison_state(
     scale: float = 1.0,
     std: float = 1.0,
     generator: torch.Generator | None = None,
+    target_prefix: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state a malicious client sends instead of ``trained_state``."""
+    if attack == "layer-stealth" and target_prefix is None:
+        target_prefix = last_layer_prefix(trained_state)
     poisoned = {}
     for name, trained in trained_state.items():
-        if not trained.dtype.is_floating_point or attack in ("none", "label-flip"):
+        untouched = attack in ("none", "label-flip", "backdoor") or (
+            attack == "layer-stealth" and not name.startswith(target_prefix + "."))
+        if not trained.dtype.is_floating_point or untouched:
             poisoned[name] = trained.clone()
             continue
         base = global_state[name].to(trained.dtype)
         update = trained - base
         if attack == "sign-flip":
             poisoned[name] = base - update
+        elif attack == "layer-stealth":
+            poisoned[name] = base - scale * update
         elif attack == "gaussian":
             noise = torch.randn(trained.shape, generator=generator, dtype=torch.float64) * std
             poisoned[name] = base + noise.to(trained.dtype)
@@ -55,3 +69,9 @@ def poison_state(
         else:
             raise ValueError(f"unknown client attack {attack!r}")
     return poisoned
+
+
+def last_layer_prefix(state: Mapping[str, torch.Tensor]) -> str:
+    """Module prefix of the last floating-point tensor: the output layer."""
+    floating = [name for name, tensor in state.items() if tensor.dtype.is_floating_point]
+    return floating[-1].rsplit(".", 1)[0] if floating else ""

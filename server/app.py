@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from ..simulations.config import RunSettings, parse_run_config, to_run_config
-from ..simulations.tasks import build_model, evaluate_model, load_task
+from ..simulations.config import RunSettings, parse_run_config, task_data, to_run_config
+from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
 from .results import ResultsWriter
 from .strategies import build_strategy
 
@@ -37,8 +37,7 @@ def make_server_app(settings: RunSettings) -> ServerApp:
 
 def run_server(grid: Grid, settings: RunSettings) -> ResultsWriter:
     """Run one federated experiment on ``grid``; returns the per-round results."""
-    task = load_task(settings.dataset, settings.server_gate_size, settings.server_test_size, settings.seed,
-                     settings.dataset_path)
+    task = task_data(settings)
     model = build_model(settings.dataset, seed=settings.seed)
     gate_split = task.gate.tensors()
     writer = ResultsWriter(Path(settings.output_dir) if settings.output_dir else None, to_run_config(settings))
@@ -47,14 +46,23 @@ def run_server(grid: Grid, settings: RunSettings) -> ResultsWriter:
     except Exception:  # noqa: BLE001  (a grid that cannot list nodes yet just leaves n unknown)
         num_nodes = None
     strategy = build_strategy(settings, model, gate_split, num_nodes=num_nodes)
+    if settings.exclude_malicious:
+        from ..simulations.oracle import exclude_partitions
+
+        exclude_partitions(strategy, settings.malicious_ids)
     evaluation_model = build_model(settings.dataset, seed=settings.seed)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         evaluation_model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate_model(evaluation_model, task.test)
         report = getattr(strategy, "reports", {}).get(server_round)
-        writer.record(server_round, accuracy, loss, report)
-        return MetricRecord({"test-acc": accuracy, "test-loss": loss})
+        metrics = {"test-acc": accuracy, "test-loss": loss}
+        extra = {}
+        if settings.attack == "backdoor":
+            extra["backdoor_asr"] = attack_success_rate(evaluation_model, task.test, settings.backdoor_target)
+            metrics["backdoor-asr"] = extra["backdoor_asr"]
+        writer.record(server_round, accuracy, loss, report, extra=extra)
+        return MetricRecord(metrics)
 
     log(INFO, "softmerge: %s on %s, %d rounds; gate split %d, test split %d", settings.strategy, settings.dataset,
         settings.num_server_rounds, len(task.gate), len(task.test))

@@ -19,8 +19,8 @@ from typing import Any
 
 from ..aggregation import GateReport
 
-CSV_COLUMNS = ("round", "test_accuracy", "test_loss", "round_seconds", "aggregate_seconds", "gate_steps",
-               "excluded")
+CSV_COLUMNS = ("round", "test_accuracy", "test_loss", "backdoor_asr", "round_seconds", "aggregate_seconds",
+               "gate_steps", "excluded")
 
 
 def _json_safe(value: Any) -> Any:
@@ -53,7 +53,7 @@ class ResultsWriter:
     _last_time: float = field(default_factory=time.perf_counter)
 
     def record(self, server_round: int, accuracy: float, loss: float, report: GateReport | None,
-               aggregate_seconds: float | None = None) -> dict[str, Any]:
+               aggregate_seconds: float | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         now = time.perf_counter()
         entry: dict[str, Any] = {
             "round": server_round,
@@ -64,6 +64,7 @@ class ResultsWriter:
             "gate_steps": report.steps if report is not None else None,
             "excluded": len(report.excluded) if report is not None else None,
         }
+        entry.update(extra or {})
         if report is not None:
             entry["gates"] = report.to_dict()
         self._last_time = now

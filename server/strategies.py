@@ -10,6 +10,7 @@ from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig
 from ..simulations.config import RunSettings
+from .replies import harden
 from .strategy import SoftMerge
 
 
@@ -33,6 +34,10 @@ def build_strategy(
 ) -> FedAvg:
     """The strategy named by ``settings.strategy``, with the run's sampling settings.
 
+    Flower's strategies are used unchanged, but :func:`harden` screens their replies and
+    guards their output, so a malformed reply cannot end the run (SoftMerge screens its
+    own).
+
     ``num_nodes`` (if known) sizes MultiKrum's selection to n - f, as Blanchard et al. do.
     """
     common = dict(
@@ -40,10 +45,14 @@ def build_strategy(
         fraction_evaluate=settings.fraction_evaluate,
         min_evaluate_nodes=0 if settings.fraction_evaluate == 0 else 2,
     )
-    f = settings.assumed_malicious
     name = settings.strategy
     if name == "softmerge":
         return SoftMerge(model, gate_split, merge_config_from(settings), on_report=on_report, **common)
+    return harden(_flower_strategy(name, settings, common, num_nodes))
+
+
+def _flower_strategy(name: str, settings: RunSettings, common: dict, num_nodes: int | None) -> FedAvg:
+    f = settings.assumed_malicious
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedmedian":

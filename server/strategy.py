@@ -14,7 +14,6 @@ turns Flower messages into candidates and the merged state back into an ArrayRec
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from logging import INFO, WARNING
@@ -26,7 +25,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 from torch import nn
 
-from ..aggregation import Exclusion, GateReport, SoftMergeConfig, soft_merge
+from ..aggregation import GateReport, SoftMergeConfig, soft_merge
+from .replies import log_rejections, node_label, screen_replies, sort_key
 
 
 class SoftMerge(FedAvg):
@@ -89,46 +89,48 @@ class SoftMerge(FedAvg):
         server_round: int,
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Gate the valid replies' models on the gate split and return the merged model."""
-        candidates, labels, contents, rejected = self._candidates_from_replies(list(replies))
+        """Gate the valid replies' models on the gate split and return the merged model.
+
+        Replies are screened first (see :mod:`softmerge.server.replies`): a malformed or
+        hostile reply is excluded with a reason and never raises.
+        """
+        keep = self._global_state if self._global_state is not None else self.model.state_dict()
+        screened = screen_replies(replies, keep, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key)
         # Replies arrive in completion order; sorting makes the gate noise, and so the
         # merge, reproducible for a given seed.
-        order = sorted(range(len(labels)), key=lambda i: _natural_key(labels[i]))
-        candidates, labels = [candidates[i] for i in order], [labels[i] for i in order]
-        keep = self._global_state if self._global_state is not None else self.model.state_dict()
+        labelled = sorted(zip(screened.messages, screened.states), key=lambda pair: sort_key(pair[0]))
+        labels: list[str] = []
+        for message, _ in labelled:
+            labels.append(self._label(message, node_label(message), labels))
         round_config = replace(self.merge_config, seed=self.merge_config.seed + server_round)
-        merged, report = soft_merge(self.model, candidates, self.validation, round_config, keep=keep,
-                                    labels=labels)
-        report.excluded = rejected + report.excluded
+        merged, report = soft_merge(self.model, [state for _, state in labelled], self.validation, round_config,
+                                    keep=keep, labels=labels)
+        report.excluded = screened.rejected + report.excluded
+        if not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point):
+            # Finite candidates can still overflow when summed; never broadcast that.
+            log(WARNING, "SoftMerge round %d: the merge overflowed; keeping the global model", server_round)
+            merged = {name: tensor.clone() for name, tensor in keep.items()}
+            report.fallback_units = list(report.units)
         self.reports[server_round] = report
         self._log_report(server_round, report)
         if self.on_report is not None:
             self.on_report(server_round, report)
 
-        metrics = self._aggregate_client_metrics(contents)
+        metrics = self._aggregate_client_metrics([message.content for message, _ in labelled])
         metrics.update(report_summary(report))
         return ArrayRecord(merged), metrics
 
-    def _candidates_from_replies(self, replies: list[Message]):
-        """Turn replies into candidate state dicts; unreadable replies are rejected with a reason."""
-        candidates, labels, contents, rejected = [], [], [], []
-        for position, msg in enumerate(replies):
-            node = f"node-{msg.metadata.src_node_id}"
-            if msg.has_error():
-                rejected.append(Exclusion(position, node, f"error reply: {msg.error.reason}"))
-                continue
-            try:
-                arrays = list(msg.content.array_records.values())
-                if len(arrays) != 1:
-                    raise ValueError(f"expected one ArrayRecord, got {len(arrays)}")
-                state = arrays[0].to_torch_state_dict()
-            except Exception as error:  # noqa: BLE001  (any unreadable reply is excluded, never fatal)
-                rejected.append(Exclusion(position, node, f"unreadable reply: {error}"))
-                continue
-            candidates.append(state)
-            labels.append(self._label(msg, node, labels))
-            contents.append(msg.content)
-        return candidates, labels, contents, rejected
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Aggregate evaluation metrics of the replies that pass the screen; never raises."""
+        screened = screen_replies(replies, None, self.weighted_by_key, with_arrays=False)
+        log_rejections(server_round, "evaluate", screened.rejected)
+        if not screened.messages:
+            return None
+        try:
+            return self.evaluate_metrics_aggr_fn([m.content for m in screened.messages], self.weighted_by_key)
+        except Exception as error:  # noqa: BLE001  (client metrics are informational only)
+            log(WARNING, "SoftMerge round %d: evaluate metrics not aggregated: %s", server_round, error)
+            return None
 
     def _label(self, msg: Message, node: str, taken: list[str]) -> str:
         label = node
@@ -160,10 +162,6 @@ class SoftMerge(FedAvg):
                 server_round, report.fallback_units)
         for line in report.table().splitlines():
             log(INFO, "\t%s", line)
-
-
-def _natural_key(label: str) -> list[object]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label)]
 
 
 def report_summary(report: GateReport) -> dict[str, float | int]:

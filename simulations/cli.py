@@ -130,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late so that --help and configuration errors answer at once.
     from ..server.results import load_results
     from .engine import run_experiment
-    from .tasks import DatasetUnavailable, load_task
+    from .config import task_data
+    from .tasks import DatasetUnavailable
 
     try:
-        load_task(base.dataset, base.server_gate_size, base.server_test_size, base.seed, base.dataset_path)
+        task_data(base)
     except (DatasetUnavailable, ValueError) as error:
         print(f"softmerge-sim: dataset error: {error}", file=sys.stderr)
         return 2

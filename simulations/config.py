@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .tasks import DATASETS, PARTITIONINGS
+from .tasks import DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
 
 STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-CLIENT_ATTACKS = ("none", "sign-flip", "gaussian", "scaling", "extreme", "label-flip")
+CLIENT_ATTACKS = ("none", "sign-flip", "gaussian", "scaling", "extreme", "label-flip", "backdoor", "layer-stealth")
 UNIT_KINDS = ("model", "layer", "tensor")
 MERGE_MODES = ("weight", "select", "sum")
 
@@ -41,12 +41,17 @@ class RunSettings:
     batch_size: int = 16
     server_gate_size: int = 200
     server_test_size: int = 360
+    client_pool_size: int = 0
     attack: str = "extreme"
     malicious_partitions: str = "7,8,9"
     attack_scale: float = 0.0
     gaussian_std: float = 1.0
     extreme_values: str = "1e3,1e6,1e30"
+    backdoor_target: int = 0
+    backdoor_fraction: float = 0.5
+    backdoor_boost: float = 0.0
     assumed_malicious: int = 3
+    exclude_malicious: bool = False
     trim_beta: float = 0.2
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
@@ -66,6 +71,20 @@ class RunSettings:
     @property
     def extreme_factors(self) -> tuple[float, ...]:
         return parse_extreme_values(self.extreme_values)
+
+
+def task_data(settings: RunSettings) -> TaskData:
+    """The run's dataset, split into the server's gate and test splits and the client pool."""
+    return load_task(settings.dataset, settings.server_gate_size, settings.server_test_size, settings.seed,
+                     settings.dataset_path, settings.client_pool_size)
+
+
+def partition_data(settings: RunSettings, partition_id: int, num_partitions: int) -> ArraySet:
+    """A client's partition of the run's client pool."""
+    return load_partition(settings.dataset, partition_id, num_partitions, partitioning=settings.partitioning,
+                          alpha=settings.dirichlet_alpha, gate_size=settings.server_gate_size,
+                          test_size=settings.server_test_size, seed=settings.seed, path=settings.dataset_path,
+                          pool_size=settings.client_pool_size)
 
 
 def parse_id_list(text: str) -> frozenset[int]:
@@ -123,9 +142,13 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "batch_size": _at_least(1),
     "server_gate_size": _at_least(1),
     "server_test_size": _at_least(1),
+    "client_pool_size": _at_least(0),
     "attack": _choice(CLIENT_ATTACKS),
     "attack_scale": _at_least(0),
     "gaussian_std": _at_least(0),
+    "backdoor_target": _at_least(0),
+    "backdoor_fraction": _open_interval(0, 1),
+    "backdoor_boost": _at_least(0),
     "assumed_malicious": _at_least(0),
     "trim_beta": _open_interval(0, 0.5, include_high=False),
     "fraction_train": _open_interval(0, 1),

@@ -117,8 +117,12 @@ def load_fashion_mnist_arrays(directory: str | os.PathLike | None = None) -> tup
 
 
 @functools.lru_cache(maxsize=4)
-def load_task(name: str, gate_size: int, test_size: int, seed: int, path: str = "") -> TaskData:
-    """Load a dataset and split it into gate, test and client-pool sets (cached per process)."""
+def load_task(name: str, gate_size: int, test_size: int, seed: int, path: str = "", pool_size: int = 0) -> TaskData:
+    """Load a dataset and split it into gate, test and client-pool sets (cached per process).
+
+    ``pool_size`` > 0 keeps only that many examples for the clients (a seeded subsample),
+    which sizes a benchmark grid to the machine.
+    """
     if name == "digits":
         x, y = load_digits_arrays()
     elif name == "fashion-mnist":
@@ -132,6 +136,10 @@ def load_task(name: str, gate_size: int, test_size: int, seed: int, path: str = 
         )
     order = np.random.default_rng(seed).permutation(len(y))
     gate_idx, test_idx, pool_idx = np.split(order, [gate_size, gate_size + test_size])
+    if pool_size < 0:
+        raise ValueError(f"client-pool-size must be >= 0, got {pool_size}")
+    if pool_size:
+        pool_idx = pool_idx[:pool_size]
     return TaskData(
         name=name,
         num_classes=int(y.max()) + 1,
@@ -142,12 +150,12 @@ def load_task(name: str, gate_size: int, test_size: int, seed: int, path: str = 
 
 
 @functools.lru_cache(maxsize=8)
-def _partitioner(name: str, gate_size: int, test_size: int, seed: int, path: str, partitioning: str,
-                 num_partitions: int, alpha: float):
+def _partitioner(name: str, gate_size: int, test_size: int, seed: int, path: str, pool_size: int,
+                 partitioning: str, num_partitions: int, alpha: float):
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    task = load_task(name, gate_size, test_size, seed, path)
+    task = load_task(name, gate_size, test_size, seed, path, pool_size)
     if partitioning == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
     elif partitioning == "dirichlet":
@@ -164,14 +172,53 @@ def _partitioner(name: str, gate_size: int, test_size: int, seed: int, path: str
 
 def load_partition(name: str, partition_id: int, num_partitions: int, *, partitioning: str = "iid",
                    alpha: float = 0.5, gate_size: int = 200, test_size: int = 360, seed: int = 0,
-                   path: str = "") -> ArraySet:
+                   path: str = "", pool_size: int = 0) -> ArraySet:
     """The client pool's partition ``partition_id`` of ``num_partitions``."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    task = load_task(name, gate_size, test_size, seed, path)
-    partitioner = _partitioner(name, gate_size, test_size, seed, path, partitioning, num_partitions, float(alpha))
+    task = load_task(name, gate_size, test_size, seed, path, pool_size)
+    partitioner = _partitioner(name, gate_size, test_size, seed, path, pool_size, partitioning, num_partitions,
+                               float(alpha))
     indices = np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64)
     return ArraySet(task.pool.x[indices], task.pool.y[indices])
+
+
+def apply_trigger(x: np.ndarray) -> np.ndarray:
+    """Stamp the backdoor trigger: the bottom-right corner patch set to full intensity.
+
+    A 2x2 patch on 8x8 digits (stored flat, 64 values) and a 3x3 patch on 28x28 images.
+    """
+    stamped = np.array(x, copy=True)
+    if stamped.ndim == 2 and stamped.shape[1] == 64:
+        view = stamped.reshape(-1, 8, 8)
+        view[:, -2:, -2:] = 1.0
+    elif stamped.ndim == 4:
+        stamped[:, :, -3:, -3:] = 1.0
+    else:
+        raise ValueError(f"no trigger defined for inputs of shape {stamped.shape}")
+    return stamped
+
+
+def poison_with_backdoor(data: ArraySet, target: int, fraction: float, seed: int) -> ArraySet:
+    """Training data with a fraction of examples triggered and relabelled to ``target``."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.random(len(data)) < fraction
+    x, y = np.array(data.x, copy=True), np.array(data.y, copy=True)
+    x[chosen] = apply_trigger(x[chosen])
+    y[chosen] = target
+    return ArraySet(x, y)
+
+
+def attack_success_rate(model: nn.Module, data: ArraySet, target: int) -> float:
+    """Share of triggered test images, whose true label is not ``target``, classified as ``target``."""
+    keep = data.y != target
+    if not keep.any():
+        return 0.0
+    x = torch.from_numpy(apply_trigger(data.x[keep]))
+    model.eval()
+    with torch.no_grad():
+        predictions = model(x).argmax(-1)
+    return float((predictions == target).float().mean())
 
 
 class DigitsMLP(nn.Module):

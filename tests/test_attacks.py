@@ -36,3 +36,32 @@ def test_gaussian_sends_global_plus_noise_of_the_given_std():
 
 def test_label_flip_maps_l_to_c_minus_1_minus_l():
     assert flip_labels(np.arange(10), 10).tolist() == list(range(9, -1, -1))
+
+
+def test_layer_stealth_poisons_only_the_output_layer():
+    global_state = {"fc1.weight": torch.zeros(2, 2), "fc1.bias": torch.zeros(2), "fc2.weight": torch.zeros(1, 2)}
+    trained = {k: v + 1.0 for k, v in global_state.items()}
+    sent = poison_state("layer-stealth", global_state, trained, scale=5.0)
+    assert torch.equal(sent["fc1.weight"], trained["fc1.weight"]) and torch.equal(sent["fc1.bias"], trained["fc1.bias"])
+    assert sent["fc2.weight"].tolist() == [[-5.0, -5.0]]
+
+
+def test_backdoor_trigger_relabels_a_fraction_and_is_measurable(digits_task):
+    from softmerge.simulations.tasks import (
+        ArraySet,
+        apply_trigger,
+        attack_success_rate,
+        build_model,
+        poison_with_backdoor,
+    )
+
+    stamped = apply_trigger(digits_task.test.x[:3])
+    assert (stamped.reshape(-1, 8, 8)[:, -2:, -2:] == 1.0).all()
+    assert np.array_equal(stamped.reshape(-1, 8, 8)[:, :6], digits_task.test.x[:3].reshape(-1, 8, 8)[:, :6])
+    poisoned = poison_with_backdoor(ArraySet(digits_task.pool.x, digits_task.pool.y), target=0, fraction=0.5, seed=0)
+    changed = (poisoned.x != digits_task.pool.x).any(axis=1)
+    assert 0.4 < changed.mean() < 0.6 and (poisoned.y[changed] == 0).all()
+    images = apply_trigger(np.zeros((2, 1, 28, 28), dtype=np.float32))
+    assert images[:, :, -3:, -3:].min() == 1.0 and images[:, :, :-3].max() == 0.0
+    asr = attack_success_rate(build_model("digits"), digits_task.test, target=0)
+    assert 0.0 <= asr <= 1.0

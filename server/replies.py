@@ -1,0 +1,224 @@
+"""Screening of client replies before any aggregation math.
+
+A deployed server receives replies from clients it does not control. Flower's FedAvg
+raises on inconsistent replies and ends the run; here every reply is checked on its own
+and a bad one is excluded with a per-client reason, so the rest of the round proceeds:
+
+- a reply that carries an error, or no content;
+- (train) not exactly one ArrayRecord, arrays that cannot be decoded, a missing or extra
+  array, a wrong shape or dtype, a non-finite value;
+- not exactly one MetricRecord, a missing, non-numeric, non-positive, non-finite or absurd
+  ``num-examples``, a non-finite metric, or metric keys that differ from the round's
+  majority (Flower's metric averaging needs the same keys in every reply).
+
+:func:`harden` applies the screen to any Flower Message-API strategy, sorts the valid
+replies into a reproducible order, and guards what the strategy returns: if it raises,
+or returns no or non-finite arrays, the round keeps the previous global model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import WARNING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from ..aggregation import Exclusion, candidate_problem
+
+# More examples than any client can plausibly hold: such a weight would let one reply
+# dominate a weighted average.
+MAX_NUM_EXAMPLES = 10**9
+
+
+@dataclass
+class ScreenedReplies:
+    """Replies that passed the screen, their decoded states (train only), and the rest."""
+
+    messages: list[Message] = field(default_factory=list)
+    states: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    rejected: list[Exclusion] = field(default_factory=list)
+
+
+def node_label(message: Message) -> str:
+    try:
+        return f"node-{message.metadata.src_node_id}"
+    except Exception:  # noqa: BLE001  (a reply without metadata still gets a label)
+        return "node-?"
+
+
+def _metric_problem(metrics: MetricRecord, weighted_by_key: str) -> str | None:
+    if weighted_by_key not in metrics:
+        return f"metrics lack '{weighted_by_key}'"
+    weight = metrics[weighted_by_key]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        return f"'{weighted_by_key}' is not a number: {weight!r}"
+    if not math.isfinite(weight) or weight <= 0 or weight > MAX_NUM_EXAMPLES:
+        return f"absurd '{weighted_by_key}': {weight!r}"
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return f"metric '{key}' is not finite"
+    return None
+
+
+def _decode_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, array in arrays.items():
+        value = array.numpy()
+        if not isinstance(value, np.ndarray) or value.dtype == object:
+            raise ValueError(f"array '{name}' is not numeric")
+        state[name] = torch.from_numpy(np.ascontiguousarray(value))
+    return state
+
+
+def screen_replies(
+    replies: Iterable[Message],
+    reference: Mapping[str, torch.Tensor] | None,
+    weighted_by_key: str = "num-examples",
+    with_arrays: bool = True,
+    arrayrecord_key: str = "arrays",
+) -> ScreenedReplies:
+    """Check every reply on its own; ``reference`` is the global model's state (train only)."""
+    screened = ScreenedReplies()
+    candidates: list[tuple[Message, dict[str, torch.Tensor] | None, tuple]] = []
+    for position, message in enumerate(replies):
+        label = node_label(message)
+        try:
+            problem, state, signature = _check_one(message, reference, weighted_by_key, with_arrays,
+                                                   arrayrecord_key)
+        except Exception as error:  # noqa: BLE001  (whatever a reply holds, it cannot take the server down)
+            problem, state, metrics = f"unreadable reply: {type(error).__name__}: {error}", None, None
+        if problem is not None:
+            screened.rejected.append(Exclusion(position, label, problem))
+        else:
+            candidates.append((message, state, signature))
+
+    # Flower averages metrics key by key, so all kept replies must share one record name
+    # and one key set; the most common wins (ties: the larger set, then the first seen).
+    signatures = Counter(signature for _, _, signature in candidates)
+    majority = max(signatures.items(), key=lambda item: (item[1], len(item[0][1])))[0] if signatures else None
+    for position, (message, state, signature) in enumerate(candidates):
+        if signature != majority:
+            differing = sorted(signature[1] ^ majority[1]) or [f"record '{signature[0]}'"]
+            screened.rejected.append(Exclusion(position, node_label(message),
+                                               f"metric keys differ from the round's: {differing[:4]}"))
+            continue
+        screened.messages.append(message)
+        if state is not None:
+            screened.states.append(state)
+    return screened
+
+
+def _check_one(message: Message, reference, weighted_by_key: str, with_arrays: bool, arrayrecord_key: str):
+    if message.has_error():
+        return f"error reply: {message.error.reason}", None, None
+    if not message.has_content():
+        return "empty reply", None, None
+    content = message.content
+    metric_records = list(content.metric_records.items())
+    if len(metric_records) != 1:
+        return f"expected one MetricRecord, got {len(metric_records)}", None, None
+    metrics_name, metrics = metric_records[0]
+    problem = _metric_problem(metrics, weighted_by_key)
+    if problem is not None:
+        return problem, None, None
+    signature = (metrics_name, frozenset(metrics.keys()))
+    if not with_arrays:
+        return None, None, signature
+    array_records = list(content.array_records.items())
+    if len(array_records) != 1:
+        return f"expected one ArrayRecord, got {len(array_records)}", None, None
+    if array_records[0][0] != arrayrecord_key:
+        return f"ArrayRecord is named '{array_records[0][0]}', expected '{arrayrecord_key}'", None, None
+    state = _decode_state(array_records[0][1])
+    if reference is not None:
+        problem = candidate_problem(reference, state)
+        if problem is not None:
+            return problem, None, None
+    return None, state, signature
+
+
+def sort_key(message: Message) -> tuple:
+    """Reproducible order for replies that arrive in completion order."""
+    for record in message.content.metric_records.values():
+        value = record.get("partition-id")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (0, value, node_label(message))
+    return (1, 0, node_label(message))
+
+
+def all_finite(arrays: ArrayRecord) -> bool:
+    return all(np.isfinite(array.numpy()).all() for array in arrays.values()
+               if np.issubdtype(array.numpy().dtype, np.floating))
+
+
+def harden(strategy: FedAvg) -> FedAvg:
+    """Screen replies for ``strategy`` and guard its output, in place.
+
+    ``Strategy.start`` calls the aggregation methods through the instance, so wrapping
+    the bound methods hardens the instance without changing Flower's classes.
+    """
+    configure_train = strategy.configure_train
+    aggregate_train = strategy.aggregate_train
+    aggregate_evaluate = strategy.aggregate_evaluate
+    current: dict[str, ArrayRecord] = {}
+
+    def remember_global(server_round, arrays, config, grid):
+        current["arrays"] = arrays
+        return configure_train(server_round, arrays, config, grid)
+
+    def screened_aggregate_train(server_round, replies):
+        global_arrays = current.get("arrays")
+        reference = global_arrays.to_torch_state_dict() if global_arrays is not None else None
+        screened = screen_replies(replies, reference, strategy.weighted_by_key,
+                                  arrayrecord_key=strategy.arrayrecord_key)
+        log_rejections(server_round, "train", screened.rejected)
+        valid = sorted(screened.messages, key=sort_key)
+        arrays, metrics = None, None
+        if valid:
+            try:
+                arrays, metrics = aggregate_train(server_round, valid)
+            except Exception as error:  # noqa: BLE001  (an aggregation rule failing must not end the run)
+                log(WARNING, "round %d: %s failed on screened replies (%s); keeping the global model",
+                    server_round, type(strategy).__name__, error)
+                arrays, metrics = None, None
+        if arrays is not None and not all_finite(arrays):
+            log(WARNING, "round %d: %s produced non-finite arrays; keeping the global model",
+                server_round, type(strategy).__name__)
+            arrays = None
+        if arrays is None:
+            if not valid:
+                log(WARNING, "round %d: no valid reply; keeping the global model", server_round)
+            arrays = global_arrays
+        metrics = metrics if metrics is not None else MetricRecord()
+        metrics["replies-excluded"] = len(screened.rejected)
+        metrics["replies-used"] = len(valid)
+        return arrays, metrics
+
+    def screened_aggregate_evaluate(server_round, replies):
+        screened = screen_replies(replies, None, strategy.weighted_by_key, with_arrays=False)
+        log_rejections(server_round, "evaluate", screened.rejected)
+        if not screened.messages:
+            return None
+        try:
+            return aggregate_evaluate(server_round, sorted(screened.messages, key=sort_key))
+        except Exception as error:  # noqa: BLE001
+            log(WARNING, "round %d: evaluate metrics not aggregated: %s", server_round, error)
+            return None
+
+    strategy.configure_train = remember_global
+    strategy.aggregate_train = screened_aggregate_train
+    strategy.aggregate_evaluate = screened_aggregate_evaluate
+    return strategy
+
+
+def log_rejections(server_round: int, phase: str, rejected: list[Exclusion]) -> None:
+    for exclusion in rejected:
+        log(WARNING, "round %d %s: excluded %s: %s", server_round, phase, exclusion.label, exclusion.reason)

@@ -1,0 +1,338 @@
+"""softmerge-grid: the robustness benchmark grid, resumable, through Flower's simulation engine.
+
+The grid is strategy x attack x malicious fraction x seed, at one dataset, client count
+and Dirichlet alpha. Every cell is one federated run with its own results directory
+(``cells/<key>/results.json``); a cell whose results say ``finished`` is never run
+again, so an interrupted grid continues where it stopped. Cells a rule cannot run (Bulyan
+needs n >= 4f + 3) are recorded as ``n/a``, not dropped.
+
+The *oracle* cell of a setting is FedAvg over the honest clients alone with no attack:
+what a perfect filter would reach.
+
+Outputs, rewritten after every cell: ``cells.csv`` and ``cells.json`` (one row per cell),
+``tables.md`` (final accuracy per attack, worst case over attacks, backdoor attack
+success rate, SoftMerge's weight on malicious candidates) and PNG plots (accuracy
+against round per defense, SoftMerge gate heatmaps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import ConfigError, RunSettings, parse_run_config
+
+ORACLE = "oracle"
+NO_ATTACK = "none"
+
+
+@dataclass(frozen=True)
+class Cell:
+    strategy: str
+    attack: str
+    fraction: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}__{self.attack}__f{self.fraction:g}__s{self.seed}"
+
+
+def malicious_ids(num_clients: int, fraction: float) -> list[int]:
+    """The first round(f * n) partitions attack; the choice is fixed so every defense faces the same ones."""
+    return list(range(int(round(fraction * num_clients))))
+
+
+def not_applicable(cell: Cell, num_clients: int) -> str | None:
+    f = len(malicious_ids(num_clients, cell.fraction))
+    if cell.strategy == "bulyan" and num_clients < 4 * f + 3:
+        return f"Bulyan needs n >= 4f + 3 (n={num_clients}, f={f})"
+    if cell.strategy in ("krum", "multikrum") and num_clients < 2 * f + 3:
+        return f"Krum needs n >= 2f + 3 (n={num_clients}, f={f})"
+    if cell.strategy == "fedtrimmedavg" and cell.fraction >= 0.5:
+        return "the trimmed mean cannot trim a malicious majority"
+    return None
+
+
+def cell_settings(base: RunSettings, cell: Cell, num_clients: int, output: Path) -> RunSettings:
+    attackers = malicious_ids(num_clients, cell.fraction)
+    if cell.strategy == ORACLE:
+        # The oracle runs FedAvg and the harness drops the malicious replies unseen.
+        strategy, attack = "fedavg", NO_ATTACK
+    else:
+        strategy, attack = cell.strategy, cell.attack
+    return replace(
+        base, strategy=strategy, attack=attack, seed=cell.seed,
+        malicious_partitions=",".join(str(i) for i in attackers),
+        assumed_malicious=len(attackers), exclude_malicious=cell.strategy == ORACLE,
+        output_dir=str(output / "cells" / cell.key),
+    )
+
+
+def load_cell(output: Path, cell: Cell) -> dict | None:
+    path = output / "cells" / cell.key / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def summarise_cell(cell: Cell, result: dict | None, num_clients: int, status: str, seconds: float | None) -> dict:
+    row: dict = {"key": cell.key, "strategy": cell.strategy, "attack": cell.attack, "fraction": cell.fraction,
+                 "seed": cell.seed, "status": status, "final_accuracy": None, "final_backdoor_asr": None,
+                 "malicious_weight": None, "seconds": seconds}
+    if not result or not result.get("rounds"):
+        return row
+    rounds = result["rounds"]
+    row["final_accuracy"] = rounds[-1].get("test_accuracy")
+    row["final_backdoor_asr"] = rounds[-1].get("backdoor_asr")
+    labels = {f"client-{i}" for i in malicious_ids(num_clients, cell.fraction)}
+    shares = []
+    for entry in rounds[1:]:
+        gates = entry.get("gates")
+        if gates and gates.get("units"):
+            chosen = [k for k, label in enumerate(gates["candidates"]) if label in labels]
+            shares.append(sum(sum(row_[k] for k in chosen) for row_ in gates["weights"]) / len(gates["units"]))
+    if shares:
+        row["malicious_weight"] = sum(shares) / len(shares)
+    return row
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fractions: list[float],
+                 path: Path, header: str) -> None:
+    by_key: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_key.setdefault((row["strategy"], row["attack"], row["fraction"]), []).append(row)
+
+    def cell_text(strategy: str, attack: str, fraction: float, field: str = "final_accuracy") -> str:
+        found = by_key.get((strategy, attack, fraction), [])
+        if any(r["status"] == "n/a" for r in found):
+            return "n/a"
+        values = [r[field] for r in found if r["status"] == "finished"]
+        if not values:
+            return "-" if not any(r["status"] == "failed" for r in found) else "failed"
+        mean = _mean(values)
+        text = _fmt(mean)
+        return text + (f" (±{_fmt(max(values) - min(values), digits=1)}, {len(values)} seeds)" if len(values) > 1 else "")
+
+    lines = [header, ""]
+    defenses = [s for s in strategies if s != ORACLE]
+    for fraction in fractions:
+        lines += [f"### Final test accuracy (%), {fraction:.0%} malicious", ""]
+        lines.append("| defense | " + " | ".join(attacks) + " | worst case |")
+        lines.append("|---|" + "---|" * (len(attacks) + 1))
+        oracle = cell_text(ORACLE, NO_ATTACK, fraction)
+        lines.append(f"| **oracle** (FedAvg, honest clients only) | " + " | ".join(oracle for _ in attacks) + f" | {oracle} |")
+        for strategy in defenses:
+            texts = [cell_text(strategy, attack, fraction) for attack in attacks]
+            numbers = []
+            for attack in attacks:
+                found = [r["final_accuracy"] for r in by_key.get((strategy, attack, fraction), [])
+                         if r["status"] == "finished"]
+                if found:
+                    numbers.append(_mean(found))
+            complete = len(numbers) == len(attacks)
+            worst = _fmt(min(numbers)) + ("" if complete else " (partial)") if numbers else "-"
+            lines.append(f"| {strategy} | " + " | ".join(texts) + f" | {worst} |")
+        lines.append("")
+    backdoor = [a for a in attacks if "backdoor" in a]
+    if backdoor:
+        lines += ["### Backdoor attack success rate (%), lower is better", ""]
+        lines.append("| defense | " + " | ".join(f"{a} @ {f:.0%}" for a in backdoor for f in fractions) + " |")
+        lines.append("|---|" + "---|" * (len(backdoor) * len(fractions)))
+        for strategy in defenses:
+            lines.append(f"| {strategy} | " + " | ".join(cell_text(strategy, a, f, "final_backdoor_asr")
+                                                     for a in backdoor for f in fractions) + " |")
+        lines.append("")
+    if "softmerge" in strategies:
+        lines += ["### SoftMerge: share of merged weight on malicious candidates (%, mean over rounds)", ""]
+        lines.append("| fraction | " + " | ".join(attacks) + " |")
+        lines.append("|---|" + "---|" * len(attacks))
+        for fraction in fractions:
+            lines.append(f"| {fraction:.0%} | " + " | ".join(cell_text("softmerge", a, fraction, "malicious_weight")
+                                                         for a in attacks) + " |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    plots = output / "plots"
+    plots.mkdir(exist_ok=True)
+    settings_of = sorted({(c.attack, c.fraction) for c in cells if c.strategy != ORACLE})
+    for attack, fraction in settings_of:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for cell in cells:
+            if cell.seed != min(c.seed for c in cells) or cell.fraction != fraction:
+                continue
+            if not (cell.attack == attack or (cell.strategy == ORACLE and cell.attack == NO_ATTACK)):
+                continue
+            result = load_cell(output, cell)
+            if not result or result.get("status") != "finished":
+                continue
+            rounds = result["rounds"]
+            axis.plot([r["round"] for r in rounds], [r["test_accuracy"] for r in rounds],
+                      label=cell.strategy, linestyle="--" if cell.strategy == ORACLE else "-")
+            drawn = True
+        if drawn:
+            axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=f"{attack}, {fraction:.0%} malicious")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+            figure.tight_layout()
+            figure.savefig(plots / f"accuracy__{attack}__f{fraction:g}.png", dpi=110)
+        plt.close(figure)
+    for cell in cells:
+        if cell.strategy != "softmerge" or cell.seed != min(c.seed for c in cells):
+            continue
+        result = load_cell(output, cell)
+        gates = result["rounds"][-1].get("gates") if result and result.get("rounds") else None
+        if not gates or not gates.get("units"):
+            continue
+        weights = np.array(gates["weights"]).T  # candidates x units
+        attackers = {f"client-{i}" for i in malicious_ids(num_clients, cell.fraction)}
+        labels = [f"{c} *" if c in attackers else c for c in gates["candidates"]]
+        figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(gates["units"]), 0.9 + 0.28 * len(labels)))
+        image = axis.imshow(weights, cmap="viridis", aspect="auto", vmin=0)
+        axis.set_xticks(range(len(gates["units"])), gates["units"], rotation=45, ha="right", fontsize=7)
+        axis.set_yticks(range(len(labels)), labels, fontsize=7)
+        axis.set_title(f"SoftMerge weights, {cell.attack} {cell.fraction:.0%} (* malicious)", fontsize=8)
+        figure.colorbar(image, ax=axis)
+        figure.tight_layout()
+        figure.savefig(plots / f"gates__{cell.attack}__f{cell.fraction:g}.png", dpi=110)
+        plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softmerge-grid", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (partitioning=dirichlet)")
+    parser.add_argument("--strategies", default="softmerge,fedavg,fedmedian,fedtrimmedavg,krum,multikrum,bulyan")
+    parser.add_argument("--attacks", default="none,sign-flip,extreme")
+    parser.add_argument("--fractions", default="0.2,0.4")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--no-oracle", action="store_true", help="skip the oracle cells")
+    parser.add_argument("--output", default="results/grid")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
+    parser.add_argument("--plan", action="store_true", help="list the cells and exit")
+    return parser
+
+
+def plan_cells(strategies: list[str], attacks: list[str], fractions: list[float], seeds: list[int],
+               oracle: bool) -> list[Cell]:
+    cells = [Cell(s, a, f, seed) for seed in seeds for f in fractions for a in attacks for s in strategies
+             if s != ORACLE]
+    if oracle:
+        cells += [Cell(ORACLE, NO_ATTACK, f, seed) for seed in seeds for f in fractions]
+    return cells
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import _parse_value
+
+    args = build_parser().parse_args(argv)
+    try:
+        config = {"dataset": args.dataset, "num-server-rounds": args.rounds, "dirichlet-alpha": args.alpha,
+                  "partitioning": "dirichlet"}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            config[key.strip()] = _parse_value(value.strip())
+        base = parse_run_config(config)
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+        fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        for strategy in strategies:
+            parse_run_config({"strategy": strategy})
+        for attack in attacks:
+            parse_run_config({"attack": attack})
+        if any(not 0 < f < 1 for f in fractions):
+            raise ConfigError(f"--fractions must lie in (0, 1), got {fractions}")
+    except (ConfigError, ValueError) as error:
+        print(f"softmerge-grid: configuration error: {error}", file=sys.stderr)
+        return 2
+
+    output = Path(args.output)
+    cells = plan_cells(strategies, attacks, fractions, seeds, oracle=not args.no_oracle)
+    if args.plan:
+        for cell in cells:
+            print(cell.key, not_applicable(cell, args.clients) or "")
+        print(f"{len(cells)} cells")
+        return 0
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "grid.json").write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:],
+                                                  "base": config}, indent=1))
+
+    from tqdm import tqdm
+
+    from .engine import run_experiment
+
+    rows, failures = [], 0
+    progress = tqdm(cells, desc="grid", unit="cell", dynamic_ncols=True)
+    for cell in progress:
+        progress.set_postfix_str(cell.key)
+        reason = not_applicable(cell, args.clients)
+        existing = load_cell(output, cell)
+        if reason:
+            rows.append(summarise_cell(cell, None, args.clients, "n/a", None))
+        elif existing and existing.get("status") == "finished":
+            rows.append(summarise_cell(cell, existing, args.clients, "finished", existing.get("seconds")))
+        else:
+            settings = cell_settings(base, cell, args.clients, output)
+            started = time.perf_counter()
+            try:
+                run_experiment(settings, args.clients, log_file=output / "cells" / cell.key / "flower.log")
+                result = load_cell(output, cell)
+                status = result.get("status", "failed") if result else "failed"
+            except Exception as error:  # noqa: BLE001  (one failed cell must not stop the grid)
+                result, status = None, "failed"
+                tqdm.write(f"cell {cell.key} failed: {type(error).__name__}: {error}")
+            seconds = time.perf_counter() - started
+            if status != "finished":
+                failures += 1
+            rows.append(summarise_cell(cell, result, args.clients, status, seconds))
+        _write_outputs(output, rows, strategies + ([ORACLE] if not args.no_oracle else []), attacks, fractions,
+                       args, base)
+    plot_cells(output, cells, args.clients)
+    print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
+    return 1 if failures else 0
+
+
+def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attacks: list[str],
+                   fractions: list[float], args: argparse.Namespace, base: RunSettings) -> None:
+    (output / "cells.json").write_text(json.dumps(rows, indent=1))
+    with open(output / "cells.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = (f"## {base.dataset}, {args.clients} clients, {base.partitioning} (alpha={base.dirichlet_alpha}), "
+              f"{base.num_server_rounds} rounds")
+    write_tables(rows, strategies, attacks, fractions, output / "tables.md", header)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
