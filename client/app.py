@@ -9,11 +9,14 @@ reply's shape gives an attacker away.
 
 from __future__ import annotations
 
+import random
+import time
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..simulations.config import RunSettings, parse_run_config, partition_data, task_data
+from ..simulations.config import CLIENT_ATTACKS, RunSettings, parse_run_config, partition_data, task_data
 from ..simulations.tasks import (
     ArraySet,
     build_model,
@@ -57,17 +60,39 @@ def make_client_app(settings: RunSettings) -> ClientApp:
     return bound
 
 
+def simulated_failure(settings: RunSettings, seed: int) -> str | None:
+    """Whether this client fails this round (``client-failure-rate``), and how."""
+    if settings.client_failure_rate <= 0:
+        return None
+    draw = random.Random(seed)
+    if draw.random() >= settings.client_failure_rate:
+        return None
+    if settings.client_failure_mode == "mixed":
+        return draw.choice(("raise", "timeout", "empty"))
+    return settings.client_failure_mode
+
+
 def train_reply(msg: Message, context: Context, settings: RunSettings) -> Message:
     """Train on this node's partition; a malicious node then poisons what it sends."""
     partition_id, num_partitions, train_set, _ = _local_data(settings, context)
     server_round = int(msg.content["config"].get("server-round", 0))
     seed = settings.seed * 1_000_003 + server_round * 1_009 + partition_id
+    failure = simulated_failure(settings, seed)
+    if failure == "raise":
+        raise RuntimeError(f"simulated client failure (partition {partition_id}, round {server_round})")
+    if failure == "empty":
+        return Message(content=RecordDict({}), reply_to=msg)
+    if failure == "timeout":
+        # Reply only after the server has stopped waiting for this round.
+        time.sleep(settings.round_timeout + 1.0)
 
     model = build_model(settings.dataset)
     global_state = msg.content["arrays"].to_torch_state_dict()
     model.load_state_dict(global_state)
 
-    malicious = partition_id in settings.malicious_ids and settings.attack != "none"
+    # Colluding attacks are crafted by the simulation harness from honest replies, so
+    # their clients train honestly here.
+    malicious = partition_id in settings.malicious_ids and settings.attack in CLIENT_ATTACKS[1:]
     if malicious and settings.attack == "label-flip":
         num_classes = task_data(settings).num_classes
         train_set = ArraySet(train_set.x, flip_labels(train_set.y, num_classes))

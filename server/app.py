@@ -13,11 +13,14 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from ..simulations.colluding import is_colluding_attack
 from ..simulations.config import RunSettings, parse_run_config, task_data, to_run_config
 from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
-from .results import ResultsWriter
+from .checkpoint import config_fingerprint, load_checkpoint, restore_rng_state, save_checkpoint
+from .results import ResultsWriter, load_results
 from .strategies import build_strategy
 
 app = ServerApp()
@@ -36,11 +39,27 @@ def make_server_app(settings: RunSettings) -> ServerApp:
 
 
 def run_server(grid: Grid, settings: RunSettings) -> ResultsWriter:
-    """Run one federated experiment on ``grid``; returns the per-round results."""
+    """Run one federated experiment on ``grid``; returns the per-round results.
+
+    With an ``output-dir``, every round is checkpointed there, and a run restarted with
+    the same config resumes after the last checkpointed round (``resume = false`` starts
+    over instead).
+    """
     task = task_data(settings)
     model = build_model(settings.dataset, seed=settings.seed)
     gate_split = task.gate.tensors()
-    writer = ResultsWriter(Path(settings.output_dir) if settings.output_dir else None, to_run_config(settings))
+    output = Path(settings.output_dir) if settings.output_dir else None
+    run_config = to_run_config(settings)
+    fingerprint = config_fingerprint(run_config)
+    writer = ResultsWriter(output, run_config)
+    checkpoint = load_checkpoint(output, fingerprint) if output is not None and settings.resume else None
+    done = 0
+    if checkpoint is not None:
+        done = checkpoint.server_round
+        model.load_state_dict({name: torch.from_numpy(array) for name, array in checkpoint.arrays.items()})
+        writer.rounds = [entry for entry in load_results(output).get("rounds", []) if entry["round"] <= done]
+        log(INFO, "softmerge: resuming from the checkpoint of round %d in %s", done, output)
+
     try:
         num_nodes = len(list(grid.get_node_ids())) or None
     except Exception:  # noqa: BLE001  (a grid that cannot list nodes yet just leaves n unknown)
@@ -50,29 +69,61 @@ def run_server(grid: Grid, settings: RunSettings) -> ResultsWriter:
         from ..simulations.oracle import exclude_partitions
 
         exclude_partitions(strategy, settings.malicious_ids)
+    if is_colluding_attack(settings.attack):
+        # Simulation only: an omniscient adversary rewrites the malicious replies from the
+        # benign ones before the defense sees them; the defense is never told who they are.
+        from ..simulations.harness import make_colluding
+
+        make_colluding(strategy, settings.attack, settings.malicious_ids, seed=settings.seed)
+    if done:
+        offset_rounds(strategy, done)
     evaluation_model = build_model(settings.dataset, seed=settings.seed)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round = local_round + done
         evaluation_model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate_model(evaluation_model, task.test)
-        report = getattr(strategy, "reports", {}).get(server_round)
         metrics = {"test-acc": accuracy, "test-loss": loss}
         extra = {}
         if settings.attack == "backdoor":
             extra["backdoor_asr"] = attack_success_rate(evaluation_model, task.test, settings.backdoor_target)
             metrics["backdoor-asr"] = extra["backdoor_asr"]
+        if local_round == 0 and done:
+            return MetricRecord(metrics)  # the resumed model was recorded before the restart
+        report = getattr(strategy, "reports", {}).get(server_round)
         writer.record(server_round, accuracy, loss, report, extra=extra)
+        if output is not None:
+            gate_state = {"gate_log_alpha": report.log_alpha, "gate_candidates": report.candidates} if report else {}
+            save_checkpoint(output, server_round, {k: a.numpy() for k, a in arrays.items()}, fingerprint, gate_state)
         return MetricRecord(metrics)
 
     log(INFO, "softmerge: %s on %s, %d rounds; gate split %d, test split %d", settings.strategy, settings.dataset,
         settings.num_server_rounds, len(task.gate), len(task.test))
-    torch.manual_seed(settings.seed)
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=settings.num_server_rounds,
-        train_config=ConfigRecord({"seed": settings.seed}),
-        evaluate_fn=evaluate_fn,
-    )
+    if checkpoint is not None:
+        restore_rng_state(checkpoint.state["rng"])
+    else:
+        torch.manual_seed(settings.seed)
+    remaining = settings.num_server_rounds - done
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=remaining,
+            timeout=settings.round_timeout,
+            train_config=ConfigRecord({"seed": settings.seed}),
+            evaluate_fn=evaluate_fn,
+        )
     writer.flush(status="finished")
     return writer
+
+
+def offset_rounds(strategy: FedAvg, offset: int) -> FedAvg:
+    """Make a strategy that restarts at local round 1 see the run's true round numbers.
+
+    ``Strategy.start`` always counts from 1; a resumed run must hand clients and gates the
+    same round numbers (and so the same seeds) as an uninterrupted one.
+    """
+    for name in ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate"):
+        method = getattr(strategy, name)
+        setattr(strategy, name, lambda server_round, *args, _method=method: _method(server_round + offset, *args))
+    return strategy

@@ -13,12 +13,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .colluding import COLLUDING_ATTACKS, is_colluding_attack
 from .tasks import DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
 
 STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 CLIENT_ATTACKS = ("none", "sign-flip", "gaussian", "scaling", "extreme", "label-flip", "backdoor", "layer-stealth")
 UNIT_KINDS = ("model", "layer", "tensor")
 MERGE_MODES = ("weight", "select", "sum")
+FAILURE_MODES = ("raise", "timeout", "empty", "mixed")
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,10 @@ class RunSettings:
     softmerge_batch_size: int = 128
     softmerge_keep: bool = True
     output_dir: str = "results/flwr-run"
+    resume: bool = True
+    round_timeout: float = 600.0
+    client_failure_rate: float = 0.0
+    client_failure_mode: str = "mixed"
 
     @property
     def malicious_ids(self) -> frozenset[int]:
@@ -143,7 +149,9 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "server_gate_size": _at_least(1),
     "server_test_size": _at_least(1),
     "client_pool_size": _at_least(0),
-    "attack": _choice(CLIENT_ATTACKS),
+    "attack": lambda v: None if v in CLIENT_ATTACKS or is_colluding_attack(v) else (
+        f"one of {', '.join(CLIENT_ATTACKS + COLLUDING_ATTACKS)} (or ipm-<eps>, min-max-<unit|sign|std>, "
+        "min-sum-<unit|sign|std>)"),
     "attack_scale": _at_least(0),
     "gaussian_std": _at_least(0),
     "backdoor_target": _at_least(0),
@@ -159,6 +167,9 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_lr": _open_interval(0, 100),
     "softmerge_l0": _at_least(0),
     "softmerge_batch_size": _at_least(1),
+    "round_timeout": _open_interval(0, 86400),
+    "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
+    "client_failure_mode": _choice(FAILURE_MODES),
 }
 
 
@@ -211,6 +222,9 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"run-config key '{key}' must be a finite number; got {value!r}")
         return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # `--set malicious-partitions=3` and TOML `extreme-values = 1e6` arrive as numbers.
+        return str(value)
     if not isinstance(value, str):
         raise ConfigError(f"run-config key '{key}' must be a string; got {value!r}")
     return value

@@ -1,0 +1,125 @@
+"""Checkpoints: the global model and everything needed to resume a run bit for bit.
+
+After every round the server writes, atomically (write to a temporary name, fsync, then
+rename):
+
+- ``checkpoint.npz``: the global model's arrays (numpy's npz, no pickle);
+- ``checkpoint.json``: the round number, a fingerprint of the run config, the sha256 of
+  the npz, the random states of Python, numpy and torch, and the last gate state.
+
+The JSON is renamed last and names the npz's hash, so a crash between the two renames
+leaves the previous, consistent checkpoint in force. Loading uses ``np.load`` with
+``allow_pickle=False`` and ``json``: nothing in a checkpoint can execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MODEL_FILE = "checkpoint.npz"
+STATE_FILE = "checkpoint.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used for this run."""
+
+
+@dataclass
+class Checkpoint:
+    server_round: int
+    arrays: dict[str, np.ndarray]
+    state: dict[str, Any]
+
+
+def config_fingerprint(run_config: dict[str, Any]) -> str:
+    """Hash of the settings that shape the run (where results go does not)."""
+    relevant = {k: v for k, v in sorted(run_config.items()) if k != "output-dir"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def capture_rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_write(path: Path, write) -> None:
+    with open(path, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_checkpoint(directory: Path, server_round: int, arrays: dict[str, np.ndarray], fingerprint: str,
+                    extra: dict[str, Any] | None = None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    model_tmp = directory / (MODEL_FILE + ".tmp")
+    _fsync_write(model_tmp, lambda handle: np.savez(handle, **arrays))
+    state = {
+        "format": FORMAT_VERSION,
+        "round": server_round,
+        "config": fingerprint,
+        "model_sha256": _sha256(model_tmp),
+        "rng": capture_rng_state(),
+        **(extra or {}),
+    }
+    state_tmp = directory / (STATE_FILE + ".tmp")
+    _fsync_write(state_tmp, lambda handle: handle.write(json.dumps(state).encode()))
+    os.replace(model_tmp, directory / MODEL_FILE)
+    os.replace(state_tmp, directory / STATE_FILE)
+
+
+def load_checkpoint(directory: Path, fingerprint: str) -> Checkpoint | None:
+    """The checkpoint in ``directory``, or None if there is none.
+
+    Raises :class:`CheckpointError` if it belongs to another config or is damaged, rather
+    than silently starting over or resuming the wrong run.
+    """
+    state_path, model_path = directory / STATE_FILE, directory / MODEL_FILE
+    if not state_path.is_file():
+        return None
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{state_path} is not readable JSON: {error}") from error
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{state_path} has format {state.get('format')}, expected {FORMAT_VERSION}")
+    if state.get("config") != fingerprint:
+        raise CheckpointError(
+            f"{directory} holds a checkpoint of a run with a different config; use another output-dir "
+            "or delete the checkpoint to start over")
+    if not model_path.is_file() or _sha256(model_path) != state.get("model_sha256"):
+        raise CheckpointError(f"{model_path} is missing or does not match {state_path}")
+    with np.load(model_path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    return Checkpoint(server_round=int(state["round"]), arrays=arrays, state=state)

@@ -1,0 +1,342 @@
+"""Colluding, omniscient poisoning attacks (DESIGN.md section 4), as pure functions.
+
+Every attack takes the benign updates as a 2-D float64 array ``benign`` (one row per
+benign client, an update being ``client model - global model``), the number of
+malicious clients ``m`` and the total number of clients ``n``, and returns the malicious
+updates as an ``(m, d)`` float64 array. Attacks that send one vector return it repeated.
+``mu`` and ``sigma`` are the per-coordinate mean and (population, ddof=0) standard
+deviation of the benign rows; ddof=0 keeps sigma defined for a single benign row.
+
+- ALIE (Baruch, Baruch & Goldberg, NeurIPS 2019, "A Little Is Enough"):
+  ``mu + z * sigma`` with ``z = Phi^-1((n - m - s) / (n - m))``, ``s = floor(n/2 + 1) - m``.
+- IPM (Xie, Koyejo & Gupta, UAI 2019, inner-product manipulation): ``-eps * mu``.
+- min-max and min-sum (Shejwalkar & Houmansadr, NDSS 2021): ``mu - gamma * p`` with
+  ``p`` = ``mu / ||mu||`` ("unit"), ``sign(mu)`` ("sign") or ``sigma`` ("std"), and gamma
+  the largest value keeping the malicious update within the benign updates' own spread
+  (see :func:`find_gamma`).
+- Fang's trim attack (Fang, Cao, Jia & Gong, USENIX Security 2020, the full-knowledge
+  attack on trimmed mean / median), applied to updates (see :func:`fang_trim`).
+- Mimic (Karimireddy, He & Jaggi, ICLR 2022): every malicious client sends the update of
+  one honest client (see :func:`mimic_target_index`).
+
+No flwr here: :mod:`softmerge.simulations.harness` turns Flower replies into these arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import numpy as np
+from scipy.stats import norm
+
+PERTURBATIONS = ("unit", "sign", "std")
+
+# Canonical attack names accepted by craft_malicious_updates. "ipm-<eps>" accepts any
+# positive number, and "min-max-<p>" / "min-sum-<p>" name the perturbation in the name.
+COLLUDING_ATTACKS = ("alie", "ipm-0.1", "ipm-100", "min-max", "min-sum", "fang", "mimic")
+
+# ALIE's probability leaves (0, 1) when m >= floor(n/2 + 1) (a malicious majority: it
+# reaches 1) or when n <= 2 (it is 0), where Phi^-1 is infinite. We clamp it into
+# [ALIE_PROBABILITY_CLAMP, 1 - ALIE_PROBABILITY_CLAMP], which bounds |z| by about 3.09:
+# still "a little" per coordinate, and always finite.
+ALIE_PROBABILITY_CLAMP = 1e-3
+
+
+def _check_benign(benign: np.ndarray) -> np.ndarray:
+    benign = np.asarray(benign, dtype=np.float64)
+    if benign.ndim != 2 or benign.shape[0] < 1:
+        raise ValueError(f"benign updates must be a 2-D array with at least one row; got shape {benign.shape}")
+    if not np.isfinite(benign).all():
+        raise ValueError("benign updates must be finite")
+    return benign
+
+
+def _check_counts(num_malicious: int, num_total: int | None = None) -> None:
+    if num_malicious < 0:
+        raise ValueError(f"num_malicious must be >= 0; got {num_malicious}")
+    if num_total is not None and num_total <= num_malicious:
+        raise ValueError(f"num_total must exceed num_malicious; got n={num_total}, m={num_malicious}")
+
+
+def _repeat(row: np.ndarray, num_malicious: int) -> np.ndarray:
+    return np.tile(row, (num_malicious, 1))
+
+
+def benign_statistics(benign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-coordinate mean and population standard deviation of the benign updates."""
+    benign = _check_benign(benign)
+    return benign.mean(axis=0), benign.std(axis=0)
+
+
+# --- ALIE -------------------------------------------------------------------------------
+
+def alie_z(num_malicious: int, num_total: int) -> float:
+    """ALIE's z = Phi^-1((n - m - s) / (n - m)), s = floor(n/2 + 1) - m, probability clamped."""
+    _check_counts(num_malicious, num_total)
+    n, m = num_total, num_malicious
+    supporters = math.floor(n / 2 + 1) - m
+    probability = (n - m - supporters) / (n - m)
+    probability = min(max(probability, ALIE_PROBABILITY_CLAMP), 1.0 - ALIE_PROBABILITY_CLAMP)
+    return float(norm.ppf(probability))
+
+
+def alie(benign: np.ndarray, num_malicious: int, num_total: int, z: float | None = None) -> np.ndarray:
+    """``mu + z * sigma`` for every malicious client; z from :func:`alie_z` unless given."""
+    mu, sigma = benign_statistics(benign)
+    z = alie_z(num_malicious, num_total) if z is None else float(z)
+    return _repeat(mu + z * sigma, num_malicious)
+
+
+# --- IPM --------------------------------------------------------------------------------
+
+def ipm(benign: np.ndarray, num_malicious: int, epsilon: float = 0.1) -> np.ndarray:
+    """``-epsilon * mu`` for every malicious client."""
+    _check_counts(num_malicious)
+    mu, _ = benign_statistics(benign)
+    return _repeat(-float(epsilon) * mu, num_malicious)
+
+
+# --- min-max and min-sum ----------------------------------------------------------------
+
+def perturbation_vector(benign: np.ndarray, kind: str = "std") -> np.ndarray:
+    """The direction p that min-max / min-sum subtract from mu: unit mean, sign of the mean, or std."""
+    mu, sigma = benign_statistics(benign)
+    if kind == "unit":
+        norm_mu = np.linalg.norm(mu)
+        # A zero mean has no direction; p = 0 leaves the malicious update at mu.
+        return mu / norm_mu if norm_mu > 0 else np.zeros_like(mu)
+    if kind == "sign":
+        return np.sign(mu)
+    if kind == "std":
+        return sigma
+    raise ValueError(f"unknown perturbation {kind!r}; expected one of {', '.join(PERTURBATIONS)}")
+
+
+def _pairwise_distances(benign: np.ndarray) -> np.ndarray:
+    # Direct differences rather than the Gram-matrix identity, which loses precision
+    # when the updates are large and close together.
+    return np.stack([np.linalg.norm(benign - row, axis=1) for row in benign])
+
+
+def min_max_criterion(benign: np.ndarray) -> Callable[[np.ndarray], bool]:
+    """Feasibility of a candidate: max_i ||c - g_i|| <= max_{i,j} ||g_i - g_j||."""
+    benign = _check_benign(benign)
+    bound = _pairwise_distances(benign).max()
+    return lambda candidate: bool(np.linalg.norm(benign - candidate, axis=1).max() <= bound)
+
+
+def min_sum_criterion(benign: np.ndarray) -> Callable[[np.ndarray], bool]:
+    """Feasibility of a candidate: sum_i ||c - g_i||^2 <= max_i sum_j ||g_i - g_j||^2."""
+    benign = _check_benign(benign)
+    bound = (_pairwise_distances(benign) ** 2).sum(axis=1).max()
+    return lambda candidate: bool((np.linalg.norm(benign - candidate, axis=1) ** 2).sum() <= bound)
+
+
+def find_gamma(
+    benign: np.ndarray,
+    perturbation: np.ndarray,
+    criterion: Callable[[np.ndarray], bool],
+    gamma_init: float = 10.0,
+    tolerance: float = 1e-5,
+    max_doublings: int = 60,
+    max_halvings: int = 200,
+) -> float:
+    """Largest gamma >= 0 with ``criterion(mu - gamma * perturbation)`` true, to ``tolerance``.
+
+    gamma = 0 (the malicious update is mu) is always feasible for both criteria: mu lies
+    within the benign updates' spread. Both constraints are convex in gamma, so the
+    feasible gammas form an interval [0, gamma*] and bisection finds its end. The search
+    first brackets gamma*: starting at ``gamma_init`` it doubles the upper end while
+    that end is still feasible (at most ``max_doublings`` times; a zero perturbation is
+    feasible for every gamma, and then the last doubled value is returned). It then
+    halves the bracket [feasible, infeasible] until it is narrower than
+    ``tolerance * max(1, gamma)``, and returns the feasible end, so the answer always
+    satisfies the constraint. Shejwalkar & Houmansadr start at 10 and halve the step
+    the same way; the bracketing step only lifts their implicit cap of 2 * gamma_init.
+    """
+    benign = _check_benign(benign)
+    if gamma_init <= 0 or tolerance <= 0:
+        raise ValueError("gamma_init and tolerance must be positive")
+    mu = benign.mean(axis=0)
+    perturbation = np.asarray(perturbation, dtype=np.float64)
+
+    def feasible(gamma: float) -> bool:
+        return criterion(mu - gamma * perturbation)
+
+    low, high = 0.0, float(gamma_init)
+    for _ in range(max_doublings):
+        if not feasible(high):
+            break
+        low, high = high, 2.0 * high
+    else:
+        return low
+    for _ in range(max_halvings):
+        if high - low <= tolerance * max(1.0, low):
+            break
+        middle = 0.5 * (low + high)
+        if feasible(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def min_max(
+    benign: np.ndarray,
+    num_malicious: int,
+    perturbation: str = "std",
+    gamma_init: float = 10.0,
+    tolerance: float = 1e-5,
+) -> np.ndarray:
+    """``mu - gamma * p``, gamma the largest with max_i ||m - g_i|| <= max_{i,j} ||g_i - g_j||."""
+    return _optimised_deviation(benign, num_malicious, perturbation, min_max_criterion, gamma_init, tolerance)
+
+
+def min_sum(
+    benign: np.ndarray,
+    num_malicious: int,
+    perturbation: str = "std",
+    gamma_init: float = 10.0,
+    tolerance: float = 1e-5,
+) -> np.ndarray:
+    """``mu - gamma * p``, gamma the largest with sum_i ||m - g_i||^2 <= max_i sum_j ||g_i - g_j||^2."""
+    return _optimised_deviation(benign, num_malicious, perturbation, min_sum_criterion, gamma_init, tolerance)
+
+
+def _optimised_deviation(benign, num_malicious, perturbation, make_criterion, gamma_init, tolerance):
+    _check_counts(num_malicious)
+    benign = _check_benign(benign)
+    direction = perturbation_vector(benign, perturbation)
+    gamma = find_gamma(benign, direction, make_criterion(benign), gamma_init, tolerance)
+    return _repeat(benign.mean(axis=0) - gamma * direction, num_malicious)
+
+
+# --- Fang's trim attack -----------------------------------------------------------------
+
+def fang_trim(benign: np.ndarray, num_malicious: int, rng: np.random.Generator, b: float = 2.0) -> np.ndarray:
+    """Fang et al.'s full-knowledge attack on trimmed mean / median, in update space.
+
+    s_j = sign(mu_j) estimates the direction coordinate j moves without attack; the
+    attackers push it the other way with values just beyond the benign extremes
+    (max_j, min_j over the benign rows), each drawn uniformly and independently per
+    malicious client and coordinate:
+
+    - s_j < 0: in [max_j, b * max_j] if max_j > 0, else in [max_j, max_j / b];
+    - s_j >= 0: in [min_j / b, min_j] if min_j > 0, else in [b * min_j, min_j].
+
+    The paper states it on model parameters; on updates (as Shejwalkar & Houmansadr
+    re-implement it) the same intervals apply to ``client - global``. A zero mean takes
+    the s_j >= 0 branch.
+    """
+    _check_counts(num_malicious)
+    benign = _check_benign(benign)
+    if b <= 1:
+        raise ValueError(f"b must be > 1; got {b}")
+    mu = benign.mean(axis=0)
+    high_values, low_values = benign.max(axis=0), benign.min(axis=0)
+    push_up = mu < 0
+    # Intervals for pushing up (beyond the benign maximum) and down (below the minimum).
+    up_low, up_high = high_values, np.where(high_values > 0, b * high_values, high_values / b)
+    down_low, down_high = np.where(low_values > 0, low_values / b, b * low_values), low_values
+    lower = np.where(push_up, up_low, down_low)
+    upper = np.where(push_up, up_high, down_high)
+    return rng.uniform(lower, upper, size=(num_malicious, benign.shape[1]))
+
+
+# --- Mimic ------------------------------------------------------------------------------
+
+def mimic_target_index(benign: np.ndarray) -> int:
+    """The benign row most extreme along the top principal direction of the benign updates.
+
+    Karimireddy, He & Jaggi pick the honest worker whose copy most inflates the
+    variance in the direction of largest heterogeneity; we take the row with the largest
+    ``|<v, g_i - mu>|`` for v the top right-singular vector of the centred rows (the
+    absolute value because the sign of v is arbitrary). Ties go to the lowest index; with
+    identical rows there is no direction and row 0 is chosen.
+    """
+    benign = _check_benign(benign)
+    centred = benign - benign.mean(axis=0)
+    if benign.shape[0] < 2 or not np.any(centred):
+        return 0
+    _, _, right = np.linalg.svd(centred, full_matrices=False)
+    return int(np.argmax(np.abs(centred @ right[0])))
+
+
+def mimic(benign: np.ndarray, num_malicious: int, target: int | str = "pca") -> np.ndarray:
+    """Every malicious client sends benign row ``target`` (``"pca"``: :func:`mimic_target_index`)."""
+    _check_counts(num_malicious)
+    benign = _check_benign(benign)
+    index = mimic_target_index(benign) if target == "pca" else int(target)
+    return _repeat(benign[index], num_malicious)
+
+
+# --- dispatcher -------------------------------------------------------------------------
+
+_IPM_NAME = re.compile(r"^ipm(?:-(?P<eps>.+))?$")
+_DEVIATION_NAME = re.compile(r"^(?P<kind>min-max|min-sum)(?:-(?P<p>unit|sign|std))?$")
+
+
+def is_colluding_attack(name: str) -> bool:
+    """Whether ``name`` is an attack :func:`craft_malicious_updates` knows."""
+    try:
+        parse_attack_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_attack_name(name: str) -> tuple[str, dict]:
+    """``(kind, implied parameters)`` of an attack name; raises ValueError naming the known ones."""
+    if name in ("alie", "fang", "mimic"):
+        return name, {}
+    ipm_match = _IPM_NAME.match(name)
+    if ipm_match:
+        if ipm_match["eps"] is None:
+            return "ipm", {}
+        try:
+            epsilon = float(ipm_match["eps"])
+        except ValueError:
+            epsilon = math.nan
+        if not (math.isfinite(epsilon) and epsilon > 0):
+            raise ValueError(f"attack {name!r}: ipm-<eps> needs a positive number, e.g. ipm-0.1 or ipm-100")
+        return "ipm", {"epsilon": epsilon}
+    deviation_match = _DEVIATION_NAME.match(name)
+    if deviation_match:
+        params = {"perturbation": deviation_match["p"]} if deviation_match["p"] else {}
+        return deviation_match["kind"], params
+    raise ValueError(f"unknown colluding attack {name!r}; known: {', '.join(COLLUDING_ATTACKS)}, "
+                     "ipm-<eps>, min-max-<unit|sign|std>, min-sum-<unit|sign|std>")
+
+
+def craft_malicious_updates(
+    name: str,
+    benign_updates: np.ndarray,
+    num_malicious: int,
+    num_total: int,
+    rng: np.random.Generator | None = None,
+    **params,
+) -> np.ndarray:
+    """The ``(num_malicious, d)`` malicious updates of attack ``name``, from the benign updates.
+
+    Names: ``alie``, ``ipm-<eps>`` (``ipm-0.1``, ``ipm-100``; plain ``ipm`` takes
+    ``epsilon=``), ``min-max`` / ``min-sum`` (optionally ``-unit``, ``-sign`` or ``-std``,
+    default std; or ``perturbation=``), ``fang`` (needs ``rng``; ``b=``), ``mimic``
+    (``target=``). Keyword ``params`` override what the name implies.
+    """
+    kind, implied = parse_attack_name(name)
+    params = {**implied, **params}
+    if kind == "alie":
+        return alie(benign_updates, num_malicious, num_total, **params)
+    if kind == "ipm":
+        return ipm(benign_updates, num_malicious, **params)
+    if kind == "min-max":
+        return min_max(benign_updates, num_malicious, **params)
+    if kind == "min-sum":
+        return min_sum(benign_updates, num_malicious, **params)
+    if kind == "fang":
+        if rng is None:
+            raise ValueError("the fang attack samples its values: pass a numpy Generator as rng")
+        return fang_trim(benign_updates, num_malicious, rng, **params)
+    return mimic(benign_updates, num_malicious, **params)

@@ -1,0 +1,273 @@
+"""The colluding-adversary harness: omniscient attacks on any Message-API strategy.
+
+Colluding attacks (ALIE, IPM, min-max, min-sum, Fang, Mimic; see
+:mod:`softmerge.simulations.colluding`) need the benign updates of the round, which no
+single ClientApp has. So they run on the server side, *in front of* the defense: the
+malicious clients train honestly (client attack ``none``), and before the defense's
+``aggregate_train`` sees the round's replies, the harness replaces the model in each
+malicious reply by ``global + crafted update``. Everything else about the reply stays as
+the client sent it: metadata, record names, array keys, dtypes and shapes, and the same
+MetricRecord (so ``num-examples`` and ``partition-id`` too). Honest replies are passed
+through as the very same objects. The defense is never told who is malicious.
+
+Which replies are malicious: those whose MetricRecord carries ``partition-id`` with a
+value in ``malicious_ids`` (both honest and malicious ClientApps report it). Replies
+without it count as honest.
+
+How it hooks in: :meth:`ColludingAdversary.attach` (or :func:`make_colluding`) replaces
+the strategy *instance's* ``configure_train`` and ``aggregate_train`` by wrappers that
+call the originals. ``Strategy.start`` calls ``self.configure_train`` and
+``self.aggregate_train``, so it goes through the wrappers, while the object stays an
+instance of its own class: ``isinstance`` checks, ``strategy.reports``, ``summary()``,
+the evaluate path and the class name in Flower's log are all unchanged. A proxy object
+would not work (``start`` would call the proxied object's own methods), and a subclass
+would need one per strategy class and would show up in the log.
+
+Per round the attack uses, with ``knowledge="full"`` (the default, the omniscient
+attacker of DESIGN.md), the updates of every honest reply that is readable and finite;
+with ``knowledge="partial"``, only the malicious clients' own honestly trained updates.
+n is the number of replies with content this round and m the number of malicious ones
+rewritten, so sampling (``fraction-train`` < 1) is accounted for. Rows are ordered by
+partition id, and the random draws (Fang) come from ``numpy.random.default_rng([seed,
+round])``, so a run is reproducible whatever order the replies arrive in.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from .colluding import craft_malicious_updates, parse_attack_name
+
+KNOWLEDGE = ("full", "partial")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class RoundAttack:
+    """What the adversary did in one round (for logs and tests; the defense never sees it)."""
+
+    replies: int
+    malicious: tuple[int, ...]  # partition ids whose replies were rewritten
+    benign_used: int  # updates the attack was computed from
+    skipped_reason: str = ""
+
+
+class ColludingAdversary:
+    """Rewrites the malicious replies of each round from the benign ones.
+
+    Parameters
+    ----------
+    attack : str
+        A name :func:`softmerge.simulations.colluding.craft_malicious_updates` accepts,
+        e.g. ``"alie"``, ``"ipm-0.1"``, ``"min-max-sign"``, ``"fang"``, ``"mimic"``.
+    malicious_ids : iterable of int
+        Partition ids of the malicious clients.
+    seed : int
+        Seeds the per-round generator of randomised attacks.
+    knowledge : "full" or "partial"
+        Whose updates the attack is computed from: the honest clients' (full) or the
+        malicious clients' own honestly trained ones (partial).
+    label_key : str
+        MetricRecord key naming a reply's partition.
+    **attack_params
+        Passed to the attack (e.g. ``perturbation="unit"``, ``gamma_init=50``, ``b=2``).
+    """
+
+    def __init__(
+        self,
+        attack: str,
+        malicious_ids: Iterable[int],
+        seed: int = 0,
+        knowledge: str = "full",
+        label_key: str = "partition-id",
+        **attack_params,
+    ) -> None:
+        parse_attack_name(attack)  # fails now, naming the known attacks, rather than in round 1
+        if knowledge not in KNOWLEDGE:
+            raise ValueError(f"knowledge must be one of {', '.join(KNOWLEDGE)}; got {knowledge!r}")
+        self.attack = attack
+        self.malicious_ids = frozenset(int(i) for i in malicious_ids)
+        self.seed = int(seed)
+        self.knowledge = knowledge
+        self.label_key = label_key
+        self.attack_params = attack_params
+        self.history: dict[int, RoundAttack] = {}
+        self._global: dict[str, np.ndarray] | None = None
+        self._strategy: Strategy | None = None
+        self._saved: dict[str, object] = {}
+
+    # --- hooking into a strategy ---------------------------------------------------------
+
+    def attach(self, strategy: Strategy) -> Strategy:
+        """Wrap ``strategy``'s configure_train and aggregate_train (on the instance) and return it."""
+        if self._strategy is not None:
+            raise RuntimeError("this adversary is already attached to a strategy")
+        configure, aggregate = strategy.configure_train, strategy.aggregate_train
+
+        @functools.wraps(configure)
+        def configure_train(server_round, arrays, config, grid):
+            # aggregate_train is not given the round's starting model; the updates need it.
+            self.remember_global(arrays)
+            return configure(server_round, arrays, config, grid)
+
+        @functools.wraps(aggregate)
+        def aggregate_train(server_round, replies):
+            return aggregate(server_round, self.rewrite(server_round, replies))
+
+        self._saved = {name: strategy.__dict__.get(name, _MISSING) for name in ("configure_train", "aggregate_train")}
+        strategy.configure_train = configure_train
+        strategy.aggregate_train = aggregate_train
+        self._strategy = strategy
+        return strategy
+
+    def detach(self) -> None:
+        """Give the strategy back its own configure_train and aggregate_train."""
+        if self._strategy is None:
+            return
+        for name, saved in self._saved.items():
+            if saved is _MISSING:
+                self._strategy.__dict__.pop(name, None)
+            else:
+                setattr(self._strategy, name, saved)
+        self._strategy, self._saved = None, {}
+
+    # --- the attack ----------------------------------------------------------------------
+
+    def remember_global(self, arrays: ArrayRecord) -> None:
+        """Keep the round's global model (numpy, by key) to compute updates against."""
+        self._global = {key: array.numpy() for key, array in arrays.items()}
+
+    def rewrite(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies with every malicious one's model replaced by global + crafted update."""
+        replies = list(replies)
+        if self._global is None:
+            raise RuntimeError("no global model: configure_train must run before aggregate_train")
+        with_content = [i for i, msg in enumerate(replies) if not msg.has_error() and msg.has_content()]
+        honest, malicious = [], []  # (sort key, reply index, update or None)
+        for index in with_content:
+            partition = self._partition_of(replies[index])
+            update = self._update_of(replies[index])
+            entry = ((partition if partition is not None else float("inf"),
+                      replies[index].metadata.src_node_id), index, update)
+            (malicious if partition in self.malicious_ids else honest).append(entry)
+        honest.sort(key=lambda e: e[0])
+        malicious.sort(key=lambda e: e[0])
+
+        unreadable = [e for e in malicious if e[2] is None]
+        if unreadable:
+            log(WARNING, "colluding %s round %d: %d malicious replies do not match the global model's "
+                "arrays and are passed through unchanged", self.attack, server_round, len(unreadable))
+        targets = [e for e in malicious if e[2] is not None]
+        num_total = len(with_content)
+
+        def skip(reason: str) -> list[Message]:
+            if targets:
+                log(WARNING, "colluding %s round %d: replies passed through unchanged: %s", self.attack,
+                    server_round, reason)
+            self.history[server_round] = RoundAttack(len(replies), (), 0, reason or "no malicious reply")
+            return replies
+
+        if not targets:
+            return skip("")
+        if num_total <= len(targets):
+            return skip("every client this round is malicious; there is nothing to deviate from")
+        source = honest if self.knowledge == "full" else malicious
+        known = [e[2] for e in source if e[2] is not None and np.isfinite(e[2]).all()]
+        if not known and self.knowledge == "full":
+            log(WARNING, "colluding %s round %d: no readable, finite honest update; using the malicious "
+                "clients' own updates (partial knowledge)", self.attack, server_round)
+            known = [e[2] for e in malicious if e[2] is not None and np.isfinite(e[2]).all()]
+        if not known:
+            return skip("no readable, finite update to compute the attack from")
+
+        crafted = craft_malicious_updates(
+            self.attack, np.stack(known), len(targets), num_total,
+            rng=np.random.default_rng([self.seed, server_round]), **self.attack_params)
+        rewritten = list(replies)
+        for (_, index, _), update in zip(targets, crafted):
+            rewritten[index] = self._with_update(replies[index], update)
+        ids = tuple(int(key[0]) for key, _, _ in targets)
+        self.history[server_round] = RoundAttack(len(replies), ids, len(known))
+        log(INFO, "colluding %s round %d: rewrote the replies of partitions %s from %d updates (n=%d, m=%d)",
+            self.attack, server_round, list(ids), len(known), num_total, len(targets))
+        return rewritten
+
+    # --- reading and writing replies -----------------------------------------------------
+
+    def _partition_of(self, msg: Message) -> int | None:
+        for record in msg.content.metric_records.values():
+            value = record.get(self.label_key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return int(value)
+        return None
+
+    def _floating_keys(self) -> list[str]:
+        return [key for key, value in self._global.items() if np.issubdtype(value.dtype, np.floating)]
+
+    def _update_of(self, msg: Message) -> np.ndarray | None:
+        """The reply's floating arrays minus the global model's, flattened in the global key order.
+
+        None when the reply does not hold exactly one ArrayRecord with the global model's
+        keys, floating dtypes and shapes: such a reply is not an update we can read or write.
+        """
+        records = list(msg.content.array_records.values())
+        if len(records) != 1 or set(records[0].keys()) != set(self._global):
+            return None
+        parts = []
+        try:
+            for key in self._floating_keys():
+                values = records[0][key].numpy()
+                if values.shape != self._global[key].shape or not np.issubdtype(values.dtype, np.floating):
+                    return None
+                parts.append(values.astype(np.float64).ravel() - self._global[key].astype(np.float64).ravel())
+        except (TypeError, ValueError):  # an array that does not deserialise is unreadable
+            return None
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def _with_update(self, msg: Message, update: np.ndarray) -> Message:
+        """A copy of ``msg`` whose floating arrays are global + update, in the reply's own dtypes."""
+        (record_name, record), = msg.content.array_records.items()
+        offsets, start = {}, 0
+        for key in self._floating_keys():
+            size = self._global[key].size
+            offsets[key], start = (start, start + size), start + size
+        arrays = {}
+        for key, array in record.items():
+            if key not in offsets:
+                arrays[key] = array  # integer buffers stay as the client sent them
+                continue
+            low, high = offsets[key]
+            original = array.numpy()
+            values = self._global[key].astype(np.float64).ravel() + update[low:high]
+            arrays[key] = Array(values.reshape(original.shape).astype(original.dtype))
+        content = RecordDict({name: ArrayRecord(arrays) if name == record_name else value
+                              for name, value in msg.content.items()})
+        # Same sender, ids and timestamps as the real reply: only the model differs.
+        return Message(content, metadata=copy.deepcopy(msg.metadata))
+
+
+def make_colluding(
+    strategy: Strategy,
+    attack: str,
+    malicious_ids: Iterable[int],
+    seed: int = 0,
+    knowledge: str = "full",
+    **attack_params,
+) -> ColludingAdversary:
+    """Attach a :class:`ColludingAdversary` to ``strategy`` (modified in place) and return the adversary.
+
+    Keep using ``strategy`` as before (``strategy.start(...)``); the adversary's
+    ``history`` records what it did each round, and ``detach()`` undoes the wrapping.
+    """
+    adversary = ColludingAdversary(attack, malicious_ids, seed=seed, knowledge=knowledge, **attack_params)
+    adversary.attach(strategy)
+    return adversary

@@ -1,0 +1,455 @@
+"""Colluding omniscient attacks against their formulas, and the harness that applies them."""
+
+import math
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from scipy.stats import norm
+
+from softmerge.simulations import colluding
+from softmerge.simulations.colluding import (
+    alie,
+    alie_z,
+    craft_malicious_updates,
+    fang_trim,
+    find_gamma,
+    is_colluding_attack,
+    ipm,
+    mimic,
+    mimic_target_index,
+    min_max,
+    min_max_criterion,
+    min_sum,
+    min_sum_criterion,
+    perturbation_vector,
+)
+from softmerge.simulations.harness import ColludingAdversary, make_colluding
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages are stamped with the running task's identity, which a ServerApp process sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+# A three-client, two-coordinate example: mu = (3, 4), sigma = (sqrt(8/3), sqrt(8)).
+SMALL = np.array([[1.0, 2.0], [3.0, 2.0], [5.0, 8.0]])
+SMALL_MU = np.array([3.0, 4.0])
+SMALL_SIGMA = np.array([math.sqrt(8 / 3), math.sqrt(8)])
+
+
+def _spread_updates(seed=0, rows=6, dim=5, scale=1.0):
+    return np.random.default_rng(seed).normal(size=(rows, dim)) * scale + 0.3
+
+
+# --- ALIE ------------------------------------------------------------------------------
+
+def test_alie_z_follows_the_formula_by_hand():
+    # n=10, m=3: s = floor(6) - 3 = 3, probability (10 - 3 - 3) / 7 = 4/7.
+    assert alie_z(3, 10) == pytest.approx(norm.ppf(4 / 7))
+    assert alie_z(3, 10) == pytest.approx(0.18001, abs=1e-4)
+    # n=10, m=2: s = 4, probability 4/8 = 1/2, so z = 0 and ALIE sends the benign mean.
+    assert alie_z(2, 10) == 0.0
+    # n=50, m=12 (the paper's setting): s = 14, probability 24/38.
+    assert alie_z(12, 50) == pytest.approx(norm.ppf(24 / 38))
+
+
+def test_alie_z_is_clamped_where_the_probability_leaves_the_open_interval():
+    # A malicious majority (m >= floor(n/2 + 1)) makes the probability >= 1.
+    assert alie_z(6, 10) == pytest.approx(norm.ppf(1 - colluding.ALIE_PROBABILITY_CLAMP))
+    assert alie_z(9, 10) == alie_z(6, 10)
+    # n = 2 makes it 0.
+    assert alie_z(1, 2) == pytest.approx(norm.ppf(colluding.ALIE_PROBABILITY_CLAMP))
+    assert all(math.isfinite(alie_z(m, n)) for n in range(1, 30) for m in range(n))
+    with pytest.raises(ValueError):
+        alie_z(3, 3)
+
+
+def test_alie_is_mean_plus_z_sigma_for_every_malicious_client():
+    result = alie(SMALL, 2, 5)  # s = 3 - 2 = 1, probability (5 - 2 - 1) / 3 = 2/3
+    z = norm.ppf(2 / 3)
+    assert result.shape == (2, 2)
+    np.testing.assert_allclose(result, np.tile(SMALL_MU + z * SMALL_SIGMA, (2, 1)))
+    np.testing.assert_allclose(alie(SMALL, 1, 5, z=1.5)[0], SMALL_MU + 1.5 * SMALL_SIGMA)
+
+
+# --- IPM -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, epsilon", [("ipm-0.1", 0.1), ("ipm-100", 100.0)])
+def test_ipm_is_minus_epsilon_times_the_mean(name, epsilon):
+    expected = np.tile(-epsilon * SMALL_MU, (3, 1))
+    np.testing.assert_allclose(craft_malicious_updates(name, SMALL, 3, 6), expected)
+    np.testing.assert_allclose(ipm(SMALL, 3, epsilon=epsilon), expected)
+
+
+# --- min-max and min-sum ---------------------------------------------------------------
+
+def _gamma_of(result_row, benign, direction):
+    """Recover gamma from mu - gamma * p."""
+    return float((benign.mean(axis=0) - result_row) @ direction / (direction @ direction))
+
+
+def _min_max_gamma_closed_form(benign, direction):
+    # ||mu - g_i - gamma p||^2 <= R^2 is a quadratic in gamma per benign row; the largest
+    # feasible gamma is the smallest of the rows' positive roots.
+    mu = benign.mean(axis=0)
+    bound = max(np.linalg.norm(a - b) for a in benign for b in benign)
+    roots = []
+    for row in benign:
+        offset = mu - row
+        a, b, c = direction @ direction, -2 * direction @ offset, offset @ offset - bound**2
+        roots.append((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a))
+    return min(roots)
+
+
+def _min_sum_gamma_closed_form(benign, direction):
+    # sum_i ||mu - g_i - gamma p||^2 = sum_i ||mu - g_i||^2 + n gamma^2 ||p||^2 (the cross
+    # terms sum to zero around the mean), so gamma* = sqrt((B - S) / (n ||p||^2)).
+    mu = benign.mean(axis=0)
+    spread = sum(np.linalg.norm(mu - row) ** 2 for row in benign)
+    bound = max(sum(np.linalg.norm(a - b) ** 2 for b in benign) for a in benign)
+    return math.sqrt((bound - spread) / (len(benign) * (direction @ direction)))
+
+
+@pytest.mark.parametrize("perturbation", ["unit", "sign", "std"])
+@pytest.mark.parametrize("scale", [1.0, 100.0])  # 100: gamma* lies beyond gamma_init = 10
+def test_min_max_keeps_its_constraint_with_the_largest_gamma(perturbation, scale):
+    benign = _spread_updates(scale=scale)
+    direction = perturbation_vector(benign, perturbation)
+    result = min_max(benign, 3, perturbation=perturbation, tolerance=1e-6)
+    assert result.shape == (3, 5) and np.all(result == result[0])
+    gamma = _gamma_of(result[0], benign, direction)
+    np.testing.assert_allclose(result[0], benign.mean(axis=0) - gamma * direction)
+    feasible = min_max_criterion(benign)
+    assert feasible(result[0])
+    assert not feasible(benign.mean(axis=0) - gamma * (1 + 1e-5) * direction)
+    assert gamma == pytest.approx(_min_max_gamma_closed_form(benign, direction), rel=1e-5)
+
+
+@pytest.mark.parametrize("perturbation", ["unit", "sign", "std"])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_min_sum_keeps_its_constraint_with_the_largest_gamma(perturbation, scale):
+    benign = _spread_updates(seed=1, scale=scale)
+    direction = perturbation_vector(benign, perturbation)
+    result = min_sum(benign, 2, perturbation=perturbation, tolerance=1e-6)
+    gamma = _gamma_of(result[0], benign, direction)
+    feasible = min_sum_criterion(benign)
+    assert feasible(result[0])
+    assert not feasible(benign.mean(axis=0) - gamma * (1 + 1e-5) * direction)
+    assert gamma == pytest.approx(_min_sum_gamma_closed_form(benign, direction), rel=1e-5)
+
+
+def test_perturbations_are_unit_mean_sign_and_std():
+    np.testing.assert_allclose(perturbation_vector(SMALL, "unit"), SMALL_MU / 5.0)
+    np.testing.assert_array_equal(perturbation_vector(SMALL, "sign"), [1.0, 1.0])
+    np.testing.assert_allclose(perturbation_vector(SMALL, "std"), SMALL_SIGMA)
+    with pytest.raises(ValueError, match="perturbation"):
+        perturbation_vector(SMALL, "gradient")
+
+
+def test_min_max_on_identical_updates_sends_the_common_update():
+    benign = np.tile([1.0, -2.0, 0.5], (4, 1))  # sigma = 0: no perturbation to scale
+    np.testing.assert_allclose(min_max(benign, 2), benign[:2])
+    assert find_gamma(benign, np.zeros(3), min_max_criterion(benign), max_doublings=5) == 160.0
+
+
+def test_min_max_default_perturbation_is_std_and_names_select_the_others():
+    benign = _spread_updates(seed=2)
+    np.testing.assert_allclose(craft_malicious_updates("min-max", benign, 2, 8), min_max(benign, 2, "std"))
+    np.testing.assert_allclose(craft_malicious_updates("min-sum-unit", benign, 2, 8), min_sum(benign, 2, "unit"))
+    np.testing.assert_allclose(craft_malicious_updates("min-max", benign, 2, 8, perturbation="sign"),
+                               min_max(benign, 2, "sign"))
+
+
+# --- Fang ------------------------------------------------------------------------------
+
+def test_fang_values_lie_in_the_stated_intervals_on_the_opposite_side():
+    # Columns: (mu > 0, min > 0), (mu < 0, max <= 0), (mu < 0, max > 0), (mu > 0, min <= 0).
+    benign = np.array([[1.0, -1.0, 1.0, -1.0], [3.0, -3.0, -5.0, 5.0]])
+    low = np.array([0.5, -1.0, 1.0, -2.0])   # min/b, max, max, b*min
+    high = np.array([1.0, -0.5, 2.0, -1.0])  # min, max/b, b*max, min
+    result = fang_trim(benign, 400, np.random.default_rng(0), b=2.0)
+    assert result.shape == (400, 4)
+    assert np.all(result >= low) and np.all(result <= high)
+    # Uniform draws fill their interval, so the values are not stuck at one end.
+    assert np.all(result.min(axis=0) < low + 0.05 * (high - low))
+    assert np.all(result.max(axis=0) > high - 0.05 * (high - low))
+    # Pushing against the benign direction: below the minimum where the mean is positive,
+    # above the maximum where it is negative.
+    mu = benign.mean(axis=0)
+    assert np.all(result[:, mu > 0] <= benign.min(axis=0)[mu > 0])
+    assert np.all(result[:, mu < 0] >= benign.max(axis=0)[mu < 0])
+
+
+def test_fang_is_reproducible_from_the_generator_and_needs_one():
+    benign = _spread_updates(seed=3, rows=5, dim=40)
+    first = craft_malicious_updates("fang", benign, 3, 8, rng=np.random.default_rng(7))
+    again = craft_malicious_updates("fang", benign, 3, 8, rng=np.random.default_rng(7))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first[0], first[1])  # each malicious client draws its own values
+    with pytest.raises(ValueError, match="Generator"):
+        craft_malicious_updates("fang", benign, 3, 8)
+
+
+# --- Mimic -----------------------------------------------------------------------------
+
+def test_mimic_copies_the_benign_update_most_extreme_along_the_top_direction():
+    benign = np.array([[0.0, 0.1], [0.2, -0.1], [10.0, 0.0], [0.1, 0.0], [-0.3, 0.05]])
+    assert mimic_target_index(benign) == 2
+    result = mimic(benign, 3)
+    np.testing.assert_array_equal(result, np.tile(benign[2], (3, 1)))
+    np.testing.assert_array_equal(mimic(benign, 2, target=4), np.tile(benign[4], (2, 1)))
+    updates = craft_malicious_updates("mimic", _spread_updates(seed=4), 2, 8)
+    assert any(np.array_equal(updates[0], row) for row in _spread_updates(seed=4))
+
+
+# --- the dispatcher --------------------------------------------------------------------
+
+def test_dispatcher_knows_every_named_attack_and_rejects_others():
+    benign = _spread_updates(seed=5)
+    for name in colluding.COLLUDING_ATTACKS + ("ipm-2.5", "min-sum-sign", "min-max-unit"):
+        assert is_colluding_attack(name)
+        result = craft_malicious_updates(name, benign, 2, 8, rng=np.random.default_rng(0))
+        assert result.shape == (2, 5) and np.isfinite(result).all()
+    for bad in ("krum", "ipm-x", "ipm--1", "min-max-l2", "alie2"):
+        assert not is_colluding_attack(bad)
+        with pytest.raises(ValueError, match="attack"):
+            craft_malicious_updates(bad, benign, 2, 8)
+    with pytest.raises(ValueError, match="finite"):
+        alie(np.array([[1.0, math.nan]]), 1, 3)
+
+
+# --- the harness, on hand-built replies ------------------------------------------------
+
+class StubGrid:
+    def __init__(self, node_ids):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+class RecordingFedAvg(FedAvg):
+    """FedAvg that keeps the replies its aggregate_train received."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = {}
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.seen[server_round] = replies
+        return super().aggregate_train(server_round, replies)
+
+
+def _state(seed, shift=0.0):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "layer.weight": torch.randn(3, 4, generator=generator) + shift,
+        "layer.bias": torch.randn(3, generator=generator, dtype=torch.float64) + shift,
+        "norm.num_batches_tracked": torch.tensor(seed, dtype=torch.int64),
+    }
+
+
+def _reply(node_id, state=None, error=None, partition=None):
+    instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node_id, message_type="train")
+    if error is not None:
+        return Message(Error(code=1, reason=error), reply_to=instruction)
+    metrics = {"train-loss": 0.5, "num-examples": 100}
+    if partition is not None:
+        metrics["partition-id"] = partition
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=instruction)
+
+
+def _model_of(msg):
+    return msg.content["arrays"].to_torch_state_dict()
+
+
+def _flat_update(state, global_state):
+    return np.concatenate([(state[k].double() - global_state[k].double()).ravel().numpy()
+                           for k in ("layer.weight", "layer.bias")])
+
+
+GLOBAL = _state(100)
+PARTITIONS = range(6)
+MALICIOUS = {4, 5}
+
+
+def _round_replies():
+    replies = [_reply(p + 1, _state(p, shift=0.1 * p), partition=p) for p in PARTITIONS]
+    return replies + [_reply(9, error="client crashed")]
+
+
+def _attacked(attack, replies=None, **kwargs):
+    strategy = RecordingFedAvg()
+    adversary = make_colluding(strategy, attack, MALICIOUS, seed=3, **kwargs)
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(list(range(1, 10)))))
+    replies = _round_replies() if replies is None else replies
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    return strategy, adversary, replies, arrays, metrics
+
+
+def test_harness_rewrites_only_the_malicious_replies_the_defense_receives():
+    strategy, adversary, sent, arrays, metrics = _attacked("ipm-100")
+    seen = strategy.seen[1]
+    assert len(seen) == len(sent)
+    honest_updates = [_flat_update(_model_of(sent[p]), GLOBAL) for p in PARTITIONS if p not in MALICIOUS]
+    expected = -100.0 * np.mean(honest_updates, axis=0)
+    for position, (before, after) in enumerate(zip(sent, seen)):
+        if before.has_error() or before.content["metrics"]["partition-id"] not in MALICIOUS:
+            assert after is before  # honest and error replies reach the defense untouched
+            continue
+        assert after is not before
+        received, original = _model_of(after), _model_of(before)
+        # Same structure: keys and their order, dtypes, shapes, record names, metrics, metadata.
+        assert list(received) == list(original)
+        assert all(received[k].dtype == original[k].dtype and received[k].shape == original[k].shape
+                   for k in original)
+        assert list(after.content.keys()) == list(before.content.keys())
+        assert dict(after.content["metrics"]) == dict(before.content["metrics"])
+        assert after.metadata.src_node_id == before.metadata.src_node_id
+        assert after.metadata.reply_to_message_id == before.metadata.reply_to_message_id
+        # Only the floating arrays changed, to global + crafted update.
+        assert torch.equal(received["norm.num_batches_tracked"], original["norm.num_batches_tracked"])
+        np.testing.assert_allclose(_flat_update(received, GLOBAL), expected, rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(received["layer.weight"], original["layer.weight"])
+        # The client's own message is not modified.
+        assert torch.equal(_model_of(sent[position])["layer.weight"], original["layer.weight"])
+    assert arrays is not None and metrics is not None  # FedAvg's consistency checks pass
+    record = adversary.history[1]
+    assert record.malicious == (4, 5) and record.benign_used == 4 and record.replies == 7
+
+
+def test_partial_knowledge_uses_only_the_malicious_clients_own_updates():
+    strategy, _, sent, _, _ = _attacked("ipm-0.1", knowledge="partial")
+    own = [_flat_update(_model_of(sent[p]), GLOBAL) for p in sorted(MALICIOUS)]
+    received = _model_of(strategy.seen[1][4])
+    np.testing.assert_allclose(_flat_update(received, GLOBAL), -0.1 * np.mean(own, axis=0), rtol=1e-5, atol=1e-5)
+
+
+def test_harness_is_reproducible_whatever_order_the_replies_arrive_in():
+    replies = _round_replies()
+    shuffled = list(replies)
+    random.Random(1).shuffle(shuffled)
+    first, _, _, _, _ = _attacked("fang", replies)
+    second, _, _, _, _ = _attacked("fang", shuffled)
+
+    def malicious_models(seen):
+        return {m.content["metrics"]["partition-id"]: _model_of(m) for m in seen
+                if m.has_content() and m.content["metrics"]["partition-id"] in MALICIOUS}
+
+    a, b = malicious_models(first.seen[1]), malicious_models(second.seen[1])
+    assert all(torch.equal(a[p][k], b[p][k]) for p in MALICIOUS for k in a[p])
+    assert not torch.equal(a[4]["layer.weight"], a[5]["layer.weight"])  # Fang draws per client
+
+
+def test_a_round_without_malicious_replies_passes_everything_through():
+    replies = [_reply(p + 1, _state(p), partition=p) for p in range(4)]
+    strategy, adversary, _, _, _ = _attacked("alie", replies)
+    assert all(a is b for a, b in zip(strategy.seen[1], replies))
+    assert adversary.history[1].malicious == ()
+
+
+def test_attach_keeps_the_strategy_and_detach_restores_it(honest_candidates, digits_task):
+    from softmerge.aggregation import SoftMergeConfig
+    from softmerge.server.strategy import SoftMerge
+
+    model, locals_ = honest_candidates
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=10))
+    adversary = make_colluding(strategy, "min-max", {7, 8, 9}, seed=0)
+    assert isinstance(strategy, SoftMerge) and strategy.configure_train.__name__ == "configure_train"
+    global_arrays = ArrayRecord(model.state_dict())
+    list(strategy.configure_train(1, global_arrays, ConfigRecord(), StubGrid(list(range(1, 11)))))
+    assert strategy._global_state is not None  # SoftMerge's own configure_train still ran
+    replies = [_reply(p + 1, locals_[p], partition=p) for p in range(10)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["softmerge-candidates"] == 11 and metrics["softmerge-excluded"] == 0
+    assert strategy.reports[1].candidates[-4:-1] == ["client-7", "client-8", "client-9"]
+    assert adversary.history[1].malicious == (7, 8, 9)
+
+    adversary.detach()
+    assert "configure_train" not in vars(strategy) and "aggregate_train" not in vars(strategy)
+    with pytest.raises(ValueError, match="unknown colluding attack"):
+        ColludingAdversary("label-flip", {1})
+    with pytest.raises(RuntimeError, match="configure_train"):
+        ColludingAdversary("alie", {1}).rewrite(1, replies)
+
+
+# --- end to end through Flower's simulation engine -------------------------------------
+
+def _recording(method, sink):
+    def aggregate_train(server_round, replies):
+        replies = list(replies)
+        sink.append(replies)
+        return method(server_round, replies)
+    return aggregate_train
+
+
+@pytest.mark.slow
+def test_omniscient_attack_changes_what_the_defense_receives_in_a_real_run():
+    """Digits, 4 clients, partition 3 malicious (trains honestly), IPM-100 in front of SoftMerge."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from softmerge.client.app import make_client_app
+    from softmerge.server.strategies import build_strategy
+    from softmerge.simulations.config import parse_run_config
+    from softmerge.simulations.engine import backend_config
+    from softmerge.simulations.tasks import build_model, load_task
+
+    settings = parse_run_config({"num-server-rounds": 1, "attack": "none", "malicious-partitions": "3",
+                                 "local-epochs": 1, "softmerge-steps": 10, "output-dir": ""})
+    arrived, defended, outcome = [], [], {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        try:
+            task = load_task(settings.dataset, settings.server_gate_size, settings.server_test_size, settings.seed,
+                             settings.dataset_path)
+            model = build_model(settings.dataset, seed=settings.seed)
+            strategy = build_strategy(settings, model, task.gate.tensors())
+            # Recorders on both sides of the adversary: what clients sent, what the defense got.
+            strategy.aggregate_train = _recording(strategy.aggregate_train, defended)
+            outcome["adversary"] = make_colluding(strategy, "ipm-100", settings.malicious_ids, seed=settings.seed)
+            strategy.aggregate_train = _recording(strategy.aggregate_train, arrived)
+            outcome["global"] = model.state_dict()
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1,
+                           train_config=ConfigRecord({"seed": settings.seed}))
+            outcome["reports"] = strategy.reports
+        except Exception as error:  # noqa: BLE001  (surfaced by the assertion below)
+            outcome["error"] = repr(error)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Ray's accelerator notice
+        run_simulation(server_app=app, client_app=make_client_app(settings), num_supernodes=4,
+                       backend_config=backend_config())
+
+    assert "error" not in outcome, outcome.get("error")
+    (sent,), (received,) = arrived, defended
+    by_partition = lambda replies: {int(m.content["metrics"]["partition-id"]): m for m in replies}  # noqa: E731
+    sent, received = by_partition(sent), by_partition(received)
+    assert sorted(sent) == sorted(received) == [0, 1, 2, 3]
+    global_state = outcome["global"]
+
+    def update(msg):
+        state = _model_of(msg)
+        return torch.cat([(state[k].double() - global_state[k].double()).ravel() for k in global_state])
+
+    for partition in (0, 1, 2):
+        assert received[partition] is sent[partition]
+    honest_mean = torch.stack([update(sent[p]) for p in (0, 1, 2)]).mean(dim=0)
+    assert not torch.allclose(update(received[3]), update(sent[3]))
+    torch.testing.assert_close(update(received[3]), -100.0 * honest_mean, rtol=1e-4, atol=1e-3)
+    assert outcome["adversary"].history[1].malicious == (3,)
+    assert "client-3" in outcome["reports"][1].candidates  # the defense merged what it received

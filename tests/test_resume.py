@@ -1,0 +1,94 @@
+"""Checkpoint and resume: a killed run restarted with the same config ends bit-identical."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from softmerge.server.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    config_fingerprint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+
+def test_checkpoint_round_trip_and_rng_state(tmp_path):
+    import random
+
+    import torch
+
+    arrays = {"fc.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "fc.bias": np.zeros(2, np.float32)}
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_checkpoint(tmp_path, 4, arrays, "abc", {"gate_log_alpha": [[1.0]]})
+    expected = (random.random(), np.random.rand(), float(torch.rand(1)))
+    checkpoint = load_checkpoint(tmp_path, "abc")
+    assert checkpoint.server_round == 4 and checkpoint.state["gate_log_alpha"] == [[1.0]]
+    assert all(np.array_equal(checkpoint.arrays[k], v) for k, v in arrays.items())
+    restore_rng_state(checkpoint.state["rng"])
+    assert (random.random(), np.random.rand(), float(torch.rand(1))) == expected
+    assert not list(tmp_path.glob("*.tmp"))
+    assert capture_rng_state()["torch"]
+
+
+def test_checkpoint_of_another_config_or_damaged_is_refused(tmp_path):
+    assert load_checkpoint(tmp_path, "abc") is None
+    save_checkpoint(tmp_path, 1, {"w": np.ones(2, np.float32)}, "abc")
+    with pytest.raises(CheckpointError, match="different config"):
+        load_checkpoint(tmp_path, "xyz")
+    (tmp_path / "checkpoint.npz").write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(tmp_path, "abc")
+
+
+def test_fingerprint_ignores_only_the_output_dir():
+    base = {"seed": 0, "output-dir": "a"}
+    assert config_fingerprint(base) == config_fingerprint({"seed": 0, "output-dir": "b"})
+    assert config_fingerprint(base) != config_fingerprint({"seed": 1, "output-dir": "a"})
+
+
+def _command(output):
+    return [sys.executable, "-m", "softmerge.simulations.run", "--clients", "4",
+            "--set", "num-server-rounds=3", "--set", "malicious-partitions=3", "--set", "extreme-values=1e6",
+            "--set", f"output-dir={output}"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_a_bit_identical_model(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    subprocess.run(_command(straight), check=True, capture_output=True, timeout=600)
+
+    process = subprocess.Popen(_command(interrupted), start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    state_file = interrupted / "checkpoint.json"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if state_file.is_file() and json.loads(state_file.read_text())["round"] >= 1:
+            break
+        if process.poll() is not None:
+            pytest.fail("the run ended before it could be interrupted")
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    killed_at = json.loads(state_file.read_text())["round"]
+    assert killed_at < 3
+
+    resumed = subprocess.run(_command(interrupted), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from the checkpoint of round {killed_at}" in (interrupted / "flower.log").read_text()
+
+    with np.load(straight / "checkpoint.npz") as a, np.load(interrupted / "checkpoint.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            assert np.array_equal(a[name], b[name]), name
+    rounds_a = json.loads((straight / "results.json").read_text())["rounds"]
+    rounds_b = json.loads((interrupted / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds_b] == [0, 1, 2, 3]
+    assert [r["test_accuracy"] for r in rounds_a] == [r["test_accuracy"] for r in rounds_b]
