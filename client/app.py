@@ -96,7 +96,7 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
     if malicious and settings.attack == "label-flip":
         num_classes = task_data(settings).num_classes
         train_set = ArraySet(train_set.x, flip_labels(train_set.y, num_classes))
-    if malicious and settings.attack == "backdoor":
+    if malicious and settings.attack in ("backdoor", "backdoor-replace"):
         train_set = poison_with_backdoor(train_set, settings.backdoor_target, settings.backdoor_fraction, seed)
     torch.manual_seed(seed)
     train_loss = train_model(model, train_set, epochs=settings.local_epochs, learning_rate=settings.learning_rate,
@@ -112,6 +112,9 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
         elif attack == "backdoor":
             # Model replacement boost: global + gamma * (backdoored - global), when asked for.
             attack, scale = ("scaling", settings.backdoor_boost) if settings.backdoor_boost > 0 else ("none", 1.0)
+        elif attack == "backdoor-replace":
+            # Bagdasaryan et al.'s model replacement: boost by gamma ~ n so the average becomes the backdoor.
+            attack, scale = "scaling", settings.backdoor_boost or float(num_partitions)
         else:
             scale = settings.attack_scale or float(num_partitions)
         state = poison_state(attack, global_state, state, scale=scale, std=settings.gaussian_std,

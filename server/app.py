@@ -85,7 +85,7 @@ def run_server(grid: Grid, settings: RunSettings) -> ResultsWriter:
         loss, accuracy = evaluate_model(evaluation_model, task.test)
         metrics = {"test-acc": accuracy, "test-loss": loss}
         extra = {}
-        if settings.attack == "backdoor":
+        if settings.attack.startswith("backdoor"):
             extra["backdoor_asr"] = attack_success_rate(evaluation_model, task.test, settings.backdoor_target)
             metrics["backdoor-asr"] = extra["backdoor_asr"]
         if local_round == 0 and done:

@@ -94,7 +94,7 @@ def screen_replies(
             problem, state, signature = _check_one(message, reference, weighted_by_key, with_arrays,
                                                    arrayrecord_key)
         except Exception as error:  # noqa: BLE001  (whatever a reply holds, it cannot take the server down)
-            problem, state, metrics = f"unreadable reply: {type(error).__name__}: {error}", None, None
+            problem, state, signature = f"unreadable reply: {type(error).__name__}: {error}", None, None
         if problem is not None:
             screened.rejected.append(Exclusion(position, label, problem))
         else:
@@ -119,7 +119,7 @@ def screen_replies(
 def _check_one(message: Message, reference, weighted_by_key: str, with_arrays: bool, arrayrecord_key: str):
     if message.has_error():
         return f"error reply: {message.error.reason}", None, None
-    if not message.has_content():
+    if not message.has_content() or not message.content:
         return "empty reply", None, None
     content = message.content
     metric_records = list(content.metric_records.items())
@@ -145,6 +145,34 @@ def _check_one(message: Message, reference, weighted_by_key: str, with_arrays: b
     return None, state, signature
 
 
+def candidate_label(message: Message, taken: list[str], label_key: str = "partition-id") -> str:
+    """A name for a reply in reports: ``client-<id>`` if it reports one, else its node.
+
+    The reported id is only a label, never trusted for anything else; a duplicate gets
+    its node appended so that labels stay unique.
+    """
+    node = node_label(message)
+    label = node
+    for record in message.content.metric_records.values():
+        value = record.get(label_key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            label = f"client-{int(value)}"
+    return label if label not in taken else f"{label}@{node}"
+
+
+def aggregate_client_metrics(strategy: FedAvg, contents: list, drop: tuple[str, ...] = ("partition-id",)) -> MetricRecord:
+    """The clients' train metrics averaged the way ``strategy`` averages them; empty on failure."""
+    try:
+        metrics = strategy.train_metrics_aggr_fn(contents, strategy.weighted_by_key) if contents else MetricRecord()
+    except Exception as error:  # noqa: BLE001  (client metrics are informational only)
+        log(WARNING, "%s: client train metrics not aggregated: %s", type(strategy).__name__, error)
+        metrics = MetricRecord()
+    for key in drop:
+        if key in metrics:
+            del metrics[key]
+    return metrics
+
+
 def sort_key(message: Message) -> tuple:
     """Reproducible order for replies that arrive in completion order."""
     for record in message.content.metric_records.values():
@@ -157,6 +185,20 @@ def sort_key(message: Message) -> tuple:
 def all_finite(arrays: ArrayRecord) -> bool:
     return all(np.isfinite(array.numpy()).all() for array in arrays.values()
                if np.issubdtype(array.numpy().dtype, np.floating))
+
+
+class RoundStartMemory(FedAvg):
+    """A FedAvg that remembers, in ``configure_train``, the model the round started from.
+
+    ``aggregate_train`` is not given that model, yet updates, the keep candidate and the
+    fall-back when nothing valid arrives are all relative to it.
+    """
+
+    _global_state: dict[str, torch.Tensor] | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+        self._global_state = arrays.to_torch_state_dict()
+        return super().configure_train(server_round, arrays, config, grid)
 
 
 def harden(strategy: FedAvg) -> FedAvg:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig
 from ..simulations.config import RunSettings
+from .baselines import CenteredClipping, FLTrust, GeometricMedian
 from .replies import harden
 from .strategy import SoftMerge
 
@@ -35,8 +36,8 @@ def build_strategy(
     """The strategy named by ``settings.strategy``, with the run's sampling settings.
 
     Flower's strategies are used unchanged, but :func:`harden` screens their replies and
-    guards their output, so a malformed reply cannot end the run (SoftMerge screens its
-    own).
+    guards their output, so a malformed reply cannot end the run (SoftMerge and the
+    baselines of :mod:`softmerge.server.baselines` screen their own).
 
     ``num_nodes`` (if known) sizes MultiKrum's selection to n - f, as Blanchard et al. do.
     """
@@ -48,6 +49,14 @@ def build_strategy(
     name = settings.strategy
     if name == "softmerge":
         return SoftMerge(model, gate_split, merge_config_from(settings), on_report=on_report, **common)
+    if name == "fltrust":
+        # The server model trains on the root set the way clients train (Cao et al. 2021).
+        return FLTrust(model, gate_split, epochs=settings.local_epochs, learning_rate=settings.learning_rate,
+                       batch_size=settings.batch_size, momentum=0.9, seed=settings.seed, **common)
+    if name == "centered-clipping":
+        return CenteredClipping(tau=settings.cclip_tau, iterations=settings.cclip_iterations, **common)
+    if name == "geomed":
+        return GeometricMedian(**common)
     return harden(_flower_strategy(name, settings, common, num_nodes))
 
 

@@ -19,17 +19,22 @@ from dataclasses import replace
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.supercore import log
 from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig, soft_merge
-from .replies import log_rejections, node_label, screen_replies, sort_key
+from .replies import (
+    RoundStartMemory,
+    aggregate_client_metrics,
+    candidate_label,
+    log_rejections,
+    screen_replies,
+    sort_key,
+)
 
 
-class SoftMerge(FedAvg):
+class SoftMerge(RoundStartMemory):
     """Soft-merge strategy: learned hard-concrete gates over client models, per layer.
 
     Parameters
@@ -66,7 +71,6 @@ class SoftMerge(FedAvg):
         self.label_key = label_key
         self.on_report = on_report
         self.reports: dict[int, GateReport] = {}
-        self._global_state: dict[str, torch.Tensor] | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├──> SoftMerge settings:")
@@ -76,13 +80,6 @@ class SoftMerge(FedAvg):
             cfg.batch_size)
         log(INFO, "\t│\t└── gate split: %d examples", len(self.validation[1]))
         super().summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        # aggregate_train is not given the model the round started from; it is the keep candidate.
-        self._global_state = arrays.to_torch_state_dict()
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self,
@@ -101,7 +98,7 @@ class SoftMerge(FedAvg):
         labelled = sorted(zip(screened.messages, screened.states), key=lambda pair: sort_key(pair[0]))
         labels: list[str] = []
         for message, _ in labelled:
-            labels.append(self._label(message, node_label(message), labels))
+            labels.append(candidate_label(message, labels, self.label_key))
         round_config = replace(self.merge_config, seed=self.merge_config.seed + server_round)
         merged, report = soft_merge(self.model, [state for _, state in labelled], self.validation, round_config,
                                     keep=keep, labels=labels)
@@ -116,7 +113,7 @@ class SoftMerge(FedAvg):
         if self.on_report is not None:
             self.on_report(server_round, report)
 
-        metrics = self._aggregate_client_metrics([message.content for message, _ in labelled])
+        metrics = aggregate_client_metrics(self, [message.content for message, _ in labelled], (self.label_key,))
         metrics.update(report_summary(report))
         return ArrayRecord(merged), metrics
 
@@ -131,24 +128,6 @@ class SoftMerge(FedAvg):
         except Exception as error:  # noqa: BLE001  (client metrics are informational only)
             log(WARNING, "SoftMerge round %d: evaluate metrics not aggregated: %s", server_round, error)
             return None
-
-    def _label(self, msg: Message, node: str, taken: list[str]) -> str:
-        label = node
-        for record in msg.content.metric_records.values():
-            value = record.get(self.label_key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                label = f"client-{int(value)}"
-        return label if label not in taken else f"{label}@{node}"
-
-    def _aggregate_client_metrics(self, contents: list[RecordDict]) -> MetricRecord:
-        try:
-            metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else MetricRecord()
-        except Exception as error:  # noqa: BLE001  (client metrics are informational only)
-            log(WARNING, "SoftMerge: client train metrics not aggregated: %s", error)
-            metrics = MetricRecord()
-        if self.label_key in metrics:
-            del metrics[self.label_key]
-        return metrics
 
     @staticmethod
     def _log_report(server_round: int, report: GateReport) -> None:

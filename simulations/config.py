@@ -16,8 +16,10 @@ from typing import Any
 from .colluding import COLLUDING_ATTACKS, is_colluding_attack
 from .tasks import DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
 
-STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-CLIENT_ATTACKS = ("none", "sign-flip", "gaussian", "scaling", "extreme", "label-flip", "backdoor", "layer-stealth")
+STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fltrust",
+              "centered-clipping", "geomed")
+CLIENT_ATTACKS = ("none", "sign-flip", "gaussian", "scaling", "extreme", "label-flip", "backdoor", "backdoor-replace",
+                  "layer-stealth")
 UNIT_KINDS = ("model", "layer", "tensor")
 MERGE_MODES = ("weight", "select", "sum")
 FAILURE_MODES = ("raise", "timeout", "empty", "mixed")
@@ -55,6 +57,8 @@ class RunSettings:
     assumed_malicious: int = 3
     exclude_malicious: bool = False
     trim_beta: float = 0.2
+    cclip_tau: float = 1.0
+    cclip_iterations: int = 1
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     softmerge_units: str = "layer"
@@ -159,6 +163,8 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "backdoor_boost": _at_least(0),
     "assumed_malicious": _at_least(0),
     "trim_beta": _open_interval(0, 0.5, include_high=False),
+    "cclip_tau": _open_interval(0, math.inf),
+    "cclip_iterations": _at_least(1),
     "fraction_train": _open_interval(0, 1),
     "fraction_evaluate": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
     "softmerge_units": _units,

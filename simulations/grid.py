@@ -152,7 +152,7 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
             worst = _fmt(min(numbers)) + ("" if complete else " (partial)") if numbers else "-"
             lines.append(f"| {strategy} | " + " | ".join(texts) + f" | {worst} |")
         lines.append("")
-    backdoor = [a for a in attacks if "backdoor" in a]
+    backdoor = [a for a in attacks if a.startswith("backdoor")]
     if backdoor:
         lines += ["### Backdoor attack success rate (%), lower is better", ""]
         lines.append("| defense | " + " | ".join(f"{a} @ {f:.0%}" for a in backdoor for f in fractions) + " |")

@@ -41,3 +41,14 @@ def honest_candidates(digits_task):
         states = local_models(model.state_dict(), round_seed)
         model.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
     return model, local_models(model.state_dict(), 3)
+
+
+@pytest.fixture
+def task_identity():
+    """Messages are stamped with the running task's identity, which a ServerApp process sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 from scipy.stats import norm
 
@@ -30,16 +30,9 @@ from softmerge.simulations.colluding import (
 )
 from softmerge.simulations.harness import ColludingAdversary, make_colluding
 
+from flower_helpers import StubGrid, make_reply
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages are stamped with the running task's identity, which a ServerApp process sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 # A three-client, two-coordinate example: mu = (3, 4), sigma = (sqrt(8/3), sqrt(8)).
@@ -231,14 +224,6 @@ def test_dispatcher_knows_every_named_attack_and_rejects_others():
 
 # --- the harness, on hand-built replies ------------------------------------------------
 
-class StubGrid:
-    def __init__(self, node_ids):
-        self.node_ids = node_ids
-
-    def get_node_ids(self):
-        return self.node_ids
-
-
 class RecordingFedAvg(FedAvg):
     """FedAvg that keeps the replies its aggregate_train received."""
 
@@ -261,16 +246,6 @@ def _state(seed, shift=0.0):
     }
 
 
-def _reply(node_id, state=None, error=None, partition=None):
-    instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node_id, message_type="train")
-    if error is not None:
-        return Message(Error(code=1, reason=error), reply_to=instruction)
-    metrics = {"train-loss": 0.5, "num-examples": 100}
-    if partition is not None:
-        metrics["partition-id"] = partition
-    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=instruction)
-
-
 def _model_of(msg):
     return msg.content["arrays"].to_torch_state_dict()
 
@@ -286,8 +261,8 @@ MALICIOUS = {4, 5}
 
 
 def _round_replies():
-    replies = [_reply(p + 1, _state(p, shift=0.1 * p), partition=p) for p in PARTITIONS]
-    return replies + [_reply(9, error="client crashed")]
+    replies = [make_reply(p + 1, _state(p, shift=0.1 * p), partition=p) for p in PARTITIONS]
+    return replies + [make_reply(9, error="client crashed")]
 
 
 def _attacked(attack, replies=None, **kwargs):
@@ -354,7 +329,7 @@ def test_harness_is_reproducible_whatever_order_the_replies_arrive_in():
 
 
 def test_a_round_without_malicious_replies_passes_everything_through():
-    replies = [_reply(p + 1, _state(p), partition=p) for p in range(4)]
+    replies = [make_reply(p + 1, _state(p), partition=p) for p in range(4)]
     strategy, adversary, _, _, _ = _attacked("alie", replies)
     assert all(a is b for a, b in zip(strategy.seen[1], replies))
     assert adversary.history[1].malicious == ()
@@ -371,7 +346,7 @@ def test_attach_keeps_the_strategy_and_detach_restores_it(honest_candidates, dig
     global_arrays = ArrayRecord(model.state_dict())
     list(strategy.configure_train(1, global_arrays, ConfigRecord(), StubGrid(list(range(1, 11)))))
     assert strategy._global_state is not None  # SoftMerge's own configure_train still ran
-    replies = [_reply(p + 1, locals_[p], partition=p) for p in range(10)]
+    replies = [make_reply(p + 1, locals_[p], partition=p) for p in range(10)]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["softmerge-candidates"] == 11 and metrics["softmerge-excluded"] == 0
     assert strategy.reports[1].candidates[-4:-1] == ["client-7", "client-8", "client-9"]

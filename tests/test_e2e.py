@@ -65,3 +65,18 @@ def test_main_job_command_runs_end_to_end(tmp_path, capsys):
     assert summary["failures"] == []
     assert summary["runs"]["fedavg-attack"]["final_accuracy"] < summary["runs"]["softmerge-attack"]["final_accuracy"]
     assert (tmp_path / "softmerge-attack" / "rounds.csv").read_text().startswith("round,test_accuracy")
+
+
+@pytest.mark.parametrize("mode", ["raise", "empty", "timeout"])
+def test_run_with_failing_clients_completes_and_keeps_learning(tmp_path, mode):
+    # A timed-out client replies only after round-timeout; the round goes on without it.
+    result = _run(tmp_path, "failing", num_clients=4, strategy="softmerge", attack="none", **{
+        "num-server-rounds": 2, "client-failure-rate": 0.3, "client-failure-mode": mode, "round-timeout": 15.0})
+    assert result["status"] == "finished"
+    accuracies = [r["test_accuracy"] for r in result["rounds"]]
+    assert accuracies[-1] > accuracies[0] + 0.2
+    used = [len(r["gates"]["candidates"]) - 1 for r in result["rounds"][1:]]
+    assert min(used) < 4 and max(used) >= 1  # some round went on without every client
+    if mode != "timeout":
+        log = (tmp_path / "failing.log").read_text()
+        assert ("error reply" if mode == "raise" else "empty reply") in log

@@ -5,43 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from softmerge.aggregation import SoftMergeConfig
 from softmerge.server.strategy import SoftMerge
 
+from flower_helpers import StubGrid, make_reply
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages are stamped with the running task's identity, which a ServerApp process sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-class StubGrid:
-    def __init__(self, node_ids):
-        self.node_ids = node_ids
-
-    def get_node_ids(self):
-        return self.node_ids
-
-
-def _reply(node_id, state=None, error=None, partition=None, extra_arrays=False):
-    instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node_id, message_type="train")
-    if error is not None:
-        return Message(Error(code=1, reason=error), reply_to=instruction)
-    records = {"arrays": ArrayRecord(state)}
-    if extra_arrays:
-        records["more"] = ArrayRecord(state)
-    metrics = {"train-loss": 0.5, "num-examples": 100}
-    if partition is not None:
-        metrics["partition-id"] = partition
-    records["metrics"] = MetricRecord(metrics)
-    return Message(RecordDict(records), reply_to=instruction)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _strategy(model, digits_task, reports):
@@ -56,9 +27,9 @@ def test_aggregate_train_merges_valid_replies_and_excludes_the_rest(honest_candi
     reports = []
     strategy = _strategy(model, digits_task, reports)
     nan_state = {k: torch.full_like(v, math.nan) for k, v in locals_[5].items()}
-    replies = [_reply(i + 1, locals_[i], partition=i) for i in range(5)]
-    replies += [_reply(6, error="client crashed"), _reply(7, nan_state, partition=6),
-                _reply(8, locals_[7], extra_arrays=True)]
+    replies = [make_reply(i + 1, locals_[i], partition=i) for i in range(5)]
+    replies += [make_reply(6, error="client crashed"), make_reply(7, nan_state, partition=6),
+                make_reply(8, locals_[7], extra_arrays=True)]
 
     arrays, metrics = strategy.aggregate_train(1, replies)
 
@@ -77,7 +48,7 @@ def test_aggregate_train_merges_valid_replies_and_excludes_the_rest(honest_candi
 def test_a_round_with_no_valid_reply_keeps_the_global_model(honest_candidates, digits_task):
     model, _ = honest_candidates
     strategy = _strategy(model, digits_task, [])
-    arrays, metrics = strategy.aggregate_train(1, [_reply(1, error="timeout"), _reply(2, error="oom")])
+    arrays, metrics = strategy.aggregate_train(1, [make_reply(1, error="timeout"), make_reply(2, error="oom")])
     merged = arrays.to_torch_state_dict()
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
     assert metrics["softmerge-excluded"] == 2 and metrics["softmerge-keep-weight"] == 1.0
@@ -90,7 +61,7 @@ def test_wrongly_shaped_reply_is_excluded(honest_candidates, digits_task):
     wrong["fc1.weight"] = torch.zeros(3, 3)
     wrong_dtype = {k: v.double() for k, v in locals_[2].items()}
     arrays, metrics = strategy.aggregate_train(
-        2, [_reply(1, locals_[0], partition=0), _reply(2, wrong, partition=1), _reply(3, wrong_dtype, partition=2)])
+        2, [make_reply(1, locals_[0], partition=0), make_reply(2, wrong, partition=1), make_reply(3, wrong_dtype, partition=2)])
     assert metrics["softmerge-excluded"] == 2
     assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
     assert isinstance(next(iter(arrays.values())), Array)
