@@ -149,7 +149,10 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
                 if found:
                     numbers.append(_mean(found))
             complete = len(numbers) == len(attacks)
-            worst = _fmt(min(numbers)) + ("" if complete else " (partial)") if numbers else "-"
+            if numbers:
+                worst = _fmt(min(numbers)) + ("" if complete else " (partial)")
+            else:
+                worst = "n/a" if all(t == "n/a" for t in texts) else "-"
             lines.append(f"| {strategy} | " + " | ".join(texts) + f" | {worst} |")
         lines.append("")
     backdoor = [a for a in attacks if a.startswith("backdoor")]
@@ -324,6 +327,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attacks: list[str],
                    fractions: list[float], args: argparse.Namespace, base: RunSettings) -> None:
+    # Several invocations may fill one grid (say, the 40% column first): keep every cell.
+    merged: dict[str, dict] = {}
+    try:
+        merged = {row["key"]: row for row in json.loads((output / "cells.json").read_text())}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    merged.update({row["key"]: row for row in rows})
+    rows = list(merged.values())
+    strategies = _union(strategies, (r["strategy"] for r in rows))
+    attacks = _union(attacks, (r["attack"] for r in rows if r["strategy"] != ORACLE))
+    fractions = sorted(set(fractions) | {r["fraction"] for r in rows})
     (output / "cells.json").write_text(json.dumps(rows, indent=1))
     with open(output / "cells.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -332,6 +346,14 @@ def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attack
     header = (f"## {base.dataset}, {args.clients} clients, {base.partitioning} (alpha={base.dirichlet_alpha}), "
               f"{base.num_server_rounds} rounds")
     write_tables(rows, strategies, attacks, fractions, output / "tables.md", header)
+
+
+def _union(first: list[str], more) -> list[str]:
+    ordered = list(first)
+    for item in more:
+        if item not in ordered:
+            ordered.append(item)
+    return ordered
 
 
 if __name__ == "__main__":

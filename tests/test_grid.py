@@ -1,0 +1,57 @@
+"""The benchmark grid: planning, n/a rules, tables, and resuming a finished grid."""
+
+import json
+
+import pytest
+
+from softmerge.simulations.grid import Cell, main, malicious_ids, not_applicable, plan_cells, write_tables
+
+
+def test_plan_and_rules_that_cannot_run():
+    cells = plan_cells(["softmerge", "bulyan"], ["none", "alie"], [0.2, 0.4], [0], oracle=True)
+    assert len(cells) == 2 * 2 * 2 + 2
+    assert malicious_ids(20, 0.4) == list(range(8))
+    assert "4f + 3" in not_applicable(Cell("bulyan", "alie", 0.4, 0), 20)  # f=8 needs n >= 35
+    assert not_applicable(Cell("bulyan", "alie", 0.2, 0), 20) is None  # f=4 needs n >= 19
+    assert not_applicable(Cell("fedtrimmedavg", "alie", 0.6, 0), 20)
+    assert not_applicable(Cell("softmerge", "alie", 0.8, 0), 20) is None
+
+
+def test_tables_show_oracle_worst_case_and_na(tmp_path):
+    rows = [
+        {"strategy": "softmerge", "attack": "none", "fraction": 0.2, "status": "finished", "final_accuracy": 0.9,
+         "final_backdoor_asr": None, "malicious_weight": 0.1},
+        {"strategy": "softmerge", "attack": "alie", "fraction": 0.2, "status": "finished", "final_accuracy": 0.8,
+         "final_backdoor_asr": None, "malicious_weight": 0.0},
+        {"strategy": "bulyan", "attack": "none", "fraction": 0.2, "status": "n/a", "final_accuracy": None},
+        {"strategy": "bulyan", "attack": "alie", "fraction": 0.2, "status": "n/a", "final_accuracy": None},
+        {"strategy": "oracle", "attack": "none", "fraction": 0.2, "status": "finished", "final_accuracy": 0.85},
+    ]
+    path = tmp_path / "tables.md"
+    write_tables(rows, ["softmerge", "bulyan", "oracle"], ["none", "alie"], [0.2], path, "## test")
+    text = path.read_text()
+    assert "| softmerge | 90.0 | 80.0 | 80.0 |" in text
+    assert "| bulyan | n/a | n/a | n/a |" in text
+    assert "| **oracle** (FedAvg, honest clients only) | 85.0 | 85.0 | 85.0 |" in text
+    assert "| 20% | 10.0 | 0.0 |" in text
+
+
+def test_grid_rejects_unknown_names(capsys, tmp_path):
+    assert main(["--strategies", "softmerge,zeno", "--output", str(tmp_path)]) == 2
+    assert "'strategy' must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_grid_runs_through_flower_and_resumes_without_rerunning(tmp_path):
+    argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "softmerge,fedavg",
+            "--attacks", "ipm-100", "--fractions", "0.25", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    rows = {row["key"]: row for row in json.loads((tmp_path / "cells.json").read_text())}
+    assert set(rows) == {"softmerge__ipm-100__f0.25__s0", "fedavg__ipm-100__f0.25__s0", "oracle__none__f0.25__s0"}
+    assert all(row["status"] == "finished" for row in rows.values())
+    assert rows["softmerge__ipm-100__f0.25__s0"]["malicious_weight"] is not None
+    stamp = (tmp_path / "cells" / "fedavg__ipm-100__f0.25__s0" / "results.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (tmp_path / "cells" / "fedavg__ipm-100__f0.25__s0" / "results.json").stat().st_mtime_ns == stamp
+    assert "ipm-100" in (tmp_path / "tables.md").read_text()
+    assert (tmp_path / "plots" / "accuracy__ipm-100__f0.25.png").is_file()
