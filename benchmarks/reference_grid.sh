@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The reference robustness grid of docs/benchmarks.md: Fashion-MNIST (Debian's
+# dataset-fashion-mnist), 20 clients, Dirichlet alpha=0.5, 30 rounds.
+#
+# Resumable: a finished cell (benchmarks/fmnist-grid/cells/<key>/results.json with status
+# "finished") is never run again, so this script can be re-run, or stopped and re-run, at
+# will, across sessions. Invocations run in priority order: the 40% column for SoftMerge
+# and the two strongest baselines first.
+#
+#   bash benchmarks/reference_grid.sh            # everything, in order
+#   bash benchmarks/reference_grid.sh 1 2        # only stages 1 and 2
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SIM=${SIM:-.venv/bin/softmerge-grid}
+OUT=benchmarks/fmnist-grid
+COMMON=(--dataset fashion-mnist --clients 20 --rounds 30 --alpha 0.5 --output "$OUT"
+        --set client-pool-size=12000 --set local-epochs=1 --set batch-size=32 --set learning-rate=0.05
+        --set server-gate-size=300 --set server-test-size=2000)
+ATTACKS=none,label-flip,sign-flip,gaussian,scaling,extreme,backdoor,backdoor-replace,layer-stealth,alie,ipm-0.1,ipm-100,min-max,min-sum,fang,mimic
+ALL=softmerge,fltrust,fedavg,fedmedian,fedtrimmedavg,krum,multikrum,bulyan,centered-clipping,geomed
+
+stage() {
+  case "$1" in
+    1) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust,fedavg --attacks "$ATTACKS" --fractions 0.4 ;;
+    2) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust,fedavg --attacks "$ATTACKS" --fractions 0.2 ;;
+    3) "$SIM" "${COMMON[@]}" --strategies "$ALL" --attacks "$ATTACKS" --fractions 0.4,0.2 ;;
+    4) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust,fedavg --attacks "$ATTACKS" --fractions 0.6,0.8 ;;
+    5) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust,fedmedian --attacks "$ATTACKS" --fractions 0.4 --seeds 1,2 ;;
+  esac
+}
+
+for s in "${@:-1 2 3 4 5}"; do
+  for one in $s; do stage "$one"; done
+done
