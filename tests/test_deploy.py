@@ -1,7 +1,5 @@
 """Flower's deployment runtime on loopback: SuperLink, three SuperNodes, one killed mid-run."""
 
-import os
-
 import pytest
 
 from softmerge.simulations.loopback import default_app_dir, run_loopback
@@ -18,7 +16,4 @@ def test_loopback_deployment_survives_a_killed_supernode():
     assert "client-2" not in report["candidates"][-1]
     assert report["accuracy"][-1] > report["accuracy"][0] + 0.3
     assert report["malicious_weight"] == [0.0] * 3  # partition 0 sends x1e30 updates
-    assert report["left_running"] == []
-    for pid in report["left_running"]:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+    assert report["left_running"] == []  # every process the deployment started is gone
