@@ -240,6 +240,8 @@ def harden(strategy: FedAvg) -> FedAvg:
                 log(WARNING, "round %d: no valid reply; keeping the global model", server_round)
             arrays = global_arrays
         metrics = metrics if metrics is not None else MetricRecord()
+        if "partition-id" in metrics:
+            del metrics["partition-id"]  # a label, meaningless as an average
         metrics["replies-excluded"] = len(screened.rejected)
         metrics["replies-used"] = len(valid)
         return arrays, metrics
