@@ -247,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_cells(strategies: list[str], attacks: list[str], fractions: list[float], seeds: list[int],
                oracle: bool) -> list[Cell]:
-    cells = [Cell(s, a, f, seed) for seed in seeds for f in fractions for a in attacks for s in strategies
-             if s != ORACLE]
-    if oracle:
-        cells += [Cell(ORACLE, NO_ATTACK, f, seed) for seed in seeds for f in fractions]
+    # The oracle of each setting first: every other cell is read against it.
+    cells = [Cell(ORACLE, NO_ATTACK, f, seed) for seed in seeds for f in fractions] if oracle else []
+    cells += [Cell(s, a, f, seed) for seed in seeds for f in fractions for a in attacks for s in strategies
+              if s != ORACLE]
     return cells
 
 
