@@ -30,6 +30,18 @@ extreme candidates are gated like any other; three guards keep gate learning fin
 them: log_alpha is warm-started from each candidate's own validation loss (a candidate
 whose loss is astronomical starts closed), a step whose loss is not finite is skipped
 rather than applied, and the gradient on log_alpha is made finite and norm-clipped.
+
+Cost. The candidates are stacked once per round into one contiguous (K, d_u) matrix per
+unit (parameters and buffers apart), so a gate step forms every merged tensor with one
+vector-matrix product per unit and runs the model once, through
+``torch.func.functional_call``; nothing in a step loops over candidates. A step reads the
+K candidates twice (the product, and its transpose in the backward pass) and costs one
+forward and backward pass of the model on a gate batch; docs/performance.md measures it
+against that floor. :func:`stack_in_place` lets a caller that holds decoded client
+models (the Flower strategy) move them into that layout instead of copying them, which
+keeps the round's memory near K model copies. Gate learning stops when the deterministic
+gate-split objective has stopped improving (see :class:`SoftMergeConfig`), and the
+checked gates with the lowest objective are kept.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
+from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -51,6 +64,14 @@ MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
 LOG_ALPHA_MIN = -10.0
 KEEP_LABEL = "keep"
+# The convergence check scores the deterministic gates on at most this many gate batches
+# of examples: a forward pass of two batches every ``check_every`` steps costs a few percent.
+PROBE_BATCHES = 2
+# torch intra-op threads during a merge (0: leave torch's setting). One, on this 2-core
+# machine: a second OpenMP thread gains little on a memory-bound contraction, and as soon as
+# anything else runs (Ray workers, another experiment) it makes a gate step several times
+# slower; docs/performance.md measures both.
+DEFAULT_THREADS = 1
 
 
 @dataclass
@@ -72,9 +93,25 @@ class SoftMergeConfig:
         init_log_alpha: starting log_alpha of the best candidate.
         warm_start_temperature: nats of extra loss that cost one unit of log_alpha.
         max_grad_norm: clip on the gradient norm of log_alpha.
-        tolerance: the gates have converged when no deterministic gate moved more than
-            this over ``check_every`` steps.
+        tolerance: every ``check_every`` steps the deterministic gates are scored by
+            the objective itself, without noise: the cross-entropy of the merge they
+            build on the gate split (2 x ``batch_size`` of its examples, drawn with
+            ``seed``, if it is larger) plus the L0 term. Gate learning has converged when that score
+            has not improved on its best by more than ``tolerance`` (nats) for
+            ``patience`` checks in a row; the checked gates with the best score are
+            the result. 0 never stops early. The default, 0.01 nats, is below what a
+            few hundred gate examples can resolve (the standard error of their mean
+            cross-entropy is several hundredths of a nat), so stopping there gives up no
+            measurable fit; at 0.001 the criterion almost never fires (docs/performance.md).
         check_every: steps between convergence checks.
+        patience: checks in a row without an improvement above ``tolerance`` before
+            gate learning stops.
+        threads: torch intra-op threads during the merge (restored afterwards); 0 leaves
+            torch's setting as it is. Default 1 (see ``DEFAULT_THREADS``).
+        max_candidates: pre-selection for rounds with many clients: when more than this
+            many client candidates are valid, only the ones with the lowest own
+            gate-split loss are stacked and gated (the keep candidate always is); the
+            rest are reported as excluded. 0 (the default) gates every valid candidate.
     """
 
     units: str | Sequence[str] = "layer"
@@ -89,8 +126,11 @@ class SoftMergeConfig:
     init_log_alpha: float = 2.0
     warm_start_temperature: float = 1.0
     max_grad_norm: float = 1.0
-    tolerance: float = 1e-3
+    tolerance: float = 0.01
     check_every: int = 10
+    patience: int = 2
+    threads: int = DEFAULT_THREADS
+    max_candidates: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.units, str):
@@ -110,6 +150,10 @@ class SoftMergeConfig:
         _require(_finite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm must be a finite number > 0")
         _require(_finite(self.tolerance) and self.tolerance >= 0, "tolerance must be a finite number >= 0")
         _require(isinstance(self.check_every, int) and self.check_every >= 1, "check_every must be an integer >= 1")
+        _require(isinstance(self.patience, int) and self.patience >= 1, "patience must be an integer >= 1")
+        _require(isinstance(self.threads, int) and self.threads >= 0, "threads must be an integer >= 0")
+        _require(isinstance(self.max_candidates, int) and self.max_candidates >= 0,
+                 "max_candidates must be an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -209,6 +253,12 @@ def mixing_weights(
 
     ``fallback_index`` (U,) names the candidate a unit takes when all its gates are 0.
     """
+    fallback = nn.functional.one_hot(fallback_index, gates.shape[-1]).to(gates.dtype)
+    return _mix(gates, mode, fallback, straight_through)
+
+
+def _mix(gates: torch.Tensor, mode: str, fallback: torch.Tensor, straight_through: bool = True) -> torch.Tensor:
+    """:func:`mixing_weights` with the fall-back given as one-hot rows (U, K)."""
     total = gates.sum(dim=-1, keepdim=True)
     dead = total <= 0
     if mode == "sum":
@@ -222,8 +272,51 @@ def mixing_weights(
             # hard + (soft - soft) is exactly hard in the forward pass, so a one-hot
             # selection reproduces its candidate bit for bit, while the gradient is soft's.
             weights = hard + (normalised - normalised.detach()) if straight_through else hard
-    fallback = nn.functional.one_hot(fallback_index, gates.shape[-1]).to(gates.dtype)
     return torch.where(dead, fallback, weights)
+
+
+def _stack_dtype(reference: Mapping[str, torch.Tensor]) -> torch.dtype:
+    float_dtypes = [t.dtype for t in reference.values() if t.dtype.is_floating_point]
+    return torch.float64 if float_dtypes and all(d == torch.float64 for d in float_dtypes) else torch.float32
+
+
+def _unit_groups(reference: Mapping[str, torch.Tensor], unit: MergeUnit,
+                 buffer_names: set[str]) -> tuple[list[tuple[list[str], bool]], list[str]]:
+    """A unit's floating tensors as (names, differentiable) groups, parameters first; and the rest."""
+    floats = [n for n in unit.tensor_names if reference[n].dtype.is_floating_point]
+    groups = [(names, differentiable)
+              for names, differentiable in (([n for n in floats if n not in buffer_names], True),
+                                            ([n for n in floats if n in buffer_names], False)) if names]
+    return groups, [n for n in unit.tensor_names if n not in floats]
+
+
+def _shared_rows(states: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str], sizes: Sequence[int],
+                 dtype: torch.dtype) -> torch.Tensor | None:
+    """The (K, d) matrix whose row k the tensors ``names`` of ``states[k]`` already are, if any.
+
+    :func:`stack_in_place` leaves candidates as views into such matrices; recognising
+    them saves a copy of every candidate. Anything else returns None (and is copied).
+    """
+    width = sum(sizes)
+    first = [state[names[0]] for state in states]
+    if not all(isinstance(t, torch.Tensor) and t.dtype == dtype and not t.requires_grad for t in first):
+        return None
+    storage = first[0].untyped_storage()
+    pointer = storage.data_ptr()
+    base = first[0].storage_offset()
+    stride = first[1].storage_offset() - base if len(first) > 1 else width
+    if stride < width:
+        return None
+    for k, state in enumerate(states):
+        offset = base + k * stride
+        for name, size in zip(names, sizes):
+            tensor = state[name]
+            if (not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.requires_grad
+                    or not tensor.is_contiguous() or tensor.numel() != size
+                    or tensor.untyped_storage().data_ptr() != pointer or tensor.storage_offset() != offset):
+                return None
+            offset += size
+    return torch.empty(0, dtype=dtype).set_(storage, base, (len(states), width), (stride, 1))
 
 
 class _StackedCandidates:
@@ -232,47 +325,119 @@ class _StackedCandidates:
     Each unit has one matrix for its floating-point parameters and one for its
     floating-point buffers. Buffers (BatchNorm statistics) follow the unit's mixing
     weights but carry no gradient: batch norm cannot differentiate through them.
+    Candidates that :func:`stack_in_place` already laid out are used without a copy.
     """
 
     def __init__(self, reference: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]],
                  units: Sequence[MergeUnit], buffer_names: set[str]) -> None:
         self.reference = reference
         self.states = states
-        float_dtypes = [t.dtype for t in reference.values() if t.dtype.is_floating_point]
-        self.dtype = torch.float64 if float_dtypes and all(d == torch.float64 for d in float_dtypes) else torch.float32
-        # Per unit: [(names, matrix, differentiable)] and the names that cannot be mixed.
-        self.groups: list[list[tuple[list[str], torch.Tensor, bool]]] = []
+        self.dtype = _stack_dtype(reference)
+        self.copied = False
+        # Per unit: [(layout, sizes, matrix, differentiable)], the layout naming each
+        # tensor's (name, shape, dtype if not the stack's), and the names that cannot be mixed.
+        self.groups: list[list[tuple[list, list[int], torch.Tensor, bool]]] = []
         self.other_names: list[list[str]] = []
         for unit in units:
-            floats = [n for n in unit.tensor_names if reference[n].dtype.is_floating_point]
-            groups = []
-            for names, differentiable in (([n for n in floats if n not in buffer_names], True),
-                                          ([n for n in floats if n in buffer_names], False)):
-                if names:
-                    matrix = torch.stack([torch.cat([state[n].reshape(-1).to(self.dtype) for n in names])
-                                          for state in states])
-                    groups.append((names, matrix, differentiable))
-            self.groups.append(groups)
-            self.other_names.append([n for n in unit.tensor_names if n not in floats])
+            groups, others = _unit_groups(reference, unit, buffer_names)
+            stacked = []
+            for names, differentiable in groups:
+                sizes = [reference[n].numel() for n in names]
+                matrix = _shared_rows(states, names, sizes, self.dtype)
+                if matrix is None:
+                    self.copied = True
+                    matrix = torch.empty((len(states), sum(sizes)), dtype=self.dtype)
+                    for k, state in enumerate(states):
+                        torch.cat([state[n].detach().reshape(-1).to(self.dtype) for n in names], out=matrix[k])
+                layout = [(n, tuple(reference[n].shape), reference[n].dtype if reference[n].dtype != self.dtype else None)
+                          for n in names]
+                stacked.append((layout, sizes, matrix, differentiable))
+            self.groups.append(stacked)
+            self.other_names.append(others)
 
     def merge(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Merged tensors for mixing weights (U, K); differentiable in ``weights``."""
+        """Merged tensors for mixing weights (U, K); differentiable in ``weights``.
+
+        One vector-matrix product per (unit, group): sum_k w_uk * theta_uk for all of
+        the unit's tensors at once.
+        """
         merged: dict[str, torch.Tensor] = {}
+        if weights.dtype != self.dtype:
+            weights = weights.to(self.dtype)
         for u, groups in enumerate(self.groups):
-            for names, matrix, differentiable in groups:
-                unit_weights = weights[u] if differentiable else weights[u].detach()
-                flat = unit_weights.to(self.dtype) @ matrix
-                offset = 0
-                for name in names:
-                    ref = self.reference[name]
-                    merged[name] = flat[offset:offset + ref.numel()].view(ref.shape).to(ref.dtype)
-                    offset += ref.numel()
+            row = weights[u]
+            for layout, sizes, matrix, differentiable in groups:
+                flat = (row if differentiable else row.detach()) @ matrix
+                pieces = flat.split(sizes) if len(sizes) > 1 else (flat,)
+                for (name, shape, dtype), piece in zip(layout, pieces):
+                    piece = piece.view(shape)
+                    merged[name] = piece if dtype is None else piece.to(dtype)
             if self.other_names[u]:
                 # Integer buffers (batch counters) cannot be mixed: take the top candidate's.
-                top = int(weights[u].argmax())
+                top = int(row.argmax())
                 for name in self.other_names[u]:
                     merged[name] = self.states[top][name]
         return merged
+
+
+def stack_in_place(
+    model: nn.Module,
+    states: list[dict[str, torch.Tensor]],
+    keep: Mapping[str, torch.Tensor] | None = None,
+    units: str | Sequence[str] = "layer",
+) -> dict[str, torch.Tensor] | None:
+    """Move decoded candidates into the layout :func:`soft_merge` gates on, without a second copy.
+
+    For every (merge unit, parameter or buffer group) one (K [+1], d) matrix is made;
+    candidate k's tensors are copied into row k and ``states[k]`` is replaced (in the
+    list) by a dict of views of that row. A caller that holds no other reference to the
+    old tensors frees each candidate as soon as it has been moved, so peak memory stays
+    near one copy of the candidates rather than two. ``keep`` (not modified) is placed
+    in the last row, and its view dict returned, to be passed as ``soft_merge(keep=...)``.
+
+    Only candidates that match the model (names, shapes, dtypes) are moved; the rest are
+    left as they were for :func:`soft_merge` to exclude. Values are not changed, so the
+    merge is the same with or without this step: it only saves memory and a copy.
+    """
+    reference = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    dtype = _stack_dtype(reference)
+    rows = [i for i, state in enumerate(states) if _same_layout(reference, state)]
+    if keep is not None and not _same_layout(reference, keep):
+        raise ValueError("the keep state does not match the model")
+    sources = [states[i] for i in rows] + ([keep] if keep is not None else [])
+    if not sources:
+        return dict(keep) if keep is not None else None
+    buffer_names = {name for name, _ in model.named_buffers()}
+    matrices = []
+    for unit in build_merge_units(model, units):
+        for names, _ in _unit_groups(reference, unit, buffer_names)[0]:
+            if all(reference[n].dtype == dtype for n in names):
+                sizes = [reference[n].numel() for n in names]
+                # torch.empty reserves the pages; they become resident row by row, as the
+                # old tensors are released.
+                matrices.append((names, sizes, torch.empty((len(sources), sum(sizes)), dtype=dtype)))
+    moved: list[dict[str, torch.Tensor]] = []
+    for row, source in enumerate(sources):
+        view = dict(source)
+        for names, sizes, matrix in matrices:
+            offset = 0
+            for name, size in zip(names, sizes):
+                target = matrix[row, offset:offset + size]
+                target.copy_(torch.as_tensor(source[name]).reshape(-1))
+                view[name] = target.view(reference[name].shape)
+                offset += size
+        if row < len(rows):
+            states[rows[row]] = view
+        else:
+            moved.append(view)
+        sources[row] = None  # the list must not keep the old tensors alive
+    return moved[0] if moved else None
+
+
+def _same_layout(reference: Mapping[str, torch.Tensor], state: Mapping[str, object]) -> bool:
+    return (isinstance(state, Mapping) and set(state) == set(reference)
+            and all(isinstance(state[n], torch.Tensor) and state[n].shape == t.shape and state[n].dtype == t.dtype
+                    for n, t in reference.items()))
 
 
 def evaluate_state(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: torch.Tensor,
@@ -332,8 +497,9 @@ def soft_merge(
         config: see :class:`SoftMergeConfig`.
         keep: the current global model, if not the model's own state.
         labels: a name per candidate, for the report.
-        initial_log_alpha: optional (U, K) start for log_alpha, K counting the keep
-            candidate last; it replaces the warm start (used to carry gates over rounds).
+        initial_log_alpha: optional (U, K) start for log_alpha, K counting the gated
+            candidates (after exclusion and pre-selection) and the keep candidate last;
+            it replaces the warm start (used to carry gates over rounds).
 
     Returns:
         The merged state dict (same names, shapes and dtypes as ``model.state_dict()``)
@@ -341,6 +507,26 @@ def soft_merge(
     """
     config = config or SoftMergeConfig()
     started = time.perf_counter()
+    with _torch_threads(config.threads):
+        merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha)
+    report.seconds = time.perf_counter() - started
+    return merged, report
+
+
+@contextmanager
+def _torch_threads(threads: int):
+    """Run with ``threads`` torch intra-op threads (0: unchanged), restoring the setting after."""
+    previous = torch.get_num_threads()
+    if threads and threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha):
     inputs, targets = validation
     reference = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     labels = list(labels) if labels is not None else [f"candidate-{i}" for i in range(len(candidates))]
@@ -353,9 +539,6 @@ def soft_merge(
     keep_state = as_tensor_state(keep) if keep is not None else reference
     if keep is not None and validate_candidates(reference, [keep])[1]:
         raise ValueError("the keep state does not match the model: " + validate_candidates(reference, [keep], ["keep"])[1][0].reason)
-    if config.include_keep:
-        states.append(keep_state)
-        gated_labels.append(KEEP_LABEL)
 
     units = build_merge_units(model, config.units)
     unit_names = [unit.name for unit in units]
@@ -363,16 +546,31 @@ def soft_merge(
     model.eval()
     try:
         loss_before, accuracy_before = evaluate_state(model, keep_state, inputs, targets)
-        if not states:
+        if not states and not config.include_keep:
             report = GateReport(unit_names, [], [[] for _ in units], [[] for _ in units], [[] for _ in units], [],
                                 loss_before, accuracy_before, loss_before, accuracy_before, excluded,
-                                fallback_units=unit_names, seconds=time.perf_counter() - started)
+                                fallback_units=unit_names)
             return {name: tensor.clone() for name, tensor in keep_state.items()}, report
+
+        # Each candidate's own loss: the warm start, the report and the pre-selection.
+        candidate_losses = [evaluate_state(model, state, inputs, targets)[0] for state in states]
+        if config.max_candidates and len(states) > config.max_candidates:
+            chosen = _preselect(candidate_losses, config.max_candidates)
+            dropped = sorted(set(range(len(states))) - set(chosen))
+            excluded = excluded + [
+                Exclusion(valid_indices[k], gated_labels[k],
+                          f"pre-selection: own gate-split loss {candidate_losses[k]:.4g} is not among the "
+                          f"{config.max_candidates} lowest") for k in dropped]
+            states = [states[k] for k in chosen]
+            gated_labels = [gated_labels[k] for k in chosen]
+            candidate_losses = [candidate_losses[k] for k in chosen]
+        if config.include_keep:
+            states.append(keep_state)
+            gated_labels.append(KEEP_LABEL)
+            candidate_losses.append(loss_before)
 
         buffer_names = {name for name, _ in model.named_buffers()}
         stacked = _StackedCandidates(reference, states, units, buffer_names)
-        own = [evaluate_state(model, state, inputs, targets) for state in states]
-        candidate_losses = [loss for loss, _ in own]
         if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):
             start = torch.nan_to_num(initial_log_alpha.detach().float(), nan=LOG_ALPHA_MIN).clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
         else:
@@ -383,12 +581,7 @@ def soft_merge(
 
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
-            fallback = _fallback_index(log_alpha, keep_index)
-            weights = mixing_weights(gates, config.mode, fallback, straight_through=False)
-            if config.mode == "select":
-                # Ties at a clamped gate of 1 go to the larger log_alpha.
-                chosen = torch.where(gates.sum(-1) > 0, log_alpha.argmax(-1), fallback)
-                weights = nn.functional.one_hot(chosen, len(states)).to(weights.dtype)
+            weights = _final_weights(log_alpha, gates, config.mode, keep_index)
             merged = {name: tensor.detach().clone() for name, tensor in stacked.merge(weights).items()}
         loss_after, accuracy_after = evaluate_state(model, merged, inputs, targets)
     finally:
@@ -410,44 +603,130 @@ def soft_merge(
         fallback_units=dead_units,
         steps=steps,
         skipped_steps=skipped,
-        seconds=time.perf_counter() - started,
     )
     return merged, report
 
 
+def _preselect(losses: Sequence[float], count: int) -> list[int]:
+    """Indices of the ``count`` lowest losses (ties: the earlier), in their original order."""
+    ranked = sorted(range(len(losses)), key=lambda k: (losses[k] if math.isfinite(losses[k]) else math.inf, k))
+    return sorted(ranked[:count])
+
+
+def _final_weights(log_alpha: torch.Tensor, gates: torch.Tensor, mode: str, keep_index: int | None) -> torch.Tensor:
+    """The mixing weights the merged model is built from: deterministic gates, no noise."""
+    fallback = _fallback_index(log_alpha, keep_index)
+    weights = mixing_weights(gates, mode, fallback, straight_through=False)
+    if mode == "select":
+        # Ties at a clamped gate of 1 go to the larger log_alpha.
+        chosen = torch.where(gates.sum(-1) > 0, log_alpha.argmax(-1), fallback)
+        weights = nn.functional.one_hot(chosen, log_alpha.shape[1]).to(weights.dtype)
+    return weights
+
+
 def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Parameter, inputs: torch.Tensor,
                  targets: torch.Tensor, config: SoftMergeConfig, keep_index: int | None) -> tuple[int, int]:
-    """Adam on log_alpha; returns (steps taken, steps skipped for a non-finite loss)."""
+    """Adam on log_alpha; returns (steps taken, steps skipped for a non-finite loss).
+
+    A step: sample gates, mix, one vector-matrix product per unit (no loop over
+    candidates), one forward and backward pass through ``functional_call``, a clipped
+    Adam update. Every ``check_every`` steps the deterministic gates are scored on the
+    gate split (see :class:`SoftMergeConfig`); learning stops after ``patience`` checks
+    without an improvement above ``tolerance``, and ``log_alpha`` ends at the best
+    checked value (the start counts as a check).
+    """
     if config.steps == 0 or log_alpha.shape[1] < 2 or len(targets) == 0:
         return 0, 0
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam([log_alpha], lr=config.lr)
-    batch_size = min(config.batch_size, len(targets))
-    previous = deterministic_gates(log_alpha.detach())
-    skipped = 0
-    for step in range(1, config.steps + 1):
-        batch = torch.randperm(len(targets), generator=generator)[:batch_size]
-        gates = sample_gates(log_alpha, generator)
-        weights = mixing_weights(gates, config.mode, _fallback_index(log_alpha.detach(), keep_index))
-        logits = functional_call(model, stacked.merge(weights), (inputs[batch],))
-        loss = nn.functional.cross_entropy(logits, targets[batch]) + config.l0_lambda * expected_l0(log_alpha).mean()
-        if not torch.isfinite(loss):
-            skipped += 1
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # An infinite partial still says which way to go; clipping then bounds the step.
-        log_alpha.grad = torch.nan_to_num(log_alpha.grad, nan=0.0, posinf=1e6, neginf=-1e6)
-        torch.nn.utils.clip_grad_norm_([log_alpha], config.max_grad_norm)
-        optimizer.step()
+    optimizer = _Adam(log_alpha, config.lr)
+    count = len(targets)
+    batch_size = min(config.batch_size, count)
+    probe_size = PROBE_BATCHES * config.batch_size
+    if count > probe_size:
+        probe = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed))[:probe_size]
+        probe_inputs, probe_targets = inputs[probe], targets[probe]
+    else:
+        probe_inputs, probe_targets = inputs, targets
+    columns = log_alpha.shape[1]
+    keep_rows = (nn.functional.one_hot(_fallback_index(log_alpha, keep_index), columns).to(log_alpha.dtype)
+                 if keep_index is not None else None)
+
+    def score() -> float:
+        """The objective at the deterministic gates: noise-free, on the probe examples."""
         with torch.no_grad():
-            log_alpha.clamp_(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
-        if step % config.check_every == 0:
-            current = deterministic_gates(log_alpha.detach())
-            if float((current - previous).abs().max()) <= config.tolerance:
-                return step, skipped
-            previous = current
-    return config.steps, skipped
+            weights = _final_weights(log_alpha, deterministic_gates(log_alpha), config.mode, keep_index)
+            logits = functional_call(model, stacked.merge(weights), (probe_inputs,), tie_weights=False)
+            value = nn.functional.cross_entropy(logits, probe_targets)
+            if config.l0_lambda:
+                value = value + config.l0_lambda * expected_l0(log_alpha).mean()
+            value = float(value)
+        return value if math.isfinite(value) else math.inf
+
+    best_score, best = score(), log_alpha.detach().clone()
+    stale = skipped = 0
+    step = 0
+    for step in range(1, config.steps + 1):
+        batch = torch.randperm(count, generator=generator)[:batch_size]
+        gates = sample_gates(log_alpha, generator)
+        fallback = keep_rows if keep_rows is not None else nn.functional.one_hot(
+            log_alpha.detach().argmax(dim=-1), columns).to(log_alpha.dtype)
+        weights = _mix(gates, config.mode, fallback)
+        # Every name is given, so tied weights need no untying.
+        logits = functional_call(model, stacked.merge(weights), (inputs[batch],), tie_weights=False)
+        loss = nn.functional.cross_entropy(logits, targets[batch])
+        if config.l0_lambda:
+            loss = loss + config.l0_lambda * expected_l0(log_alpha).mean()
+        if not bool(torch.isfinite(loss)):
+            skipped += 1
+        else:
+            log_alpha.grad = None
+            loss.backward()
+            grad = log_alpha.grad
+            # An infinite partial still says which way to go; clipping then bounds the step.
+            torch.nan_to_num_(grad, nan=0.0, posinf=1e6, neginf=-1e6)
+            # As torch.nn.utils.clip_grad_norm_, for the one tensor.
+            grad.mul_(torch.clamp(config.max_grad_norm / (torch.linalg.vector_norm(grad) + 1e-6), max=1.0))
+            optimizer.step()
+            with torch.no_grad():
+                log_alpha.clamp_(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
+        if step % config.check_every == 0 or step == config.steps:
+            current = score()
+            stale = 0 if current < best_score - config.tolerance else stale + 1
+            if current < best_score:
+                best_score, best = current, log_alpha.detach().clone()
+            if config.tolerance > 0 and stale >= config.patience:
+                break
+    with torch.no_grad():
+        log_alpha.copy_(best)
+    return step, skipped
+
+
+class _Adam:
+    """torch.optim.Adam (defaults, no weight decay) for one tensor, the same arithmetic.
+
+    ``torch.optim.Adam.step`` spends more time on bookkeeping than on a (U, K) update;
+    gate learning takes one such step per round-trip through the model.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.betas
+        grad = self.param.grad
+        self.steps += 1
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = float(self.steps)
+        step_size = self.lr / (1 - beta1**step)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+        self.param.addcdiv_(self.exp_avg, denom, value=-step_size)
 
 
 def _fallback_index(log_alpha: torch.Tensor, keep_index: int | None) -> torch.Tensor:

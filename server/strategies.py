@@ -22,7 +22,8 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
     return SoftMergeConfig(
         units=units, mode=settings.softmerge_mode, steps=settings.softmerge_steps, lr=settings.softmerge_lr,
         l0_lambda=settings.softmerge_l0, batch_size=settings.softmerge_batch_size, seed=settings.seed,
-        include_keep=settings.softmerge_keep,
+        include_keep=settings.softmerge_keep, tolerance=settings.softmerge_tolerance,
+        threads=settings.softmerge_threads, max_candidates=settings.softmerge_max_candidates,
     )
 
 

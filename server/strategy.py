@@ -24,6 +24,7 @@ from flwr.supercore import log
 from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig, soft_merge
+from ..aggregation.merge import stack_in_place
 from .replies import (
     RoundStartMemory,
     aggregate_client_metrics,
@@ -95,13 +96,20 @@ class SoftMerge(RoundStartMemory):
         screened = screen_replies(replies, keep, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key)
         # Replies arrive in completion order; sorting makes the gate noise, and so the
         # merge, reproducible for a given seed.
-        labelled = sorted(zip(screened.messages, screened.states), key=lambda pair: sort_key(pair[0]))
+        order = sorted(range(len(screened.messages)), key=lambda i: sort_key(screened.messages[i]))
+        messages = [screened.messages[i] for i in order]
+        states = [screened.states[i] for i in order]
+        screened.states.clear()
         labels: list[str] = []
-        for message, _ in labelled:
+        for message in messages:
             labels.append(candidate_label(message, labels, self.label_key))
         round_config = replace(self.merge_config, seed=self.merge_config.seed + server_round)
-        merged, report = soft_merge(self.model, [state for _, state in labelled], self.validation, round_config,
-                                    keep=keep, labels=labels)
+        # Move the decoded models into the stacked layout the gates learn on, so the round
+        # holds one copy of them instead of two; the merge itself is unchanged.
+        keep_view = stack_in_place(self.model, states, keep, round_config.units)
+        merged, report = soft_merge(self.model, states, self.validation, round_config,
+                                    keep=keep_view if keep_view is not None else keep, labels=labels)
+        del states, keep_view
         report.excluded = screened.rejected + report.excluded
         if not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point):
             # Finite candidates can still overflow when summed; never broadcast that.
@@ -113,7 +121,7 @@ class SoftMerge(RoundStartMemory):
         if self.on_report is not None:
             self.on_report(server_round, report)
 
-        metrics = aggregate_client_metrics(self, [message.content for message, _ in labelled], (self.label_key,))
+        metrics = aggregate_client_metrics(self, [message.content for message in messages], (self.label_key,))
         metrics.update(report_summary(report))
         return ArrayRecord(merged), metrics
 
@@ -135,7 +143,9 @@ class SoftMerge(RoundStartMemory):
             "gate-split accuracy %.3f -> %.3f", server_round, len(report.candidates), len(report.excluded),
             report.steps, report.skipped_steps, report.seconds, report.accuracy_before, report.accuracy_after)
         for exclusion in report.excluded:
-            log(WARNING, "SoftMerge round %d: excluded %s: %s", server_round, exclusion.label, exclusion.reason)
+            # Pre-selection (max_candidates) leaves out valid models by design: not a warning.
+            level = INFO if exclusion.reason.startswith("pre-selection") else WARNING
+            log(level, "SoftMerge round %d: excluded %s: %s", server_round, exclusion.label, exclusion.reason)
         if report.fallback_units:
             log(WARNING, "SoftMerge round %d: every gate closed in %s; kept the previous global model there",
                 server_round, report.fallback_units)

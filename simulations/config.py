@@ -68,6 +68,9 @@ class RunSettings:
     softmerge_l0: float = 0.01
     softmerge_batch_size: int = 128
     softmerge_keep: bool = True
+    softmerge_tolerance: float = 0.01
+    softmerge_threads: int = 1
+    softmerge_max_candidates: int = 0
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
@@ -173,6 +176,9 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_lr": _open_interval(0, 100),
     "softmerge_l0": _at_least(0),
     "softmerge_batch_size": _at_least(1),
+    "softmerge_tolerance": _at_least(0),
+    "softmerge_threads": _at_least(0),
+    "softmerge_max_candidates": _at_least(0),
     "round_timeout": _open_interval(0, 86400),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
     "client_failure_mode": _choice(FAILURE_MODES),

@@ -164,7 +164,9 @@ def test_extreme_candidates_get_zero_weight_and_the_merge_stays_accurate(honest_
     assert math.isfinite(report.loss_after)
     _, accuracy = evaluate_state(model, merged, x_test, y_test)
     _, honest_accuracy = evaluate_state(model, honest_merged, x_test, y_test)
-    assert accuracy >= honest_accuracy - 0.01, (accuracy, honest_accuracy)
+    # With zero weight on them, the bad candidates can only shift the honest gates' noise
+    # and where learning stops: allow one standard error of a 360-example accuracy (~2 points).
+    assert accuracy >= honest_accuracy - 0.02, (accuracy, honest_accuracy)
     assert report.weight_on(["bad0", "bad1", "bad2"]) == 0.0
 
 
