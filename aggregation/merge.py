@@ -96,10 +96,10 @@ class SoftMergeConfig:
         tolerance: every ``check_every`` steps the deterministic gates are scored by
             the objective itself, without noise: the cross-entropy of the merge they
             build on the gate split (2 x ``batch_size`` of its examples, drawn with
-            ``seed``, if it is larger) plus the L0 term. Gate learning has converged when that score
-            has not improved on its best by more than ``tolerance`` (nats) for
-            ``patience`` checks in a row; the checked gates with the best score are
-            the result. 0 never stops early. The default, 0.01 nats, is below what a
+            ``seed``, if it is larger) plus the L0 term. Gate learning has converged when,
+            for ``patience`` checks in a row, that score has not fallen by more than
+            ``tolerance`` (nats) below its value at the last check that did; the checked
+            gates with the best score are the result. 0 never stops early. The default, 0.01 nats, is below what a
             few hundred gate examples can resolve (the standard error of their mean
             cross-entropy is several hundredths of a nat), so stopping there gives up no
             measurable fit; at 0.001 the criterion almost never fires (docs/performance.md).
@@ -663,7 +663,8 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
         return value if math.isfinite(value) else math.inf
 
     best_score, best = score(), log_alpha.detach().clone()
-    stale = skipped = 0
+    plateau = Plateau(config.tolerance, config.patience, best_score)
+    skipped = 0
     step = 0
     for step in range(1, config.steps + 1):
         batch = torch.randperm(count, generator=generator)[:batch_size]
@@ -691,14 +692,34 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
                 log_alpha.clamp_(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
         if step % config.check_every == 0 or step == config.steps:
             current = score()
-            stale = 0 if current < best_score - config.tolerance else stale + 1
             if current < best_score:
                 best_score, best = current, log_alpha.detach().clone()
-            if config.tolerance > 0 and stale >= config.patience:
+            if plateau.reached(current):
                 break
     with torch.no_grad():
         log_alpha.copy_(best)
     return step, skipped
+
+
+class Plateau:
+    """The early-stop rule: ``patience`` checks in a row without progress.
+
+    Progress is measured from the last check that improved by more than ``tolerance``,
+    not from the running best, so a steady improvement of a little less than
+    ``tolerance`` per check still counts (min_delta in the sense of Keras'
+    EarlyStopping). A tolerance of 0 never stops.
+    """
+
+    def __init__(self, tolerance: float, patience: int, start: float) -> None:
+        self.tolerance, self.patience = tolerance, patience
+        self.anchor, self.stale = start, 0
+
+    def reached(self, score: float) -> bool:
+        if score < self.anchor - self.tolerance:
+            self.anchor, self.stale = score, 0
+        else:
+            self.stale += 1
+        return self.tolerance > 0 and self.stale >= self.patience
 
 
 class _Adam:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from softmerge.aggregation import SoftMergeConfig, build_merge_units, soft_merge
-from softmerge.aggregation.merge import LOG_ALPHA_MIN, _StackedCandidates, stack_in_place
+from softmerge.aggregation.merge import LOG_ALPHA_MIN, Plateau, _StackedCandidates, stack_in_place
 
 
 class ConvBatchNormNet(nn.Module):
@@ -201,3 +201,21 @@ def test_the_best_checked_gates_are_kept():
         config = SoftMergeConfig(steps=40, lr=3.0, check_every=5, l0_lambda=0.0, seed=seed)
         _, report = soft_merge(model, candidates, validation, config, initial_log_alpha=start)
         assert report.loss_after <= report.loss_before + 1e-6
+
+
+def _stops_at(scores, tolerance=0.01, patience=2):
+    plateau = Plateau(tolerance, patience, scores[0])
+    for check, score in enumerate(scores[1:], start=1):
+        if plateau.reached(score):
+            return check
+    return None
+
+
+def test_plateau_counts_slow_steady_progress_and_stops_on_a_flat_objective():
+    # 0.007 nats per check: each step is under the tolerance, but every two add up past it.
+    assert _stops_at([1.0 - 0.007 * i for i in range(12)]) is None
+    assert _stops_at([1.0, 0.95, 0.949, 0.948, 0.9]) == 3
+    # Noise around a level never counts as progress.
+    assert _stops_at([1.0, 1.004, 0.996, 1.003]) == 2
+    assert _stops_at([1.0, 1.0, 1.0, 1.0], tolerance=0.0) is None
+    assert _stops_at([1.0, 1.2, 1.3, 0.5, 0.5, 0.5, 0.5], patience=3) == 6
