@@ -58,7 +58,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .candidates import Exclusion, as_tensor_state, validate_candidates
-from .gates import deterministic_gates, expected_l0, sample_gates
+from .gates import LOG_ALPHA_CLOSED, deterministic_gates, expected_l0, sample_gates
 
 MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
@@ -99,7 +99,9 @@ class SoftMergeConfig:
             ``seed``, if it is larger) plus the L0 term. Gate learning has converged when,
             for ``patience`` checks in a row, that score has not fallen by more than
             ``tolerance`` (nats) below its value at the last check that did; the checked
-            gates with the best score are the result. 0 never stops early. The default, 0.01 nats, is below what a
+            gates with the best score are the result. No stop comes before the most
+            open starting gate could have closed at ``lr`` per step, (max log_alpha -
+            LOG_ALPHA_CLOSED) / lr steps: 44 with the defaults. 0 never stops early. The default, 0.01 nats, is below what a
             few hundred gate examples can resolve (the standard error of their mean
             cross-entropy is several hundredths of a nat), so stopping there gives up no
             measurable fit; at 0.001 the criterion almost never fires (docs/performance.md).
@@ -664,6 +666,10 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
 
     best_score, best = score(), log_alpha.detach().clone()
     plateau = Plateau(config.tolerance, config.patience, best_score)
+    # Adam moves log_alpha by about ``lr`` a step, so the most open gate needs this many
+    # steps to be able to close; a plateau before then (the objective often barely moves
+    # until a gate crosses over) says nothing about convergence.
+    earliest_stop = math.ceil((float(log_alpha.detach().max()) - LOG_ALPHA_CLOSED) / config.lr)
     skipped = 0
     step = 0
     for step in range(1, config.steps + 1):
@@ -694,7 +700,7 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
             current = score()
             if current < best_score:
                 best_score, best = current, log_alpha.detach().clone()
-            if plateau.reached(current):
+            if plateau.reached(current) and step >= earliest_stop:
                 break
     with torch.no_grad():
         log_alpha.copy_(best)

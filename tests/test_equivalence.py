@@ -5,11 +5,14 @@ loop over candidates summing w_uk * theta_k. The production merge stacks candida
 one (K, d_u) matrix per unit and contracts it with one vector-matrix product per unit.
 """
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from softmerge.aggregation import SoftMergeConfig, build_merge_units, soft_merge
+from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
 from softmerge.aggregation.merge import LOG_ALPHA_MIN, Plateau, _StackedCandidates, stack_in_place
 
 
@@ -182,7 +185,10 @@ def test_gate_learning_stops_when_the_objective_is_flat():
     # Identical candidates: every mix is the same model, only the small L0 term moves.
     config = SoftMergeConfig(steps=200, check_every=10, patience=2, l0_lambda=0.0)
     _, report = soft_merge(model, [same] * 4, validation, config, keep=same)
-    assert report.steps == 20
+    # Flat from the first check, but no stop before a gate starting at log_alpha 2 could
+    # have closed at lr 0.1 a step: ceil((2 - LOG_ALPHA_CLOSED) / 0.1) = 44, so the check at 50.
+    assert math.ceil((2.0 - LOG_ALPHA_CLOSED) / 0.1) == 44
+    assert report.steps == 50
     _, report = soft_merge(model, [same] * 4, validation, SoftMergeConfig(steps=30, tolerance=0.0, l0_lambda=0.0),
                            keep=same)
     assert report.steps == 30
