@@ -92,6 +92,13 @@ class SoftMergeConfig:
         warm_start: start log_alpha from each candidate's own validation loss.
         init_log_alpha: starting log_alpha of the best candidate.
         warm_start_temperature: nats of extra loss that cost one unit of log_alpha.
+        warm_start_ceiling: log_alpha never rises above its start, so a candidate's own
+            validation loss bounds the trust it can get: gate learning may close a gate
+            but not open it further than that loss allows. Without the ceiling, a few
+            hundred gate examples let learning re-open candidates whose own loss is
+            several nats worse (sign-flipped ones): mixing a little of them in lowers
+            the gate split's cross-entropy while it raises the test loss, which is
+            fitting the gate split, not the task (docs/benchmarks.md measures it).
         max_grad_norm: clip on the gradient norm of log_alpha.
         tolerance: every ``check_every`` steps the deterministic gates are scored by
             the objective itself, without noise: the cross-entropy of the merge they
@@ -127,6 +134,7 @@ class SoftMergeConfig:
     warm_start: bool = True
     init_log_alpha: float = 2.0
     warm_start_temperature: float = 1.0
+    warm_start_ceiling: bool = False
     max_grad_norm: float = 1.0
     tolerance: float = 0.01
     check_every: int = 10
@@ -149,6 +157,7 @@ class SoftMergeConfig:
         _require(_finite(self.init_log_alpha), "init_log_alpha must be finite")
         _require(_finite(self.warm_start_temperature) and self.warm_start_temperature > 0,
                  "warm_start_temperature must be a finite number > 0")
+        _require(isinstance(self.warm_start_ceiling, bool), "warm_start_ceiling must be a bool")
         _require(_finite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm must be a finite number > 0")
         _require(_finite(self.tolerance) and self.tolerance >= 0, "tolerance must be a finite number >= 0")
         _require(isinstance(self.check_every, int) and self.check_every >= 1, "check_every must be an integer >= 1")
@@ -670,6 +679,7 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
     # steps to be able to close; a plateau before then (the objective often barely moves
     # until a gate crosses over) says nothing about convergence.
     earliest_stop = math.ceil((float(log_alpha.detach().max()) - LOG_ALPHA_CLOSED) / config.lr)
+    ceiling = log_alpha.detach().clone() if config.warm_start_ceiling else None
     skipped = 0
     step = 0
     for step in range(1, config.steps + 1):
@@ -696,6 +706,8 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
             optimizer.step()
             with torch.no_grad():
                 log_alpha.clamp_(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
+                if ceiling is not None:
+                    torch.minimum(log_alpha, ceiling, out=log_alpha)
         if step % config.check_every == 0 or step == config.steps:
             current = score()
             if current < best_score:

@@ -24,6 +24,7 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         l0_lambda=settings.softmerge_l0, batch_size=settings.softmerge_batch_size, seed=settings.seed,
         include_keep=settings.softmerge_keep, tolerance=settings.softmerge_tolerance,
         threads=settings.softmerge_threads, max_candidates=settings.softmerge_max_candidates,
+        warm_start_temperature=settings.softmerge_warm_temperature, warm_start_ceiling=settings.softmerge_ceiling,
     )
 
 

@@ -71,6 +71,8 @@ class RunSettings:
     softmerge_tolerance: float = 0.01
     softmerge_threads: int = 1
     softmerge_max_candidates: int = 0
+    softmerge_warm_temperature: float = 1.0
+    softmerge_ceiling: bool = False
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
@@ -179,6 +181,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_tolerance": _at_least(0),
     "softmerge_threads": _at_least(0),
     "softmerge_max_candidates": _at_least(0),
+    "softmerge_warm_temperature": _open_interval(0, 100),
     "round_timeout": _open_interval(0, 86400),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
     "client_failure_mode": _choice(FAILURE_MODES),

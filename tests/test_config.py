@@ -44,6 +44,8 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-tolerance": float("inf")}, "'softmerge-tolerance' must be a finite number"),
         ({"softmerge-threads": -1}, "'softmerge-threads' must be >= 0"),
         ({"softmerge-max-candidates": 2.5}, "'softmerge-max-candidates' must be an integer"),
+        ({"softmerge-warm-temperature": 0}, "'softmerge-warm-temperature' must be in (0, 100]"),
+        ({"softmerge-ceiling": "sometimes"}, "'softmerge-ceiling' must be true or false"),
         ({"malicious-partitions": "1,two"}, "malicious-partitions must be comma-separated partition ids"),
         ({"malicious-partitions": "-1"}, "malicious-partitions must hold ids >= 0"),
         ({"extreme-values": "big"}, "extreme-values must be numbers, 'inf' or 'nan'"),

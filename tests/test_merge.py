@@ -14,7 +14,7 @@ from softmerge.aggregation import (
     soft_merge,
     validate_candidates,
 )
-from softmerge.aggregation.merge import LOG_ALPHA_MIN
+from softmerge.aggregation.merge import LOG_ALPHA_MIN, warm_start_log_alpha
 
 
 class BatchNormNet(nn.Module):
@@ -187,3 +187,21 @@ def test_merge_is_deterministic_for_a_seed(honest_candidates, digits_task):
     first, _ = soft_merge(model, locals_, digits_task.gate.tensors(), SoftMergeConfig(seed=3))
     second, _ = soft_merge(model, locals_, digits_task.gate.tensors(), SoftMergeConfig(seed=3))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_warm_start_ceiling_lets_gates_close_but_never_open_past_the_start():
+    torch.manual_seed(0)
+    net = BatchNormNet()
+    inputs = torch.randn(96, 4)
+    targets = (inputs[:, 0] + inputs[:, 1] > 0).long()
+    candidates = [_perturbed(net, scale, seed) for seed, scale in enumerate([0.05, 0.3, 0.6, 1.0, 2.0])]
+    learned = {}
+    for ceiling in (False, True):
+        config = SoftMergeConfig(steps=120, tolerance=0.0, warm_start_ceiling=ceiling)
+        _, report = soft_merge(net, candidates, (inputs, targets), config, labels=list("abcde"))
+        start = warm_start_log_alpha(report.candidate_losses, config)
+        learned[ceiling] = torch.tensor(report.log_alpha) - start
+    # Without the ceiling some gate opens past its start; with it none does, and gates still close.
+    assert float(learned[False].max()) > 0.5
+    assert float(learned[True].max()) <= 1e-6
+    assert float(learned[True].min()) < -0.5
