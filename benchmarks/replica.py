@@ -1,0 +1,175 @@
+"""Offline replica of the reference grid's setting, for trying soft-merge variants quickly.
+
+The grid (docs/benchmarks.md) runs every cell through Flower's simulation engine, 3–4
+minutes a cell. This script trains the same clients the same way (same partitions, local
+SGD seeds and train/held-out cut as the ClientApp) in one process without Flower, and
+merges with FedAvg, the oracle or the soft merge, so a merge variant can be compared over
+a few seeds and rounds in about a minute a run. Its FedAvg reproduces the grid's FedAvg
+cells; the soft merge differs from the grid's only in its gate noise.
+
+Two uses:
+
+    # final and last-3 mean test accuracy of variants, over seeds
+    python benchmarks/replica.py --attack sign-flip --seeds 0,1,2 --rounds 8 \\
+        --variant default --variant warm_start_ceiling=true --variant fedavg --variant oracle
+
+    # per round: does gate learning fit the gate split at the test split's expense?
+    python benchmarks/replica.py --attack sign-flip --seeds 0 --rounds 8 --diagnose
+
+``--diagnose`` scores three merges of the same round's candidates on the gate split and
+on the test split: the learned gates, the learned gates with the malicious candidates'
+weights set to 0 (and the rest renormalised), and the warm start alone (no gate step).
+The trajectory follows the learned merge. A variant is ``default``, ``fedavg``,
+``oracle`` (FedAvg over the honest clients), or ``+``-joined SoftMergeConfig overrides
+such as ``warm_start_temperature=0.5+warm_start_ceiling=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+
+import numpy as np
+import torch
+
+from softmerge.aggregation import SoftMergeConfig, soft_merge
+from softmerge.aggregation.merge import build_merge_units
+from softmerge.client.attacks import flip_labels, poison_state
+from softmerge.simulations.tasks import ArraySet, build_model, evaluate_model, load_partition, load_task, train_model
+
+DATASET = "fashion-mnist"
+# The reference grid's settings (benchmarks/reference_grid.sh).
+CLIENTS, ALPHA, GATE_SIZE, TEST_SIZE, POOL = 20, 0.5, 300, 2000, 12000
+LOCAL_LR, LOCAL_BATCH = 0.05, 32
+REPLICA_ATTACKS = ("none", "sign-flip", "label-flip")
+
+
+def parse_variant(text: str) -> SoftMergeConfig | str:
+    if text in ("fedavg", "oracle"):
+        return text
+    overrides: dict[str, object] = {}
+    if text != "default":
+        types = {f.name: f.type for f in dataclasses.fields(SoftMergeConfig)}
+        for item in text.split("+"):
+            key, _, raw = item.partition("=")
+            if key not in types:
+                raise SystemExit(f"unknown SoftMergeConfig field {key!r}")
+            overrides[key] = raw.lower() == "true" if types[key] == "bool" else json.loads(raw)
+    return SoftMergeConfig(**overrides)
+
+
+def client_candidates(global_state, partitions, malicious, attack, round_number, seed):
+    candidates = []
+    for pid, data in enumerate(partitions):
+        cut = max(1, len(data) * 4 // 5)
+        x, y = data.x[:cut], data.y[:cut]
+        if pid in malicious and attack == "label-flip":
+            y = flip_labels(y, 10)
+        model = build_model(DATASET)
+        model.load_state_dict(global_state)
+        local_seed = seed * 1_000_003 + round_number * 1009 + pid
+        torch.manual_seed(local_seed)
+        train_model(model, ArraySet(x, y), epochs=1, learning_rate=LOCAL_LR, batch_size=LOCAL_BATCH, seed=local_seed)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if pid in malicious and attack == "sign-flip":
+            state = poison_state("sign-flip", global_state, state)
+        candidates.append(state)
+    return candidates
+
+
+def weighted_state(states, weights_per_unit, units):
+    """sum_k w_uk * theta_uk per unit; integer buffers from the first state."""
+    merged = {}
+    for u, unit in enumerate(units):
+        for name in unit.tensor_names:
+            if states[0][name].dtype.is_floating_point:
+                merged[name] = sum(float(weights_per_unit[u][k]) * states[k][name] for k in range(len(states)))
+            else:
+                merged[name] = states[0][name]
+    return merged
+
+
+def score(state, data):
+    model = build_model(DATASET)
+    model.load_state_dict(state)
+    return evaluate_model(model, data)
+
+
+def run(variant, attack, seed, rounds, malicious, diagnose=False):
+    task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
+    model = build_model(DATASET, seed)
+    units = build_merge_units(model, "layer")
+    partitions = [load_partition(DATASET, p, CLIENTS, partitioning="dirichlet", alpha=ALPHA, gate_size=GATE_SIZE,
+                                 test_size=TEST_SIZE, seed=seed, pool_size=POOL) for p in range(CLIENTS)]
+    sizes = np.array([max(1, len(d) * 4 // 5) for d in partitions], dtype=float)
+    malicious = set(malicious) if attack != "none" else set()
+    labels = [f"client-{p}" for p in range(CLIENTS)]
+    accuracies, malicious_weight = [], []
+    for round_number in range(1, rounds + 1):
+        global_state = {k: v.clone() for k, v in model.state_dict().items()}
+        candidates = client_candidates(global_state, partitions, malicious, attack, round_number, seed)
+        if isinstance(variant, str):
+            members = [p for p in range(CLIENTS) if variant == "fedavg" or p not in malicious]
+            share = sizes[members] / sizes[members].sum()
+            merged = {k: (sum(float(w) * candidates[p][k] for w, p in zip(share, members))
+                          if v.dtype.is_floating_point else v) for k, v in global_state.items()}
+            malicious_weight.append(float(sizes[list(malicious)].sum() / sizes.sum()) if variant == "fedavg" else 0.0)
+        else:
+            merged, report = soft_merge(model, candidates, task.gate.tensors(), variant, labels=labels)
+            malicious_weight.append(report.weight_on([labels[p] for p in malicious]))
+            if diagnose:
+                diagnose_round(round_number, report, candidates + [global_state], units, malicious, task,
+                               soft_merge(model, candidates, task.gate.tensors(),
+                                          dataclasses.replace(variant, steps=0), labels=labels)[1])
+        model.load_state_dict(merged)
+        accuracies.append(evaluate_model(model, task.test)[1])
+    return accuracies, malicious_weight
+
+
+def diagnose_round(round_number, report, states, units, malicious, task, warm_report):
+    learned = np.array(report.weights)
+    cleaned = learned.copy()
+    cleaned[:, sorted(malicious)] = 0.0
+    cleaned /= np.maximum(cleaned.sum(axis=1, keepdims=True), 1e-12)
+    cells = []
+    for name, weights in (("learned", learned), ("malicious zeroed", cleaned), ("warm start", np.array(warm_report.weights))):
+        gate_loss, gate_acc = score(weighted_state(states, weights, units), task.gate)
+        test_loss, test_acc = score(weighted_state(states, weights, units), task.test)
+        on_malicious = weights[:, sorted(malicious)].sum(axis=1).mean() if malicious else 0.0
+        cells.append(f"{name}: gate {gate_loss:.3f}/{gate_acc:.3f} test {test_loss:.3f}/{test_acc:.3f} "
+                     f"w_mal {on_malicious:.2f}")
+    print(f"round {round_number} steps {report.steps} | " + " | ".join(cells), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attack", choices=REPLICA_ATTACKS, default="none")
+    parser.add_argument("--variant", action="append", default=None)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--malicious", default="0,1,2,3,4,5,6,7", help="partition ids (the grid's 40%%)")
+    parser.add_argument("--diagnose", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    malicious = [int(p) for p in args.malicious.split(",") if p]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for text in args.variant or ["default"]:
+        variant = parse_variant(text)
+        finals, last3 = [], []
+        for seed in seeds:
+            accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose)
+            finals.append(accuracies[-1])
+            last3.append(statistics.mean(accuracies[-3:]))
+            print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
+                  f"malicious weight (last 3) {statistics.mean(weights[-3:]):.3f} "
+                  f"rounds {[round(a, 3) for a in accuracies]}", flush=True)
+        print(f"== {text} {args.attack} seeds {args.seeds}: final mean {statistics.mean(finals):.4f} "
+              f"last-3 mean {statistics.mean(last3):.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
