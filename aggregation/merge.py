@@ -649,7 +649,7 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
     if config.steps == 0 or log_alpha.shape[1] < 2 or len(targets) == 0:
         return 0, 0
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = _Adam(log_alpha, config.lr)
+    optimizer = torch.optim.Adam([log_alpha], lr=config.lr)
     count = len(targets)
     batch_size = min(config.batch_size, count)
     probe_size = PROBE_BATCHES * config.batch_size
@@ -738,34 +738,6 @@ class Plateau:
         else:
             self.stale += 1
         return self.tolerance > 0 and self.stale >= self.patience
-
-
-class _Adam:
-    """torch.optim.Adam (defaults, no weight decay) for one tensor, the same arithmetic.
-
-    ``torch.optim.Adam.step`` spends more time on bookkeeping than on a (U, K) update;
-    gate learning takes one such step per round-trip through the model.
-    """
-
-    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
-        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
-        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self.steps = 0
-
-    @torch.no_grad()
-    def step(self) -> None:
-        beta1, beta2 = self.betas
-        grad = self.param.grad
-        self.steps += 1
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = float(self.steps)
-        step_size = self.lr / (1 - beta1**step)
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-        self.param.addcdiv_(self.exp_avg, denom, value=-step_size)
 
 
 def _fallback_index(log_alpha: torch.Tensor, keep_index: int | None) -> torch.Tensor:
