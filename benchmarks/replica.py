@@ -16,12 +16,18 @@ Two uses:
     # per round: does gate learning fit the gate split at the test split's expense?
     python benchmarks/replica.py --attack sign-flip --seeds 0 --rounds 8 --diagnose
 
+Attacks: ``none``, the client-side ``sign-flip`` and ``label-flip``, and the colluding
+attacks of :mod:`softmerge.simulations.colluding` (``alie``, ``ipm-0.1``, ``fang``, ...),
+crafted from the honest updates with the harness's seed, as the grid does.
+
 ``--diagnose`` scores three merges of the same round's candidates on the gate split and
 on the test split: the learned gates, the learned gates with the malicious candidates'
 weights set to 0 (and the rest renormalised), and the warm start alone (no gate step).
 The trajectory follows the learned merge. A variant is ``default``, ``fedavg``,
 ``oracle`` (FedAvg over the honest clients), or ``+``-joined SoftMergeConfig overrides
-such as ``warm_start_temperature=0.5+warm_start_ceiling=true``.
+such as ``warm_start_temperature=0.5+warm_start_ceiling=true``. ``post=uniform`` or
+``post=examples`` joined in uses the learned gates only to select (gate > 0.5) and then
+merges the selected clients with equal or example-count weights.
 """
 
 from __future__ import annotations
@@ -38,27 +44,58 @@ import torch
 from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.merge import build_merge_units
 from softmerge.client.attacks import flip_labels, poison_state
+from softmerge.simulations.colluding import COLLUDING_ATTACKS, craft_malicious_updates
 from softmerge.simulations.tasks import ArraySet, build_model, evaluate_model, load_partition, load_task, train_model
 
 DATASET = "fashion-mnist"
 # The reference grid's settings (benchmarks/reference_grid.sh).
 CLIENTS, ALPHA, GATE_SIZE, TEST_SIZE, POOL = 20, 0.5, 300, 2000, 12000
 LOCAL_LR, LOCAL_BATCH = 0.05, 32
-REPLICA_ATTACKS = ("none", "sign-flip", "label-flip")
+REPLICA_ATTACKS = ("none", "sign-flip", "label-flip") + COLLUDING_ATTACKS
 
 
-def parse_variant(text: str) -> SoftMergeConfig | str:
+POST_MERGES = ("uniform", "examples")
+
+
+def parse_variant(text: str) -> tuple[SoftMergeConfig | str, str | None]:
+    """(config or baseline name, post-merge rule or None)."""
     if text in ("fedavg", "oracle"):
-        return text
+        return text, None
     overrides: dict[str, object] = {}
+    post = None
     if text != "default":
         types = {f.name: f.type for f in dataclasses.fields(SoftMergeConfig)}
         for item in text.split("+"):
             key, _, raw = item.partition("=")
+            if key == "post":
+                if raw not in POST_MERGES:
+                    raise SystemExit(f"post must be one of {POST_MERGES}")
+                post = raw
+                continue
             if key not in types:
                 raise SystemExit(f"unknown SoftMergeConfig field {key!r}")
             overrides[key] = raw.lower() == "true" if types[key] == "bool" else json.loads(raw)
-    return SoftMergeConfig(**overrides)
+    return SoftMergeConfig(**overrides), post
+
+
+def post_merge_weights(report, sizes, rule):
+    """Gates used only to select (gate > 0.5), then a plain or example-weighted mean of the selected clients.
+
+    A unit where no client is selected keeps the old model.
+    """
+    gates = np.array(report.gates)
+    keep = report.candidates.index("keep") if "keep" in report.candidates else None
+    prior = np.array([sizes[int(label.split("-")[1])] if label.startswith("client-") else 0.0
+                      for label in report.candidates])
+    weights = np.zeros_like(gates)
+    for u in range(gates.shape[0]):
+        chosen = (gates[u] > 0.5) & (prior > 0)
+        if not chosen.any():
+            weights[u, keep] = 1.0
+            continue
+        mass = np.where(chosen, prior if rule == "examples" else 1.0, 0.0)
+        weights[u] = mass / mass.sum()
+    return weights
 
 
 def client_candidates(global_state, partitions, malicious, attack, round_number, seed):
@@ -77,7 +114,27 @@ def client_candidates(global_state, partitions, malicious, attack, round_number,
         if pid in malicious and attack == "sign-flip":
             state = poison_state("sign-flip", global_state, state)
         candidates.append(state)
+    if attack in COLLUDING_ATTACKS and malicious:
+        collude(candidates, global_state, malicious, attack, round_number, seed)
     return candidates
+
+
+def collude(candidates, global_state, malicious, attack, round_number, seed):
+    """Replace the malicious candidates by global + crafted update, as the grid's harness does."""
+    keys = [k for k, v in global_state.items() if v.dtype.is_floating_point]
+    def flat_update(state):
+        return np.concatenate([(state[k] - global_state[k]).reshape(-1).double().numpy() for k in keys])
+    honest = [p for p in range(len(candidates)) if p not in malicious]
+    crafted = craft_malicious_updates(attack, np.stack([flat_update(candidates[p]) for p in honest]),
+                                      len(malicious), len(candidates), rng=np.random.default_rng([seed, round_number]))
+    for pid, update in zip(sorted(malicious), crafted):
+        state, offset = dict(candidates[pid]), 0
+        for k in keys:
+            size = global_state[k].numel()
+            piece = torch.from_numpy(update[offset:offset + size]).reshape(global_state[k].shape)
+            state[k] = (global_state[k].double() + piece).to(global_state[k].dtype)
+            offset += size
+        candidates[pid] = state
 
 
 def weighted_state(states, weights_per_unit, units):
@@ -98,7 +155,7 @@ def score(state, data):
     return evaluate_model(model, data)
 
 
-def run(variant, attack, seed, rounds, malicious, diagnose=False):
+def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     units = build_merge_units(model, "layer")
@@ -120,6 +177,10 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False):
         else:
             merged, report = soft_merge(model, candidates, task.gate.tensors(), variant, labels=labels)
             malicious_weight.append(report.weight_on([labels[p] for p in malicious]))
+            if post is not None:
+                weights = post_merge_weights(report, sizes, post)
+                merged = weighted_state(candidates + [global_state], weights, units)
+                malicious_weight[-1] = float(weights[:, sorted(malicious)].sum(axis=1).mean()) if malicious else 0.0
             if diagnose:
                 diagnose_round(round_number, report, candidates + [global_state], units, malicious, task,
                                soft_merge(model, candidates, task.gate.tensors(),
@@ -157,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     malicious = [int(p) for p in args.malicious.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",")]
     for text in args.variant or ["default"]:
-        variant = parse_variant(text)
+        variant, post = parse_variant(text)
         finals, last3 = [], []
         for seed in seeds:
-            accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose)
+            accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
