@@ -27,7 +27,9 @@ The trajectory follows the learned merge. A variant is ``default``, ``fedavg``,
 ``oracle`` (FedAvg over the honest clients), or ``+``-joined SoftMergeConfig overrides
 such as ``warm_start_temperature=0.5+warm_start_ceiling=true``. ``post=uniform`` or
 ``post=examples`` joined in uses the learned gates only to select (gate > 0.5) and then
-merges the selected clients with equal or example-count weights.
+merges the selected clients with equal or example-count weights. ``post=zero-malicious``
+is for analysis only: it sets the malicious candidates' learned weights to 0 (perfect
+detection), which splits a gap to the oracle into detection and honest weighting.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ LOCAL_LR, LOCAL_BATCH = 0.05, 32
 REPLICA_ATTACKS = ("none", "sign-flip", "label-flip") + COLLUDING_ATTACKS
 
 
-POST_MERGES = ("uniform", "examples")
+POST_MERGES = ("uniform", "examples", "zero-malicious")
 
 
 def parse_variant(text: str) -> tuple[SoftMergeConfig | str, str | None]:
@@ -177,7 +179,15 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None):
         else:
             merged, report = soft_merge(model, candidates, task.gate.tensors(), variant, labels=labels)
             malicious_weight.append(report.weight_on([labels[p] for p in malicious]))
-            if post is not None:
+            if post == "zero-malicious":
+                # Analysis only: the learned weights with perfect detection, to split the gap to
+                # the oracle into what detection costs and what the honest weighting costs.
+                weights = np.array(report.weights)
+                weights[:, sorted(malicious)] = 0.0
+                weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+                merged = weighted_state(candidates + [global_state], weights, units)
+                malicious_weight[-1] = 0.0
+            elif post is not None:
                 weights = post_merge_weights(report, sizes, post)
                 merged = weighted_state(candidates + [global_state], weights, units)
                 malicious_weight[-1] = float(weights[:, sorted(malicious)].sum(axis=1).mean()) if malicious else 0.0
