@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import statistics
 import time
 from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
@@ -63,7 +62,6 @@ from .gates import LOG_ALPHA_CLOSED, deterministic_gates, expected_l0, sample_ga
 
 MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
-WARM_START_REFERENCES = ("best", "median")
 LOG_ALPHA_MIN = -10.0
 KEEP_LABEL = "keep"
 # The convergence check scores the deterministic gates on at most this many gate batches
@@ -94,10 +92,6 @@ class SoftMergeConfig:
         warm_start: start log_alpha from each candidate's own validation loss.
         init_log_alpha: starting log_alpha of the best candidate.
         warm_start_temperature: nats of extra loss that cost one unit of log_alpha.
-        warm_start_reference: the loss the warm start measures from: ``"best"`` (the
-            lowest own loss, usually the keep candidate's: every other candidate starts
-            below it) or ``"median"`` (the median own loss: candidates at or below it all
-            start at ``init_log_alpha``, and only the worse half is started lower).
         warm_start_ceiling: log_alpha never rises above its start, so a candidate's own
             validation loss bounds the trust it can get: gate learning may close a gate
             but not open it further than that loss allows. Without the ceiling, a few
@@ -140,7 +134,6 @@ class SoftMergeConfig:
     warm_start: bool = True
     init_log_alpha: float = 2.0
     warm_start_temperature: float = 1.0
-    warm_start_reference: str = "best"
     warm_start_ceiling: bool = False
     max_grad_norm: float = 1.0
     tolerance: float = 0.01
@@ -164,8 +157,6 @@ class SoftMergeConfig:
         _require(_finite(self.init_log_alpha), "init_log_alpha must be finite")
         _require(_finite(self.warm_start_temperature) and self.warm_start_temperature > 0,
                  "warm_start_temperature must be a finite number > 0")
-        _require(self.warm_start_reference in WARM_START_REFERENCES,
-                 f"warm_start_reference must be one of {WARM_START_REFERENCES}")
         _require(isinstance(self.warm_start_ceiling, bool), "warm_start_ceiling must be a bool")
         _require(_finite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm must be a finite number > 0")
         _require(_finite(self.tolerance) and self.tolerance >= 0, "tolerance must be a finite number >= 0")
@@ -481,18 +472,11 @@ def evaluate_state(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: 
 def warm_start_log_alpha(losses: Sequence[float], config: SoftMergeConfig) -> torch.Tensor:
     """Initial log_alpha per candidate from each candidate's own validation loss.
 
-    A candidate whose loss is at most the reference (the best loss, or the median one;
-    see ``SoftMergeConfig.warm_start_reference``) starts at ``init_log_alpha``; every nat
-    of loss above the reference costs ``1 / warm_start_temperature``. Non-finite losses
-    start at the closed floor.
+    The best candidate starts at ``init_log_alpha``; every nat of extra loss costs
+    ``1 / warm_start_temperature``. Non-finite losses start at the closed floor.
     """
     finite = [loss for loss in losses if math.isfinite(loss)]
-    if not finite:
-        reference = 0.0
-    elif config.warm_start_reference == "median":
-        reference = statistics.median(finite)
-    else:
-        reference = min(finite)
+    best = min(finite) if finite else 0.0
     start = []
     for loss in losses:
         if not config.warm_start:
@@ -500,7 +484,7 @@ def warm_start_log_alpha(losses: Sequence[float], config: SoftMergeConfig) -> to
         elif not math.isfinite(loss):
             start.append(LOG_ALPHA_MIN)
         else:
-            value = config.init_log_alpha - (loss - reference) / config.warm_start_temperature
+            value = config.init_log_alpha - (loss - best) / config.warm_start_temperature
             start.append(max(LOG_ALPHA_MIN, min(config.init_log_alpha, value)))
     return torch.tensor(start, dtype=torch.float32)
 

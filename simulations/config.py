@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..aggregation.merge import WARM_START_REFERENCES
 from .colluding import COLLUDING_ATTACKS, is_colluding_attack
 from .tasks import DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
 
@@ -73,7 +72,6 @@ class RunSettings:
     softmerge_threads: int = 1
     softmerge_max_candidates: int = 0
     softmerge_warm_temperature: float = 1.0
-    softmerge_warm_reference: str = "best"
     softmerge_ceiling: bool = False
     output_dir: str = "results/flwr-run"
     resume: bool = True
@@ -184,7 +182,6 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_threads": _at_least(0),
     "softmerge_max_candidates": _at_least(0),
     "softmerge_warm_temperature": _open_interval(0, 100),
-    "softmerge_warm_reference": _choice(WARM_START_REFERENCES),
     "round_timeout": _open_interval(0, 86400),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
     "client_failure_mode": _choice(FAILURE_MODES),

@@ -205,16 +205,3 @@ def test_warm_start_ceiling_lets_gates_close_but_never_open_past_the_start():
     assert float(learned[False].max()) > 0.5
     assert float(learned[True].max()) <= 1e-6
     assert float(learned[True].min()) < -0.5
-
-
-def test_median_warm_start_opens_the_better_half_fully_and_closes_outliers():
-    losses = [0.5, 1.0, 1.2, 3.0, 20.0, math.inf]
-    best = warm_start_log_alpha(losses, SoftMergeConfig())
-    median = warm_start_log_alpha(losses, SoftMergeConfig(warm_start_reference="median"))
-    # The finite median is 1.2: everything at or below it starts at init_log_alpha (2.0).
-    assert median[:3].tolist() == [2.0, 2.0, 2.0]
-    assert best[:3].tolist() == pytest.approx([2.0, 1.5, 1.3])
-    assert float(median[3]) == pytest.approx(2.0 - 1.8)
-    assert float(median[4]) == LOG_ALPHA_MIN and float(median[5]) == LOG_ALPHA_MIN
-    with pytest.raises(ValueError, match="warm_start_reference"):
-        SoftMergeConfig(warm_start_reference="mean")
