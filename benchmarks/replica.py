@@ -1,8 +1,8 @@
 """Offline replica of the reference grid's setting, for trying soft-merge variants quickly.
 
 The grid (docs/benchmarks.md) runs every cell through Flower's simulation engine, 3–4
-minutes a cell. This script trains the same clients the same way (same partitions, local
-SGD seeds and train/held-out cut as the ClientApp) in one process without Flower, and
+minutes a cell. This script trains the same clients the same way (same partitions, and the
+ClientApp's own local seeds and train/held-out cut) in one process without Flower, and
 merges with FedAvg, the oracle or the soft merge, so a merge variant can be compared over
 a few seeds and rounds in about a minute a run. Its FedAvg reproduces the grid's FedAvg
 cells; the soft merge differs from the grid's only in its gate noise.
@@ -45,6 +45,7 @@ import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.merge import build_merge_units
+from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
 from softmerge.simulations.colluding import COLLUDING_ATTACKS, craft_malicious_updates
 from softmerge.simulations.tasks import ArraySet, build_model, evaluate_model, load_partition, load_task, train_model
@@ -103,15 +104,14 @@ def post_merge_weights(report, sizes, rule):
 def client_candidates(global_state, partitions, malicious, attack, round_number, seed):
     candidates = []
     for pid, data in enumerate(partitions):
-        cut = max(1, len(data) * 4 // 5)
-        x, y = data.x[:cut], data.y[:cut]
+        train_set, _ = split_held_out(data)
         if pid in malicious and attack == "label-flip":
-            y = flip_labels(y, 10)
+            train_set = ArraySet(train_set.x, flip_labels(train_set.y, 10))
         model = build_model(DATASET)
         model.load_state_dict(global_state)
-        local_seed = seed * 1_000_003 + round_number * 1009 + pid
-        torch.manual_seed(local_seed)
-        train_model(model, ArraySet(x, y), epochs=1, learning_rate=LOCAL_LR, batch_size=LOCAL_BATCH, seed=local_seed)
+        client_seed = local_seed(seed, round_number, pid)
+        torch.manual_seed(client_seed)
+        train_model(model, train_set, epochs=1, learning_rate=LOCAL_LR, batch_size=LOCAL_BATCH, seed=client_seed)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if pid in malicious and attack == "sign-flip":
             state = poison_state("sign-flip", global_state, state)
@@ -163,7 +163,7 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None):
     units = build_merge_units(model, "layer")
     partitions = [load_partition(DATASET, p, CLIENTS, partitioning="dirichlet", alpha=ALPHA, gate_size=GATE_SIZE,
                                  test_size=TEST_SIZE, seed=seed, pool_size=POOL) for p in range(CLIENTS)]
-    sizes = np.array([max(1, len(d) * 4 // 5) for d in partitions], dtype=float)
+    sizes = np.array([len(split_held_out(d)[0]) for d in partitions], dtype=float)
     malicious = set(malicious) if attack != "none" else set()
     labels = [f"client-{p}" for p in range(CLIENTS)]
     accuracies, malicious_weight = [], []

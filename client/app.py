@@ -37,9 +37,18 @@ def _local_data(settings: RunSettings, context: Context) -> tuple[int, int, Arra
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     data = partition_data(settings, partition_id, num_partitions)
-    # A fixed fifth of the partition is held out for federated evaluation.
+    return partition_id, num_partitions, *split_held_out(data)
+
+
+def split_held_out(data: ArraySet) -> tuple[ArraySet, ArraySet]:
+    """(train, held out): a fixed fifth of the partition is held out for federated evaluation."""
     cut = max(1, len(data) * 4 // 5) if len(data) > 1 else len(data)
-    return partition_id, num_partitions, ArraySet(data.x[:cut], data.y[:cut]), ArraySet(data.x[cut:], data.y[cut:])
+    return ArraySet(data.x[:cut], data.y[:cut]), ArraySet(data.x[cut:], data.y[cut:])
+
+
+def local_seed(run_seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of one client's local training (and poisoning) in one round."""
+    return run_seed * 1_000_003 + server_round * 1_009 + partition_id
 
 
 @app.train()
@@ -76,7 +85,7 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
     """Train on this node's partition; a malicious node then poisons what it sends."""
     partition_id, num_partitions, train_set, _ = _local_data(settings, context)
     server_round = int(msg.content["config"].get("server-round", 0))
-    seed = settings.seed * 1_000_003 + server_round * 1_009 + partition_id
+    seed = local_seed(settings.seed, server_round, partition_id)
     failure = simulated_failure(settings, seed)
     if failure == "raise":
         raise RuntimeError(f"simulated client failure (partition {partition_id}, round {server_round})")
