@@ -25,6 +25,20 @@ learned, by Adam on the server's clean gate split:
 The candidates' weights are never changed, only gated. The merged model is built from
 the deterministic gates.
 
+Warm start. log_alpha starts from two tests on the gate split, and gate learning may
+lower it but never raise it above that start (the ceiling): a few hundred gate examples
+are too few to trust learning to re-open a candidate the tests closed.
+
+    own loss:     start_k <= init - (L(theta_k) - min_j L(theta_j)) / T_own
+    mirror test:  start_k <= LOG_ALPHA_CLOSED - (L(theta_k) - L(2 theta_keep - theta_k)) / T_mirror
+
+The mirror test asks whether the candidate's update descends: the loss difference
+between the update and its reflection through the global model keeps the odd-order terms
+of the loss around it (the direction) and cancels the even ones (the curvature that
+makes every non-IID local model look worse than the global one). An honest update
+passes; a sign-flipped one, a resent old model, an update shrunk to near zero (IPM) and
+the keep candidate itself (difference 0) start closed. docs/benchmarks.md measures it.
+
 Numerics. Non-finite or mismatched candidates are excluded before gating. Finite but
 extreme candidates are gated like any other; three guards keep gate learning finite on
 them: log_alpha is warm-started from each candidate's own validation loss (a candidate
@@ -99,6 +113,18 @@ class SoftMergeConfig:
             several nats worse (sign-flipped ones): mixing a little of them in lowers
             the gate split's cross-entropy while it raises the test loss, which is
             fitting the gate split, not the task (docs/benchmarks.md measures it).
+        mirror_test: a candidate must also show that its update lowers the gate-split
+            loss: the warm start compares its own loss with that of its mirror image
+            through the keep model, 2 * keep - candidate. The difference of the two,
+            d = L(keep + delta) - L(keep - delta), cancels the even-order terms of the
+            loss around the keep model (the curvature that makes every non-IID local
+            model look worse than the global one) and keeps the odd ones, the
+            direction: an honest update has d < 0, a sign-flipped one d > 0 and one that
+            barely moves (an old model resent, IPM with a small epsilon) d of about 0.
+            The start is then min(own-loss start, LOG_ALPHA_CLOSED - d /
+            mirror_temperature): a candidate whose update does not descend starts at or
+            below the closed threshold. The keep candidate has d = 0.
+        mirror_temperature: nats of mirror difference d per unit of log_alpha.
         max_grad_norm: clip on the gradient norm of log_alpha.
         tolerance: every ``check_every`` steps the deterministic gates are scored by
             the objective itself, without noise: the cross-entropy of the merge they
@@ -134,7 +160,9 @@ class SoftMergeConfig:
     warm_start: bool = True
     init_log_alpha: float = 2.0
     warm_start_temperature: float = 1.0
-    warm_start_ceiling: bool = False
+    warm_start_ceiling: bool = True
+    mirror_test: bool = True
+    mirror_temperature: float = 0.02
     max_grad_norm: float = 1.0
     tolerance: float = 0.01
     check_every: int = 10
@@ -158,6 +186,9 @@ class SoftMergeConfig:
         _require(_finite(self.warm_start_temperature) and self.warm_start_temperature > 0,
                  "warm_start_temperature must be a finite number > 0")
         _require(isinstance(self.warm_start_ceiling, bool), "warm_start_ceiling must be a bool")
+        _require(isinstance(self.mirror_test, bool), "mirror_test must be a bool")
+        _require(_finite(self.mirror_temperature) and self.mirror_temperature > 0,
+                 "mirror_temperature must be a finite number > 0")
         _require(_finite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm must be a finite number > 0")
         _require(_finite(self.tolerance) and self.tolerance >= 0, "tolerance must be a finite number >= 0")
         _require(isinstance(self.check_every, int) and self.check_every >= 1, "check_every must be an integer >= 1")
@@ -469,6 +500,30 @@ def evaluate_state(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: 
     return (loss if math.isfinite(loss) else math.inf), correct / count
 
 
+def mirror_state(candidate: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The candidate reflected through the keep model: 2 * keep - candidate (floating tensors)."""
+    return {name: (2 * keep[name] - tensor) if tensor.dtype.is_floating_point else tensor
+            for name, tensor in candidate.items()}
+
+
+def mirror_log_alpha(losses: Sequence[float], mirror_losses: Sequence[float], config: SoftMergeConfig) -> torch.Tensor:
+    """The mirror test's bound on the starting log_alpha (see ``SoftMergeConfig.mirror_test``).
+
+    d = own loss - mirror loss; the bound is LOG_ALPHA_CLOSED - d / mirror_temperature. A
+    candidate whose own loss is not finite is closed; one whose mirror loss is not finite
+    (while its own is) has descended from an astronomical mirror and is not bounded here.
+    """
+    bounds = []
+    for loss, mirror in zip(losses, mirror_losses):
+        if not math.isfinite(loss):
+            bounds.append(LOG_ALPHA_MIN)
+        elif not math.isfinite(mirror):
+            bounds.append(-LOG_ALPHA_MIN)
+        else:
+            bounds.append(LOG_ALPHA_CLOSED - (loss - mirror) / config.mirror_temperature)
+    return torch.tensor(bounds, dtype=torch.float32).clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
+
+
 def warm_start_log_alpha(losses: Sequence[float], config: SoftMergeConfig) -> torch.Tensor:
     """Initial log_alpha per candidate from each candidate's own validation loss.
 
@@ -575,17 +630,25 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             states = [states[k] for k in chosen]
             gated_labels = [gated_labels[k] for k in chosen]
             candidate_losses = [candidate_losses[k] for k in chosen]
+        if config.warm_start and config.mirror_test:
+            mirror_losses = [evaluate_state(model, mirror_state(state, keep_state), inputs, targets)[0]
+                             for state in states]
         if config.include_keep:
             states.append(keep_state)
             gated_labels.append(KEEP_LABEL)
             candidate_losses.append(loss_before)
+            if config.warm_start and config.mirror_test:
+                mirror_losses.append(loss_before)
 
         buffer_names = {name for name, _ in model.named_buffers()}
         stacked = _StackedCandidates(reference, states, units, buffer_names)
         if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):
             start = torch.nan_to_num(initial_log_alpha.detach().float(), nan=LOG_ALPHA_MIN).clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
         else:
-            start = warm_start_log_alpha(candidate_losses, config).expand(len(units), -1)
+            start = warm_start_log_alpha(candidate_losses, config)
+            if config.warm_start and config.mirror_test:
+                start = torch.minimum(start, mirror_log_alpha(candidate_losses, mirror_losses, config))
+            start = start.expand(len(units), -1)
         log_alpha = nn.Parameter(start.clone().contiguous())
         keep_index = len(states) - 1 if config.include_keep else None
         steps, skipped = _learn_gates(model, stacked, log_alpha, inputs, targets, config, keep_index)

@@ -25,6 +25,7 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         include_keep=settings.softmerge_keep, tolerance=settings.softmerge_tolerance,
         threads=settings.softmerge_threads, max_candidates=settings.softmerge_max_candidates,
         warm_start_temperature=settings.softmerge_warm_temperature, warm_start_ceiling=settings.softmerge_ceiling,
+        mirror_test=settings.softmerge_mirror_test, mirror_temperature=settings.softmerge_mirror_temperature,
     )
 
 

@@ -72,7 +72,9 @@ class RunSettings:
     softmerge_threads: int = 1
     softmerge_max_candidates: int = 0
     softmerge_warm_temperature: float = 1.0
-    softmerge_ceiling: bool = False
+    softmerge_ceiling: bool = True
+    softmerge_mirror_test: bool = True
+    softmerge_mirror_temperature: float = 0.02
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
@@ -182,6 +184,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_threads": _at_least(0),
     "softmerge_max_candidates": _at_least(0),
     "softmerge_warm_temperature": _open_interval(0, 100),
+    "softmerge_mirror_temperature": _open_interval(0, 100),
     "round_timeout": _open_interval(0, 86400),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
     "client_failure_mode": _choice(FAILURE_MODES),

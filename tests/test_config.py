@@ -46,6 +46,8 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-max-candidates": 2.5}, "'softmerge-max-candidates' must be an integer"),
         ({"softmerge-warm-temperature": 0}, "'softmerge-warm-temperature' must be in (0, 100]"),
         ({"softmerge-ceiling": "sometimes"}, "'softmerge-ceiling' must be true or false"),
+        ({"softmerge-mirror-test": 1}, "'softmerge-mirror-test' must be true or false"),
+        ({"softmerge-mirror-temperature": 0}, "'softmerge-mirror-temperature' must be in (0, 100]"),
         ({"malicious-partitions": "1,two"}, "malicious-partitions must be comma-separated partition ids"),
         ({"malicious-partitions": "-1"}, "malicious-partitions must hold ids >= 0"),
         ({"extreme-values": "big"}, "extreme-values must be numbers, 'inf' or 'nan'"),

@@ -14,7 +14,8 @@ from softmerge.aggregation import (
     soft_merge,
     validate_candidates,
 )
-from softmerge.aggregation.merge import LOG_ALPHA_MIN, warm_start_log_alpha
+from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
+from softmerge.aggregation.merge import LOG_ALPHA_MIN, mirror_log_alpha, mirror_state, warm_start_log_alpha
 
 
 class BatchNormNet(nn.Module):
@@ -205,3 +206,56 @@ def test_warm_start_ceiling_lets_gates_close_but_never_open_past_the_start():
     assert float(learned[False].max()) > 0.5
     assert float(learned[True].max()) <= 1e-6
     assert float(learned[True].min()) < -0.5
+
+
+def _descent_step(net, inputs, targets, steps=20, lr=0.5):
+    """keep + the update a few steps of gradient descent make: an honest client's reply."""
+    model = nn.Linear(inputs.shape[1], 2)
+    model.load_state_dict(net.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_mirror_state_reflects_floating_tensors_through_the_keep_model():
+    keep = {"w": torch.tensor([1.0, 2.0]), "count": torch.tensor(3)}
+    candidate = {"w": torch.tensor([1.5, 0.0]), "count": torch.tensor(7)}
+    mirrored = mirror_state(candidate, keep)
+    assert torch.equal(mirrored["w"], torch.tensor([0.5, 4.0]))
+    assert int(mirrored["count"]) == 7
+
+
+def test_mirror_test_starts_updates_that_do_not_descend_closed():
+    # The keep model is mediocre; an honest update descends, its sign flip ascends, and an
+    # IPM-like reply (keep - 0.1 * honest update) barely moves. By own loss alone the IPM
+    # reply is as good as the keep model and better than nothing, so it starts open; the
+    # mirror test sees that neither it nor the flip descends, and starts both closed.
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    inputs = torch.randn(300, 3)
+    targets = (inputs[:, 0] - inputs[:, 1] > 0).long()
+    keep = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    honest = _descent_step(net, inputs, targets)
+    flipped = mirror_state(honest, keep)
+    damping = {k: keep[k] - 0.1 * (honest[k] - keep[k]) for k in keep}
+    labels = ["honest", "flipped", "damping"]
+    weights = {}
+    for mirror in (False, True):
+        config = SoftMergeConfig(units="model", steps=0, mirror_test=mirror)
+        _, report = soft_merge(net, [honest, flipped, damping], (inputs, targets), config, labels=labels)
+        weights[mirror] = dict(zip(report.candidates, report.weights[0]))
+    assert weights[False]["damping"] > 0.2 and weights[False]["keep"] > 0.2
+    assert weights[True]["honest"] == pytest.approx(1.0)
+    assert weights[True]["flipped"] == weights[True]["damping"] == weights[True]["keep"] == 0.0
+
+
+def test_mirror_test_bound_is_closed_for_a_non_finite_candidate_and_open_for_a_non_finite_mirror():
+    config = SoftMergeConfig(mirror_test=True)
+    bounds = mirror_log_alpha([math.inf, 0.5, 0.5, 0.5], [0.5, math.inf, 0.5, 0.7], config)
+    assert float(bounds[0]) == LOG_ALPHA_MIN
+    assert float(bounds[1]) == -LOG_ALPHA_MIN
+    assert float(bounds[2]) == pytest.approx(LOG_ALPHA_CLOSED)
+    assert float(bounds[3]) > float(bounds[2])
