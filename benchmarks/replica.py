@@ -16,6 +16,9 @@ Two uses:
     # per round: does gate learning fit the gate split at the test split's expense?
     python benchmarks/replica.py --attack sign-flip --seeds 0 --rounds 8 --diagnose
 
+    # every 5 rounds: which per-candidate score tells honest from malicious?
+    python benchmarks/replica.py --attack ipm-0.1 --seeds 0 --rounds 15 --scores 5
+
 Attacks: ``none``, the client-side ``sign-flip`` and ``label-flip``, and the colluding
 attacks of :mod:`softmerge.simulations.colluding` (``alie``, ``ipm-0.1``, ``fang``, ...),
 crafted from the honest updates with the harness's seed, as the grid does.
@@ -23,7 +26,11 @@ crafted from the honest updates with the harness's seed, as the grid does.
 ``--diagnose`` scores three merges of the same round's candidates on the gate split and
 on the test split: the learned gates, the learned gates with the malicious candidates'
 weights set to 0 (and the rest renormalised), and the warm start alone (no gate step).
-The trajectory follows the learned merge. A variant is ``default``, ``fedavg``,
+The trajectory follows the learned merge. ``--scores N`` prints, every N rounds, three
+per-candidate scores on the gate split, relative to the keep model and sorted, for honest
+and malicious candidates apart: the own loss, the mirror difference L(keep + delta) -
+L(keep - delta) that ``SoftMergeConfig.mirror_test`` uses, and the linear term
+grad L(keep) . delta. A variant is ``default``, ``fedavg``,
 ``oracle`` (FedAvg over the honest clients), or ``+``-joined SoftMergeConfig overrides
 such as ``warm_start_temperature=0.5+warm_start_ceiling=true``. ``post=uniform`` or
 ``post=examples`` joined in uses the learned gates only to select (gate > 0.5) and then
@@ -44,7 +51,7 @@ import numpy as np
 import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.merge import build_merge_units
+from softmerge.aggregation.merge import build_merge_units, evaluate_state, mirror_state
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
 from softmerge.simulations.colluding import COLLUDING_ATTACKS, craft_malicious_updates
@@ -157,7 +164,7 @@ def score(state, data):
     return evaluate_model(model, data)
 
 
-def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None):
+def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     units = build_merge_units(model, "layer")
@@ -170,6 +177,8 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None):
     for round_number in range(1, rounds + 1):
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         candidates = client_candidates(global_state, partitions, malicious, attack, round_number, seed)
+        if scores_every and (round_number == 1 or round_number % scores_every == 0):
+            print_scores(round_number, model, global_state, candidates, malicious, task)
         if isinstance(variant, str):
             members = [p for p in range(CLIENTS) if variant == "fedavg" or p not in malicious]
             share = sizes[members] / sizes[members].sum()
@@ -200,6 +209,31 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None):
     return accuracies, malicious_weight
 
 
+def print_scores(round_number, model, global_state, candidates, malicious, task):
+    inputs, targets = task.gate.tensors()
+    was_training = model.training
+    model.eval()
+    keep_loss = evaluate_state(model, global_state, inputs, targets)[0]
+    own = np.array([evaluate_state(model, c, inputs, targets)[0] for c in candidates]) - keep_loss
+    mirror = np.array([evaluate_state(model, mirror_state(c, global_state), inputs, targets)[0]
+                       for c in candidates]) - keep_loss
+    floats = [k for k, v in global_state.items() if v.dtype.is_floating_point]
+    params = {k: global_state[k].clone().requires_grad_(True) for k in floats}
+    logits = torch.func.functional_call(model, {**global_state, **params}, (inputs,))
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets), [params[k] for k in floats])
+    linear = np.array([sum(float((g * (c[k] - global_state[k])).sum()) for g, k in zip(grads, floats))
+                       for c in candidates])
+    model.train(was_training)
+    honest = [p for p in range(len(candidates)) if p not in malicious]
+    bad = sorted(malicious)
+
+    def row(values):
+        return "[" + " ".join(f"{v:+.2f}" for v in sorted(values)) + "]"
+    print(f"round {round_number}: keep loss {keep_loss:.3f}", flush=True)
+    for name, values in (("own loss", own), ("mirror d", own - mirror), ("linear", linear)):
+        print(f"  {name:9s} honest {row(values[honest])}  malicious {row(values[bad]) if bad else '-'}", flush=True)
+
+
 def diagnose_round(round_number, report, states, units, malicious, task, warm_report):
     learned = np.array(report.weights)
     cleaned = learned.copy()
@@ -223,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--malicious", default="0,1,2,3,4,5,6,7", help="partition ids (the grid's 40%%)")
     parser.add_argument("--diagnose", action="store_true")
+    parser.add_argument("--scores", type=int, default=0, metavar="N",
+                        help="every N rounds, print per-candidate detection scores (own loss, mirror test, linear term)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     malicious = [int(p) for p in args.malicious.split(",") if p]
@@ -231,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         variant, post = parse_variant(text)
         finals, last3 = [], []
         for seed in seeds:
-            accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post)
+            accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
+                                         args.scores)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
