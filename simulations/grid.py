@@ -327,10 +327,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attacks: list[str],
                    fractions: list[float], args: argparse.Namespace, base: RunSettings) -> None:
-    # Several invocations may fill one grid (say, the 40% column first): keep every cell.
+    # Several invocations may fill one grid (say, the 40% column first): keep every cell,
+    # except a finished one whose directory has since been deleted to be run again (after a
+    # change to a defense): its old figures no longer describe anything on disk.
     merged: dict[str, dict] = {}
     try:
-        merged = {row["key"]: row for row in json.loads((output / "cells.json").read_text())}
+        merged = {row["key"]: row for row in json.loads((output / "cells.json").read_text())
+                  if row.get("status") != "finished" or (output / "cells" / row["key"] / "results.json").exists()}
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         pass
     merged.update({row["key"]: row for row in rows})

@@ -55,3 +55,29 @@ def test_grid_runs_through_flower_and_resumes_without_rerunning(tmp_path):
     assert (tmp_path / "cells" / "fedavg__ipm-100__f0.25__s0" / "results.json").stat().st_mtime_ns == stamp
     assert "ipm-100" in (tmp_path / "tables.md").read_text()
     assert (tmp_path / "plots" / "accuracy__ipm-100__f0.25.png").is_file()
+
+
+def test_tables_forget_a_finished_cell_whose_directory_was_deleted(tmp_path):
+    # Deleting a cell's directory is how a cell is rerun after a change to a defense; until it
+    # has run again, its old figures must not stay in the tables.
+    from argparse import Namespace
+
+    from softmerge.simulations.config import RunSettings
+    from softmerge.simulations.grid import _write_outputs
+
+    def row(key, status, accuracy):
+        strategy, attack, fraction, _ = key.split("__")
+        return {"key": key, "strategy": strategy, "attack": attack, "fraction": float(fraction[1:]),
+                "seed": 0, "status": status, "final_accuracy": accuracy, "final_backdoor_asr": None,
+                "malicious_weight": None, "seconds": 1.0}
+
+    kept, deleted, failed = "fedavg__alie__f0.2__s0", "softmerge__alie__f0.2__s0", "fltrust__alie__f0.2__s0"
+    (tmp_path / "cells" / kept).mkdir(parents=True)
+    (tmp_path / "cells" / kept / "results.json").write_text('{"status": "finished"}')
+    (tmp_path / "cells.json").write_text(json.dumps([row(kept, "finished", 0.8), row(deleted, "finished", 0.7),
+                                                     row(failed, "failed", None)]))
+    _write_outputs(tmp_path, [], ["softmerge", "fedavg", "fltrust"], ["alie"], [0.2], Namespace(clients=20),
+                   RunSettings())
+    keys = {r["key"] for r in json.loads((tmp_path / "cells.json").read_text())}
+    assert keys == {kept, failed}
+    assert "70.0" not in (tmp_path / "tables.md").read_text()
