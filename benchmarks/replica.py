@@ -55,13 +55,16 @@ from softmerge.aggregation.merge import build_merge_units, evaluate_state, mirro
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
 from softmerge.simulations.colluding import COLLUDING_ATTACKS, craft_malicious_updates
-from softmerge.simulations.tasks import ArraySet, build_model, evaluate_model, load_partition, load_task, train_model
+from softmerge.simulations.tasks import (ArraySet, attack_success_rate, build_model, evaluate_model, load_partition,
+                                         load_task, poison_with_backdoor, train_model)
 
 DATASET = "fashion-mnist"
 # The reference grid's settings (benchmarks/reference_grid.sh).
 CLIENTS, ALPHA, GATE_SIZE, TEST_SIZE, POOL = 20, 0.5, 300, 2000, 12000
 LOCAL_LR, LOCAL_BATCH = 0.05, 32
-REPLICA_ATTACKS = ("none", "sign-flip", "label-flip") + COLLUDING_ATTACKS
+REPLICA_ATTACKS = ("none", "sign-flip", "label-flip", "backdoor") + COLLUDING_ATTACKS
+# The grid's backdoor (run-config defaults): trigger on half a malicious client's data, target class 0.
+BACKDOOR_TARGET, BACKDOOR_FRACTION = 0, 0.5
 
 
 POST_MERGES = ("uniform", "examples", "zero-malicious")
@@ -114,9 +117,11 @@ def client_candidates(global_state, partitions, malicious, attack, round_number,
         train_set, _ = split_held_out(data)
         if pid in malicious and attack == "label-flip":
             train_set = ArraySet(train_set.x, flip_labels(train_set.y, 10))
+        client_seed = local_seed(seed, round_number, pid)
+        if pid in malicious and attack == "backdoor":
+            train_set = poison_with_backdoor(train_set, BACKDOOR_TARGET, BACKDOOR_FRACTION, client_seed)
         model = build_model(DATASET)
         model.load_state_dict(global_state)
-        client_seed = local_seed(seed, round_number, pid)
         torch.manual_seed(client_seed)
         train_model(model, train_set, epochs=1, learning_rate=LOCAL_LR, batch_size=LOCAL_BATCH, seed=client_seed)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -206,6 +211,9 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
                                           dataclasses.replace(variant, steps=0), labels=labels)[1])
         model.load_state_dict(merged)
         accuracies.append(evaluate_model(model, task.test)[1])
+    if attack == "backdoor":
+        print(f"backdoor attack success rate after round {rounds}: "
+              f"{attack_success_rate(model, task.test, BACKDOOR_TARGET):.4f}", flush=True)
     return accuracies, malicious_weight
 
 
