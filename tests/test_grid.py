@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from softmerge.simulations.grid import Cell, main, malicious_ids, not_applicable, plan_cells, write_tables
+from softmerge.simulations.grid import (Cell, main, malicious_ids, not_applicable, plan_cells, summarise_cell,
+                                         write_tables)
 
 
 def test_plan_and_rules_that_cannot_run():
@@ -20,9 +21,9 @@ def test_plan_and_rules_that_cannot_run():
 def test_tables_show_oracle_worst_case_and_na(tmp_path):
     rows = [
         {"strategy": "softmerge", "attack": "none", "fraction": 0.2, "status": "finished", "final_accuracy": 0.9,
-         "final_backdoor_asr": None, "malicious_weight": 0.1},
+         "last3_accuracy": 0.88, "final_backdoor_asr": None, "malicious_weight": 0.1},
         {"strategy": "softmerge", "attack": "alie", "fraction": 0.2, "status": "finished", "final_accuracy": 0.8,
-         "final_backdoor_asr": None, "malicious_weight": 0.0},
+         "last3_accuracy": 0.83, "final_backdoor_asr": None, "malicious_weight": 0.0},
         {"strategy": "bulyan", "attack": "none", "fraction": 0.2, "status": "n/a", "final_accuracy": None},
         {"strategy": "bulyan", "attack": "alie", "fraction": 0.2, "status": "n/a", "final_accuracy": None},
         {"strategy": "oracle", "attack": "none", "fraction": 0.2, "status": "finished", "final_accuracy": 0.85},
@@ -31,9 +32,23 @@ def test_tables_show_oracle_worst_case_and_na(tmp_path):
     write_tables(rows, ["softmerge", "bulyan", "oracle"], ["none", "alie"], [0.2], path, "## test")
     text = path.read_text()
     assert "| softmerge | 90.0 | 80.0 | 80.0 |" in text
+    # The last-3-round table has its own worst case; the oracle row has no such figure here.
+    assert "### Test accuracy (%), mean of the last 3 rounds, 20% malicious" in text
+    assert "| softmerge | 88.0 | 83.0 | 83.0 |" in text
     assert "| bulyan | n/a | n/a | n/a |" in text
     assert "| **oracle** (FedAvg, honest clients only) | 85.0 | 85.0 | 85.0 |" in text
     assert "| 20% | 10.0 | 0.0 |" in text
+
+
+def test_cell_summary_has_the_final_and_the_last_three_rounds_accuracy():
+    rounds = [{"round": 0, "test_accuracy": 0.1}] + [{"round": r, "test_accuracy": a}
+                                                     for r, a in enumerate([0.5, 0.7, 0.8, 0.9, 0.6], start=1)]
+    row = summarise_cell(Cell("fedavg", "none", 0.2, 0), {"rounds": rounds}, 20, "finished", 1.0)
+    assert row["final_accuracy"] == 0.6
+    assert row["last3_accuracy"] == pytest.approx((0.8 + 0.9 + 0.6) / 3)
+    # Fewer trained rounds than three: their mean, never the untrained round 0.
+    short = summarise_cell(Cell("fedavg", "none", 0.2, 0), {"rounds": rounds[:3]}, 20, "finished", 1.0)
+    assert short["last3_accuracy"] == pytest.approx(0.6)
 
 
 def test_grid_rejects_unknown_names(capsys, tmp_path):
@@ -81,3 +96,22 @@ def test_tables_forget_a_finished_cell_whose_directory_was_deleted(tmp_path):
     keys = {r["key"] for r in json.loads((tmp_path / "cells.json").read_text())}
     assert keys == {kept, failed}
     assert "70.0" not in (tmp_path / "tables.md").read_text()
+
+
+def test_tables_only_rebuilds_the_tables_from_the_cells_on_disk_and_runs_nothing(tmp_path):
+    key = "fedavg__none__f0.2__s0"
+    (tmp_path / "cells" / key).mkdir(parents=True)
+    rounds = [{"round": r, "test_accuracy": a} for r, a in enumerate([0.1, 0.6, 0.7, 0.8])]
+    (tmp_path / "cells" / key / "results.json").write_text(json.dumps({"status": "finished", "rounds": rounds}))
+    (tmp_path / "cells.json").write_text(json.dumps([{"key": key, "strategy": "fedavg", "attack": "none",
+                                                      "fraction": 0.2, "seed": 0, "status": "finished",
+                                                      "final_accuracy": 0.8, "seconds": 42.0}]))
+    argv = ["--dataset", "digits", "--clients", "10", "--strategies", "fedavg,softmerge", "--attacks", "none",
+            "--fractions", "0.2", "--output", str(tmp_path), "--tables-only"]
+    assert main(argv) == 0
+    rows = {row["key"]: row for row in json.loads((tmp_path / "cells.json").read_text())}
+    assert set(rows) == {key}  # neither the softmerge cell nor the oracle ran
+    assert rows[key]["last3_accuracy"] == pytest.approx(0.7)
+    assert rows[key]["seconds"] == 42.0
+    assert not (tmp_path / "cells" / "softmerge__none__f0.2__s0").exists()
+    assert "| fedavg | 70.0 | 70.0 |" in (tmp_path / "tables.md").read_text()
