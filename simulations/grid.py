@@ -362,7 +362,8 @@ def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attack
     fractions = sorted(set(fractions) | {r["fraction"] for r in rows})
     (output / "cells.json").write_text(json.dumps(rows, indent=1))
     with open(output / "cells.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        # Rows written by an older runner may lack a newer column: the header is the union.
+        writer = csv.DictWriter(handle, fieldnames=_union([], (key for row in rows for key in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
     header = (f"## {base.dataset}, {args.clients} clients, {base.partitioning} (alpha={base.dirichlet_alpha}), "

@@ -103,14 +103,20 @@ def test_tables_only_rebuilds_the_tables_from_the_cells_on_disk_and_runs_nothing
     (tmp_path / "cells" / key).mkdir(parents=True)
     rounds = [{"round": r, "test_accuracy": a} for r, a in enumerate([0.1, 0.6, 0.7, 0.8])]
     (tmp_path / "cells" / key / "results.json").write_text(json.dumps({"status": "finished", "rounds": rounds}))
-    (tmp_path / "cells.json").write_text(json.dumps([{"key": key, "strategy": "fedavg", "attack": "none",
-                                                      "fraction": 0.2, "seed": 0, "status": "finished",
-                                                      "final_accuracy": 0.8, "seconds": 42.0}]))
+    # A cell of another invocation, summarised by an older runner: no last3_accuracy column.
+    other = "fedavg__none__f0.4__s0"
+    (tmp_path / "cells" / other).mkdir(parents=True)
+    (tmp_path / "cells" / other / "results.json").write_text(json.dumps({"status": "finished", "rounds": rounds}))
+    old_row = {"strategy": "fedavg", "attack": "none", "seed": 0, "status": "finished", "final_accuracy": 0.8,
+               "seconds": 42.0}
+    (tmp_path / "cells.json").write_text(json.dumps([{"key": other, "fraction": 0.4, **old_row},
+                                                     {"key": key, "fraction": 0.2, **old_row}]))
     argv = ["--dataset", "digits", "--clients", "10", "--strategies", "fedavg,softmerge", "--attacks", "none",
             "--fractions", "0.2", "--output", str(tmp_path), "--tables-only"]
     assert main(argv) == 0
     rows = {row["key"]: row for row in json.loads((tmp_path / "cells.json").read_text())}
-    assert set(rows) == {key}  # neither the softmerge cell nor the oracle ran
+    assert set(rows) == {key, other}  # neither the softmerge cell nor the oracle ran
+    assert "last3_accuracy" in (tmp_path / "cells.csv").read_text().splitlines()[0]
     assert rows[key]["last3_accuracy"] == pytest.approx(0.7)
     assert rows[key]["seconds"] == 42.0
     assert not (tmp_path / "cells" / "softmerge__none__f0.2__s0").exists()
