@@ -299,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(cells)} cells")
         return 0
     output.mkdir(parents=True, exist_ok=True)
-    (output / "grid.json").write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:],
-                                                  "base": config}, indent=1))
+    if not args.tables_only:
+        (output / "grid.json").write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:],
+                                                      "base": config}, indent=1))
 
     from tqdm import tqdm
 

@@ -120,4 +120,5 @@ def test_tables_only_rebuilds_the_tables_from_the_cells_on_disk_and_runs_nothing
     assert rows[key]["last3_accuracy"] == pytest.approx(0.7)
     assert rows[key]["seconds"] == 42.0
     assert not (tmp_path / "cells" / "softmerge__none__f0.2__s0").exists()
+    assert not (tmp_path / "grid.json").exists()  # it records the runs, and this was none
     assert "| fedavg | 70.0 | 70.0 |" in (tmp_path / "tables.md").read_text()
