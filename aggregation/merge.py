@@ -25,19 +25,23 @@ learned, by Adam on the server's clean gate split:
 The candidates' weights are never changed, only gated. The merged model is built from
 the deterministic gates.
 
-Warm start. log_alpha starts from two tests on the gate split, and gate learning may
-lower it but never raise it above that start (the ceiling): a few hundred gate examples
-are too few to trust learning to re-open a candidate the tests closed.
+Warm start. log_alpha starts from each candidate's own gate-split loss:
 
-    own loss:     start_k <= init - (L(theta_k) - min_j L(theta_j)) / T_own
-    mirror test:  start_k <= LOG_ALPHA_CLOSED - (L(theta_k) - L(2 theta_keep - theta_k)) / T_mirror
+    start_k = init - (L(theta_k) - min_j L(theta_j)) / T_own.
 
-The mirror test asks whether the candidate's update descends: the loss difference
-between the update and its reflection through the global model keeps the odd-order terms
-of the loss around it (the direction) and cancels the even ones (the curvature that
-makes every non-IID local model look worse than the global one). An honest update
-passes; a sign-flipped one, a resent old model, an update shrunk to near zero (IPM) and
-the keep candidate itself (difference 0) start closed. docs/benchmarks.md measures it.
+Two options sharpen it, both off by default. The ceiling keeps gate learning from raising
+log_alpha above its start. The mirror test also bounds the start by whether the
+candidate's update descends:
+
+    start_k <= LOG_ALPHA_CLOSED - (L(theta_k) - L(2 theta_keep - theta_k)) / T_mirror.
+
+The loss difference between the update and its reflection through the global model keeps
+the odd-order terms of the loss around it (the direction) and cancels the even ones (the
+curvature that makes every non-IID local model look worse than the global one). A
+sign-flipped update, a resent old model, an update shrunk to near zero (IPM) and the keep
+candidate itself (difference 0) start closed. It is not the default because a backdoored
+update descends on clean data and passes, and with the honest updates that ascend and the
+keep candidate closed, backdoors got through (docs/benchmarks.md measures both sides).
 
 Numerics. Non-finite or mismatched candidates are excluded before gating. Finite but
 extreme candidates are gated like any other; three guards keep gate learning finite on
@@ -160,8 +164,8 @@ class SoftMergeConfig:
     warm_start: bool = True
     init_log_alpha: float = 2.0
     warm_start_temperature: float = 1.0
-    warm_start_ceiling: bool = True
-    mirror_test: bool = True
+    warm_start_ceiling: bool = False
+    mirror_test: bool = False
     mirror_temperature: float = 0.02
     max_grad_norm: float = 1.0
     tolerance: float = 0.01

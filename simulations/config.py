@@ -72,8 +72,8 @@ class RunSettings:
     softmerge_threads: int = 1
     softmerge_max_candidates: int = 0
     softmerge_warm_temperature: float = 1.0
-    softmerge_ceiling: bool = True
-    softmerge_mirror_test: bool = True
+    softmerge_ceiling: bool = False
+    softmerge_mirror_test: bool = False
     softmerge_mirror_temperature: float = 0.02
     output_dir: str = "results/flwr-run"
     resume: bool = True
