@@ -634,14 +634,15 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             states = [states[k] for k in chosen]
             gated_labels = [gated_labels[k] for k in chosen]
             candidate_losses = [candidate_losses[k] for k in chosen]
-        if config.warm_start and config.mirror_test:
+        use_mirror_test = config.warm_start and config.mirror_test
+        if use_mirror_test:
             mirror_losses = [evaluate_state(model, mirror_state(state, keep_state), inputs, targets)[0]
                              for state in states]
         if config.include_keep:
             states.append(keep_state)
             gated_labels.append(KEEP_LABEL)
             candidate_losses.append(loss_before)
-            if config.warm_start and config.mirror_test:
+            if use_mirror_test:
                 mirror_losses.append(loss_before)
 
         buffer_names = {name for name, _ in model.named_buffers()}
@@ -650,7 +651,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             start = torch.nan_to_num(initial_log_alpha.detach().float(), nan=LOG_ALPHA_MIN).clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
         else:
             start = warm_start_log_alpha(candidate_losses, config)
-            if config.warm_start and config.mirror_test:
+            if use_mirror_test:
                 start = torch.minimum(start, mirror_log_alpha(candidate_losses, mirror_losses, config))
             start = start.expand(len(units), -1)
         log_alpha = nn.Parameter(start.clone().contiguous())

@@ -85,6 +85,10 @@ def load_cell(output: Path, cell: Cell) -> dict | None:
         return None
 
 
+# The steadier accuracy figure: mean over this many last trained rounds.
+LAST_ROUNDS = 3
+
+
 def summarise_cell(cell: Cell, result: dict | None, num_clients: int, status: str, seconds: float | None) -> dict:
     row: dict = {"key": cell.key, "strategy": cell.strategy, "attack": cell.attack, "fraction": cell.fraction,
                  "seed": cell.seed, "status": status, "final_accuracy": None, "last3_accuracy": None,
@@ -109,9 +113,6 @@ def summarise_cell(cell: Cell, result: dict | None, num_clients: int, status: st
     return row
 
 
-LAST_ROUNDS = 3
-
-
 def _mean(values: list[float]) -> float | None:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(values) / len(values) if values else None
@@ -127,11 +128,15 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
     for row in rows:
         by_key.setdefault((row["strategy"], row["attack"], row["fraction"]), []).append(row)
 
+    def finished_values(strategy: str, attack: str, fraction: float, field: str) -> list[float]:
+        return [r.get(field) for r in by_key.get((strategy, attack, fraction), [])
+                if r["status"] == "finished" and r.get(field) is not None]
+
     def cell_text(strategy: str, attack: str, fraction: float, field: str = "final_accuracy") -> str:
         found = by_key.get((strategy, attack, fraction), [])
         if any(r["status"] == "n/a" for r in found):
             return "n/a"
-        values = [r.get(field) for r in found if r["status"] == "finished" and r.get(field) is not None]
+        values = finished_values(strategy, attack, fraction, field)
         if not values:
             return "-" if not any(r["status"] == "failed" for r in found) else "failed"
         mean = _mean(values)
@@ -152,12 +157,8 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
                          + f" | {oracle} |")
             for strategy in defenses:
                 texts = [cell_text(strategy, attack, fraction, field) for attack in attacks]
-                numbers = []
-                for attack in attacks:
-                    found = [r.get(field) for r in by_key.get((strategy, attack, fraction), [])
-                             if r["status"] == "finished" and r.get(field) is not None]
-                    if found:
-                        numbers.append(_mean(found))
+                numbers = [_mean(found) for attack in attacks
+                           if (found := finished_values(strategy, attack, fraction, field))]
                 complete = len(numbers) == len(attacks)
                 if numbers:
                     worst = _fmt(min(numbers)) + ("" if complete else " (partial)")
