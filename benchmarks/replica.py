@@ -151,6 +151,13 @@ def collude(candidates, global_state, malicious, attack, round_number, seed):
         candidates[pid] = state
 
 
+def without_malicious(weights, malicious):
+    """Mixing weights (U, K) with the malicious candidates' columns set to 0 and each row renormalised."""
+    cleaned = weights.copy()
+    cleaned[:, sorted(malicious)] = 0.0
+    return cleaned / np.maximum(cleaned.sum(axis=1, keepdims=True), 1e-12)
+
+
 def weighted_state(states, weights_per_unit, units):
     """sum_k w_uk * theta_uk per unit; integer buffers from the first state."""
     merged = {}
@@ -196,9 +203,7 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
             if post == "zero-malicious":
                 # Analysis only: the learned weights with perfect detection, to split the gap to
                 # the oracle into what detection costs and what the honest weighting costs.
-                weights = np.array(report.weights)
-                weights[:, sorted(malicious)] = 0.0
-                weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+                weights = without_malicious(np.array(report.weights), malicious)
                 merged = weighted_state(candidates + [global_state], weights, units)
                 malicious_weight[-1] = 0.0
             elif post is not None:
@@ -244,9 +249,7 @@ def print_scores(round_number, model, global_state, candidates, malicious, task)
 
 def diagnose_round(round_number, report, states, units, malicious, task, warm_report):
     learned = np.array(report.weights)
-    cleaned = learned.copy()
-    cleaned[:, sorted(malicious)] = 0.0
-    cleaned /= np.maximum(cleaned.sum(axis=1, keepdims=True), 1e-12)
+    cleaned = without_malicious(learned, malicious)
     cells = []
     for name, weights in (("learned", learned), ("malicious zeroed", cleaned), ("warm start", np.array(warm_report.weights))):
         gate_loss, gate_acc = score(weighted_state(states, weights, units), task.gate)
