@@ -43,6 +43,12 @@ candidate itself (difference 0) start closed. It is not the default because a ba
 update descends on clean data and passes, and with the honest updates that ascend and the
 keep candidate closed, backdoors got through (docs/benchmarks.md measures both sides).
 
+Duplicates. Candidates that are bit-for-bit identical (the keep candidate included) are
+gated as one: one gate per unit, and the group's mixing weight is split equally among its
+members. Colluding attacks that send one crafted model from many clients, or copy one
+honest client's, would otherwise hold as many gates as senders; a client that resends the
+global model joins the keep candidate.
+
 Numerics. Non-finite or mismatched candidates are excluded before gating. Finite but
 extreme candidates are gated like any other; three guards keep gate learning finite on
 them: log_alpha is warm-started from each candidate's own validation loss (a candidate
@@ -129,6 +135,13 @@ class SoftMergeConfig:
             mirror_temperature): a candidate whose update does not descend starts at or
             below the closed threshold. The keep candidate has d = 0.
         mirror_temperature: nats of mirror difference d per unit of log_alpha.
+        merge_duplicates: candidates that are bit-for-bit identical (the keep model
+            included) share one gate, and their merged weight is split among them. A
+            group of identical replies is one model however many clients sent it:
+            colluding attacks that send one crafted reply from every malicious client
+            (IPM, ALIE, min-max, min-sum) or copy one honest client (Mimic), and clients
+            that resend the global model unchanged, count once. Exact only: a reply
+            perturbed by any amount is a candidate of its own.
         max_grad_norm: clip on the gradient norm of log_alpha.
         tolerance: every ``check_every`` steps the deterministic gates are scored by
             the objective itself, without noise: the cross-entropy of the merge they
@@ -167,6 +180,7 @@ class SoftMergeConfig:
     warm_start_ceiling: bool = False
     mirror_test: bool = False
     mirror_temperature: float = 0.02
+    merge_duplicates: bool = True
     max_grad_norm: float = 1.0
     tolerance: float = 0.01
     check_every: int = 10
@@ -193,6 +207,7 @@ class SoftMergeConfig:
         _require(isinstance(self.mirror_test, bool), "mirror_test must be a bool")
         _require(_finite(self.mirror_temperature) and self.mirror_temperature > 0,
                  "mirror_temperature must be a finite number > 0")
+        _require(isinstance(self.merge_duplicates, bool), "merge_duplicates must be a bool")
         _require(_finite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm must be a finite number > 0")
         _require(_finite(self.tolerance) and self.tolerance >= 0, "tolerance must be a finite number >= 0")
         _require(isinstance(self.check_every, int) and self.check_every >= 1, "check_every must be an integer >= 1")
@@ -218,6 +233,8 @@ class GateReport:
     candidate ``candidates[k]`` in unit ``units[u]``. Losses and accuracies are on the
     gate split: ``*_before`` for the keep candidate (the current global model),
     ``*_after`` for the merged model. ``candidate_losses`` are each candidate's own.
+    ``duplicates`` lists the groups of identical candidates that shared one gate; each
+    member reports the group's gate and an equal share of its weight.
     """
 
     units: list[str]
@@ -232,6 +249,7 @@ class GateReport:
     accuracy_after: float
     excluded: list[Exclusion] = field(default_factory=list)
     fallback_units: list[str] = field(default_factory=list)
+    duplicates: list[list[str]] = field(default_factory=list)
     steps: int = 0
     skipped_steps: int = 0
     seconds: float = 0.0
@@ -480,6 +498,37 @@ def stack_in_place(
     return moved[0] if moved else None
 
 
+def duplicate_groups(states: Sequence[Mapping[str, torch.Tensor]], first: int | None = None) -> list[list[int]]:
+    """Indices of bit-for-bit identical states, grouped; every index is in exactly one group.
+
+    Groups keep the order of their first member, and members their order, except that
+    ``first`` (the keep candidate) leads its group. Candidates are bucketed by the float64
+    sum of each floating tensor (one pass over the weights, O(K d)) and only candidates in
+    one bucket are compared exactly, so honest rounds, where no two sums agree, compare
+    nothing.
+    """
+    buckets: dict[tuple, list[list[int]]] = {}
+    groups: list[list[int]] = []
+    order = list(range(len(states)))
+    if first is not None:
+        order.insert(0, order.pop(first))
+    for k in order:
+        state = states[k]
+        key = tuple(float(t.detach().sum(dtype=torch.float64)) if t.dtype.is_floating_point else int(t.sum())
+                    for t in state.values())
+        for group in buckets.setdefault(key, []):
+            other = states[group[0]]
+            if all(torch.equal(state[name], other[name]) for name in state):
+                group.append(k)
+                break
+        else:
+            group = [k]
+            buckets[key].append(group)
+            groups.append(group)
+    groups.sort(key=lambda group: min(group))
+    return groups
+
+
 def _same_layout(reference: Mapping[str, torch.Tensor], state: Mapping[str, object]) -> bool:
     return (isinstance(state, Mapping) and set(state) == set(reference)
             and all(isinstance(state[n], torch.Tensor) and state[n].shape == t.shape and state[n].dtype == t.dtype
@@ -645,23 +694,39 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             if use_mirror_test:
                 mirror_losses.append(loss_before)
 
+        keep_index = len(states) - 1 if config.include_keep else None
+        # Identical candidates are gated as one (column g of log_alpha is group g).
+        groups = (duplicate_groups(states, keep_index) if config.merge_duplicates
+                  else [[k] for k in range(len(states))])
+        heads = [group[0] for group in groups]
+        group_of = torch.empty(len(states), dtype=torch.long)
+        for g, group in enumerate(groups):
+            group_of[group] = g
+        gated_keep = int(group_of[keep_index]) if keep_index is not None else None
+
         buffer_names = {name for name, _ in model.named_buffers()}
-        stacked = _StackedCandidates(reference, states, units, buffer_names)
+        stacked = _StackedCandidates(reference, states if len(groups) == len(states) else [states[k] for k in heads],
+                                     units, buffer_names)
         if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):
-            start = torch.nan_to_num(initial_log_alpha.detach().float(), nan=LOG_ALPHA_MIN).clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
+            start = torch.nan_to_num(initial_log_alpha.detach().float()[:, heads], nan=LOG_ALPHA_MIN)
+            start = start.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
         else:
-            start = warm_start_log_alpha(candidate_losses, config)
+            head_losses = [candidate_losses[k] for k in heads]
+            start = warm_start_log_alpha(head_losses, config)
             if use_mirror_test:
-                start = torch.minimum(start, mirror_log_alpha(candidate_losses, mirror_losses, config))
+                start = torch.minimum(start, mirror_log_alpha(head_losses, [mirror_losses[k] for k in heads], config))
             start = start.expand(len(units), -1)
         log_alpha = nn.Parameter(start.clone().contiguous())
-        keep_index = len(states) - 1 if config.include_keep else None
-        steps, skipped = _learn_gates(model, stacked, log_alpha, inputs, targets, config, keep_index)
+        steps, skipped = _learn_gates(model, stacked, log_alpha, inputs, targets, config, gated_keep)
 
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
-            weights = _final_weights(log_alpha, gates, config.mode, keep_index)
+            weights = _final_weights(log_alpha, gates, config.mode, gated_keep)
             merged = {name: tensor.detach().clone() for name, tensor in stacked.merge(weights).items()}
+            # Back to one column per candidate: a group's members share its gate and weight.
+            group_sizes = torch.tensor([len(group) for group in groups], dtype=weights.dtype)
+            gates, weights = gates[:, group_of], (weights / group_sizes)[:, group_of]
+            log_alpha = log_alpha.detach()[:, group_of]
         loss_after, accuracy_after = evaluate_state(model, merged, inputs, targets)
     finally:
         model.train(was_training)
@@ -680,6 +745,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         accuracy_after=accuracy_after,
         excluded=excluded,
         fallback_units=dead_units,
+        duplicates=[[gated_labels[k] for k in group] for group in groups if len(group) > 1],
         steps=steps,
         skipped_steps=skipped,
     )

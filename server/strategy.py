@@ -146,6 +146,9 @@ class SoftMerge(RoundStartMemory):
             # Pre-selection (max_candidates) leaves out valid models by design: not a warning.
             level = INFO if exclusion.reason.startswith("pre-selection") else WARNING
             log(level, "SoftMerge round %d: excluded %s: %s", server_round, exclusion.label, exclusion.reason)
+        for group in report.duplicates:
+            # Honest clients with their own data do not send bit-identical models.
+            log(WARNING, "SoftMerge round %d: identical replies from %s share one gate", server_round, group)
         if report.fallback_units:
             log(WARNING, "SoftMerge round %d: every gate closed in %s; kept the previous global model there",
                 server_round, report.fallback_units)
@@ -159,6 +162,7 @@ def report_summary(report: GateReport) -> dict[str, float | int]:
     return {
         "softmerge-candidates": len(report.candidates),
         "softmerge-excluded": len(report.excluded),
+        "softmerge-duplicates": sum(len(group) - 1 for group in report.duplicates),
         "softmerge-steps": report.steps,
         "softmerge-skipped-steps": report.skipped_steps,
         "softmerge-seconds": float(report.seconds),

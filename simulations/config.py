@@ -75,6 +75,7 @@ class RunSettings:
     softmerge_ceiling: bool = False
     softmerge_mirror_test: bool = False
     softmerge_mirror_temperature: float = 0.02
+    softmerge_merge_duplicates: bool = True
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0

@@ -350,6 +350,9 @@ def test_attach_keeps_the_strategy_and_detach_restores_it(honest_candidates, dig
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["softmerge-candidates"] == 11 and metrics["softmerge-excluded"] == 0
     assert strategy.reports[1].candidates[-4:-1] == ["client-7", "client-8", "client-9"]
+    # Min-max sends one crafted model from every malicious client: it is gated once.
+    assert strategy.reports[1].duplicates == [["client-7", "client-8", "client-9"]]
+    assert metrics["softmerge-duplicates"] == 2
     assert adversary.history[1].malicious == (7, 8, 9)
 
     adversary.detach()

@@ -48,6 +48,7 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-ceiling": "sometimes"}, "'softmerge-ceiling' must be true or false"),
         ({"softmerge-mirror-test": 1}, "'softmerge-mirror-test' must be true or false"),
         ({"softmerge-mirror-temperature": 0}, "'softmerge-mirror-temperature' must be in (0, 100]"),
+        ({"softmerge-merge-duplicates": "often"}, "'softmerge-merge-duplicates' must be true or false"),
         ({"malicious-partitions": "1,two"}, "malicious-partitions must be comma-separated partition ids"),
         ({"malicious-partitions": "-1"}, "malicious-partitions must hold ids >= 0"),
         ({"extreme-values": "big"}, "extreme-values must be numbers, 'inf' or 'nan'"),
@@ -60,6 +61,15 @@ def test_bad_values_are_named(config, message):
     with pytest.raises(ConfigError) as caught:
         parse_run_config(config)
     assert message in str(caught.value)
+
+
+def test_softmerge_keys_reach_the_merge_config():
+    from softmerge.server.strategies import merge_config_from
+
+    settings = parse_run_config({"softmerge-merge-duplicates": "false", "softmerge-mirror-test": True})
+    config = merge_config_from(settings)
+    assert config.merge_duplicates is False and config.mirror_test is True
+    assert merge_config_from(RunSettings()).merge_duplicates is True
 
 
 def test_strings_from_the_command_line_are_coerced():

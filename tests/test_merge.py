@@ -15,7 +15,8 @@ from softmerge.aggregation import (
     validate_candidates,
 )
 from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
-from softmerge.aggregation.merge import LOG_ALPHA_MIN, mirror_log_alpha, mirror_state, warm_start_log_alpha
+from softmerge.aggregation.merge import (LOG_ALPHA_MIN, duplicate_groups, mirror_log_alpha, mirror_state,
+                                        warm_start_log_alpha)
 
 
 class BatchNormNet(nn.Module):
@@ -134,6 +135,8 @@ def test_config_rejects_bad_values_by_name():
         SoftMergeConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="steps"):
         SoftMergeConfig(steps=-1)
+    with pytest.raises(ValueError, match="merge_duplicates"):
+        SoftMergeConfig(merge_duplicates="yes")
 
 
 def _poisoned(global_state, honest, factor):
@@ -259,3 +262,55 @@ def test_mirror_test_bound_is_closed_for_a_non_finite_candidate_and_open_for_a_n
     assert float(bounds[1]) == -LOG_ALPHA_MIN
     assert float(bounds[2]) == pytest.approx(LOG_ALPHA_CLOSED)
     assert float(bounds[3]) > float(bounds[2])
+
+
+def test_duplicate_groups_are_exact_and_the_first_named_leads_its_group():
+    net = BatchNormNet()
+    a, b = _perturbed(net, 0.1, 1), _perturbed(net, 0.1, 2)
+    # Same sums as b, different weights: bucketed together, told apart exactly.
+    swapped = {k: v.flip(0) if v.dtype.is_floating_point else v for k, v in b.items()}
+    nudged = {k: v.clone() for k, v in a.items()}
+    nudged["head.bias"][0] += 1e-6
+    states = [a, b, {k: v.clone() for k, v in a.items()}, swapped, nudged, {k: v.clone() for k, v in b.items()}]
+    assert duplicate_groups(states) == [[0, 2], [1, 5], [3], [4]]
+    assert duplicate_groups(states, first=5) == [[0, 2], [5, 1], [3], [4]]
+    assert duplicate_groups([a]) == [[0]]
+
+
+def test_identical_replies_share_one_gate_and_one_candidate_s_weight(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    gate = digits_task.gate.tensors()
+    config = SoftMergeConfig(steps=30, seed=1)
+    copies = [{k: v.clone() for k, v in locals_[3].items()} for _ in range(4)]
+    labels = ["h0", "h1", "h2", "c0", "c1", "c2", "c3"]
+
+    merged, report = soft_merge(model, locals_[:3] + copies, gate, config, labels=labels)
+    once, once_report = soft_merge(model, locals_[:3] + copies[:1], gate, config, labels=labels[:4])
+
+    # Four copies merge exactly as one candidate would, and split its weight four ways.
+    assert all(torch.equal(merged[k], once[k]) for k in merged)
+    assert report.duplicates == [["c0", "c1", "c2", "c3"]]
+    for u in range(len(report.units)):
+        assert report.gates[u][3:7] == [once_report.gates[u][3]] * 4
+        for k in range(3, 7):
+            assert report.weights[u][k] == pytest.approx(once_report.weights[u][3] / 4)
+        assert sum(report.weights[u]) == pytest.approx(1.0)
+    assert report.weight_on(["c0", "c1", "c2", "c3"]) == pytest.approx(once_report.weight_on(["c0"]))
+
+    # Without the rule, the copies are four candidates and the merge is another.
+    apart, apart_report = soft_merge(model, locals_[:3] + copies, gate,
+                                     SoftMergeConfig(steps=30, seed=1, merge_duplicates=False), labels=labels)
+    assert apart_report.duplicates == []
+    assert not all(torch.equal(apart[k], merged[k]) for k in merged)
+
+
+def test_a_resent_global_model_joins_the_keep_candidate(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    resent = {k: v.clone() for k, v in model.state_dict().items()}
+    merged, report = soft_merge(model, locals_[:3] + [resent], digits_task.gate.tensors(), SoftMergeConfig(steps=20),
+                                labels=["h0", "h1", "h2", "stale"])
+    assert report.duplicates == [["keep", "stale"]]
+    assert report.candidates == ["h0", "h1", "h2", "stale", "keep"]
+    for row in report.weights:
+        assert row[3] == pytest.approx(row[4])
+    assert all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point)
