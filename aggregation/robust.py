@@ -175,14 +175,20 @@ def fltrust_server_model(
     batch_size: int = 16,
     momentum: float = 0.0,
     seed: int = 0,
+    steps: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Train a copy of ``model`` from ``global_state`` on the clean root set; FLTrust's g_0 is its update.
 
     SGD on mean cross-entropy, shuffled by ``seed``; the global random state is left
     untouched and dropout-like layers draw from ``seed`` too, so the result depends on
-    the inputs only. ``model`` itself is not modified. Returns the trained state and the
-    mean training loss of the last epoch (NaN if no step was taken).
+    the inputs only. ``model`` itself is not modified. ``steps``, if given, replaces
+    ``epochs``: exactly that many SGD iterations, reshuffling the root set at each pass,
+    as the paper's server runs the clients' R local iterations however small its root set
+    is. Returns the trained state and the mean training loss of the last pass, which may
+    be partial (NaN if no step was taken).
     """
+    if steps is not None and not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}")
     inputs, targets = root_data
     trained = copy.deepcopy(model)
     trained.load_state_dict(dict(global_state))
@@ -190,16 +196,22 @@ def fltrust_server_model(
     optimizer = torch.optim.SGD(trained.parameters(), lr=learning_rate, momentum=momentum)
     generator = torch.Generator().manual_seed(seed)
     last_loss = math.nan
+    remaining = steps if steps is not None else math.inf
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for _ in range(epochs):
+        for _ in range(epochs if steps is None else steps):
+            if remaining <= 0:
+                break
             order = torch.randperm(len(targets), generator=generator)
             total, count = 0.0, 0
             for start in range(0, len(targets), batch_size):
+                if remaining <= 0:
+                    break
                 batch = order[start:start + batch_size]
                 if len(batch) < 2 and count > 0:
                     # A one-example batch breaks BatchNorm in training mode; skip the remainder.
                     continue
+                remaining -= 1
                 optimizer.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(trained(inputs[batch]), targets[batch])
                 loss.backward()

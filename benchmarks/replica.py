@@ -31,7 +31,9 @@ per-candidate scores on the gate split, relative to the keep model and sorted, f
 and malicious candidates apart: the own loss, the mirror difference L(keep + delta) -
 L(keep - delta) that ``SoftMergeConfig.mirror_test`` uses, and the linear term
 grad L(keep) . delta. A variant is ``default``, ``fedavg``,
-``oracle`` (FedAvg over the honest clients), or ``+``-joined SoftMergeConfig overrides
+``oracle`` (FedAvg over the honest clients), ``fltrust`` (the grid's FLTrust: the server
+model takes the median client's SGD steps on the gate split), ``fltrust-one-pass`` (one pass
+over the gate split instead), or ``+``-joined SoftMergeConfig overrides
 such as ``warm_start_temperature=0.5+warm_start_ceiling=true``. ``post=uniform`` or
 ``post=examples`` joined in uses the learned gates only to select (gate > 0.5) and then
 merges the selected clients with equal or example-count weights. ``post=zero-malicious``
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 
@@ -51,6 +54,7 @@ import numpy as np
 import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
+from softmerge.aggregation.robust import fltrust, fltrust_server_model
 from softmerge.aggregation.merge import build_merge_units, evaluate_state, mirror_state
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
@@ -72,7 +76,7 @@ POST_MERGES = ("uniform", "examples", "zero-malicious")
 
 def parse_variant(text: str) -> tuple[SoftMergeConfig | str, str | None]:
     """(config or baseline name, post-merge rule or None)."""
-    if text in ("fedavg", "oracle"):
+    if text in ("fedavg", "oracle", "fltrust", "fltrust-one-pass"):
         return text, None
     overrides: dict[str, object] = {}
     post = None
@@ -191,7 +195,27 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
         candidates = client_candidates(global_state, partitions, malicious, attack, round_number, seed)
         if scores_every and (round_number == 1 or round_number % scores_every == 0):
             print_scores(round_number, model, global_state, candidates, malicious, task)
-        if isinstance(variant, str):
+        if isinstance(variant, str) and variant.startswith("fltrust"):
+            # As the grid's FLTrust: the server model trains on the gate split the way clients
+            # train, for as many steps as the median client (or one pass).
+            steps = None if variant == "fltrust-one-pass" else math.ceil(statistics.median(sizes) / LOCAL_BATCH)
+            server_state, _ = fltrust_server_model(model, global_state, task.gate.tensors(), steps=steps,
+                                                   learning_rate=LOCAL_LR, batch_size=LOCAL_BATCH, momentum=0.9,
+                                                   seed=seed + round_number)
+            floats = [k for k, v in global_state.items() if v.dtype.is_floating_point]
+            def flat(state):
+                return torch.cat([(state[k] - global_state[k]).reshape(-1).double() for k in floats])
+            result = fltrust(torch.stack([flat(c) for c in candidates]), flat(server_state))
+            merged, offset = dict(global_state), 0
+            for k in floats:
+                size = global_state[k].numel()
+                merged[k] = (global_state[k].double() + result.aggregate[offset:offset + size]
+                             .reshape(global_state[k].shape)).to(global_state[k].dtype)
+                offset += size
+            trust = result.trust_scores
+            malicious_weight.append(float(trust[sorted(malicious)].sum() / trust.sum()) if malicious and trust.sum() > 0
+                                    else 0.0)
+        elif isinstance(variant, str):
             members = [p for p in range(CLIENTS) if variant == "fedavg" or p not in malicious]
             share = sizes[members] / sizes[members].sum()
             merged = {k: (sum(float(w) * candidates[p][k] for w, p in zip(share, members))

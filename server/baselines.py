@@ -149,6 +149,11 @@ class _UpdateAggregation(RoundStartMemory):
         return aggregate_client_metrics(self, contents, (LABEL_KEY,))
 
 
+# Bounds the server's training when clients report large example counts: FLTrust's g_0
+# then takes at most this many passes over the root set.
+MAX_SERVER_EPOCHS = 20
+
+
 class FLTrust(_UpdateAggregation):
     """FLTrust (Cao et al., NDSS 2021): trust from the cosine to the server's own update.
 
@@ -166,6 +171,14 @@ class FLTrust(_UpdateAggregation):
     epochs, learning_rate, batch_size, momentum : training of the server model
         SGD on cross-entropy. The paper trains the server model the way clients train;
         pass the clients' settings to match it.
+    match_client_steps : bool
+        The paper's server runs the same number of local iterations R as a client. With
+        this set (the default) the server takes, each round, as many SGD steps as the
+        median reply's ``num-examples`` gives a client at ``epochs`` and ``batch_size``
+        (at most ``MAX_SERVER_EPOCHS`` passes over the root set), however small the root
+        set is; the median, so a minority that misreports its example count cannot set
+        it. Off: ``epochs`` passes over the root set, fewer steps than a client whose
+        data is larger, and so a shorter g_0 that every update is rescaled to.
     seed : int
         The server training of round r is seeded with ``seed + r``.
     **kwargs
@@ -183,6 +196,7 @@ class FLTrust(_UpdateAggregation):
         batch_size: int = 16,
         momentum: float = 0.0,
         seed: int = 0,
+        match_client_steps: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -201,18 +215,32 @@ class FLTrust(_UpdateAggregation):
         self.batch_size = batch_size
         self.momentum = momentum
         self.seed = seed
+        self.match_client_steps = match_client_steps
 
     def summary(self) -> None:
         log(INFO, "\t├──> FLTrust settings:")
         log(INFO, "\t│\t├── root set: %d examples", len(self.root_data[1]))
-        log(INFO, "\t│\t└── server SGD: %d epochs, lr %g, batch %d, momentum %g", self.epochs, self.learning_rate,
-            self.batch_size, self.momentum)
+        log(INFO, "\t│\t└── server SGD: %s, lr %g, batch %d, momentum %g",
+            f"the median client's steps at {self.epochs} epoch(s)" if self.match_client_steps
+            else f"{self.epochs} epoch(s)", self.learning_rate, self.batch_size, self.momentum)
         super().summary()
 
+    def server_steps(self, contents: list[RecordDict]) -> int | None:
+        """SGD steps of the server model this round: the median client's (None: ``epochs`` passes)."""
+        if not self.match_client_steps or not contents:
+            return None
+        counts = sorted(float(next(iter(content.metric_records.values()))[self.weighted_by_key])
+                        for content in contents)
+        median = (counts[(len(counts) - 1) // 2] + counts[len(counts) // 2]) / 2
+        per_epoch = math.ceil(median / self.batch_size)
+        cap = MAX_SERVER_EPOCHS * math.ceil(len(self.root_data[1]) / self.batch_size)
+        return max(1, min(self.epochs * per_epoch, cap))
+
     def _aggregate_updates(self, server_round, updates, contents, global_state):
+        steps = self.server_steps(contents)
         trained, server_loss = fltrust_server_model(
             self.model, global_state, self.root_data, epochs=self.epochs, learning_rate=self.learning_rate,
-            batch_size=self.batch_size, momentum=self.momentum, seed=self.seed + server_round)
+            batch_size=self.batch_size, momentum=self.momentum, seed=self.seed + server_round, steps=steps)
         names = floating_names(global_state)
         server_update = flatten_state(trained, names) - flatten_state(global_state, names)
         if not bool(torch.isfinite(server_update).all()):
@@ -224,6 +252,8 @@ class FLTrust(_UpdateAggregation):
             "fltrust-mean-trust": float(trust.mean()),
             "fltrust-server-update-norm": _finite_norm(server_update),
             "fltrust-server-loss": server_loss if math.isfinite(server_loss) else -1.0,
+            "fltrust-server-steps": steps if steps is not None
+            else self.epochs * math.ceil(len(self.root_data[1]) / self.batch_size),
         }
         return aggregate, trust.tolist(), extra
 

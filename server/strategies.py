@@ -56,7 +56,8 @@ def build_strategy(
     if name == "fltrust":
         # The server model trains on the root set the way clients train (Cao et al. 2021).
         return FLTrust(model, gate_split, epochs=settings.local_epochs, learning_rate=settings.learning_rate,
-                       batch_size=settings.batch_size, momentum=0.9, seed=settings.seed, **common)
+                       batch_size=settings.batch_size, momentum=0.9, seed=settings.seed,
+                       match_client_steps=settings.fltrust_match_client_steps, **common)
     if name == "centered-clipping":
         return CenteredClipping(tau=settings.cclip_tau, iterations=settings.cclip_iterations, **common)
     if name == "geomed":

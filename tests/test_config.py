@@ -48,6 +48,7 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-ceiling": "sometimes"}, "'softmerge-ceiling' must be true or false"),
         ({"softmerge-mirror-test": 1}, "'softmerge-mirror-test' must be true or false"),
         ({"softmerge-mirror-temperature": 0}, "'softmerge-mirror-temperature' must be in (0, 100]"),
+        ({"fltrust-match-client-steps": 2}, "'fltrust-match-client-steps' must be true or false"),
         ({"softmerge-merge-duplicates": "often"}, "'softmerge-merge-duplicates' must be true or false"),
         ({"malicious-partitions": "1,two"}, "malicious-partitions must be comma-separated partition ids"),
         ({"malicious-partitions": "-1"}, "malicious-partitions must hold ids >= 0"),

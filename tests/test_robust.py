@@ -19,7 +19,7 @@ from softmerge.aggregation.robust import (
     geometric_median,
     weighted_coordinate_median,
 )
-from softmerge.server.baselines import CenteredClipping, FLTrust, GeometricMedian
+from softmerge.server.baselines import MAX_SERVER_EPOCHS, CenteredClipping, FLTrust, GeometricMedian
 
 from flower_helpers import StubGrid, make_reply
 
@@ -102,6 +102,33 @@ def test_fltrust_server_model_is_deterministic_and_leaves_the_model_alone():
     assert any(not torch.equal(first[k], before[k]) for k in first)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert math.isfinite(loss)
+
+
+def test_fltrust_server_model_runs_exactly_the_given_steps_across_passes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data = (torch.randn(20, 3), torch.randint(0, 2, (20,)))
+    settings = dict(learning_rate=0.1, batch_size=8, seed=5)  # 3 batches a pass: 8, 8, 4
+
+    def trained(**kwargs):
+        return fltrust_server_model(model, start, data, **settings, **kwargs)[0]
+
+    # Steps are counted across reshuffled passes: 6 steps are 2 epochs, bit for bit.
+    assert all(torch.equal(a, b) for a, b in zip(trained(steps=6).values(), trained(epochs=2).values()))
+    # 7 steps go one batch into a third pass, 5 stop one batch short of the second's end.
+    seven, five = trained(steps=7), trained(steps=5)
+    assert not any(torch.equal(seven[k], trained(epochs=2)[k]) for k in seven if k.endswith("weight"))
+    assert not any(torch.equal(five[k], trained(epochs=2)[k]) for k in five if k.endswith("weight"))
+    one_sgd_step = trained(steps=1)
+    batch = torch.randperm(20, generator=torch.Generator().manual_seed(5))[:8]
+    manual = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    manual.load_state_dict(start)
+    torch.nn.functional.cross_entropy(manual(data[0][batch]), data[1][batch]).backward()
+    for name, parameter in manual.named_parameters():
+        torch.testing.assert_close(one_sgd_step[name], start[name] - 0.1 * parameter.grad)
+    with pytest.raises(ValueError, match="steps"):
+        fltrust_server_model(model, start, data, steps=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -461,6 +488,25 @@ def test_a_round_without_valid_replies_keeps_the_global_model(make, federation, 
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
     assert metrics[f"{strategy.metric_prefix}-clients"] == 0
     assert metrics[f"{strategy.metric_prefix}-excluded"] == 4
+
+
+def test_fltrust_server_takes_the_median_client_s_steps(federation, digits_task):
+    model, locals_ = federation
+    root_size = len(digits_task.gate.tensors()[1])
+
+    def server_steps(counts, **settings):
+        strategy = FLTrust(model, digits_task.gate.tensors(), batch_size=16, seed=0, **settings)
+        _start_round(strategy, model)
+        replies = [make_reply(i + 1, locals_[i], partition=i, num_examples=n) for i, n in enumerate(counts)]
+        return strategy.aggregate_train(1, replies)[1]["fltrust-server-steps"]
+
+    # Median 160 examples: 10 steps of 16 a client epoch; the lying minority moves nothing.
+    assert server_steps([150, 1, 160, 10**8, 170]) == 10
+    assert server_steps([150, 160, 170], epochs=2) == 20
+    # A median of 10^8 examples is capped at MAX_SERVER_EPOCHS passes over the root set.
+    assert server_steps([10**8] * 3) == MAX_SERVER_EPOCHS * math.ceil(root_size / 16)
+    # Off: one pass over the root set, as before.
+    assert server_steps([150, 160, 170], match_client_steps=False) == math.ceil(root_size / 16)
 
 
 def test_fltrust_keeps_the_global_model_when_every_client_opposes_the_server(federation, digits_task):
