@@ -135,6 +135,14 @@ class SoftMergeConfig:
             mirror_temperature): a candidate whose update does not descend starts at or
             below the closed threshold. The keep candidate has d = 0.
         mirror_temperature: nats of mirror difference d per unit of log_alpha.
+        mirror_confidence: z > 0 makes the mirror test a significance test: only a
+            candidate whose d exceeds z standard errors of its per-example differences on
+            the gate split (an update that ascends beyond what the split's sampling noise
+            explains) is bounded; the rest, and the keep candidate (d = 0 exactly), keep
+            their own-loss start. 0 (the default) bounds every candidate. Non-IID honest
+            updates scatter around d = 0; bounding them all closes the ones that ascend
+            slightly, and with them gone the backdoored updates, which descend on clean
+            data, took a quarter of the weight (docs/benchmarks.md).
         merge_duplicates: candidates that are bit-for-bit identical (the keep model
             included) share one gate, and their merged weight is split among them. A
             group of identical replies is one model however many clients sent it:
@@ -180,6 +188,7 @@ class SoftMergeConfig:
     warm_start_ceiling: bool = False
     mirror_test: bool = False
     mirror_temperature: float = 0.02
+    mirror_confidence: float = 0.0
     merge_duplicates: bool = True
     max_grad_norm: float = 1.0
     tolerance: float = 0.01
@@ -207,6 +216,8 @@ class SoftMergeConfig:
         _require(isinstance(self.mirror_test, bool), "mirror_test must be a bool")
         _require(_finite(self.mirror_temperature) and self.mirror_temperature > 0,
                  "mirror_temperature must be a finite number > 0")
+        _require(_finite(self.mirror_confidence) and self.mirror_confidence >= 0,
+                 "mirror_confidence must be a finite number >= 0")
         _require(isinstance(self.merge_duplicates, bool), "merge_duplicates must be a bool")
         _require(_finite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm must be a finite number > 0")
         _require(_finite(self.tolerance) and self.tolerance >= 0, "tolerance must be a finite number >= 0")
@@ -559,18 +570,48 @@ def mirror_state(candidate: Mapping[str, torch.Tensor], keep: Mapping[str, torch
             for name, tensor in candidate.items()}
 
 
-def mirror_log_alpha(losses: Sequence[float], mirror_losses: Sequence[float], config: SoftMergeConfig) -> torch.Tensor:
+def mirror_statistics(model: nn.Module, candidate: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor],
+                      inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """The mirror image's mean loss, and the standard error of d's per-example differences.
+
+    d_i = CE(f(x_i; candidate), y_i) - CE(f(x_i; 2 keep - candidate), y_i) over the gate
+    split; the standard error is std(d_i) / sqrt(n). Non-finite differences give an
+    infinite standard error (nothing is significant about them; the own-loss start and the
+    bound's own guards handle such candidates).
+    """
+    mirror = mirror_state(candidate, keep)
+    differences, mirror_total = [], 0.0
+    with torch.no_grad():
+        for start in range(0, len(targets), batch_size):
+            x, y = inputs[start:start + batch_size], targets[start:start + batch_size]
+            own = nn.functional.cross_entropy(functional_call(model, dict(candidate), (x,)), y, reduction="none")
+            reflected = nn.functional.cross_entropy(functional_call(model, mirror, (x,)), y, reduction="none")
+            differences.append(own.double() - reflected.double())
+            mirror_total += float(reflected.double().sum())
+    count = max(len(targets), 1)
+    mirror_loss = mirror_total / count
+    diff = torch.cat(differences) if differences else torch.zeros(0, dtype=torch.float64)
+    error = float(diff.std()) / math.sqrt(count) if len(diff) > 1 else 0.0
+    return (mirror_loss if math.isfinite(mirror_loss) else math.inf), (error if math.isfinite(error) else math.inf)
+
+
+def mirror_log_alpha(losses: Sequence[float], mirror_losses: Sequence[float], config: SoftMergeConfig,
+                     standard_errors: Sequence[float] | None = None) -> torch.Tensor:
     """The mirror test's bound on the starting log_alpha (see ``SoftMergeConfig.mirror_test``).
 
     d = own loss - mirror loss; the bound is LOG_ALPHA_CLOSED - d / mirror_temperature. A
     candidate whose own loss is not finite is closed; one whose mirror loss is not finite
     (while its own is) has descended from an astronomical mirror and is not bounded here.
+    With ``config.mirror_confidence`` z > 0 and the standard errors of d given, only a d
+    above z standard errors is bounded.
     """
+    z = config.mirror_confidence
+    errors = standard_errors if standard_errors is not None else [0.0] * len(losses)
     bounds = []
-    for loss, mirror in zip(losses, mirror_losses):
+    for loss, mirror, error in zip(losses, mirror_losses, errors):
         if not math.isfinite(loss):
             bounds.append(LOG_ALPHA_MIN)
-        elif not math.isfinite(mirror):
+        elif not math.isfinite(mirror) or (z > 0 and standard_errors is not None and not loss - mirror > z * error):
             bounds.append(-LOG_ALPHA_MIN)
         else:
             bounds.append(LOG_ALPHA_CLOSED - (loss - mirror) / config.mirror_temperature)
@@ -684,7 +725,12 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             gated_labels = [gated_labels[k] for k in chosen]
             candidate_losses = [candidate_losses[k] for k in chosen]
         use_mirror_test = config.warm_start and config.mirror_test
-        if use_mirror_test:
+        mirror_errors = None
+        if use_mirror_test and config.mirror_confidence > 0:
+            statistics = [mirror_statistics(model, state, keep_state, inputs, targets) for state in states]
+            mirror_losses = [loss for loss, _ in statistics]
+            mirror_errors = [error for _, error in statistics]
+        elif use_mirror_test:
             mirror_losses = [evaluate_state(model, mirror_state(state, keep_state), inputs, targets)[0]
                              for state in states]
         if config.include_keep:
@@ -693,6 +739,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             candidate_losses.append(loss_before)
             if use_mirror_test:
                 mirror_losses.append(loss_before)
+                if mirror_errors is not None:
+                    mirror_errors.append(0.0)
 
         keep_index = len(states) - 1 if config.include_keep else None
         # Identical candidates are gated as one (column g of log_alpha is group g).
@@ -714,7 +762,9 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             head_losses = [candidate_losses[k] for k in heads]
             start = warm_start_log_alpha(head_losses, config)
             if use_mirror_test:
-                start = torch.minimum(start, mirror_log_alpha(head_losses, [mirror_losses[k] for k in heads], config))
+                errors = [mirror_errors[k] for k in heads] if mirror_errors is not None else None
+                start = torch.minimum(start, mirror_log_alpha(head_losses, [mirror_losses[k] for k in heads], config,
+                                                              errors))
             start = start.expand(len(units), -1)
         log_alpha = nn.Parameter(start.clone().contiguous())
         steps, skipped = _learn_gates(model, stacked, log_alpha, inputs, targets, config, gated_keep)

@@ -26,6 +26,7 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         threads=settings.softmerge_threads, max_candidates=settings.softmerge_max_candidates,
         warm_start_temperature=settings.softmerge_warm_temperature, warm_start_ceiling=settings.softmerge_ceiling,
         mirror_test=settings.softmerge_mirror_test, mirror_temperature=settings.softmerge_mirror_temperature,
+        mirror_confidence=settings.softmerge_mirror_confidence,
         merge_duplicates=settings.softmerge_merge_duplicates,
     )
 

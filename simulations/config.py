@@ -76,6 +76,7 @@ class RunSettings:
     softmerge_ceiling: bool = False
     softmerge_mirror_test: bool = False
     softmerge_mirror_temperature: float = 0.02
+    softmerge_mirror_confidence: float = 0.0
     softmerge_merge_duplicates: bool = True
     output_dir: str = "results/flwr-run"
     resume: bool = True
@@ -187,6 +188,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_max_candidates": _at_least(0),
     "softmerge_warm_temperature": _open_interval(0, 100),
     "softmerge_mirror_temperature": _open_interval(0, 100),
+    "softmerge_mirror_confidence": _at_least(0),
     "round_timeout": _open_interval(0, 86400),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
     "client_failure_mode": _choice(FAILURE_MODES),

@@ -49,6 +49,7 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-mirror-test": 1}, "'softmerge-mirror-test' must be true or false"),
         ({"softmerge-mirror-temperature": 0}, "'softmerge-mirror-temperature' must be in (0, 100]"),
         ({"fltrust-match-client-steps": 2}, "'fltrust-match-client-steps' must be true or false"),
+        ({"softmerge-mirror-confidence": -1}, "'softmerge-mirror-confidence' must be >= 0"),
         ({"softmerge-merge-duplicates": "often"}, "'softmerge-merge-duplicates' must be true or false"),
         ({"malicious-partitions": "1,two"}, "malicious-partitions must be comma-separated partition ids"),
         ({"malicious-partitions": "-1"}, "malicious-partitions must hold ids >= 0"),
@@ -67,9 +68,10 @@ def test_bad_values_are_named(config, message):
 def test_softmerge_keys_reach_the_merge_config():
     from softmerge.server.strategies import merge_config_from
 
-    settings = parse_run_config({"softmerge-merge-duplicates": "false", "softmerge-mirror-test": True})
+    settings = parse_run_config({"softmerge-merge-duplicates": "false", "softmerge-mirror-test": True,
+                                 "softmerge-mirror-confidence": 2})
     config = merge_config_from(settings)
-    assert config.merge_duplicates is False and config.mirror_test is True
+    assert config.merge_duplicates is False and config.mirror_test is True and config.mirror_confidence == 2.0
     assert merge_config_from(RunSettings()).merge_duplicates is True
 
 

@@ -16,7 +16,7 @@ from softmerge.aggregation import (
 )
 from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
 from softmerge.aggregation.merge import (LOG_ALPHA_MIN, duplicate_groups, mirror_log_alpha, mirror_state,
-                                        warm_start_log_alpha)
+                                        mirror_statistics, warm_start_log_alpha)
 
 
 class BatchNormNet(nn.Module):
@@ -135,6 +135,8 @@ def test_config_rejects_bad_values_by_name():
         SoftMergeConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="steps"):
         SoftMergeConfig(steps=-1)
+    with pytest.raises(ValueError, match="mirror_confidence"):
+        SoftMergeConfig(mirror_confidence=-1.0)
     with pytest.raises(ValueError, match="merge_duplicates"):
         SoftMergeConfig(merge_duplicates="yes")
 
@@ -262,6 +264,50 @@ def test_mirror_test_bound_is_closed_for_a_non_finite_candidate_and_open_for_a_n
     assert float(bounds[1]) == -LOG_ALPHA_MIN
     assert float(bounds[2]) == pytest.approx(LOG_ALPHA_CLOSED)
     assert float(bounds[3]) > float(bounds[2])
+
+
+def test_mirror_statistics_are_the_reflection_s_loss_and_the_standard_error_of_the_differences():
+    torch.manual_seed(1)
+    net = nn.Linear(3, 2)
+    inputs, targets = torch.randn(50, 3), torch.randint(0, 2, (50,))
+    keep = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    candidate = _descent_step(net, inputs, targets, steps=3)
+    mirror_loss, error = mirror_statistics(net, candidate, keep, inputs, targets, batch_size=16)
+
+    def per_example(state):
+        return nn.functional.cross_entropy(torch.func.functional_call(net, state, (inputs,)), targets,
+                                           reduction="none").double()
+    differences = per_example(candidate) - per_example(mirror_state(candidate, keep))
+    assert mirror_loss == pytest.approx(float(per_example(mirror_state(candidate, keep)).mean()), rel=1e-6)
+    assert error == pytest.approx(float(differences.std()) / math.sqrt(50), rel=1e-6)
+    assert mirror_statistics(net, keep, keep, inputs, targets) == (pytest.approx(evaluate_state(net, keep, inputs, targets)[0]), 0.0)
+
+
+def test_mirror_confidence_bounds_only_a_significant_ascent():
+    config = SoftMergeConfig(mirror_test=True, mirror_confidence=2.0)
+    # d = +0.05 with a standard error of 0.04 is noise; d = +0.10 is not; d = 0 (keep) never is.
+    bounds = mirror_log_alpha([0.55, 0.60, 0.5, 0.4], [0.5, 0.5, 0.5, 0.5], config, [0.04, 0.04, 0.0, 0.04])
+    assert float(bounds[0]) == -LOG_ALPHA_MIN and float(bounds[2]) == -LOG_ALPHA_MIN
+    assert float(bounds[1]) == pytest.approx(LOG_ALPHA_CLOSED - 0.10 / config.mirror_temperature)
+    assert float(bounds[3]) == -LOG_ALPHA_MIN
+    # Without standard errors, or at z = 0, every candidate is bounded as before.
+    plain = mirror_log_alpha([0.55, 0.60, 0.5, 0.4], [0.5, 0.5, 0.5, 0.5], SoftMergeConfig(mirror_test=True))
+    assert all(float(b) < 0 for b in plain[:3]) and float(plain[3]) > float(plain[2])
+
+
+def test_mirror_confidence_closes_the_flip_and_keeps_the_keep_candidate():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    inputs = torch.randn(300, 3)
+    targets = (inputs[:, 0] - inputs[:, 1] > 0).long()
+    keep = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    honest = _descent_step(net, inputs, targets)
+    flipped = mirror_state(honest, keep)
+    config = SoftMergeConfig(units="model", steps=0, mirror_test=True, mirror_confidence=2.0)
+    _, report = soft_merge(net, [honest, flipped], (inputs, targets), config, labels=["honest", "flipped"])
+    weights = dict(zip(report.candidates, report.weights[0]))
+    assert weights["flipped"] == 0.0
+    assert weights["honest"] > 0 and weights["keep"] > 0  # the plain mirror test closes keep (d = 0)
 
 
 def test_duplicate_groups_are_exact_and_the_first_named_leads_its_group():
