@@ -225,6 +225,17 @@ def _descent_step(net, inputs, targets, steps=20, lr=0.5):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _linear_task_with_a_flip():
+    """A linear model, 300 separable examples, an honest update that descends and its sign flip."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    inputs = torch.randn(300, 3)
+    targets = (inputs[:, 0] - inputs[:, 1] > 0).long()
+    keep = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    honest = _descent_step(net, inputs, targets)
+    return net, inputs, targets, keep, honest, mirror_state(honest, keep)
+
+
 def test_mirror_state_reflects_floating_tensors_through_the_keep_model():
     keep = {"w": torch.tensor([1.0, 2.0]), "count": torch.tensor(3)}
     candidate = {"w": torch.tensor([1.5, 0.0]), "count": torch.tensor(7)}
@@ -238,13 +249,7 @@ def test_mirror_test_starts_updates_that_do_not_descend_closed():
     # IPM-like reply (keep - 0.1 * honest update) barely moves. By own loss alone the IPM
     # reply is as good as the keep model and better than nothing, so it starts open; the
     # mirror test sees that neither it nor the flip descends, and starts both closed.
-    torch.manual_seed(0)
-    net = nn.Linear(3, 2)
-    inputs = torch.randn(300, 3)
-    targets = (inputs[:, 0] - inputs[:, 1] > 0).long()
-    keep = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    honest = _descent_step(net, inputs, targets)
-    flipped = mirror_state(honest, keep)
+    net, inputs, targets, keep, honest, flipped = _linear_task_with_a_flip()
     damping = {k: keep[k] - 0.1 * (honest[k] - keep[k]) for k in keep}
     labels = ["honest", "flipped", "damping"]
     weights = {}
@@ -296,13 +301,7 @@ def test_mirror_confidence_bounds_only_a_significant_ascent():
 
 
 def test_mirror_confidence_closes_the_flip_and_keeps_the_keep_candidate():
-    torch.manual_seed(0)
-    net = nn.Linear(3, 2)
-    inputs = torch.randn(300, 3)
-    targets = (inputs[:, 0] - inputs[:, 1] > 0).long()
-    keep = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    honest = _descent_step(net, inputs, targets)
-    flipped = mirror_state(honest, keep)
+    net, inputs, targets, _, honest, flipped = _linear_task_with_a_flip()
     config = SoftMergeConfig(units="model", steps=0, mirror_test=True, mirror_confidence=2.0)
     _, report = soft_merge(net, [honest, flipped], (inputs, targets), config, labels=["honest", "flipped"])
     weights = dict(zip(report.candidates, report.weights[0]))
