@@ -173,12 +173,14 @@ class FLTrust(_UpdateAggregation):
         pass the clients' settings to match it.
     match_client_steps : bool
         The paper's server runs the same number of local iterations R as a client. With
-        this set (the default) the server takes, each round, as many SGD steps as the
-        median reply's ``num-examples`` gives a client at ``epochs`` and ``batch_size``
-        (at most ``MAX_SERVER_EPOCHS`` passes over the root set), however small the root
-        set is; the median, so a minority that misreports its example count cannot set
-        it. Off: ``epochs`` passes over the root set, fewer steps than a client whose
-        data is larger, and so a shorter g_0 that every update is rescaled to.
+        this set the server takes, each round, as many SGD steps as the median reply's
+        ``num-examples`` gives a client at ``epochs`` and ``batch_size`` (at most
+        ``MAX_SERVER_EPOCHS`` passes over the root set), however small the root set is;
+        the median, so a minority that misreports its example count cannot set it. Off
+        (the default): ``epochs`` passes over the root set, fewer steps than a client
+        whose data is larger, and so a shorter g_0 that every update is rescaled to. On
+        the reference grid the shorter g_0 is the better FLTrust: with matched steps it
+        lost 3–6 points and swung more from round to round (docs/benchmarks.md).
     seed : int
         The server training of round r is seeded with ``seed + r``.
     **kwargs
@@ -196,7 +198,7 @@ class FLTrust(_UpdateAggregation):
         batch_size: int = 16,
         momentum: float = 0.0,
         seed: int = 0,
-        match_client_steps: bool = True,
+        match_client_steps: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)

@@ -59,7 +59,7 @@ class RunSettings:
     trim_beta: float = 0.2
     cclip_tau: float = 1.0
     cclip_iterations: int = 1
-    fltrust_match_client_steps: bool = True
+    fltrust_match_client_steps: bool = False
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     softmerge_units: str = "layer"

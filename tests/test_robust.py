@@ -494,8 +494,9 @@ def test_fltrust_server_takes_the_median_client_s_steps(federation, digits_task)
     model, locals_ = federation
     root_size = len(digits_task.gate.tensors()[1])
 
-    def server_steps(counts, **settings):
-        strategy = FLTrust(model, digits_task.gate.tensors(), batch_size=16, seed=0, **settings)
+    def server_steps(counts, match_client_steps=True, **settings):
+        strategy = FLTrust(model, digits_task.gate.tensors(), batch_size=16, seed=0,
+                           match_client_steps=match_client_steps, **settings)
         _start_round(strategy, model)
         replies = [make_reply(i + 1, locals_[i], partition=i, num_examples=n) for i, n in enumerate(counts)]
         return strategy.aggregate_train(1, replies)[1]["fltrust-server-steps"]
@@ -505,8 +506,9 @@ def test_fltrust_server_takes_the_median_client_s_steps(federation, digits_task)
     assert server_steps([150, 160, 170], epochs=2) == 20
     # A median of 10^8 examples is capped at MAX_SERVER_EPOCHS passes over the root set.
     assert server_steps([10**8] * 3) == MAX_SERVER_EPOCHS * math.ceil(root_size / 16)
-    # Off: one pass over the root set, as before.
+    # Off, the default: one pass over the root set.
     assert server_steps([150, 160, 170], match_client_steps=False) == math.ceil(root_size / 16)
+    assert FLTrust(model, digits_task.gate.tensors()).match_client_steps is False
 
 
 def test_fltrust_keeps_the_global_model_when_every_client_opposes_the_server(federation, digits_task):
