@@ -42,6 +42,9 @@ sign-flipped update, a resent old model, an update shrunk to near zero (IPM) and
 candidate itself (difference 0) start closed. It is not the default because a backdoored
 update descends on clean data and passes, and with the honest updates that ascend and the
 keep candidate closed, backdoors got through (docs/benchmarks.md measures both sides).
+As a significance test (``mirror_confidence`` z > 0) it bounds only a candidate whose d
+exceeds z standard errors of its per-example differences, so the keep candidate and the
+honest updates near d = 0 keep their own-loss start; docs/benchmarks.md measures it too.
 
 Duplicates. Candidates that are bit-for-bit identical (the keep candidate included) are
 gated as one: one gate per unit, and the group's mixing weight is split equally among its
