@@ -179,8 +179,9 @@ class FLTrust(_UpdateAggregation):
         the median, so a minority that misreports its example count cannot set it. Off
         (the default): ``epochs`` passes over the root set, fewer steps than a client
         whose data is larger, and so a shorter g_0 that every update is rescaled to. On
-        the reference grid the shorter g_0 is the better FLTrust: with matched steps it
-        lost 3–6 points and swung more from round to round (docs/benchmarks.md).
+        the reference grid the shorter g_0 was the better FLTrust: in the three cells run
+        with matched steps it lost 3–6 points in the final round and 1–2 in the mean of
+        the last three (docs/benchmarks.md).
     seed : int
         The server training of round r is seeded with ``seed + r``.
     **kwargs
