@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.robust import fltrust, fltrust_server_model
+from softmerge.aggregation.robust import apply_update, fltrust, fltrust_server_model, flatten_updates
 from softmerge.aggregation.merge import build_merge_units, evaluate_state, mirror_state
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
@@ -202,16 +202,9 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
             server_state, _ = fltrust_server_model(model, global_state, task.gate.tensors(), steps=steps,
                                                    learning_rate=LOCAL_LR, batch_size=LOCAL_BATCH, momentum=0.9,
                                                    seed=seed + round_number)
-            floats = [k for k, v in global_state.items() if v.dtype.is_floating_point]
-            def flat(state):
-                return torch.cat([(state[k] - global_state[k]).reshape(-1).double() for k in floats])
-            result = fltrust(torch.stack([flat(c) for c in candidates]), flat(server_state))
-            merged, offset = dict(global_state), 0
-            for k in floats:
-                size = global_state[k].numel()
-                merged[k] = (global_state[k].double() + result.aggregate[offset:offset + size]
-                             .reshape(global_state[k].shape)).to(global_state[k].dtype)
-                offset += size
+            names, updates = flatten_updates(global_state, candidates + [server_state])
+            result = fltrust(updates[:-1], updates[-1])
+            merged = apply_update(global_state, result.aggregate, names)
             trust = result.trust_scores
             malicious_weight.append(float(trust[sorted(malicious)].sum() / trust.sum()) if malicious and trust.sum() > 0
                                     else 0.0)

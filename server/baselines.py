@@ -18,6 +18,7 @@ dtypes, keeps the global model. Client input never raises.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -232,9 +233,8 @@ class FLTrust(_UpdateAggregation):
         """SGD steps of the server model this round: the median client's (None: ``epochs`` passes)."""
         if not self.match_client_steps or not contents:
             return None
-        counts = sorted(float(next(iter(content.metric_records.values()))[self.weighted_by_key])
-                        for content in contents)
-        median = (counts[(len(counts) - 1) // 2] + counts[len(counts) // 2]) / 2
+        median = statistics.median(float(next(iter(content.metric_records.values()))[self.weighted_by_key])
+                                   for content in contents)
         per_epoch = math.ceil(median / self.batch_size)
         cap = MAX_SERVER_EPOCHS * math.ceil(len(self.root_data[1]) / self.batch_size)
         return max(1, min(self.epochs * per_epoch, cap))
