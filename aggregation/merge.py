@@ -48,7 +48,8 @@ honest updates near d = 0 keep their own-loss start; docs/benchmarks.md measures
 
 Duplicates. Candidates that are bit-for-bit identical (the keep candidate included) are
 gated as one: one gate per unit, and the group's mixing weight is split equally among its
-members. Colluding attacks that send one crafted model from many clients, or copy one
+members. They are grouped before anything is scored, so a group costs one own-loss pass
+(and one mirror pass) however many clients sent it. Colluding attacks that send one crafted model from many clients, or copy one
 honest client's, would otherwise hold as many gates as senders; a client that resends the
 global model joins the keep candidate.
 
@@ -573,29 +574,38 @@ def mirror_state(candidate: Mapping[str, torch.Tensor], keep: Mapping[str, torch
             for name, tensor in candidate.items()}
 
 
+def per_example_losses(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: torch.Tensor,
+                       targets: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The cross-entropy of each example under ``model`` with ``state`` swapped in (float64)."""
+    with torch.no_grad():
+        losses = [nn.functional.cross_entropy(functional_call(model, dict(state), (inputs[start:start + batch_size],)),
+                                              targets[start:start + batch_size], reduction="none").double()
+                  for start in range(0, len(targets), batch_size)]
+    return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
+
+
+def _mean_loss(losses: torch.Tensor) -> float:
+    """Mean of per-example losses; +inf rather than NaN when it is not finite, so that it ranks."""
+    mean = float(losses.mean()) if len(losses) else 0.0
+    return mean if math.isfinite(mean) else math.inf
+
+
 def mirror_statistics(model: nn.Module, candidate: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor],
-                      inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+                      inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 1024,
+                      own_losses: torch.Tensor | None = None) -> tuple[float, float]:
     """The mirror image's mean loss, and the standard error of d's per-example differences.
 
     d_i = CE(f(x_i; candidate), y_i) - CE(f(x_i; 2 keep - candidate), y_i) over the gate
     split; the standard error is std(d_i) / sqrt(n). Non-finite differences give an
     infinite standard error (nothing is significant about them; the own-loss start and the
-    bound's own guards handle such candidates).
+    bound's own guards handle such candidates). ``own_losses``, the candidate's
+    :func:`per_example_losses` if the caller has them, saves its forward pass.
     """
-    mirror = mirror_state(candidate, keep)
-    differences, mirror_total = [], 0.0
-    with torch.no_grad():
-        for start in range(0, len(targets), batch_size):
-            x, y = inputs[start:start + batch_size], targets[start:start + batch_size]
-            own = nn.functional.cross_entropy(functional_call(model, dict(candidate), (x,)), y, reduction="none")
-            reflected = nn.functional.cross_entropy(functional_call(model, mirror, (x,)), y, reduction="none")
-            differences.append(own.double() - reflected.double())
-            mirror_total += float(reflected.double().sum())
-    count = max(len(targets), 1)
-    mirror_loss = mirror_total / count
-    diff = torch.cat(differences) if differences else torch.zeros(0, dtype=torch.float64)
-    error = float(diff.std()) / math.sqrt(count) if len(diff) > 1 else 0.0
-    return (mirror_loss if math.isfinite(mirror_loss) else math.inf), (error if math.isfinite(error) else math.inf)
+    own = own_losses if own_losses is not None else per_example_losses(model, candidate, inputs, targets, batch_size)
+    reflected = per_example_losses(model, mirror_state(candidate, keep), inputs, targets, batch_size)
+    difference = own - reflected
+    error = float(difference.std()) / math.sqrt(len(difference)) if len(difference) > 1 else 0.0
+    return _mean_loss(reflected), (error if math.isfinite(error) else math.inf)
 
 
 def mirror_log_alpha(losses: Sequence[float], mirror_losses: Sequence[float], config: SoftMergeConfig,
@@ -715,40 +725,53 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                                 fallback_units=unit_names)
             return {name: tensor.clone() for name, tensor in keep_state.items()}, report
 
-        # Each candidate's own loss: the warm start, the report and the pre-selection.
-        candidate_losses = [evaluate_state(model, state, inputs, targets)[0] for state in states]
-        if config.max_candidates and len(states) > config.max_candidates:
-            chosen = _preselect(candidate_losses, config.max_candidates)
-            dropped = sorted(set(range(len(states))) - set(chosen))
+        clients = len(states)
+        keep_index = None
+        if config.include_keep:
+            keep_index = clients
+            states.append(keep_state)
+            gated_labels.append(KEEP_LABEL)
+        # Identical candidates are gated as one, and scored once: IPM's or min-max's many
+        # copies of one reply cost one forward pass, not one per sender.
+        groups = (duplicate_groups(states, keep_index) if config.merge_duplicates
+                  else [[k] for k in range(len(states))])
+        # Per-example losses per group, None for the keep candidate's (its loss is loss_before).
+        group_losses = [None if group[0] == keep_index else per_example_losses(model, states[group[0]], inputs, targets)
+                        for group in groups]
+        candidate_losses = [math.inf] * len(states)
+        for group, losses in zip(groups, group_losses):
+            for k in group:
+                candidate_losses[k] = loss_before if losses is None else _mean_loss(losses)
+
+        if config.max_candidates and clients > config.max_candidates:
+            chosen = _preselect(candidate_losses[:clients], config.max_candidates)
+            dropped = sorted(set(range(clients)) - set(chosen))
             excluded = excluded + [
                 Exclusion(valid_indices[k], gated_labels[k],
                           f"pre-selection: own gate-split loss {candidate_losses[k]:.4g} is not among the "
                           f"{config.max_candidates} lowest") for k in dropped]
-            states = [states[k] for k in chosen]
-            gated_labels = [gated_labels[k] for k in chosen]
-            candidate_losses = [candidate_losses[k] for k in chosen]
-        use_mirror_test = config.warm_start and config.mirror_test
-        mirror_errors = None
-        if use_mirror_test and config.mirror_confidence > 0:
-            statistics = [mirror_statistics(model, state, keep_state, inputs, targets) for state in states]
-            mirror_losses = [loss for loss, _ in statistics]
-            mirror_errors = [error for _, error in statistics]
-        elif use_mirror_test:
-            mirror_losses = [evaluate_state(model, mirror_state(state, keep_state), inputs, targets)[0]
-                             for state in states]
-        if config.include_keep:
-            states.append(keep_state)
-            gated_labels.append(KEEP_LABEL)
-            candidate_losses.append(loss_before)
-            if use_mirror_test:
-                mirror_losses.append(loss_before)
-                if mirror_errors is not None:
-                    mirror_errors.append(0.0)
+            kept = chosen + ([keep_index] if keep_index is not None else [])
+            position = {old: new for new, old in enumerate(kept)}
+            states, gated_labels = [states[k] for k in kept], [gated_labels[k] for k in kept]
+            candidate_losses = [candidate_losses[k] for k in kept]
+            cut = [([position[k] for k in group if k in position], losses) for group, losses in zip(groups, group_losses)]
+            groups = [members for members, _ in cut if members]
+            group_losses = [losses for members, losses in cut if members]
+            keep_index = position[keep_index] if keep_index is not None else None
 
-        keep_index = len(states) - 1 if config.include_keep else None
-        # Identical candidates are gated as one (column g of log_alpha is group g).
-        groups = (duplicate_groups(states, keep_index) if config.merge_duplicates
-                  else [[k] for k in range(len(states))])
+        use_mirror_test = config.warm_start and config.mirror_test
+        mirror_losses = list(candidate_losses)
+        mirror_errors = [0.0] * len(states)
+        if use_mirror_test:
+            for group, losses in zip(groups, group_losses):
+                # The keep candidate is its own mirror: d = 0 exactly.
+                if losses is not None:
+                    statistics = mirror_statistics(model, states[group[0]], keep_state, inputs, targets,
+                                                   own_losses=losses)
+                    for k in group:
+                        mirror_losses[k], mirror_errors[k] = statistics
+
+        # Column g of log_alpha is group g.
         heads = [group[0] for group in groups]
         group_of = torch.empty(len(states), dtype=torch.long)
         for g, group in enumerate(groups):
@@ -765,7 +788,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             head_losses = [candidate_losses[k] for k in heads]
             start = warm_start_log_alpha(head_losses, config)
             if use_mirror_test:
-                errors = [mirror_errors[k] for k in heads] if mirror_errors is not None else None
+                errors = [mirror_errors[k] for k in heads] if config.mirror_confidence > 0 else None
                 start = torch.minimum(start, mirror_log_alpha(head_losses, [mirror_losses[k] for k in heads], config,
                                                               errors))
             start = start.expand(len(units), -1)

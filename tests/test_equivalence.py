@@ -156,6 +156,23 @@ def test_preselection_gates_only_the_lowest_own_losses(small_federation):
     assert all("pre-selection" in e.reason for e in report.excluded)
 
 
+def test_preselection_that_cuts_a_group_of_identical_replies_keeps_its_chosen_members(small_federation):
+    model, candidates, validation = small_federation
+    _, full = soft_merge(model, candidates, validation, SoftMergeConfig(steps=0))
+    best = min(range(len(candidates)), key=lambda k: full.candidate_losses[k])
+    # Three copies of the best candidate rank first; a limit of 2 keeps two of them.
+    copies = [{k: v.clone() for k, v in candidates[best].items()} for _ in range(3)]
+    others = [c for k, c in enumerate(candidates) if k != best]
+    labels = ["a0", "a1", "a2"] + [f"c{i}" for i in range(len(others))]
+    _, report = soft_merge(model, copies + others, validation, SoftMergeConfig(steps=5, max_candidates=2),
+                           labels=labels)
+    assert report.candidates == ["a0", "a1", "keep"]
+    assert report.duplicates == [["a0", "a1"]]
+    assert sorted(e.label for e in report.excluded) == sorted(labels[2:])
+    for row in report.weights:
+        assert row[0] == row[1] and sum(row) == pytest.approx(1.0)
+
+
 def test_stacking_in_place_shares_memory_and_changes_nothing(small_federation):
     model, candidates, validation = small_federation
     originals = [{k: v.clone() for k, v in c.items()} for c in candidates]

@@ -16,7 +16,7 @@ from softmerge.aggregation import (
 )
 from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
 from softmerge.aggregation.merge import (LOG_ALPHA_MIN, duplicate_groups, mirror_log_alpha, mirror_state,
-                                        mirror_statistics, warm_start_log_alpha)
+                                        mirror_statistics, per_example_losses, warm_start_log_alpha)
 
 
 class BatchNormNet(nn.Module):
@@ -286,6 +286,9 @@ def test_mirror_statistics_are_the_reflection_s_loss_and_the_standard_error_of_t
     assert mirror_loss == pytest.approx(float(per_example(mirror_state(candidate, keep)).mean()), rel=1e-6)
     assert error == pytest.approx(float(differences.std()) / math.sqrt(50), rel=1e-6)
     assert mirror_statistics(net, keep, keep, inputs, targets) == (pytest.approx(evaluate_state(net, keep, inputs, targets)[0]), 0.0)
+    # Given the candidate's own per-example losses, it skips their pass and agrees.
+    assert mirror_statistics(net, candidate, keep, inputs, targets,
+                             own_losses=per_example_losses(net, candidate, inputs, targets)) == (mirror_loss, error)
 
 
 def test_mirror_confidence_bounds_only_a_significant_ascent():
@@ -347,6 +350,24 @@ def test_identical_replies_share_one_gate_and_one_candidate_s_weight(honest_cand
                                      SoftMergeConfig(steps=30, seed=1, merge_duplicates=False), labels=labels)
     assert apart_report.duplicates == []
     assert not all(torch.equal(apart[k], merged[k]) for k in merged)
+
+
+def test_identical_replies_are_scored_once(honest_candidates, digits_task, monkeypatch):
+    from softmerge.aggregation import merge as merge_module
+    model, locals_ = honest_candidates
+    scored = []
+    real = merge_module.per_example_losses
+    monkeypatch.setattr(merge_module, "per_example_losses",
+                        lambda net, state, *args, **kwargs: scored.append(state) or real(net, state, *args, **kwargs))
+    copies = [{k: v.clone() for k, v in locals_[3].items()} for _ in range(4)]
+    resent = {k: v.clone() for k, v in model.state_dict().items()}
+    config = SoftMergeConfig(steps=0, mirror_test=True, mirror_confidence=2.0)
+    _, report = soft_merge(model, locals_[:2] + copies + [resent], digits_task.gate.tensors(), config)
+    # Three distinct client models: one own-loss and one mirror pass each. The copies count
+    # once, and the resent global model is the keep candidate, whose loss is already known.
+    assert len(scored) == 6
+    assert report.candidate_losses[2:6] == [report.candidate_losses[2]] * 4
+    assert report.candidate_losses[6] == report.candidate_losses[7] == report.loss_before
 
 
 def test_a_resent_global_model_joins_the_keep_candidate(honest_candidates, digits_task):
