@@ -29,22 +29,23 @@ Warm start. log_alpha starts from each candidate's own gate-split loss:
 
     start_k = init - (L(theta_k) - min_j L(theta_j)) / T_own.
 
-Two options sharpen it, both off by default. The ceiling keeps gate learning from raising
-log_alpha above its start. The mirror test also bounds the start by whether the
-candidate's update descends:
+Two rules sharpen it, both on by default. The ceiling keeps gate learning from raising
+log_alpha above its start. The mirror test also bounds the start of a candidate whose
+update ascends:
 
-    start_k <= LOG_ALPHA_CLOSED - (L(theta_k) - L(2 theta_keep - theta_k)) / T_mirror.
+    start_k <= LOG_ALPHA_CLOSED - d_k / T_mirror,   d_k = L(theta_k) - L(2 theta_keep - theta_k),
 
-The loss difference between the update and its reflection through the global model keeps
-the odd-order terms of the loss around it (the direction) and cancels the even ones (the
-curvature that makes every non-IID local model look worse than the global one). A
-sign-flipped update, a resent old model, an update shrunk to near zero (IPM) and the keep
-candidate itself (difference 0) start closed. It is not the default because a backdoored
-update descends on clean data and passes, and with the honest updates that ascend and the
-keep candidate closed, backdoors got through (docs/benchmarks.md measures both sides).
-As a significance test (``mirror_confidence`` z > 0) it bounds only a candidate whose d
-exceeds z standard errors of its per-example differences, so the keep candidate and the
-honest updates near d = 0 keep their own-loss start; docs/benchmarks.md measures it too.
+for those candidates whose d_k exceeds z standard errors of its per-example differences on
+the gate split (``mirror_confidence`` z, 2 by default). The difference between the update's
+loss and its reflection's through the global model keeps the odd-order terms of the loss
+around it (the direction) and cancels the even ones (the curvature that makes every
+non-IID local model look worse than the global one). A sign-flipped or Fang-crafted
+update ascends and starts closed. The keep candidate (d = 0 exactly) and honest updates
+within the noise around d = 0 keep their own-loss start. With z = 0 every candidate is
+bounded, the keep candidate and updates that barely move (IPM with a small epsilon) closed
+too; that variant let backdoors through, because a backdoored update descends on clean
+data and with the rest closed took a quarter of the weight. docs/benchmarks.md measures
+all three settings.
 
 Duplicates. Candidates that are bit-for-bit identical (the keep candidate included) are
 gated as one: one gate per unit, and the group's mixing weight is split equally among its
@@ -143,7 +144,7 @@ class SoftMergeConfig:
             candidate whose d exceeds z standard errors of its per-example differences on
             the gate split (an update that ascends beyond what the split's sampling noise
             explains) is bounded; the rest, and the keep candidate (d = 0 exactly), keep
-            their own-loss start. 0 (the default) bounds every candidate. Non-IID honest
+            their own-loss start. 2 by default; 0 bounds every candidate. Non-IID honest
             updates scatter around d = 0; bounding them all closes the ones that ascend
             slightly, and with them gone the backdoored updates, which descend on clean
             data, took a quarter of the weight (docs/benchmarks.md).
@@ -189,10 +190,10 @@ class SoftMergeConfig:
     warm_start: bool = True
     init_log_alpha: float = 2.0
     warm_start_temperature: float = 1.0
-    warm_start_ceiling: bool = False
-    mirror_test: bool = False
+    warm_start_ceiling: bool = True
+    mirror_test: bool = True
     mirror_temperature: float = 0.02
-    mirror_confidence: float = 0.0
+    mirror_confidence: float = 2.0
     merge_duplicates: bool = True
     max_grad_norm: float = 1.0
     tolerance: float = 0.01

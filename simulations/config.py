@@ -73,10 +73,10 @@ class RunSettings:
     softmerge_threads: int = 1
     softmerge_max_candidates: int = 0
     softmerge_warm_temperature: float = 1.0
-    softmerge_ceiling: bool = False
-    softmerge_mirror_test: bool = False
+    softmerge_ceiling: bool = True
+    softmerge_mirror_test: bool = True
     softmerge_mirror_temperature: float = 0.02
-    softmerge_mirror_confidence: float = 0.0
+    softmerge_mirror_confidence: float = 2.0
     softmerge_merge_duplicates: bool = True
     output_dir: str = "results/flwr-run"
     resume: bool = True

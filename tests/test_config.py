@@ -2,6 +2,7 @@
 
 import pytest
 
+from softmerge.aggregation import SoftMergeConfig
 from softmerge.simulations.config import ConfigError, RunSettings, parse_run_config, to_run_config
 
 
@@ -68,11 +69,13 @@ def test_bad_values_are_named(config, message):
 def test_softmerge_keys_reach_the_merge_config():
     from softmerge.server.strategies import merge_config_from
 
-    settings = parse_run_config({"softmerge-merge-duplicates": "false", "softmerge-mirror-test": True,
-                                 "softmerge-mirror-confidence": 2})
+    settings = parse_run_config({"softmerge-merge-duplicates": "false", "softmerge-mirror-test": False,
+                                 "softmerge-ceiling": "false", "softmerge-mirror-confidence": 0.5})
     config = merge_config_from(settings)
-    assert config.merge_duplicates is False and config.mirror_test is True and config.mirror_confidence == 2.0
-    assert merge_config_from(RunSettings()).merge_duplicates is True
+    assert config.merge_duplicates is False and config.mirror_test is False
+    assert config.warm_start_ceiling is False and config.mirror_confidence == 0.5
+    # The run config's defaults are the merge's own.
+    assert merge_config_from(RunSettings()) == SoftMergeConfig()
 
 
 def test_strings_from_the_command_line_are_coerced():

@@ -248,13 +248,13 @@ def test_mirror_test_starts_updates_that_do_not_descend_closed():
     # The keep model is mediocre; an honest update descends, its sign flip ascends, and an
     # IPM-like reply (keep - 0.1 * honest update) barely moves. By own loss alone the IPM
     # reply is as good as the keep model and better than nothing, so it starts open; the
-    # mirror test sees that neither it nor the flip descends, and starts both closed.
+    # plain mirror test (z = 0) sees that neither it nor the flip descends, and starts both closed.
     net, inputs, targets, keep, honest, flipped = _linear_task_with_a_flip()
     damping = {k: keep[k] - 0.1 * (honest[k] - keep[k]) for k in keep}
     labels = ["honest", "flipped", "damping"]
     weights = {}
     for mirror in (False, True):
-        config = SoftMergeConfig(units="model", steps=0, mirror_test=mirror)
+        config = SoftMergeConfig(units="model", steps=0, mirror_test=mirror, mirror_confidence=0.0)
         _, report = soft_merge(net, [honest, flipped, damping], (inputs, targets), config, labels=labels)
         weights[mirror] = dict(zip(report.candidates, report.weights[0]))
     assert weights[False]["damping"] > 0.2 and weights[False]["keep"] > 0.2
