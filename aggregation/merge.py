@@ -50,9 +50,9 @@ all three settings.
 Duplicates. Candidates that are bit-for-bit identical (the keep candidate included) are
 gated as one: one gate per unit, and the group's mixing weight is split equally among its
 members. They are grouped before anything is scored, so a group costs one own-loss pass
-(and one mirror pass) however many clients sent it. Colluding attacks that send one crafted model from many clients, or copy one
-honest client's, would otherwise hold as many gates as senders; a client that resends the
-global model joins the keep candidate.
+(and one mirror pass) however many clients sent it. Colluding attacks that send one
+crafted model from many clients, or copy one honest client's, would otherwise hold as many
+gates as senders; a client that resends the global model joins the keep candidate.
 
 Numerics. Non-finite or mismatched candidates are excluded before gating. Finite but
 extreme candidates are gated like any other; three guards keep gate learning finite on
