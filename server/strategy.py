@@ -79,6 +79,8 @@ class SoftMerge(RoundStartMemory):
         log(INFO, "\t│\t├── units: %s | mode: %s | keep candidate: %s", cfg.units, cfg.mode, cfg.include_keep)
         log(INFO, "\t│\t├── steps: %d | lr: %g | L0 lambda: %g | batch: %d", cfg.steps, cfg.lr, cfg.l0_lambda,
             cfg.batch_size)
+        log(INFO, "\t│\t├── warm start: %s | ceiling: %s | mirror test: %s (z = %g) | identical replies share a gate: %s",
+            cfg.warm_start, cfg.warm_start_ceiling, cfg.mirror_test, cfg.mirror_confidence, cfg.merge_duplicates)
         log(INFO, "\t│\t└── gate split: %d examples", len(self.validation[1]))
         super().summary()
 

@@ -65,3 +65,14 @@ def test_wrongly_shaped_reply_is_excluded(honest_candidates, digits_task):
     assert metrics["softmerge-excluded"] == 2
     assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
     assert isinstance(next(iter(arrays.values())), Array)
+
+
+def test_summary_names_the_warm_start_rules_in_force(honest_candidates, digits_task, caplog):
+    model, _ = honest_candidates
+    config = SoftMergeConfig(mirror_test=False, mirror_confidence=0.5, merge_duplicates=False)
+    strategy = SoftMerge(model, digits_task.gate.tensors(), merge_config=config)
+    with caplog.at_level("INFO", logger="flwr"):
+        strategy.summary()
+    line = next(record.getMessage() for record in caplog.records if "mirror test" in record.getMessage())
+    assert "ceiling: True" in line and "mirror test: False (z = 0.5)" in line
+    assert "identical replies share a gate: False" in line
