@@ -761,16 +761,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             keep_index = position[keep_index] if keep_index is not None else None
 
         use_mirror_test = config.warm_start and config.mirror_test
-        mirror_losses = list(candidate_losses)
-        mirror_errors = [0.0] * len(states)
-        if use_mirror_test:
-            for group, losses in zip(groups, group_losses):
-                # The keep candidate is its own mirror: d = 0 exactly.
-                if losses is not None:
-                    statistics = mirror_statistics(model, states[group[0]], keep_state, inputs, targets,
-                                                   own_losses=losses)
-                    for k in group:
-                        mirror_losses[k], mirror_errors[k] = statistics
+        # (mirror loss, standard error of d) per group; the keep candidate is its own mirror: d = 0 exactly.
+        group_mirrors = [(loss_before, 0.0) if losses is None
+                         else mirror_statistics(model, states[group[0]], keep_state, inputs, targets, own_losses=losses)
+                         for group, losses in zip(groups, group_losses)] if use_mirror_test else []
 
         # Column g of log_alpha is group g.
         heads = [group[0] for group in groups]
@@ -789,8 +783,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             head_losses = [candidate_losses[k] for k in heads]
             start = warm_start_log_alpha(head_losses, config)
             if use_mirror_test:
-                errors = [mirror_errors[k] for k in heads] if config.mirror_confidence > 0 else None
-                start = torch.minimum(start, mirror_log_alpha(head_losses, [mirror_losses[k] for k in heads], config,
+                errors = [error for _, error in group_mirrors] if config.mirror_confidence > 0 else None
+                start = torch.minimum(start, mirror_log_alpha(head_losses, [loss for loss, _ in group_mirrors], config,
                                                               errors))
             start = start.expand(len(units), -1)
         log_alpha = nn.Parameter(start.clone().contiguous())
