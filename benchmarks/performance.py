@@ -778,7 +778,7 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
                          f"{' '.join(str(s) for s in run['steps'] if s is not None)} | {run['wall']:.0f} |")
         fedavg = [s for r in e2e if r["label"] == "fedavg" for s in r["round_seconds"]]
         soft = [s for r in e2e if r["label"] == "softmerge" for s in r["round_seconds"]]
-        ratio = statistics.median(soft) / statistics.median(fedavg)
+        ratio = e2e_ratio(e2e)
         summary["e2e"] = ratio
         lines += ["", f"Pooled over the two runs of each: SoftMerge {statistics.median(soft):.3f} s per round, "
                       f"FedAvg {statistics.median(fedavg):.3f} s, ratio {ratio:.2f}.", ""]
@@ -842,6 +842,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="intra-op threads of torch, OpenMP and BLAS for every strategy (default 0: as set)")
     parser.add_argument("--rounds", type=int, default=12, help="rounds of each end-to-end run (default 12)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end simulations")
+    parser.add_argument("--e2e-only", action="store_true",
+                        help="run only the end-to-end simulations and print their summary; the report is not "
+                             "rewritten")
     parser.add_argument("--softmerge-impl", default=None,
                         help="an older aggregation/merge.py to measure as 'softmerge (before)', e.g. from "
                              "`git show <commit>:aggregation/merge.py > /tmp/merge_before.py`")
@@ -869,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.accuracy_worker:
         run_accuracy(args.accuracy_worker[0], args.softmerge_impl, args.accuracy.split(","), 10,
                      args.accuracy_worker[1])
+        return 0
+    if args.e2e_only:
+        print_e2e_summary(measure_e2e(args))
         return 0
     if args.accuracy:
         if not args.softmerge_impl:
@@ -920,18 +926,41 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
                     worker += ["--softmerge-impl", args.softmerge_impl]
                 subprocess.run(worker, check=True, env=environment, cwd=REPO)
                 cells.append(json.loads(out.read_text()))
-        e2e = None
-        if not args.no_e2e:
-            out = Path(directory) / "e2e.json"
-            worker = [sys.executable, __file__, "--e2e-worker", str(out), "--rounds", str(args.rounds)]
-            if args.softmerge_impl:
-                worker += ["--softmerge-impl", args.softmerge_impl]
-            subprocess.run(worker, check=True, env=environment, cwd=REPO)
-            e2e = json.loads(out.read_text())
+    e2e = None if args.no_e2e else measure_e2e(args, environment)
     return {"machine": info, "bandwidth": bw, "cells": cells, "e2e": e2e, "command": command,
             "elapsed": time.perf_counter() - started, "impl": args.softmerge_impl, "threads": args.threads,
             "clock": args.clock,
             "loadavg_end": os.getloadavg()}
+
+
+def measure_e2e(args: argparse.Namespace, environment: dict | None = None) -> list[dict]:
+    """The end-to-end runs (see :func:`run_e2e`), in a fresh process so that nothing measured before warms it."""
+    environment = environment or dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "e2e.json"
+        worker = [sys.executable, __file__, "--e2e-worker", str(out), "--rounds", str(args.rounds)]
+        if args.softmerge_impl:
+            worker += ["--softmerge-impl", args.softmerge_impl]
+        subprocess.run(worker, check=True, env=environment, cwd=REPO)
+        return json.loads(out.read_text())
+
+
+def e2e_ratio(e2e: list[dict]) -> float:
+    """SoftMerge's median seconds per round over FedAvg's, each pooled over its runs with the default settings."""
+    fedavg = [s for run in e2e if run["label"] == "fedavg" for s in run["round_seconds"]]
+    soft = [s for run in e2e if run["label"] == "softmerge" for s in run["round_seconds"]]
+    return statistics.median(soft) / statistics.median(fedavg)
+
+
+def print_e2e_summary(e2e: list[dict]) -> None:
+    print(f"load average at the end: {os.getloadavg()}")
+    print("| run | median s/round | median aggregation s | final test acc |")
+    print("|---|---:|---:|---:|")
+    for run in e2e:
+        aggregation = [s for s in run["aggregate_seconds"] if s is not None and s == s]
+        print(f"| {run['label']} | {statistics.median(run['round_seconds']):.3f} | "
+              f"{statistics.median(aggregation) if aggregation else float('nan'):.3f} | {run['accuracy']:.3f} |")
+    print(f"SoftMerge / FedAvg, median s/round pooled over the runs of each: {e2e_ratio(e2e):.2f}")
 
 
 def discussion(raw: dict) -> list[str]:
