@@ -86,7 +86,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .candidates import Exclusion, as_tensor_state, validate_candidates
+from .candidates import Exclusion, as_tensor_state, candidate_problem, validate_candidates
 from .gates import LOG_ALPHA_CLOSED, deterministic_gates, expected_l0, sample_gates
 
 MODES = ("weight", "select", "sum")
@@ -710,9 +710,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
     valid_indices, excluded = validate_candidates(reference, candidates, labels)
     states = [as_tensor_state(candidates[i]) for i in valid_indices]
     gated_labels = [labels[i] for i in valid_indices]
+    keep_problem = candidate_problem(reference, keep) if keep is not None else None
+    if keep_problem:
+        raise ValueError(f"the keep state does not match the model: {keep_problem}")
     keep_state = as_tensor_state(keep) if keep is not None else reference
-    if keep is not None and validate_candidates(reference, [keep])[1]:
-        raise ValueError("the keep state does not match the model: " + validate_candidates(reference, [keep], ["keep"])[1][0].reason)
 
     units = build_merge_units(model, config.units)
     unit_names = [unit.name for unit in units]

@@ -126,6 +126,17 @@ def test_nothing_valid_returns_the_keep_candidate():
     assert report.candidates == [] and report.fallback_units == report.units
 
 
+def test_a_keep_state_that_does_not_fit_the_model_is_refused_by_name():
+    net = BatchNormNet()
+    validation = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    wrong_shape = dict(net.state_dict(), **{"fc.weight": torch.zeros(2, 4)})
+    with pytest.raises(ValueError, match=r"keep state does not match the model: 'fc.weight' has shape"):
+        soft_merge(net, [_perturbed(net, 0.1, 0)], validation, keep=wrong_shape)
+    not_finite = dict(net.state_dict(), **{"head.bias": torch.tensor([0.0, float("nan")])})
+    with pytest.raises(ValueError, match="non-finite"):
+        soft_merge(net, [_perturbed(net, 0.1, 0)], validation, keep=not_finite)
+
+
 def test_config_rejects_bad_values_by_name():
     with pytest.raises(ValueError, match="mode"):
         SoftMergeConfig(mode="average")
