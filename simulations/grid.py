@@ -225,9 +225,11 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
         gates = result["rounds"][-1].get("gates") if result and result.get("rounds") else None
         if not gates or not gates.get("units"):
             continue
-        weights = np.array(gates["weights"]).T  # candidates x units
         attackers = {f"client-{i}" for i in malicious_ids(num_clients, cell.fraction)}
         labels = [f"{c} *" if c in attackers else c for c in gates["candidates"]]
+        _plot_weights_by_round(result["rounds"], gates["candidates"], labels, cell,
+                               plots / f"gates_by_round__{cell.attack}__f{cell.fraction:g}.png")
+        weights = np.array(gates["weights"]).T  # candidates x units
         figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(gates["units"]), 0.9 + 0.28 * len(labels)))
         image = axis.imshow(weights, cmap="viridis", aspect="auto", vmin=0)
         axis.set_xticks(range(len(gates["units"])), gates["units"], rotation=45, ha="right", fontsize=7)
@@ -237,6 +239,43 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
         figure.tight_layout()
         figure.savefig(plots / f"gates__{cell.attack}__f{cell.fraction:g}.png", dpi=110)
         plt.close(figure)
+
+
+def weights_by_round(rounds: list[dict], candidates: list[str]) -> tuple[list[int], list[list[float]]]:
+    """Each candidate's merged weight per round, averaged over the merge units: (round numbers,
+    candidates x rounds). Rounds that gated a different candidate list (a client missing, an
+    exclusion) are left out rather than misaligned."""
+    shown = [r for r in rounds if r.get("gates") and r["gates"].get("candidates") == candidates]
+    columns = [[sum(unit[k] for unit in r["gates"]["weights"]) / len(r["gates"]["weights"])
+                for k in range(len(candidates))] for r in shown]
+    return [r["round"] for r in shown], [list(row) for row in zip(*columns)]
+
+
+def _plot_weights_by_round(rounds: list[dict], candidates: list[str], labels: list[str], cell: Cell,
+                           path: Path) -> None:
+    """Candidate x round heatmap of each candidate's merged weight, averaged over the merge units.
+
+    The last round's client x unit heatmap shows where the weight went; this one shows when, which
+    is how an attack that is held off for many rounds and then let in (a backdoor absorbed a little
+    at a time) shows itself.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    numbers, weights = weights_by_round(rounds, candidates)
+    if not numbers:
+        return
+    figure, axis = plt.subplots(figsize=(1.5 + 0.22 * len(numbers), 0.9 + 0.28 * len(labels)))
+    image = axis.imshow(np.array(weights), cmap="viridis", aspect="auto", vmin=0)
+    axis.set_xticks(range(len(numbers)), numbers, fontsize=6)
+    axis.set_yticks(range(len(labels)), labels, fontsize=7)
+    axis.set_xlabel("round", fontsize=7)
+    axis.set_title(f"SoftMerge weight per round (mean over units), {cell.attack} {cell.fraction:.0%} "
+                   f"(* malicious)", fontsize=8)
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,8 @@ def test_grid_runs_through_flower_and_resumes_without_rerunning(tmp_path):
     assert (tmp_path / "cells" / "fedavg__ipm-100__f0.25__s0" / "results.json").stat().st_mtime_ns == stamp
     assert "ipm-100" in (tmp_path / "tables.md").read_text()
     assert (tmp_path / "plots" / "accuracy__ipm-100__f0.25.png").is_file()
+    assert (tmp_path / "plots" / "gates__ipm-100__f0.25.png").is_file()
+    assert (tmp_path / "plots" / "gates_by_round__ipm-100__f0.25.png").is_file()
 
 
 def test_tables_forget_a_finished_cell_whose_directory_was_deleted(tmp_path):
@@ -122,3 +124,24 @@ def test_tables_only_rebuilds_the_tables_from_the_cells_on_disk_and_runs_nothing
     assert not (tmp_path / "cells" / "softmerge__none__f0.2__s0").exists()
     assert not (tmp_path / "grid.json").exists()  # it records the runs, and this was none
     assert "| fedavg | 70.0 | 70.0 |" in (tmp_path / "tables.md").read_text()
+
+
+def test_weights_by_round_heatmap_skips_rounds_whose_candidates_differ(tmp_path):
+    from softmerge.simulations.grid import _plot_weights_by_round, weights_by_round
+
+    candidates = ["client-0", "client-1", "keep"]
+    rounds = [{"round": 0},
+              {"round": 1, "gates": {"candidates": candidates, "weights": [[0.5, 0.0, 0.5], [0.2, 0.2, 0.6]]}},
+              {"round": 2, "gates": {"candidates": ["client-1", "keep"], "weights": [[0.5, 0.5]]}},
+              {"round": 3, "gates": {"candidates": candidates, "weights": [[0.0, 1.0, 0.0]]}}]
+    numbers, weights = weights_by_round(rounds, candidates)
+    assert numbers == [1, 3]
+    assert weights == [pytest.approx([0.35, 0.0]), pytest.approx([0.1, 1.0]), pytest.approx([0.55, 0.0])]
+    path = tmp_path / "by_round.png"
+    _plot_weights_by_round(rounds, candidates, ["client-0 *", "client-1", "keep"], Cell("softmerge", "none", 0.5, 0),
+                           path)
+    assert path.is_file() and path.stat().st_size > 0
+    # No round gated these candidates: nothing to draw, and no empty figure.
+    _plot_weights_by_round(rounds, ["client-7"], ["client-7"], Cell("softmerge", "none", 0.5, 0),
+                           tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
