@@ -5,8 +5,9 @@ Enhanced Neural Network Performance", arXiv:2309.12259 (2023); gates from Louizo
 Welling & Kingma (2018), see :mod:`softmerge.aggregation.gates`.
 
 The candidates (local optima returned by clients, plus by default the current global
-model, the *keep* candidate) are grouped into merge units U (per layer by default). Each
-(unit u, candidate k) pair has one gate z_uk with parameter log_alpha_uk. The merged
+model, the *keep* candidate) are grouped into merge units U: the whole model by default, or
+one unit per layer, per tensor or per name pattern. Each (unit u, candidate k) pair has one
+gate z_uk with parameter log_alpha_uk. The merged
 parameters of unit u are
 
     theta_u = sum_k w_uk * theta_uk,
@@ -24,6 +25,14 @@ learned, by Adam on the server's clean gate split:
 
 The candidates' weights are never changed, only gated. The merged model is built from
 the deterministic gates.
+
+Units. One gate per candidate (``units="model"``) is the default. Per-layer gates (the
+paper's setting, and this project's default until 2026-11-23) learn several times as many
+gate parameters from the same few hundred gate examples, and fit them: with no attack they
+closed about half the honest clients in the convolutional layers, and they let a candidate
+that is bad as a whole lend single layers to the merge. On the reference grid (Fashion-MNIST,
+20 clients, 40% malicious) one gate per client raised the worst case over 16 attacks from
+82.2 to 83.0 and the cells within a point of the oracle from 8 to 14 (docs/benchmarks.md).
 
 Warm start. log_alpha starts from each candidate's own gate-split loss:
 
@@ -108,9 +117,11 @@ class SoftMergeConfig:
     """Settings of one soft merge.
 
     Attributes:
-        units: ``"model"``, ``"layer"`` (one gate per module: weight, bias and buffers
-            share it), ``"tensor"``, or a list of fnmatch patterns, one unit each;
-            tensors no pattern matches form one last unit.
+        units: ``"model"`` (the default: one gate per candidate), ``"layer"`` (one gate
+            per module: weight, bias and buffers share it), ``"tensor"``, or a list of
+            fnmatch patterns, one unit each; tensors no pattern matches form one last unit.
+            Finer units can take good layers from a partly bad candidate, but learn more
+            gates from the same gate split (see "Units" in the module docstring).
         mode: ``"weight"``, ``"select"`` or ``"sum"`` (see the module docstring).
         steps: the most gate-learning steps; fewer when the gates converge.
         lr: Adam learning rate on log_alpha.
@@ -179,7 +190,7 @@ class SoftMergeConfig:
             rest are reported as excluded. 0 (the default) gates every valid candidate.
     """
 
-    units: str | Sequence[str] = "layer"
+    units: str | Sequence[str] = "model"
     mode: str = "weight"
     steps: int = 100
     lr: float = 0.1

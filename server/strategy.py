@@ -36,7 +36,7 @@ from .replies import (
 
 
 class SoftMerge(RoundStartMemory):
-    """Soft-merge strategy: learned hard-concrete gates over client models, per layer.
+    """Soft-merge strategy: learned hard-concrete gates over client models, per merge unit.
 
     Parameters
     ----------

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             fields["excluded"] = [Exclusion(**e) for e in fields.get("excluded", [])]
             report = GateReport(**fields)
             malicious_labels = [f"client-{i}" for i in sorted(base.malicious_ids)]
-            print(f"\nSoftMerge final mixing weights (candidate x layer), round {base.num_server_rounds}:")
+            print(f"\nSoftMerge final mixing weights (candidate x merge unit), round {base.num_server_rounds}:")
             print(report.table())
             print(f"weight on malicious candidates: {report.weight_on(malicious_labels):.4f}")
     summary = {name: {"final_accuracy": r["rounds"][-1]["test_accuracy"],

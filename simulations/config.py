@@ -62,7 +62,7 @@ class RunSettings:
     fltrust_match_client_steps: bool = False
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
-    softmerge_units: str = "layer"
+    softmerge_units: str = "model"
     softmerge_mode: str = "weight"
     softmerge_steps: int = 100
     softmerge_lr: float = 0.1

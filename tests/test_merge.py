@@ -77,7 +77,7 @@ def test_one_hot_gates_reproduce_the_chosen_candidate_exactly():
         start = torch.full((len(units), 5), LOG_ALPHA_MIN)
         start[:, chosen] = 5.0
         merged, report = soft_merge(net, candidates, (torch.randn(8, 4), torch.randint(0, 2, (8,))),
-                                    SoftMergeConfig(mode="select", steps=0), labels=list("abcd"),
+                                    SoftMergeConfig(units="layer", mode="select", steps=0), labels=list("abcd"),
                                     initial_log_alpha=start)
         for name, tensor in candidates[chosen].items():
             assert torch.equal(merged[name], tensor), name
