@@ -223,7 +223,12 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
             continue
         result = load_cell(output, cell)
         gates = result["rounds"][-1].get("gates") if result and result.get("rounds") else None
-        if not gates or not gates.get("units"):
+        if not gates or not gates.get("units") or result.get("status") != "finished":
+            # A cell deleted to be rerun, or still running: its old heatmaps would show
+            # another configuration's gates as this one's.
+            for stale in (f"gates__{cell.attack}__f{cell.fraction:g}.png",
+                          f"gates_by_round__{cell.attack}__f{cell.fraction:g}.png"):
+                (plots / stale).unlink(missing_ok=True)
             continue
         attackers = {f"client-{i}" for i in malicious_ids(num_clients, cell.fraction)}
         labels = [f"{c} *" if c in attackers else c for c in gates["candidates"]]

@@ -145,3 +145,29 @@ def test_weights_by_round_heatmap_skips_rounds_whose_candidates_differ(tmp_path)
     _plot_weights_by_round(rounds, ["client-7"], ["client-7"], Cell("softmerge", "none", 0.5, 0),
                            tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_plots_drop_the_heatmaps_of_a_softmerge_cell_that_is_no_longer_finished(tmp_path):
+    from softmerge.simulations.grid import plot_cells
+
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    stale = [plots / "gates__alie__f0.2.png", plots / "gates_by_round__alie__f0.2.png"]
+    for path in stale:
+        path.write_bytes(b"an older configuration's figure")
+    # Deleted to be rerun (no results.json), then half-way through its rerun ("running").
+    plot_cells(tmp_path, [Cell("softmerge", "alie", 0.2, 0)], 10)
+    assert not any(path.exists() for path in stale)
+    cell = tmp_path / "cells" / "softmerge__alie__f0.2__s0"
+    cell.mkdir(parents=True)
+    gates = {"units": ["model"], "candidates": ["client-0", "keep"], "weights": [[0.5, 0.5]]}
+    (cell / "results.json").write_text(json.dumps(
+        {"status": "running", "rounds": [{"round": 1, "test_accuracy": 0.5, "gates": gates}]}))
+    for path in stale:
+        path.write_bytes(b"an older configuration's figure")
+    plot_cells(tmp_path, [Cell("softmerge", "alie", 0.2, 0)], 10)
+    assert not any(path.exists() for path in stale)
+    (cell / "results.json").write_text(json.dumps(
+        {"status": "finished", "rounds": [{"round": 1, "test_accuracy": 0.5, "gates": gates}]}))
+    plot_cells(tmp_path, [Cell("softmerge", "alie", 0.2, 0)], 10)
+    assert all(path.stat().st_size > 1000 for path in stale)
