@@ -908,10 +908,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     print(f"machine: {info}", file=sys.stderr)
     bw = bandwidth()
     print(f"bandwidth: {bw}", file=sys.stderr)
-    environment = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    if args.threads:
-        for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            environment[variable] = str(args.threads)
+    environment = worker_environment(args.threads)
     cells = []
     with tempfile.TemporaryDirectory() as directory:
         for kind in args.models.split(","):
@@ -926,16 +923,26 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
                     worker += ["--softmerge-impl", args.softmerge_impl]
                 subprocess.run(worker, check=True, env=environment, cwd=REPO)
                 cells.append(json.loads(out.read_text()))
-    e2e = None if args.no_e2e else measure_e2e(args, environment)
+    e2e = None if args.no_e2e else measure_e2e(args)
     return {"machine": info, "bandwidth": bw, "cells": cells, "e2e": e2e, "command": command,
             "elapsed": time.perf_counter() - started, "impl": args.softmerge_impl, "threads": args.threads,
             "clock": args.clock,
             "loadavg_end": os.getloadavg()}
 
 
-def measure_e2e(args: argparse.Namespace, environment: dict | None = None) -> list[dict]:
+def worker_environment(threads: int) -> dict:
+    """The environment of the measuring subprocesses: no Flower telemetry, and ``threads`` (if set) for
+    OpenMP and the BLAS libraries."""
+    environment = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    if threads:
+        for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            environment[variable] = str(threads)
+    return environment
+
+
+def measure_e2e(args: argparse.Namespace) -> list[dict]:
     """The end-to-end runs (see :func:`run_e2e`), in a fresh process so that nothing measured before warms it."""
-    environment = environment or dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    environment = worker_environment(args.threads)
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "e2e.json"
         worker = [sys.executable, __file__, "--e2e-worker", str(out), "--rounds", str(args.rounds)]
