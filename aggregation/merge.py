@@ -63,6 +63,12 @@ members. They are grouped before anything is scored, so a group costs one own-lo
 crafted model from many clients, or copy one honest client's, would otherwise hold as many
 gates as senders; a client that resends the global model joins the keep candidate.
 
+Trust over rounds (opt-in). A caller that keeps each client's gate record across rounds
+(:mod:`softmerge.aggregation.trust`; the Flower strategy does, with ``trust=True``) passes
+a trust per candidate, and a candidate below 1/2 starts at most at
+``init_log_alpha + trust_strength * logit(trust)``. The warm-start ceiling stays at its own
+evidence, so learning may re-open it that far.
+
 Numerics. Non-finite or mismatched candidates are excluded before gating. Finite but
 extreme candidates are gated like any other; three guards keep gate learning finite on
 them: log_alpha is warm-started from each candidate's own validation loss (a candidate
@@ -97,6 +103,7 @@ from torch.func import functional_call
 
 from .candidates import Exclusion, as_tensor_state, candidate_problem, validate_candidates
 from .gates import LOG_ALPHA_CLOSED, deterministic_gates, expected_l0, sample_gates
+from .trust import NEUTRAL_TRUST, trust_bound
 
 MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
@@ -132,8 +139,9 @@ class SoftMergeConfig:
         warm_start: start log_alpha from each candidate's own validation loss.
         init_log_alpha: starting log_alpha of the best candidate.
         warm_start_temperature: nats of extra loss that cost one unit of log_alpha.
-        warm_start_ceiling: log_alpha never rises above its start, so a candidate's own
-            validation loss bounds the trust it can get: gate learning may close a gate
+        warm_start_ceiling: log_alpha never rises above its warm start (own loss and
+            mirror test; a trust bound lowers the start, not this ceiling), so a
+            candidate's own validation loss bounds the trust it can get: gate learning may close a gate
             but not open it further than that loss allows. Without the ceiling, a few
             hundred gate examples let learning re-open candidates whose own loss is
             several nats worse (sign-flipped ones): mixing a little of them in lowers
@@ -188,6 +196,10 @@ class SoftMergeConfig:
             many client candidates are valid, only the ones with the lowest own
             gate-split loss are stacked and gated (the keep candidate always is); the
             rest are reported as excluded. 0 (the default) gates every valid candidate.
+        trust_strength: how far a client's record over past rounds bounds its start
+            (log_alpha per unit of log-odds of its open rate; see
+            :mod:`softmerge.aggregation.trust`). It applies only when the caller passes
+            ``trust`` to :func:`soft_merge`; 0 turns the bound off.
     """
 
     units: str | Sequence[str] = "model"
@@ -212,6 +224,7 @@ class SoftMergeConfig:
     patience: int = 2
     threads: int = DEFAULT_THREADS
     max_candidates: int = 0
+    trust_strength: float = 2.0
 
     def __post_init__(self) -> None:
         if isinstance(self.units, str):
@@ -242,6 +255,8 @@ class SoftMergeConfig:
         _require(isinstance(self.threads, int) and self.threads >= 0, "threads must be an integer >= 0")
         _require(isinstance(self.max_candidates, int) and self.max_candidates >= 0,
                  "max_candidates must be an integer >= 0")
+        _require(_finite(self.trust_strength) and self.trust_strength >= 0,
+                 "trust_strength must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -277,6 +292,7 @@ class GateReport:
     excluded: list[Exclusion] = field(default_factory=list)
     fallback_units: list[str] = field(default_factory=list)
     duplicates: list[list[str]] = field(default_factory=list)
+    trust: list[float] = field(default_factory=list)
     steps: int = 0
     skipped_steps: int = 0
     seconds: float = 0.0
@@ -671,6 +687,7 @@ def soft_merge(
     keep: Mapping[str, torch.Tensor] | None = None,
     labels: Sequence[str] | None = None,
     initial_log_alpha: torch.Tensor | None = None,
+    trust: Sequence[float] | None = None,
 ) -> tuple[dict[str, torch.Tensor], GateReport]:
     """Merge candidate models by learning hard-concrete gates on a validation set.
 
@@ -684,7 +701,11 @@ def soft_merge(
         labels: a name per candidate, for the report.
         initial_log_alpha: optional (U, K) start for log_alpha, K counting the gated
             candidates (after exclusion and pre-selection) and the keep candidate last;
-            it replaces the warm start (used to carry gates over rounds).
+            it replaces the warm start.
+        trust: optional trust per candidate (in ``candidates``' order), from the clients'
+            records over past rounds (:mod:`softmerge.aggregation.trust`). Below 1/2 it
+            lowers the candidate's start by ``config.trust_strength`` times its log-odds;
+            the warm-start ceiling stays where the candidate's own evidence puts it.
 
     Returns:
         The merged state dict (same names, shapes and dtypes as ``model.state_dict()``)
@@ -693,7 +714,7 @@ def soft_merge(
     config = config or SoftMergeConfig()
     started = time.perf_counter()
     with _torch_threads(config.threads):
-        merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha)
+        merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust)
     report.seconds = time.perf_counter() - started
     return merged, report
 
@@ -711,12 +732,16 @@ def _torch_threads(threads: int):
             torch.set_num_threads(previous)
 
 
-def _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha):
+def _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust):
     inputs, targets = validation
     reference = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     labels = list(labels) if labels is not None else [f"candidate-{i}" for i in range(len(candidates))]
     if len(labels) != len(candidates):
         raise ValueError(f"got {len(labels)} labels for {len(candidates)} candidates")
+    if trust is not None:
+        trust = [float(value) for value in trust]
+        if len(trust) != len(candidates) or not all(0.0 <= value <= 1.0 for value in trust):
+            raise ValueError(f"trust must hold one value in [0, 1] per candidate ({len(candidates)})")
 
     valid_indices, excluded = validate_candidates(reference, candidates, labels)
     states = [as_tensor_state(candidates[i]) for i in valid_indices]
@@ -739,11 +764,14 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             return {name: tensor.clone() for name, tensor in keep_state.items()}, report
 
         clients = len(states)
+        # The trust of each gated state; the keep candidate is not a client and has no record.
+        state_trust = [trust[i] for i in valid_indices] if trust is not None else [NEUTRAL_TRUST] * clients
         keep_index = None
         if config.include_keep:
             keep_index = clients
             states.append(keep_state)
             gated_labels.append(KEEP_LABEL)
+            state_trust.append(NEUTRAL_TRUST)
         # Identical candidates are gated as one, and scored once: IPM's or min-max's many
         # copies of one reply cost one forward pass, not one per sender.
         groups = (duplicate_groups(states, keep_index) if config.merge_duplicates
@@ -766,6 +794,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             kept = chosen + ([keep_index] if keep_index is not None else [])
             position = {old: new for new, old in enumerate(kept)}
             states, gated_labels = [states[k] for k in kept], [gated_labels[k] for k in kept]
+            state_trust = [state_trust[k] for k in kept]
             candidate_losses = [candidate_losses[k] for k in kept]
             cut = [([position[k] for k in group if k in position], losses) for group, losses in zip(groups, group_losses)]
             groups = [members for members, _ in cut if members]
@@ -799,8 +828,15 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 start = torch.minimum(start, mirror_log_alpha(head_losses, [loss for loss, _ in group_mirrors], config,
                                                               errors))
             start = start.expand(len(units), -1)
+        # Identical models are as trustworthy as the most trusted client that sent them.
+        group_trust = [max(state_trust[k] for k in group) for group in groups]
+        ceiling = start.clone() if config.warm_start_ceiling else None
+        if trust is not None and config.trust_strength > 0:
+            bounds = torch.tensor([trust_bound(value, config.init_log_alpha, config.trust_strength)
+                                   for value in group_trust], dtype=start.dtype)
+            start = torch.minimum(start, bounds.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN))
         log_alpha = nn.Parameter(start.clone().contiguous())
-        steps, skipped = _learn_gates(model, stacked, log_alpha, inputs, targets, config, gated_keep)
+        steps, skipped = _learn_gates(model, stacked, log_alpha, inputs, targets, config, gated_keep, ceiling)
 
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
@@ -829,6 +865,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         excluded=excluded,
         fallback_units=dead_units,
         duplicates=[[gated_labels[k] for k in group] for group in groups if len(group) > 1],
+        trust=[group_trust[int(group_of[k])] for k in range(len(states))] if trust is not None else [],
         steps=steps,
         skipped_steps=skipped,
     )
@@ -853,7 +890,8 @@ def _final_weights(log_alpha: torch.Tensor, gates: torch.Tensor, mode: str, keep
 
 
 def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Parameter, inputs: torch.Tensor,
-                 targets: torch.Tensor, config: SoftMergeConfig, keep_index: int | None) -> tuple[int, int]:
+                 targets: torch.Tensor, config: SoftMergeConfig, keep_index: int | None,
+                 ceiling: torch.Tensor | None = None) -> tuple[int, int]:
     """Adam on log_alpha; returns (steps taken, steps skipped for a non-finite loss).
 
     A step: sample gates, mix, one vector-matrix product per unit (no loop over
@@ -861,7 +899,8 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
     Adam update. Every ``check_every`` steps the deterministic gates are scored on the
     gate split (see :class:`SoftMergeConfig`); learning stops after ``patience`` checks
     without an improvement above ``tolerance``, and ``log_alpha`` ends at the best
-    checked value (the start counts as a check).
+    checked value (the start counts as a check). ``ceiling``, if given, caps log_alpha
+    throughout (the warm-start ceiling); ``None`` leaves it uncapped.
     """
     if config.steps == 0 or log_alpha.shape[1] < 2 or len(targets) == 0:
         return 0, 0
@@ -896,7 +935,6 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
     # steps to be able to close; a plateau before then (the objective often barely moves
     # until a gate crosses over) says nothing about convergence.
     earliest_stop = math.ceil((float(log_alpha.detach().max()) - LOG_ALPHA_CLOSED) / config.lr)
-    ceiling = log_alpha.detach().clone() if config.warm_start_ceiling else None
     skipped = 0
     step = 0
     for step in range(1, config.steps + 1):

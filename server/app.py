@@ -75,6 +75,10 @@ def run_server(grid: Grid, settings: RunSettings) -> ResultsWriter:
         from ..simulations.harness import make_colluding
 
         make_colluding(strategy, settings.attack, settings.malicious_ids, seed=settings.seed)
+    if checkpoint is not None and hasattr(strategy, "load_trust_state") and "trust_record" in checkpoint.state:
+        # Node IDs are the record's keys; a simulation draws new ones on every start, so there
+        # the record only carries over when the nodes keep their IDs (a deployment's do).
+        strategy.load_trust_state(checkpoint.state["trust_record"])
     if done:
         offset_rounds(strategy, done)
     evaluation_model = build_model(settings.dataset, seed=settings.seed)
@@ -94,6 +98,8 @@ def run_server(grid: Grid, settings: RunSettings) -> ResultsWriter:
         writer.record(server_round, accuracy, loss, report, extra=extra)
         if output is not None:
             gate_state = {"gate_log_alpha": report.log_alpha, "gate_candidates": report.candidates} if report else {}
+            if getattr(strategy, "trust", False):
+                gate_state["trust_record"] = strategy.trust_state()
             save_checkpoint(output, server_round, {k: a.numpy() for k, a in arrays.items()}, fingerprint, gate_state)
         return MetricRecord(metrics)
 

@@ -27,7 +27,7 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         warm_start_temperature=settings.softmerge_warm_temperature, warm_start_ceiling=settings.softmerge_ceiling,
         mirror_test=settings.softmerge_mirror_test, mirror_temperature=settings.softmerge_mirror_temperature,
         mirror_confidence=settings.softmerge_mirror_confidence,
-        merge_duplicates=settings.softmerge_merge_duplicates,
+        merge_duplicates=settings.softmerge_merge_duplicates, trust_strength=settings.softmerge_trust_strength,
     )
 
 
@@ -53,7 +53,8 @@ def build_strategy(
     )
     name = settings.strategy
     if name == "softmerge":
-        return SoftMerge(model, gate_split, merge_config_from(settings), on_report=on_report, **common)
+        return SoftMerge(model, gate_split, merge_config_from(settings), on_report=on_report,
+                         trust=settings.softmerge_trust, trust_memory=settings.softmerge_trust_memory, **common)
     if name == "fltrust":
         # The server model trains on the root set the way clients train (Cao et al. 2021).
         return FLTrust(model, gate_split, epochs=settings.local_epochs, learning_rate=settings.learning_rate,

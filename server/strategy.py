@@ -24,7 +24,8 @@ from flwr.supercore import log
 from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig, soft_merge
-from ..aggregation.merge import stack_in_place
+from ..aggregation.merge import KEEP_LABEL, stack_in_place
+from ..aggregation.trust import relative_openness, trust_of, update_record
 from .replies import (
     RoundStartMemory,
     aggregate_client_metrics,
@@ -52,6 +53,12 @@ class SoftMerge(RoundStartMemory):
         It is only a label: gating never reads it.
     on_report : callable, optional
         Called as ``on_report(server_round, report)`` after every merge.
+    trust : bool (default: False)
+        Carry trust over rounds: keep each client's gate record, keyed by its Flower node
+        ID, and bound the start of a client refused in most of its recent rounds (see
+        :mod:`softmerge.aggregation.trust`; ``merge_config.trust_strength`` sets how far).
+    trust_memory : float (default: 0.9)
+        Discount of a client's record per round it is gated (1 never forgets).
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, record keys).
     """
@@ -63,6 +70,8 @@ class SoftMerge(RoundStartMemory):
         merge_config: SoftMergeConfig | None = None,
         label_key: str = "partition-id",
         on_report: Callable[[int, GateReport], None] | None = None,
+        trust: bool = False,
+        trust_memory: float = 0.9,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -72,6 +81,12 @@ class SoftMerge(RoundStartMemory):
         self.label_key = label_key
         self.on_report = on_report
         self.reports: dict[int, GateReport] = {}
+        if not 0.0 <= trust_memory <= 1.0:
+            raise ValueError(f"trust_memory must be in [0, 1], got {trust_memory!r}")
+        self.trust = trust
+        self.trust_memory = trust_memory
+        # node ID (as text, for JSON checkpoints) -> (discounted rounds open, discounted rounds gated)
+        self.trust_record: dict[str, tuple[float, float]] = {}
 
     def summary(self) -> None:
         log(INFO, "\t├──> SoftMerge settings:")
@@ -81,6 +96,8 @@ class SoftMerge(RoundStartMemory):
             cfg.batch_size)
         log(INFO, "\t│\t├── warm start: %s | ceiling: %s | mirror test: %s (z = %g) | identical replies share a gate: %s",
             cfg.warm_start, cfg.warm_start_ceiling, cfg.mirror_test, cfg.mirror_confidence, cfg.merge_duplicates)
+        log(INFO, "\t│\t├── trust over rounds: %s (strength %g, memory %g)", self.trust, cfg.trust_strength,
+            self.trust_memory)
         log(INFO, "\t│\t└── gate split: %d examples", len(self.validation[1]))
         super().summary()
 
@@ -105,13 +122,18 @@ class SoftMerge(RoundStartMemory):
         labels: list[str] = []
         for message in messages:
             labels.append(candidate_label(message, labels, self.label_key))
+        # The record is keyed by node ID: a client chooses its label, not its ID.
+        nodes = [str(message.metadata.src_node_id) for message in messages]
+        trust = [trust_of(self.trust_record, node) for node in nodes] if self.trust else None
         round_config = replace(self.merge_config, seed=self.merge_config.seed + server_round)
         # Move the decoded models into the stacked layout the gates learn on, so the round
         # holds one copy of them instead of two; the merge itself is unchanged.
         keep_view = stack_in_place(self.model, states, keep, round_config.units)
         merged, report = soft_merge(self.model, states, self.validation, round_config,
-                                    keep=keep_view if keep_view is not None else keep, labels=labels)
+                                    keep=keep_view if keep_view is not None else keep, labels=labels, trust=trust)
         del states, keep_view
+        if self.trust:
+            self._record_round(report, dict(zip(labels, nodes)))
         report.excluded = screened.rejected + report.excluded
         if not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point):
             # Finite candidates can still overflow when summed; never broadcast that.
@@ -138,6 +160,31 @@ class SoftMerge(RoundStartMemory):
         except Exception as error:  # noqa: BLE001  (client metrics are informational only)
             log(WARNING, "SoftMerge round %d: evaluate metrics not aggregated: %s", server_round, error)
             return None
+
+    def _record_round(self, report: GateReport, node_of: dict[str, str]) -> None:
+        """Add this round's gates to the clients' records (see :mod:`softmerge.aggregation.trust`)."""
+        columns = [k for k, label in enumerate(report.candidates) if label != KEEP_LABEL and label in node_of]
+        openness = relative_openness(report.gates, columns)
+        self.trust_record = update_record(self.trust_record, [node_of[report.candidates[k]] for k in columns],
+                                          openness, self.trust_memory)
+
+    def trust_state(self) -> dict[str, list[float]]:
+        """The trust record in JSON form, for checkpoints."""
+        return {node: [opened, seen] for node, (opened, seen) in self.trust_record.items()}
+
+    def load_trust_state(self, state: object) -> None:
+        """Restore :meth:`trust_state`'s output; a malformed record is logged and ignored."""
+        record: dict[str, tuple[float, float]] = {}
+        try:
+            for node, (opened, seen) in dict(state).items():  # type: ignore[call-overload]
+                opened, seen = float(opened), float(seen)
+                if not (0 <= opened <= seen and seen < 1e9):
+                    raise ValueError(f"client {node}: opened {opened}, seen {seen}")
+                record[str(node)] = (opened, seen)
+        except (TypeError, ValueError) as error:
+            log(WARNING, "SoftMerge: the checkpoint's trust record is malformed (%s); starting without one", error)
+            return
+        self.trust_record = record
 
     @staticmethod
     def _log_report(server_round: int, report: GateReport) -> None:

@@ -78,6 +78,9 @@ class RunSettings:
     softmerge_mirror_temperature: float = 0.02
     softmerge_mirror_confidence: float = 2.0
     softmerge_merge_duplicates: bool = True
+    softmerge_trust: bool = False
+    softmerge_trust_strength: float = 2.0
+    softmerge_trust_memory: float = 0.9
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
@@ -189,6 +192,8 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_warm_temperature": _open_interval(0, 100),
     "softmerge_mirror_temperature": _open_interval(0, 100),
     "softmerge_mirror_confidence": _at_least(0),
+    "softmerge_trust_strength": _at_least(0),
+    "softmerge_trust_memory": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
     "round_timeout": _open_interval(0, 86400),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
     "client_failure_mode": _choice(FAILURE_MODES),

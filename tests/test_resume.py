@@ -92,3 +92,18 @@ def test_killed_run_resumes_to_a_bit_identical_model(tmp_path):
     rounds_b = json.loads((interrupted / "results.json").read_text())["rounds"]
     assert [r["round"] for r in rounds_b] == [0, 1, 2, 3]
     assert [r["test_accuracy"] for r in rounds_a] == [r["test_accuracy"] for r in rounds_b]
+
+
+@pytest.mark.slow
+def test_trust_record_is_checkpointed_per_node(tmp_path):
+    output = tmp_path / "trust"
+    command = _command(output) + ["--set", "softmerge-trust=true", "--set", "num-server-rounds=2"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    record = json.loads((output / "checkpoint.json").read_text())["trust_record"]
+    assert len(record) == 4  # one entry per node, keyed by node ID
+    for opened, seen in record.values():
+        assert seen == pytest.approx(1.9)  # two rounds gated, memory 0.9
+        assert 0 <= opened <= seen
+    gates = json.loads((output / "results.json").read_text())["rounds"][-1]["gates"]
+    assert len(gates["trust"]) == len(gates["candidates"])

@@ -1,0 +1,136 @@
+"""Trust carried over rounds: the record's arithmetic, the bound it puts on a start, and the strategy's record."""
+
+import logging
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+from softmerge.aggregation import SoftMergeConfig, soft_merge
+from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
+from softmerge.aggregation.trust import relative_openness, trust_bound, trust_of, update_record
+from softmerge.server.strategy import SoftMerge
+
+from flower_helpers import StubGrid, make_reply
+
+
+def test_relative_openness_is_each_client_gate_over_the_most_open_client():
+    # Two units; column 2 is the keep candidate and is neither scored nor the reference.
+    gates = [[1.0, 0.2, 1.0], [0.6, 0.0, 1.0]]
+    assert relative_openness(gates, [0, 1]) == pytest.approx([1.0, 0.125])
+    assert relative_openness([[0.0, 0.0, 1.0]], [0, 1]) is None  # every client closed: no evidence
+    assert relative_openness(gates, []) is None
+
+
+def test_update_record_discounts_and_leaves_absent_clients_alone():
+    record = {"a": (2.0, 4.0), "b": (1.0, 1.0)}
+    updated = update_record(record, ["a", "c"], [0.5, 1.0], memory=0.5)
+    assert updated["a"] == pytest.approx((0.5 * 2.0 + 0.5, 0.5 * 4.0 + 1.0))
+    assert updated["c"] == (1.0, 1.0)
+    assert updated["b"] == (1.0, 1.0)
+    assert record["a"] == (2.0, 4.0)  # the input is not modified
+    assert update_record(record, ["a"], None, 0.5) == record
+
+
+def test_trust_is_the_beta_posterior_mean_and_neutral_for_a_newcomer():
+    assert trust_of({}, "new") == 0.5
+    assert trust_of({"x": (0.0, 10.0)}, "x") == pytest.approx(1 / 12)
+    assert trust_of({"x": (10.0, 10.0)}, "x") == pytest.approx(11 / 12)
+
+
+def test_trust_bound_is_the_log_odds_below_one_half_and_nothing_above():
+    assert trust_bound(0.5, 2.0, 2.0) == 2.0
+    assert trust_bound(0.9, 2.0, 2.0) == 2.0
+    assert trust_bound(1 / 12, 2.0, 2.0) == pytest.approx(2.0 + 2.0 * math.log(1 / 11))
+    assert trust_bound(1 / 12, 2.0, 2.0) < LOG_ALPHA_CLOSED  # refused for ~10 rounds: starts closed
+    assert trust_bound(0.0, 2.0, 0.0) == 2.0  # strength 0 turns it off
+    assert math.isfinite(trust_bound(0.0, 2.0, 2.0))
+
+
+def test_soft_merge_starts_a_distrusted_candidate_at_its_bound(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    config = SoftMergeConfig(steps=0)
+    states = locals_[:3]
+    _, plain = soft_merge(model, states, digits_task.gate.tensors(), config)
+    _, bounded = soft_merge(model, states, digits_task.gate.tensors(), config, trust=[0.5, 0.9, 1 / 12])
+    bound = trust_bound(1 / 12, config.init_log_alpha, config.trust_strength)
+    assert bounded.log_alpha[0][:2] == pytest.approx(plain.log_alpha[0][:2])
+    assert bounded.log_alpha[0][2] == pytest.approx(min(plain.log_alpha[0][2], bound))
+    assert bounded.gates[0][2] == 0.0
+    assert bounded.trust == pytest.approx([0.5, 0.9, 1 / 12, 0.5])  # the keep candidate has no record
+    assert plain.trust == []
+    _, off = soft_merge(model, states, digits_task.gate.tensors(), SoftMergeConfig(steps=0, trust_strength=0.0),
+                        trust=[0.5, 0.9, 1 / 12])
+    assert off.log_alpha[0] == pytest.approx(plain.log_alpha[0])
+
+
+def test_gate_learning_may_reopen_a_distrusted_candidate_only_up_to_its_own_evidence(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    states = locals_[:4]
+    config = SoftMergeConfig(steps=60, tolerance=0.0)
+    _, start = soft_merge(model, states, digits_task.gate.tensors(), SoftMergeConfig(steps=0))
+    _, learned = soft_merge(model, states, digits_task.gate.tensors(), config, trust=[0.5, 0.5, 0.5, 0.2])
+    assert learned.log_alpha[0][3] <= start.log_alpha[0][3] + 1e-6
+
+
+def test_identical_models_take_the_trust_of_their_most_trusted_sender(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    copy = {k: v.clone() for k, v in locals_[0].items()}
+    _, report = soft_merge(model, [locals_[0], copy, locals_[1]], digits_task.gate.tensors(),
+                           SoftMergeConfig(steps=0), trust=[0.9, 0.01, 0.5])
+    assert report.trust[:2] == [0.9, 0.9]
+    assert report.gates[0][0] == report.gates[0][1] > 0
+
+
+@pytest.mark.parametrize("trust", [[0.5, 0.5], [0.5, 0.5, 1.5], [0.5, math.nan, 0.5]])
+def test_soft_merge_rejects_malformed_trust(honest_candidates, digits_task, trust):
+    model, locals_ = honest_candidates
+    with pytest.raises(ValueError, match="trust"):
+        soft_merge(model, locals_[:3], digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=trust)
+
+
+def test_trust_strength_must_be_a_finite_non_negative_number():
+    for value in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="trust_strength"):
+            SoftMergeConfig(trust_strength=value)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_strategy_keeps_a_record_per_node_and_it_survives_a_checkpoint(honest_candidates, digits_task, caplog):
+    model, locals_ = honest_candidates
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True, trust_memory=0.5)
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([11, 12, 13])))
+    garbage = {k: torch.randn_like(v) * 50 if v.dtype.is_floating_point else v for k, v in locals_[2].items()}
+    # Node 13 claims client 0's label: the record follows the node ID, not the label.
+    replies = [make_reply(11, locals_[0], partition=0), make_reply(12, locals_[1], partition=1),
+               make_reply(13, garbage, partition=0)]
+    for server_round in (1, 2, 3):
+        strategy.aggregate_train(server_round, replies)
+    record = strategy.trust_record
+    assert set(record) == {"11", "12", "13"}
+    assert record["13"][0] == 0.0 and record["13"][1] == pytest.approx(1 + 0.5 + 0.25)
+    assert trust_of(record, "13") < 0.5 < trust_of(record, "11")
+    column = strategy.reports[3].candidates.index("client-0@node-13")
+    assert strategy.reports[3].trust[column] == pytest.approx(trust_of({"13": (0.0, 1.5)}, "13"))
+
+    restored = SoftMerge(model, digits_task.gate.tensors(), trust=True)
+    restored.load_trust_state(strategy.trust_state())
+    assert restored.trust_record == record
+
+    with caplog.at_level(logging.WARNING):
+        for malformed in ({"13": ["x", 1]}, {"13": [5.0, 1.0]}, ["not", "a", "record"], {"13": [math.nan, 1.0]}):
+            restored.load_trust_state(malformed)
+            assert restored.trust_record == record
+    assert caplog.text.count("trust record is malformed") == 4
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_strategy_without_trust_keeps_no_record(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0))
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([1, 2])))
+    strategy.aggregate_train(1, [make_reply(1, locals_[0], partition=0), make_reply(2, locals_[1], partition=1)])
+    assert strategy.trust_record == {} and strategy.reports[1].trust == []
+    with pytest.raises(ValueError, match="trust_memory"):
+        SoftMerge(model, digits_task.gate.tensors(), trust=True, trust_memory=1.5)
