@@ -276,7 +276,9 @@ class GateReport:
     gate split: ``*_before`` for the keep candidate (the current global model),
     ``*_after`` for the merged model. ``candidate_losses`` are each candidate's own.
     ``duplicates`` lists the groups of identical candidates that shared one gate; each
-    member reports the group's gate and an equal share of its weight.
+    member reports the group's gate and an equal share of its weight. ``trust`` is each
+    candidate's trust over past rounds (its group's, for identical candidates) when the
+    caller passed one, else empty.
     """
 
     units: list[str]
