@@ -28,14 +28,16 @@ The bound. Client c's gate starts no higher than
 in half its recent rounds or more, is not bounded: it starts where its own gate-split loss
 (and the mirror test) puts it. One refused in most of them starts lower, in proportion to
 the log-odds of its record; with s = 2 and rho = 0.9 a client refused in every round
-starts at the closed threshold within about ten rounds. The bound moves the start only:
+starts below the closed threshold after 16 rounds (seen -> 1 / (1 - rho) = 10 bounds
+its trust below by 1/12, a start of 2 - 2 ln 11 = -2.8). The bound moves the start only:
 gate learning may still open the gate as far as the candidate's own evidence allows (the
 warm-start ceiling), so an honest client with unusual data that the record holds down is
 let back in when the gate split says it helps.
 
 Identity. The strategy keys the record by Flower node ID, which a client cannot choose; a
 client that re-registers under a new ID starts with no record (the bound never punishes a
-newcomer, it only stops one that was refused from buying its way in by persistence).
+newcomer; it only keeps a client refused round after round from getting in once its
+updates start to look clean).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def test_trust_bound_is_the_log_odds_below_one_half_and_nothing_above():
     assert trust_bound(0.5, 2.0, 2.0) == 2.0
     assert trust_bound(0.9, 2.0, 2.0) == 2.0
     assert trust_bound(1 / 12, 2.0, 2.0) == pytest.approx(2.0 + 2.0 * math.log(1 / 11))
-    assert trust_bound(1 / 12, 2.0, 2.0) < LOG_ALPHA_CLOSED  # refused for ~10 rounds: starts closed
+    assert trust_bound(1 / 12, 2.0, 2.0) < LOG_ALPHA_CLOSED  # refused every round, long enough: starts closed
     assert trust_bound(0.0, 2.0, 0.0) == 2.0  # strength 0 turns it off
     assert math.isfinite(trust_bound(0.0, 2.0, 2.0))
 
