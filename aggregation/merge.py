@@ -26,6 +26,12 @@ learned, by Adam on the server's clean gate split:
 The candidates' weights are never changed, only gated. The merged model is built from
 the deterministic gates.
 
+No harm. The keep candidate alone is always in the gates' search space, so a merge whose
+gate-split loss exceeds the keep model's by more than ``harm_margin`` nats (0.25) is an
+optimisation failure: it is rejected and the keep model returned. Such failures came
+where most candidates were poisoned and their half-open warm start put the merged network
+in a dead region, where the gate gradient vanishes.
+
 Units. One gate per candidate (``units="model"``) is the default. Per-layer gates (the
 paper's setting, and this project's default until 2026-11-23) learn several times as many
 gate parameters from the same few hundred gate examples, and fit them: with no attack they
@@ -200,6 +206,17 @@ class SoftMergeConfig:
             (log_alpha per unit of log-odds of its open rate; see
             :mod:`softmerge.aggregation.trust`). It applies only when the caller passes
             ``trust`` to :func:`soft_merge`; 0 turns the bound off.
+        harm_margin: the no-harm check, in nats. If the merged model's mean cross-entropy
+            on the gate split exceeds the keep model's by more than this, the merge is
+            rejected and the keep model (the current global model) is returned instead;
+            the report keeps the learned gates and gives the rejected merge's loss. The
+            keep model is always a point of the gates' search space, so such a merge is
+            an optimisation failure, not a finding: with 16 label-flipped candidates of
+            20, gates warm-started half open put the merged network where every ReLU is
+            dead (loss ln 10, constant output), where the gate gradient vanishes and
+            learning cannot close them. Over the 3,330 merges of the reference grid,
+            ordinary rounds raised the gate-split loss by at most 0.09 nats; those
+            failures by 0.4 to 1.8 (docs/benchmarks.md, "Session 9"). 0 turns it off.
     """
 
     units: str | Sequence[str] = "model"
@@ -225,6 +242,7 @@ class SoftMergeConfig:
     threads: int = DEFAULT_THREADS
     max_candidates: int = 0
     trust_strength: float = 2.0
+    harm_margin: float = 0.25
 
     def __post_init__(self) -> None:
         if isinstance(self.units, str):
@@ -257,6 +275,7 @@ class SoftMergeConfig:
                  "max_candidates must be an integer >= 0")
         _require(_finite(self.trust_strength) and self.trust_strength >= 0,
                  "trust_strength must be a finite number >= 0")
+        _require(_finite(self.harm_margin) and self.harm_margin >= 0, "harm_margin must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -278,7 +297,10 @@ class GateReport:
     ``duplicates`` lists the groups of identical candidates that shared one gate; each
     member reports the group's gate and an equal share of its weight. ``trust`` is each
     candidate's trust over past rounds (its group's, for identical candidates) when the
-    caller passed one, else empty.
+    caller passed one, else empty. ``rejected_loss`` is the gate-split loss of a merge
+    the no-harm check rejected (``SoftMergeConfig.harm_margin``; the keep model was
+    returned, ``weights`` are the keep model's and ``*_after`` equal ``*_before``), else
+    None; ``gates`` and ``log_alpha`` are then the rejected merge's.
     """
 
     units: list[str]
@@ -295,6 +317,7 @@ class GateReport:
     fallback_units: list[str] = field(default_factory=list)
     duplicates: list[list[str]] = field(default_factory=list)
     trust: list[float] = field(default_factory=list)
+    rejected_loss: float | None = None
     steps: int = 0
     skipped_steps: int = 0
     seconds: float = 0.0
@@ -849,6 +872,16 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             gates, weights = gates[:, group_of], (weights / group_sizes)[:, group_of]
             log_alpha = log_alpha.detach()[:, group_of]
         loss_after, accuracy_after = evaluate_state(model, merged, inputs, targets)
+        rejected_loss = None
+        if config.harm_margin and not loss_after <= loss_before + config.harm_margin:
+            rejected_loss = loss_after
+            merged = {name: tensor.detach().clone() for name, tensor in keep_state.items()}
+            loss_after, accuracy_after = loss_before, accuracy_before
+            weights = torch.zeros_like(weights)
+            if keep_index is not None:
+                # A client that resent the global model unchanged shares the keep model's gate.
+                members = groups[int(group_of[keep_index])]
+                weights[:, members] = 1.0 / len(members)
     finally:
         model.train(was_training)
 
@@ -868,6 +901,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         fallback_units=dead_units,
         duplicates=[[gated_labels[k] for k in group] for group in groups if len(group) > 1],
         trust=[group_trust[int(group_of[k])] for k in range(len(states))] if trust is not None else [],
+        rejected_loss=rejected_loss,
         steps=steps,
         skipped_steps=skipped,
     )

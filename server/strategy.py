@@ -132,7 +132,8 @@ class SoftMerge(RoundStartMemory):
         merged, report = soft_merge(self.model, states, self.validation, round_config,
                                     keep=keep_view if keep_view is not None else keep, labels=labels, trust=trust)
         del states, keep_view
-        if self.trust:
+        # A rejected merge's gates are a failed optimisation, not evidence about the clients.
+        if self.trust and report.rejected_loss is None:
             self._record_round(report, dict(zip(labels, nodes)))
         report.excluded = screened.rejected + report.excluded
         if not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point):
@@ -198,6 +199,9 @@ class SoftMerge(RoundStartMemory):
         for group in report.duplicates:
             # Honest clients with their own data do not send bit-identical models.
             log(WARNING, "SoftMerge round %d: identical replies from %s share one gate", server_round, group)
+        if report.rejected_loss is not None:
+            log(WARNING, "SoftMerge round %d: the merge's gate-split loss %.3f is more than the no-harm margin above "
+                "the global model's %.3f; kept the global model", server_round, report.rejected_loss, report.loss_before)
         if report.fallback_units:
             log(WARNING, "SoftMerge round %d: every gate closed in %s; kept the previous global model there",
                 server_round, report.fallback_units)
@@ -219,4 +223,5 @@ def report_summary(report: GateReport) -> dict[str, float | int]:
         "softmerge-gate-acc-after": float(report.accuracy_after),
         "softmerge-keep-weight": float(keep_share),
         "softmerge-fallback-units": len(report.fallback_units),
+        "softmerge-rejected": int(report.rejected_loss is not None),
     }

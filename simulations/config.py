@@ -81,6 +81,7 @@ class RunSettings:
     softmerge_trust: bool = False
     softmerge_trust_strength: float = 2.0
     softmerge_trust_memory: float = 0.9
+    softmerge_harm_margin: float = 0.25
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
@@ -194,6 +195,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_mirror_confidence": _at_least(0),
     "softmerge_trust_strength": _at_least(0),
     "softmerge_trust_memory": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
+    "softmerge_harm_margin": _at_least(0),
     "round_timeout": _open_interval(0, 86400),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
     "client_failure_mode": _choice(FAILURE_MODES),

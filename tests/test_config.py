@@ -55,6 +55,7 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-trust": "yes"}, "'softmerge-trust' must be true or false"),
         ({"softmerge-trust-strength": -1}, "'softmerge-trust-strength' must be >= 0"),
         ({"softmerge-trust-memory": 1.5}, "'softmerge-trust-memory' must be in [0, 1]"),
+        ({"softmerge-harm-margin": -0.1}, "'softmerge-harm-margin' must be >= 0"),
         ({"malicious-partitions": "1,two"}, "malicious-partitions must be comma-separated partition ids"),
         ({"malicious-partitions": "-1"}, "malicious-partitions must hold ids >= 0"),
         ({"extreme-values": "big"}, "extreme-values must be numbers, 'inf' or 'nan'"),
