@@ -28,9 +28,10 @@ the deterministic gates.
 
 No harm. The keep candidate alone is always in the gates' search space, so a merge whose
 gate-split loss exceeds the keep model's by more than ``harm_margin`` nats (0.25) is an
-optimisation failure: it is rejected and the keep model returned. Such failures came
-where most candidates were poisoned and their half-open warm start put the merged network
-in a dead region, where the gate gradient vanishes.
+optimisation failure. It is rejected, and the gates are learned once more from closed
+client gates; if that merge fails too, the keep model is returned. Such failures came where
+most candidates were poisoned and their half-open warm start made a merge that predicts a
+constant, from which gate learning did not move.
 
 Units. One gate per candidate (``units="model"``) is the default. Per-layer gates (the
 paper's setting, and this project's default until 2026-11-23) learn several times as many
@@ -208,15 +209,16 @@ class SoftMergeConfig:
             ``trust`` to :func:`soft_merge`; 0 turns the bound off.
         harm_margin: the no-harm check, in nats. If the merged model's mean cross-entropy
             on the gate split exceeds the keep model's by more than this, the merge is
-            rejected and the keep model (the current global model) is returned instead;
-            the report keeps the learned gates and gives the rejected merge's loss. The
-            keep model is always a point of the gates' search space, so such a merge is
-            an optimisation failure, not a finding: with 16 label-flipped candidates of
-            20, gates warm-started half open put the merged network where every ReLU is
-            dead (loss ln 10, constant output), where the gate gradient vanishes and
-            learning cannot close them. Over the 3,330 merges of the reference grid,
-            ordinary rounds raised the gate-split loss by at most 0.09 nats; those
-            failures by 0.4 to 1.8 (docs/benchmarks.md, "Session 9"). 0 turns it off.
+            rejected, and gate learning runs once more from the keep model's side: every
+            client gate starts at the closed threshold (and is still capped by its warm
+            start). If that merge fails the check too, the keep model (the current global
+            model) is returned. The keep model alone is always a point of the gates'
+            search space, so such a merge is an optimisation failure, not a finding: with
+            16 label-flipped candidates of 20, their warm start left them half open, the
+            merge they made predicted a constant (gate-split loss ln 10, accuracy 10%),
+            and gate learning did not move them from there. Over the 3,330 merges of the
+            reference grid, ordinary rounds raised the gate-split loss by at most 0.09
+            nats; those failures by 0.4 to 1.8 (docs/benchmarks.md, "Session 9"). 0 turns it off.
     """
 
     units: str | Sequence[str] = "model"
@@ -297,10 +299,12 @@ class GateReport:
     ``duplicates`` lists the groups of identical candidates that shared one gate; each
     member reports the group's gate and an equal share of its weight. ``trust`` is each
     candidate's trust over past rounds (its group's, for identical candidates) when the
-    caller passed one, else empty. ``rejected_loss`` is the gate-split loss of a merge
-    the no-harm check rejected (``SoftMergeConfig.harm_margin``; the keep model was
-    returned, ``weights`` are the keep model's and ``*_after`` equal ``*_before``), else
-    None; ``gates`` and ``log_alpha`` are then the rejected merge's.
+    caller passed one, else empty. ``rejected_loss`` is the gate-split loss of a first
+    merge that the no-harm check rejected (``SoftMergeConfig.harm_margin``), else None;
+    gates, weights and ``*_after`` then describe the second attempt, learned from closed
+    client gates. ``harm_fallback`` is True when that one failed the check too and the
+    keep model was returned: ``weights`` are then all on the keep candidate, ``*_after``
+    equal ``*_before``, and ``gates`` and ``log_alpha`` are the second attempt's.
     """
 
     units: list[str]
@@ -318,6 +322,7 @@ class GateReport:
     duplicates: list[list[str]] = field(default_factory=list)
     trust: list[float] = field(default_factory=list)
     rejected_loss: float | None = None
+    harm_fallback: bool = False
     steps: int = 0
     skipped_steps: int = 0
     seconds: float = 0.0
@@ -860,28 +865,45 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             bounds = torch.tensor([trust_bound(value, config.init_log_alpha, config.trust_strength)
                                    for value in group_trust], dtype=start.dtype)
             start = torch.minimum(start, bounds.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN))
-        log_alpha = nn.Parameter(start.clone().contiguous())
-        steps, skipped = _learn_gates(model, stacked, log_alpha, inputs, targets, config, gated_keep, ceiling)
+        def attempt(first: torch.Tensor) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor], float, float]:
+            """Learn gates from ``first``; the learned log_alpha, steps, skipped, merge and its loss and accuracy."""
+            parameter = nn.Parameter(first.clone().contiguous())
+            taken, missed = _learn_gates(model, stacked, parameter, inputs, targets, config, gated_keep, ceiling)
+            with torch.no_grad():
+                built = stacked.merge(_final_weights(parameter, deterministic_gates(parameter), config.mode, gated_keep))
+                built = {name: tensor.detach().clone() for name, tensor in built.items()}
+            return (parameter.detach(), taken, missed, built) + evaluate_state(model, built, inputs, targets)
 
+        def harmful(loss: float) -> bool:
+            return bool(config.harm_margin) and not loss <= loss_before + config.harm_margin
+
+        log_alpha, steps, skipped, merged, loss_after, accuracy_after = attempt(start)
+        rejected_loss, harm_fallback = None, False
+        if harmful(loss_after):
+            rejected_loss = loss_after
+            # Learning again from the keep model's side: every client gate starts at the closed
+            # threshold, where a sampled gate is still open about a third of the time, so the
+            # gradient can open the candidates that help, and the dead region is never entered.
+            retry_start = start.clone()
+            clients = [g for g in range(retry_start.shape[1]) if g != gated_keep]
+            retry_start[:, clients] = retry_start[:, clients].clamp(max=LOG_ALPHA_CLOSED)
+            log_alpha, retry_steps, retry_skipped, merged, loss_after, accuracy_after = attempt(retry_start)
+            steps, skipped = steps + retry_steps, skipped + retry_skipped
+            harm_fallback = harmful(loss_after)
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
             weights = _final_weights(log_alpha, gates, config.mode, gated_keep)
-            merged = {name: tensor.detach().clone() for name, tensor in stacked.merge(weights).items()}
-            # Back to one column per candidate: a group's members share its gate and weight.
+            if harm_fallback:
+                merged = {name: tensor.detach().clone() for name, tensor in keep_state.items()}
+                loss_after, accuracy_after = loss_before, accuracy_before
+                weights = torch.zeros_like(weights)
+                if gated_keep is not None:
+                    weights[:, gated_keep] = 1.0
+            # Back to one column per candidate: a group's members share its gate and weight
+            # (a client that resent the global model unchanged shares the keep model's).
             group_sizes = torch.tensor([len(group) for group in groups], dtype=weights.dtype)
             gates, weights = gates[:, group_of], (weights / group_sizes)[:, group_of]
-            log_alpha = log_alpha.detach()[:, group_of]
-        loss_after, accuracy_after = evaluate_state(model, merged, inputs, targets)
-        rejected_loss = None
-        if config.harm_margin and not loss_after <= loss_before + config.harm_margin:
-            rejected_loss = loss_after
-            merged = {name: tensor.detach().clone() for name, tensor in keep_state.items()}
-            loss_after, accuracy_after = loss_before, accuracy_before
-            weights = torch.zeros_like(weights)
-            if keep_index is not None:
-                # A client that resent the global model unchanged shares the keep model's gate.
-                members = groups[int(group_of[keep_index])]
-                weights[:, members] = 1.0 / len(members)
+            log_alpha = log_alpha[:, group_of]
     finally:
         model.train(was_training)
 
@@ -902,6 +924,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         duplicates=[[gated_labels[k] for k in group] for group in groups if len(group) > 1],
         trust=[group_trust[int(group_of[k])] for k in range(len(states))] if trust is not None else [],
         rejected_loss=rejected_loss,
+        harm_fallback=harm_fallback,
         steps=steps,
         skipped_steps=skipped,
     )

@@ -132,8 +132,9 @@ class SoftMerge(RoundStartMemory):
         merged, report = soft_merge(self.model, states, self.validation, round_config,
                                     keep=keep_view if keep_view is not None else keep, labels=labels, trust=trust)
         del states, keep_view
-        # A rejected merge's gates are a failed optimisation, not evidence about the clients.
-        if self.trust and report.rejected_loss is None:
+        # When no merge passed the no-harm check, the gates are a failed optimisation, not
+        # evidence about the clients.
+        if self.trust and not report.harm_fallback:
             self._record_round(report, dict(zip(labels, nodes)))
         report.excluded = screened.rejected + report.excluded
         if not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point):
@@ -200,8 +201,10 @@ class SoftMerge(RoundStartMemory):
             # Honest clients with their own data do not send bit-identical models.
             log(WARNING, "SoftMerge round %d: identical replies from %s share one gate", server_round, group)
         if report.rejected_loss is not None:
+            outcome = ("kept the global model" if report.harm_fallback else
+                       f"learned again from closed client gates: {report.loss_after:.3f}")
             log(WARNING, "SoftMerge round %d: the merge's gate-split loss %.3f is more than the no-harm margin above "
-                "the global model's %.3f; kept the global model", server_round, report.rejected_loss, report.loss_before)
+                "the global model's %.3f; %s", server_round, report.rejected_loss, report.loss_before, outcome)
         if report.fallback_units:
             log(WARNING, "SoftMerge round %d: every gate closed in %s; kept the previous global model there",
                 server_round, report.fallback_units)
@@ -224,4 +227,5 @@ def report_summary(report: GateReport) -> dict[str, float | int]:
         "softmerge-keep-weight": float(keep_share),
         "softmerge-fallback-units": len(report.fallback_units),
         "softmerge-rejected": int(report.rejected_loss is not None),
+        "softmerge-harm-fallback": int(report.harm_fallback),
     }

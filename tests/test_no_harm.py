@@ -6,6 +6,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+import softmerge.aggregation.merge as merge_module
 from softmerge.aggregation import SoftMergeConfig, evaluate_state, soft_merge
 from softmerge.server.strategy import SoftMerge
 
@@ -29,20 +30,44 @@ def ruinous(honest_candidates):
     return [_noisy(model.state_dict(), 1.0, seed) for seed in range(3)]
 
 
-def test_a_merge_worse_than_the_keep_model_by_the_margin_returns_the_keep_model(
-        honest_candidates, digits_task, ruinous):
+def test_a_rejected_merge_is_learned_again_from_closed_client_gates(honest_candidates, digits_task, ruinous):
     model, _ = honest_candidates
     gate = digits_task.gate.tensors()
     keep_loss, keep_accuracy = evaluate_state(model, model.state_dict(), *gate)
 
     merged, report = soft_merge(model, ruinous, gate, SoftMergeConfig(**UNGUIDED))
 
-    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+    # With no steps, the second attempt is its start: every client closed, the keep model alone.
     assert report.rejected_loss > keep_loss + 0.25
-    assert report.loss_after == report.loss_before == pytest.approx(keep_loss)
-    assert report.accuracy_after == report.accuracy_before == pytest.approx(keep_accuracy)
-    assert report.weights == [[0.0, 0.0, 0.0, 1.0]]  # all on the keep candidate
-    assert all(gate > 0 for gate in report.gates[0])  # the rejected merge's gates stay for diagnosis
+    assert not report.harm_fallback
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+    assert report.gates[0][:3] == [0.0, 0.0, 0.0] and report.weights == [[0.0, 0.0, 0.0, 1.0]]
+    assert report.loss_after == pytest.approx(keep_loss) and report.accuracy_after == pytest.approx(keep_accuracy)
+
+
+def _open_every_gate(monkeypatch):
+    """Gate learning that ends with every gate wide open, whatever its start: both attempts fail."""
+    def learn(model, stacked, log_alpha, *args, **kwargs):
+        with torch.no_grad():
+            log_alpha.fill_(5.0)
+        return 7, 0
+    monkeypatch.setattr(merge_module, "_learn_gates", learn)
+
+
+def test_when_the_second_attempt_fails_too_the_keep_model_is_returned(
+        honest_candidates, digits_task, ruinous, monkeypatch):
+    model, _ = honest_candidates
+    gate = digits_task.gate.tensors()
+    _open_every_gate(monkeypatch)
+
+    merged, report = soft_merge(model, ruinous, gate, SoftMergeConfig(warm_start=False))
+
+    assert report.harm_fallback and report.rejected_loss is not None
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+    assert report.weights == [[0.0, 0.0, 0.0, 1.0]]
+    assert report.loss_after == report.loss_before
+    assert report.steps == 14  # both attempts count
+    assert all(g == 1.0 for g in report.gates[0])  # the failed attempt's gates stay for diagnosis
 
 
 def test_margin_zero_turns_the_check_off(honest_candidates, digits_task, ruinous):
@@ -73,14 +98,15 @@ def test_an_ordinary_merge_of_honest_models_is_kept(honest_candidates, digits_ta
     assert report.loss_after <= report.loss_before + 0.25
 
 
-def test_a_resent_global_model_shares_the_keep_weight_when_the_merge_is_rejected(
-        honest_candidates, digits_task, ruinous):
+def test_a_resent_global_model_shares_the_keep_weight_when_the_keep_model_is_returned(
+        honest_candidates, digits_task, ruinous, monkeypatch):
     model, _ = honest_candidates
     resent = {k: v.clone() for k, v in model.state_dict().items()}
+    _open_every_gate(monkeypatch)
 
-    _, report = soft_merge(model, ruinous + [resent], digits_task.gate.tensors(), SoftMergeConfig(**UNGUIDED))
+    _, report = soft_merge(model, ruinous + [resent], digits_task.gate.tensors(), SoftMergeConfig(warm_start=False))
 
-    assert report.rejected_loss is not None
+    assert report.harm_fallback
     assert report.weights == [[0.0, 0.0, 0.0, 0.5, 0.5]]
 
 
@@ -91,18 +117,39 @@ def test_harm_margin_must_be_a_finite_non_negative_number():
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_the_strategy_broadcasts_the_global_model_warns_and_leaves_the_trust_record_alone(
-        honest_candidates, digits_task, ruinous, caplog):
-    model, _ = honest_candidates
-    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(**UNGUIDED), trust=True)
-    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([1, 2, 3])))
-    replies = [make_reply(node, state, partition=node) for node, state in enumerate(ruinous, start=1)]
+@pytest.mark.parametrize("both_fail", [False, True])
+def test_the_strategy_warns_and_records_trust_only_from_a_merge_that_passed(
+        honest_candidates, digits_task, ruinous, monkeypatch, caplog, both_fail):
+    model, locals_ = honest_candidates
+    calls = []
+
+    def learn(model, stacked, log_alpha, *args, **kwargs):
+        # First attempt: every gate open (the ruinous mean). Second: the honest client and keep only.
+        calls.append(1)
+        with torch.no_grad():
+            log_alpha.fill_(5.0)
+            if len(calls) == 2 and not both_fail:
+                log_alpha[:, 1:-1] = -10.0
+        return 7, 0
+
+    monkeypatch.setattr(merge_module, "_learn_gates", learn)
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(warm_start=False), trust=True)
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([1, 2, 3, 4])))
+    states = [locals_[0]] + ruinous
+    replies = [make_reply(node, state, partition=node) for node, state in enumerate(states, start=1)]
 
     with caplog.at_level(logging.WARNING, logger="flwr"):
         arrays, metrics = strategy.aggregate_train(1, replies)
 
     merged = arrays.to_torch_state_dict()
-    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
-    assert metrics["softmerge-rejected"] == 1 and metrics["softmerge-keep-weight"] == 1.0
+    assert metrics["softmerge-rejected"] == 1 and metrics["softmerge-harm-fallback"] == int(both_fail)
     assert "no-harm margin" in caplog.text
-    assert strategy.trust_record == {}
+    if both_fail:
+        assert "kept the global model" in caplog.text
+        assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+        assert strategy.trust_record == {}
+    else:
+        assert "learned again from closed client gates" in caplog.text
+        assert metrics["softmerge-keep-weight"] == pytest.approx(0.5)
+        assert set(strategy.trust_record) == {"1", "2", "3", "4"}
+        assert strategy.trust_record["1"] == (1.0, 1.0) and strategy.trust_record["2"] == (0.0, 1.0)
