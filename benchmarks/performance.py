@@ -973,11 +973,11 @@ def print_e2e_summary(e2e: list[dict]) -> None:
 def discussion(raw: dict) -> list[str]:
     """What changed and what the numbers mean; measured values are filled in from ``raw``."""
     lines = [
-        "## What changed in the soft merge, and why", "",
+        "## What the first speed change did (2026-11-22), and why", "",
         "1. **An early stop that can fire, and does not fire too soon.** Before, gate learning stopped when no",
         "   deterministic gate had moved by more than 1e-3 over 10 steps. With Adam at lr 0.1 on sampled gates",
-        "   the gates never stop moving, so every merge ran all 100 steps (the `before` rows; the reference",
-        "   grid's results.json show 100 steps in every round). Now every `check_every` = 10 steps the",
+        "   the gates never stop moving, so every merge ran all 100 steps (the 2026-11-22 run's `before` rows; the",
+        "   reference grid's first results.json showed 100 steps in every round). Now every `check_every` = 10 steps the",
         "   deterministic gates are scored by the objective itself without noise (cross-entropy of the merge",
         "   they build on at most 2 x 128 gate examples, plus the L0 term). Learning stops after `patience` = 2",
         "   checks in a row that did not improve by more than `tolerance` = 0.01 nats on the last check that",
@@ -1046,15 +1046,16 @@ def discussion(raw: dict) -> list[str]:
         lines += [
             f"**Krum against SoftMerge at K=100 ({cell['model']}).** Krum's work is one Gram matrix of the",
             f"updates, 2 K^2 d = {gram / 1e9:.0f} GFLOP in one BLAS call, plus flattening: {krum['seconds']:.2f} s.",
-            f"SoftMerge without a single gate step (`steps=0`: screening, decoding, K+1 forward passes over the",
-            f"300 gate images for the own losses, the final merge and its evaluation) already takes "
+            f"SoftMerge without a single gate step (`steps=0`: screening, decoding, the scoring passes over the",
+            f"300 gate images, each candidate's own loss and, with the mirror test of the default, its mirror",
+            f"image's (2K+1 forward passes), the final merge and its evaluation) already takes "
             f"{zero['seconds']:.2f} s ({zero['seconds'] / krum['seconds']:.1f}x Krum), and each of its "
             f"{main['steps']} steps {per_step * 1000:.0f} ms.",
             "Both parts are linear in K with large constants: a forward pass per candidate over the gate",
             "split (for the CNN, thousands of FLOP per parameter per image, against Krum's 2 K per parameter),",
             "and per step a read of the K+1 candidates (twice, with the gradient) plus the model's forward and",
             "backward pass. Krum's K^2 term overtakes them only at larger K. The target cannot be met at",
-            "K=100 by this method without giving up gate steps or the own-loss evaluation, which decide which",
+            "K=100 by this method without giving up gate steps or the scoring passes, which decide which",
             "candidates are gated out.", ""]
     cnn = sorted((c for c in raw["cells"] if c["model"] == "cnn"), key=lambda c: c["K"])
     ratios = []
@@ -1098,7 +1099,7 @@ def render(raw: dict, args: argparse.Namespace) -> None:
         data = json.loads(Path(args.accuracy_json).read_text())
         lines += accuracy_section(data)
         b_final, a_final, b_last, a_last = data["summary"]
-        accuracy_note = (f"digits simulations, means over {len(data['after'])} runs: final accuracy "
+        accuracy_note = (f"digits simulations of {data['date']}, means over {len(data['after'])} runs: final accuracy "
                          f"{b_final:.3f} before, {a_final:.3f} after; last 5 rounds {b_last:.3f} before, "
                          f"{a_last:.3f} after (section 'Accuracy before and after')")
         # One point is about one standard error of an accuracy on 360 test images.
