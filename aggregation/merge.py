@@ -882,8 +882,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         if harmful(loss_after):
             rejected_loss = loss_after
             # Learning again from the keep model's side: every client gate starts at the closed
-            # threshold, where a sampled gate is still open about a third of the time, so the
-            # gradient can open the candidates that help, and the dead region is never entered.
+            # threshold, where a sampled gate is still open 31% of the time, so the gradient
+            # can open the candidates that help, starting from a merge that is the keep model.
             retry_start = start.clone()
             clients = [g for g in range(retry_start.shape[1]) if g != gated_keep]
             retry_start[:, clients] = retry_start[:, clients].clamp(max=LOG_ALPHA_CLOSED)
