@@ -26,10 +26,11 @@ learned, by Adam on the server's clean gate split:
 The candidates' weights are never changed, only gated. The merged model is built from
 the deterministic gates.
 
-No harm. The keep candidate alone is always in the gates' search space, so a merge whose
-gate-split loss exceeds the keep model's by more than ``harm_margin`` nats (0.25) is an
-optimisation failure. It is rejected, and the gates are learned once more from closed
-client gates; if that merge fails too, the keep model is returned. Such failures came where
+No harm. With the keep candidate (the default) and mode weight or select, the keep model
+alone is a point of the gates' search space, so a merge whose gate-split loss exceeds the
+keep model's by more than ``harm_margin`` nats (0.25) is an optimisation failure. It is
+rejected, and the gates are learned once more from closed client gates; if that merge
+fails too (or there is no keep candidate to start from), the keep model is returned. Such failures came where
 most candidates were poisoned and their half-open warm start made a merge that predicts a
 constant, from which gate learning did not move.
 
@@ -211,9 +212,10 @@ class SoftMergeConfig:
             on the gate split exceeds the keep model's by more than this, the merge is
             rejected, and gate learning runs once more from the keep model's side: every
             client gate starts at the closed threshold (and is still capped by its warm
-            start). If that merge fails the check too, the keep model (the current global
-            model) is returned. The keep model alone is always a point of the gates'
-            search space, so such a merge is an optimisation failure, not a finding: with
+            start). If that merge fails the check too, or ``include_keep`` is off, the keep
+            model (the current global model) is returned. With the keep candidate and mode
+            weight or select, the keep model alone is a point of the gates' search space,
+            so such a merge is an optimisation failure, not a finding: with
             16 label-flipped candidates of 20, their warm start left them half open, the
             merge they made predicted a constant (gate-split loss ln 10, accuracy 10%),
             and gate learning did not move them from there. Over the 3,330 merges of the
@@ -302,9 +304,11 @@ class GateReport:
     caller passed one, else empty. ``rejected_loss`` is the gate-split loss of a first
     merge that the no-harm check rejected (``SoftMergeConfig.harm_margin``), else None;
     gates, weights and ``*_after`` then describe the second attempt, learned from closed
-    client gates. ``harm_fallback`` is True when that one failed the check too and the
-    keep model was returned: ``weights`` are then all on the keep candidate, ``*_after``
-    equal ``*_before``, and ``gates`` and ``log_alpha`` are the second attempt's.
+    client gates. ``harm_fallback`` is True when the keep model was returned instead
+    (that one failed the check too, or there was no keep candidate to learn again from):
+    ``weights`` are then all on the keep candidate (shared with clients that resent it
+    unchanged; all 0 without a keep candidate), ``*_after`` equal ``*_before``, and
+    ``gates`` and ``log_alpha`` are the last attempt's.
     """
 
     units: list[str]
@@ -881,15 +885,18 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         rejected_loss, harm_fallback = None, False
         if harmful(loss_after):
             rejected_loss = loss_after
-            # Learning again from the keep model's side: every client gate starts at the closed
-            # threshold, where a sampled gate is still open 31% of the time, so the gradient
-            # can open the candidates that help, starting from a merge that is the keep model.
-            retry_start = start.clone()
-            clients = [g for g in range(retry_start.shape[1]) if g != gated_keep]
-            retry_start[:, clients] = retry_start[:, clients].clamp(max=LOG_ALPHA_CLOSED)
-            log_alpha, retry_steps, retry_skipped, merged, loss_after, accuracy_after = attempt(retry_start)
-            steps, skipped = steps + retry_steps, skipped + retry_skipped
-            harm_fallback = harmful(loss_after)
+            harm_fallback = True
+            if gated_keep is not None:
+                # Learning again from the keep model's side: every client gate starts at the
+                # closed threshold, where a sampled gate is still open 31% of the time, so the
+                # gradient can open the candidates that help, starting from a merge that is the
+                # keep model. Without a keep candidate there is no such start.
+                retry_start = start.clone()
+                client_columns = [g for g in range(retry_start.shape[1]) if g != gated_keep]
+                retry_start[:, client_columns] = retry_start[:, client_columns].clamp(max=LOG_ALPHA_CLOSED)
+                log_alpha, retry_steps, retry_skipped, merged, loss_after, accuracy_after = attempt(retry_start)
+                steps, skipped = steps + retry_steps, skipped + retry_skipped
+                harm_fallback = harmful(loss_after)
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
             weights = _final_weights(log_alpha, gates, config.mode, gated_keep)

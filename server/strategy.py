@@ -132,9 +132,9 @@ class SoftMerge(RoundStartMemory):
         merged, report = soft_merge(self.model, states, self.validation, round_config,
                                     keep=keep_view if keep_view is not None else keep, labels=labels, trust=trust)
         del states, keep_view
-        # When no merge passed the no-harm check, the gates are a failed optimisation, not
-        # evidence about the clients.
-        if self.trust and not report.harm_fallback:
+        # A round whose first merge failed the no-harm check is not evidence about the
+        # clients: the failure is the optimisation's, and a retry starts every client closed.
+        if self.trust and report.rejected_loss is None:
             self._record_round(report, dict(zip(labels, nodes)))
         report.excluded = screened.rejected + report.excluded
         if not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point):

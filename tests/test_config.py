@@ -1,5 +1,7 @@
 """Every run-config error path names the key and what it allows."""
 
+import math
+
 import pytest
 
 from softmerge.aggregation import SoftMergeConfig
@@ -54,8 +56,10 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-merge-duplicates": "often"}, "'softmerge-merge-duplicates' must be true or false"),
         ({"softmerge-trust": "yes"}, "'softmerge-trust' must be true or false"),
         ({"softmerge-trust-strength": -1}, "'softmerge-trust-strength' must be >= 0"),
+        ({"softmerge-trust-strength": math.inf}, "'softmerge-trust-strength' must be a finite number"),
         ({"softmerge-trust-memory": 1.5}, "'softmerge-trust-memory' must be in [0, 1]"),
         ({"softmerge-harm-margin": -0.1}, "'softmerge-harm-margin' must be >= 0"),
+        ({"softmerge-harm-margin": math.inf}, "'softmerge-harm-margin' must be a finite number"),
         ({"malicious-partitions": "1,two"}, "malicious-partitions must be comma-separated partition ids"),
         ({"malicious-partitions": "-1"}, "malicious-partitions must hold ids >= 0"),
         ({"extreme-values": "big"}, "extreme-values must be numbers, 'inf' or 'nan'"),
