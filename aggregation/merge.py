@@ -115,6 +115,7 @@ from .trust import NEUTRAL_TRUST, trust_bound
 
 MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
+KEEP_MODES = ("candidate", "anchor")
 LOG_ALPHA_MIN = -10.0
 KEEP_LABEL = "keep"
 # The convergence check scores the deterministic gates on at most this many gate batches
@@ -144,6 +145,14 @@ class SoftMergeConfig:
         batch_size: gate-split examples per step.
         seed: seeds the gate noise and the batch order.
         include_keep: add the current global model as a candidate.
+        keep_mode: what the keep candidate does when ``include_keep`` is on.
+            ``"candidate"`` (the default): it is gated like any client and starts from
+            its own loss, which is usually the lowest, so it starts most open.
+            ``"anchor"``: the first gate learning leaves it closed, so every client's
+            update counts in full, and it only serves as the fallback of a unit whose
+            gates all close and as the start of the no-harm check's retry (where it is
+            gated as a candidate). With few honest clients a keep candidate that takes a
+            quarter of the weight damps every round's step (docs/benchmarks.md).
         warm_start: start log_alpha from each candidate's own validation loss.
         init_log_alpha: starting log_alpha of the best candidate.
         warm_start_temperature: nats of extra loss that cost one unit of log_alpha.
@@ -231,6 +240,7 @@ class SoftMergeConfig:
     batch_size: int = 128
     seed: int = 0
     include_keep: bool = True
+    keep_mode: str = "candidate"
     warm_start: bool = True
     init_log_alpha: float = 2.0
     warm_start_temperature: float = 1.0
@@ -256,6 +266,8 @@ class SoftMergeConfig:
             raise ValueError("units as a list must hold non-empty name patterns")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.keep_mode not in KEEP_MODES:
+            raise ValueError(f"keep_mode must be one of {KEEP_MODES}, got {self.keep_mode!r}")
         _require(isinstance(self.steps, int) and self.steps >= 0, "steps must be an integer >= 0")
         _require(_finite(self.lr) and self.lr > 0, "lr must be a finite number > 0")
         _require(_finite(self.l0_lambda) and self.l0_lambda >= 0, "l0_lambda must be a finite number >= 0")
@@ -869,10 +881,11 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             bounds = torch.tensor([trust_bound(value, config.init_log_alpha, config.trust_strength)
                                    for value in group_trust], dtype=start.dtype)
             start = torch.minimum(start, bounds.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN))
-        def attempt(first: torch.Tensor) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor], float, float]:
-            """Learn gates from ``first``; the learned log_alpha, steps, skipped, merge and its loss and accuracy."""
+        def attempt(first: torch.Tensor, cap: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor], float, float]:
+            """Learn gates from ``first`` under ``cap``; the learned log_alpha, steps, skipped, merge and its loss and accuracy."""
             parameter = nn.Parameter(first.clone().contiguous())
-            taken, missed = _learn_gates(model, stacked, parameter, inputs, targets, config, gated_keep, ceiling)
+            taken, missed = _learn_gates(model, stacked, parameter, inputs, targets, config, gated_keep, cap)
             with torch.no_grad():
                 built = stacked.merge(_final_weights(parameter, deterministic_gates(parameter), config.mode, gated_keep))
                 built = {name: tensor.detach().clone() for name, tensor in built.items()}
@@ -881,7 +894,16 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         def harmful(loss: float) -> bool:
             return bool(config.harm_margin) and not loss <= loss_before + config.harm_margin
 
-        log_alpha, steps, skipped, merged, loss_after, accuracy_after = attempt(start)
+        first_start, first_ceiling = start, ceiling
+        if config.keep_mode == "anchor" and gated_keep is not None:
+            # Closed below the floor and capped there: never sampled open, so the merge is
+            # the clients' alone unless every gate of a unit closes.
+            first_start = start.clone()
+            first_start[:, gated_keep] = LOG_ALPHA_MIN
+            if ceiling is not None:
+                first_ceiling = ceiling.clone()
+                first_ceiling[:, gated_keep] = LOG_ALPHA_MIN
+        log_alpha, steps, skipped, merged, loss_after, accuracy_after = attempt(first_start, first_ceiling)
         rejected_loss, harm_fallback = None, False
         if harmful(loss_after):
             rejected_loss = loss_after
@@ -894,7 +916,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 retry_start = start.clone()
                 client_columns = [g for g in range(retry_start.shape[1]) if g != gated_keep]
                 retry_start[:, client_columns] = retry_start[:, client_columns].clamp(max=LOG_ALPHA_CLOSED)
-                log_alpha, retry_steps, retry_skipped, merged, loss_after, accuracy_after = attempt(retry_start)
+                log_alpha, retry_steps, retry_skipped, merged, loss_after, accuracy_after = attempt(retry_start, ceiling)
                 steps, skipped = steps + retry_steps, skipped + retry_skipped
                 harm_fallback = harmful(loss_after)
         with torch.no_grad():

@@ -22,7 +22,8 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
     return SoftMergeConfig(
         units=units, mode=settings.softmerge_mode, steps=settings.softmerge_steps, lr=settings.softmerge_lr,
         l0_lambda=settings.softmerge_l0, batch_size=settings.softmerge_batch_size, seed=settings.seed,
-        include_keep=settings.softmerge_keep, tolerance=settings.softmerge_tolerance,
+        include_keep=settings.softmerge_keep, keep_mode=settings.softmerge_keep_mode,
+        tolerance=settings.softmerge_tolerance,
         threads=settings.softmerge_threads, max_candidates=settings.softmerge_max_candidates,
         warm_start_temperature=settings.softmerge_warm_temperature, warm_start_ceiling=settings.softmerge_ceiling,
         mirror_test=settings.softmerge_mirror_test, mirror_temperature=settings.softmerge_mirror_temperature,

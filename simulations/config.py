@@ -22,6 +22,7 @@ CLIENT_ATTACKS = ("none", "sign-flip", "gaussian", "scaling", "extreme", "label-
                   "layer-stealth")
 UNIT_KINDS = ("model", "layer", "tensor")
 MERGE_MODES = ("weight", "select", "sum")
+KEEP_MODES = ("candidate", "anchor")
 FAILURE_MODES = ("raise", "timeout", "empty", "mixed")
 
 
@@ -69,6 +70,7 @@ class RunSettings:
     softmerge_l0: float = 0.01
     softmerge_batch_size: int = 128
     softmerge_keep: bool = True
+    softmerge_keep_mode: str = "candidate"
     softmerge_tolerance: float = 0.01
     softmerge_threads: int = 1
     softmerge_max_candidates: int = 0
@@ -183,6 +185,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "fraction_evaluate": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
     "softmerge_units": _units,
     "softmerge_mode": _choice(MERGE_MODES),
+    "softmerge_keep_mode": _choice(KEEP_MODES),
     "softmerge_steps": _at_least(0),
     "softmerge_lr": _open_interval(0, 100),
     "softmerge_l0": _at_least(0),

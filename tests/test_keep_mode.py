@@ -1,0 +1,94 @@
+"""keep_mode="anchor": the global model is a fallback and the retry's start, not a share of the merge."""
+
+import pytest
+import torch
+
+import softmerge.aggregation.merge as merge_module
+from softmerge.aggregation import SoftMergeConfig, soft_merge
+from softmerge.simulations.config import ConfigError, parse_run_config
+from softmerge.server.strategies import merge_config_from
+
+
+def _noisy(state, scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=generator) if v.dtype.is_floating_point else v.clone()
+            for k, v in state.items()}
+
+
+def test_honest_clients_share_the_whole_merge_and_the_keep_model_none(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    gate = digits_task.gate.tensors()
+
+    _, as_candidate = soft_merge(model, locals_[:6], gate, SoftMergeConfig(steps=30))
+    _, as_anchor = soft_merge(model, locals_[:6], gate, SoftMergeConfig(steps=30, keep_mode="anchor"))
+
+    assert as_candidate.weights[0][-1] > 0  # the keep model is usually the best start
+    assert as_anchor.weights[0][-1] == 0.0 and as_anchor.gates[0][-1] == 0.0
+    assert sum(as_anchor.weights[0][:-1]) == pytest.approx(1.0)
+    assert as_anchor.rejected_loss is None
+
+
+def test_the_keep_gate_is_never_sampled_open_in_the_first_attempt(honest_candidates, digits_task, monkeypatch):
+    model, locals_ = honest_candidates
+    seen = []
+    learn = merge_module._learn_gates
+
+    def spy(model_, stacked, log_alpha, inputs, targets, config, keep_index, ceiling=None):
+        seen.append((log_alpha.detach().clone(), None if ceiling is None else ceiling.clone(), keep_index))
+        return learn(model_, stacked, log_alpha, inputs, targets, config, keep_index, ceiling)
+    monkeypatch.setattr(merge_module, "_learn_gates", spy)
+
+    soft_merge(model, locals_[:4], digits_task.gate.tensors(), SoftMergeConfig(steps=20, keep_mode="anchor"))
+
+    start, ceiling, keep = seen[0]
+    assert len(seen) == 1
+    assert float(start[0, keep]) == merge_module.LOG_ALPHA_MIN
+    assert float(ceiling[0, keep]) == merge_module.LOG_ALPHA_MIN
+
+
+def test_a_unit_whose_client_gates_all_close_falls_back_to_the_keep_model(honest_candidates, digits_task, monkeypatch):
+    model, locals_ = honest_candidates
+
+    def close_all(model_, stacked, log_alpha, *args, **kwargs):
+        with torch.no_grad():
+            log_alpha.fill_(merge_module.LOG_ALPHA_MIN)
+        return 5, 0
+    monkeypatch.setattr(merge_module, "_learn_gates", close_all)
+
+    merged, report = soft_merge(model, locals_[:3], digits_task.gate.tensors(), SoftMergeConfig(keep_mode="anchor"))
+
+    assert report.weights == [[0.0, 0.0, 0.0, 1.0]]
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_retry_gates_the_keep_model_from_its_own_start(honest_candidates, digits_task, monkeypatch):
+    model, _ = honest_candidates
+    ruinous = [_noisy(model.state_dict(), 1.0, seed) for seed in range(3)]
+    seen = []
+
+    def record_and_hold(model_, stacked, log_alpha, inputs, targets, config, keep_index, ceiling=None):
+        seen.append((log_alpha.detach().clone(), ceiling.clone()))
+        return 0, 0
+    monkeypatch.setattr(merge_module, "_learn_gates", record_and_hold)
+
+    merged, report = soft_merge(model, ruinous, digits_task.gate.tensors(),
+                                SoftMergeConfig(warm_start=False, keep_mode="anchor"))
+
+    # First attempt: the three noisy clients open, the keep model shut; their mean is ruinous.
+    assert report.rejected_loss is not None and not report.harm_fallback
+    (first, _), (retry, retry_ceiling) = seen
+    assert float(first[0, 3]) == merge_module.LOG_ALPHA_MIN
+    # Retry: clients at the closed threshold, the keep model at its own start and ceiling.
+    assert float(retry[0, 3]) == SoftMergeConfig().init_log_alpha == float(retry_ceiling[0, 3])
+    assert all(float(v) <= merge_module.LOG_ALPHA_CLOSED for v in retry[0, :3])
+    assert report.weights == [[0.0, 0.0, 0.0, 1.0]]
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+
+
+def test_keep_mode_is_checked_by_name_in_the_dataclass_and_the_run_config():
+    with pytest.raises(ValueError, match="keep_mode"):
+        SoftMergeConfig(keep_mode="ballast")
+    with pytest.raises(ConfigError, match="softmerge-keep-mode"):
+        parse_run_config({"softmerge-keep-mode": "ballast"}, check_paths=False)
+    settings = parse_run_config({"softmerge-keep-mode": "anchor"}, check_paths=False)
+    assert merge_config_from(settings).keep_mode == "anchor"
