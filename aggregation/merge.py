@@ -148,11 +148,13 @@ class SoftMergeConfig:
         keep_mode: what the keep candidate does when ``include_keep`` is on.
             ``"candidate"`` (the default): it is gated like any client and starts from
             its own loss, which is usually the lowest, so it starts most open.
-            ``"anchor"``: the first gate learning leaves it closed, so every client's
-            update counts in full, and it only serves as the fallback of a unit whose
-            gates all close and as the start of the no-harm check's retry (where it is
-            gated as a candidate). With few honest clients a keep candidate that takes a
-            quarter of the weight damps every round's step (docs/benchmarks.md).
+            ``"anchor"``: the first gate learning leaves it closed, so the merge is the
+            clients' alone and every open client's update counts in full; it is the
+            fallback of a unit whose gates all close. If that merge fails the no-harm
+            check, gates are learned again with the keep model as a candidate (the
+            ``"candidate"`` start), then from closed client gates (see ``harm_margin``).
+            With few honest clients a keep candidate that takes a quarter of the weight
+            damps every round's step (docs/benchmarks.md, "Session 10").
         warm_start: start log_alpha from each candidate's own validation loss.
         init_log_alpha: starting log_alpha of the best candidate.
         warm_start_temperature: nats of extra loss that cost one unit of log_alpha.
@@ -221,8 +223,9 @@ class SoftMergeConfig:
             on the gate split exceeds the keep model's by more than this, the merge is
             rejected, and gate learning runs once more from the keep model's side: every
             client gate starts at the closed threshold (and is still capped by its warm
-            start). If that merge fails the check too, or ``include_keep`` is off, the keep
-            model (the current global model) is returned. With the keep candidate and mode
+            start). (With ``keep_mode="anchor"`` the keep model's gated start comes first,
+            between the two.) If the last merge fails the check too, or ``include_keep`` is
+            off, the keep model (the current global model) is returned. With the keep candidate and mode
             weight or select, the keep model alone is a point of the gates' search space,
             so such a merge is an optimisation failure, not a finding: with
             16 label-flipped candidates of 20, their warm start left them half open, the
@@ -315,9 +318,10 @@ class GateReport:
     candidate's trust over past rounds (its group's, for identical candidates) when the
     caller passed one, else empty. ``rejected_loss`` is the gate-split loss of a first
     merge that the no-harm check rejected (``SoftMergeConfig.harm_margin``), else None;
-    gates, weights and ``*_after`` then describe the second attempt, learned from closed
-    client gates. ``harm_fallback`` is True when the keep model was returned instead
-    (that one failed the check too, or there was no keep candidate to learn again from):
+    gates, weights and ``*_after`` then describe the last of the ``attempts`` (see
+    ``SoftMergeConfig.keep_mode`` and ``harm_margin`` for their order). ``harm_fallback``
+    is True when the keep model was returned instead (every attempt failed the check, or
+    there was no keep candidate to learn again from):
     ``weights`` are then all on the keep candidate (shared with clients that resent it
     unchanged; all 0 without a keep candidate), ``*_after`` equal ``*_before``, and
     ``gates`` and ``log_alpha`` are the last attempt's.
@@ -339,6 +343,7 @@ class GateReport:
     trust: list[float] = field(default_factory=list)
     rejected_loss: float | None = None
     harm_fallback: bool = False
+    attempts: int = 1
     steps: int = 0
     skipped_steps: int = 0
     seconds: float = 0.0
@@ -894,31 +899,36 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         def harmful(loss: float) -> bool:
             return bool(config.harm_margin) and not loss <= loss_before + config.harm_margin
 
-        first_start, first_ceiling = start, ceiling
-        if config.keep_mode == "anchor" and gated_keep is not None:
-            # Closed below the floor and capped there: never sampled open, so the merge is
-            # the clients' alone unless every gate of a unit closes.
-            first_start = start.clone()
-            first_start[:, gated_keep] = LOG_ALPHA_MIN
-            if ceiling is not None:
-                first_ceiling = ceiling.clone()
-                first_ceiling[:, gated_keep] = LOG_ALPHA_MIN
-        log_alpha, steps, skipped, merged, loss_after, accuracy_after = attempt(first_start, first_ceiling)
-        rejected_loss, harm_fallback = None, False
-        if harmful(loss_after):
-            rejected_loss = loss_after
-            harm_fallback = True
-            if gated_keep is not None:
-                # Learning again from the keep model's side: every client gate starts at the
-                # closed threshold, where a sampled gate is still open 31% of the time, so the
-                # gradient can open the candidates that help, starting from a merge that is the
-                # keep model. Without a keep candidate there is no such start.
-                retry_start = start.clone()
-                client_columns = [g for g in range(retry_start.shape[1]) if g != gated_keep]
-                retry_start[:, client_columns] = retry_start[:, client_columns].clamp(max=LOG_ALPHA_CLOSED)
-                log_alpha, retry_steps, retry_skipped, merged, loss_after, accuracy_after = attempt(retry_start, ceiling)
-                steps, skipped = steps + retry_steps, skipped + retry_skipped
-                harm_fallback = harmful(loss_after)
+        # The starts tried in turn until a merge passes the no-harm check.
+        plan = [(start, ceiling)]
+        if gated_keep is not None:
+            if config.keep_mode == "anchor":
+                # First the clients alone: the keep gate starts below the floor and is
+                # capped there, so it is never sampled open and the merge is the clients'
+                # unless every gate of a unit closes. Only if that merge harms does the keep
+                # model join as a candidate (the next start, the "candidate" mode's).
+                alone, alone_ceiling = start.clone(), None if ceiling is None else ceiling.clone()
+                alone[:, gated_keep] = LOG_ALPHA_MIN
+                if alone_ceiling is not None:
+                    alone_ceiling[:, gated_keep] = LOG_ALPHA_MIN
+                plan.insert(0, (alone, alone_ceiling))
+            # Last, learning again from the keep model's side: every client gate starts at
+            # the closed threshold, where a sampled gate is still open 31% of the time, so
+            # the gradient can open the candidates that help, starting from a merge that is
+            # the keep model. Without a keep candidate there is no such start.
+            retry_start = start.clone()
+            client_columns = [g for g in range(retry_start.shape[1]) if g != gated_keep]
+            retry_start[:, client_columns] = retry_start[:, client_columns].clamp(max=LOG_ALPHA_CLOSED)
+            plan.append((retry_start, ceiling))
+        rejected_loss, harm_fallback, steps, skipped, attempts = None, True, 0, 0, 0
+        for first, cap in plan:
+            log_alpha, taken, missed, merged, loss_after, accuracy_after = attempt(first, cap)
+            steps, skipped, attempts = steps + taken, skipped + missed, attempts + 1
+            if not harmful(loss_after):
+                harm_fallback = False
+                break
+            if rejected_loss is None:
+                rejected_loss = loss_after
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
             weights = _final_weights(log_alpha, gates, config.mode, gated_keep)
@@ -953,6 +963,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         duplicates=[[gated_labels[k] for k in group] for group in groups if len(group) > 1],
         trust=[group_trust[int(group_of[k])] for k in range(len(states))] if trust is not None else [],
         rejected_loss=rejected_loss,
+        attempts=attempts,
         harm_fallback=harm_fallback,
         steps=steps,
         skipped_steps=skipped,

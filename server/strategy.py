@@ -228,4 +228,5 @@ def report_summary(report: GateReport) -> dict[str, float | int]:
         "softmerge-fallback-units": len(report.fallback_units),
         "softmerge-rejected": int(report.rejected_loss is not None),
         "softmerge-harm-fallback": int(report.harm_fallback),
+        "softmerge-attempts": report.attempts,
     }

@@ -61,7 +61,8 @@ def test_a_unit_whose_client_gates_all_close_falls_back_to_the_keep_model(honest
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
 
 
-def test_the_retry_gates_the_keep_model_from_its_own_start(honest_candidates, digits_task, monkeypatch):
+def test_a_harmful_merge_of_the_clients_alone_is_learned_again_with_the_keep_model_then_from_closed_gates(
+        honest_candidates, digits_task, monkeypatch):
     model, _ = honest_candidates
     ruinous = [_noisy(model.state_dict(), 1.0, seed) for seed in range(3)]
     seen = []
@@ -74,13 +75,40 @@ def test_the_retry_gates_the_keep_model_from_its_own_start(honest_candidates, di
     merged, report = soft_merge(model, ruinous, digits_task.gate.tensors(),
                                 SoftMergeConfig(warm_start=False, keep_mode="anchor"))
 
-    # First attempt: the three noisy clients open, the keep model shut; their mean is ruinous.
     assert report.rejected_loss is not None and not report.harm_fallback
-    (first, _), (retry, retry_ceiling) = seen
-    assert float(first[0, 3]) == merge_module.LOG_ALPHA_MIN
-    # Retry: clients at the closed threshold, the keep model at its own start and ceiling.
-    assert float(retry[0, 3]) == SoftMergeConfig().init_log_alpha == float(retry_ceiling[0, 3])
-    assert all(float(v) <= merge_module.LOG_ALPHA_CLOSED for v in retry[0, :3])
+    assert report.attempts == 3
+    (alone, _), (with_keep, keep_ceiling), (closed, _) = seen
+    open_ = SoftMergeConfig().init_log_alpha
+    # 1: the three noisy clients open, the keep model shut; their mean is ruinous.
+    assert float(alone[0, 3]) == merge_module.LOG_ALPHA_MIN and all(float(v) == open_ for v in alone[0, :3])
+    # 2: the keep model joins at its own start and ceiling; the mean of all four is still ruinous.
+    assert torch.all(with_keep == open_) and float(keep_ceiling[0, 3]) == open_
+    # 3: clients at the closed threshold, the keep model open: the keep model alone passes.
+    assert float(closed[0, 3]) == open_ and all(float(v) <= merge_module.LOG_ALPHA_CLOSED for v in closed[0, :3])
+    assert report.weights == [[0.0, 0.0, 0.0, 1.0]]
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_passing_merge_of_the_clients_alone_is_one_attempt(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    _, report = soft_merge(model, locals_[:4], digits_task.gate.tensors(), SoftMergeConfig(steps=20, keep_mode="anchor"))
+    assert report.attempts == 1 and report.rejected_loss is None
+
+
+def test_when_every_attempt_harms_the_keep_model_is_returned(honest_candidates, digits_task, monkeypatch):
+    model, _ = honest_candidates
+    ruinous = [_noisy(model.state_dict(), 1.0, seed) for seed in range(3)]
+
+    def open_everything(model_, stacked, log_alpha, *args, **kwargs):
+        with torch.no_grad():
+            log_alpha.fill_(5.0)
+        return 7, 0
+    monkeypatch.setattr(merge_module, "_learn_gates", open_everything)
+
+    merged, report = soft_merge(model, ruinous, digits_task.gate.tensors(),
+                                SoftMergeConfig(warm_start=False, keep_mode="anchor"))
+
+    assert report.harm_fallback and report.attempts == 3 and report.steps == 21
     assert report.weights == [[0.0, 0.0, 0.0, 1.0]]
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
 

@@ -66,7 +66,7 @@ def test_when_the_second_attempt_fails_too_the_keep_model_is_returned(
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
     assert report.weights == [[0.0, 0.0, 0.0, 1.0]]
     assert report.loss_after == report.loss_before
-    assert report.steps == 14  # both attempts count
+    assert report.steps == 14 and report.attempts == 2  # both attempts count
     assert all(g == 1.0 for g in report.gates[0])  # the failed attempt's gates stay for diagnosis
 
 
@@ -120,7 +120,7 @@ def test_without_a_keep_candidate_a_rejected_merge_falls_back_at_once(
 
     # No keep model to learn again from: the global model is returned, no second attempt runs.
     assert report.harm_fallback and report.rejected_loss is not None
-    assert report.steps == 7
+    assert report.steps == 7 and report.attempts == 1
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
     assert report.weights == [[0.0, 0.0, 0.0]]
 
@@ -158,6 +158,7 @@ def test_the_strategy_warns_and_records_trust_only_from_a_merge_that_passed(
 
     merged = arrays.to_torch_state_dict()
     assert metrics["softmerge-rejected"] == 1 and metrics["softmerge-harm-fallback"] == int(both_fail)
+    assert metrics["softmerge-attempts"] == 2
     assert "no-harm margin" in caplog.text
     if both_fail:
         assert "kept the global model" in caplog.text
