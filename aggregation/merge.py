@@ -30,9 +30,11 @@ No harm. With the keep candidate (the default) and mode weight or select, the ke
 alone is a point of the gates' search space, so a merge whose gate-split loss exceeds the
 keep model's by more than ``harm_margin`` nats (0.25) is an optimisation failure. It is
 rejected, and the gates are learned once more from closed client gates; if that merge
-fails too (or there is no keep candidate to start from), the keep model is returned. Such failures came where
-most candidates were poisoned and their half-open warm start made a merge that predicts a
-constant, from which gate learning did not move.
+fails too (or there is no keep candidate to start from), the keep model is returned.
+Such failures came where most candidates were poisoned and their half-open warm start
+made a merge that predicts a constant, from which gate learning did not move. With
+``keep_mode="anchor"`` the keep model is shut in the first attempt (the clients' merge
+alone) and joins as a candidate only in the attempts after a rejection.
 
 Units. One gate per candidate (``units="model"``) is the default. Per-layer gates (the
 paper's setting, and this project's default until 2026-11-23) learn several times as many
