@@ -225,9 +225,10 @@ class SoftMergeConfig:
             on the gate split exceeds the keep model's by more than this, the merge is
             rejected, and gate learning runs once more from the keep model's side: every
             client gate starts at the closed threshold (and is still capped by its warm
-            start). (With ``keep_mode="anchor"`` the keep model's gated start comes first,
-            between the two.) If the last merge fails the check too, or ``include_keep`` is
-            off, the keep model (the current global model) is returned. With the keep candidate and mode
+            start). (With ``keep_mode="anchor"`` the first attempt is the clients' merge
+            alone, and the keep model's gated start is tried between it and this one.) If
+            the last merge fails the check too, or ``include_keep`` is off, the keep model
+            (the current global model) is returned. With the keep candidate and mode
             weight or select, the keep model alone is a point of the gates' search space,
             so such a merge is an optimisation failure, not a finding: with
             16 label-flipped candidates of 20, their warm start left them half open, the

@@ -133,7 +133,7 @@ class SoftMerge(RoundStartMemory):
                                     keep=keep_view if keep_view is not None else keep, labels=labels, trust=trust)
         del states, keep_view
         # A round whose first merge failed the no-harm check is not evidence about the
-        # clients: the failure is the optimisation's, and a retry starts every client closed.
+        # clients: the failure is the optimisation's, and the last retry starts every client closed.
         if self.trust and report.rejected_loss is None:
             self._record_round(report, dict(zip(labels, nodes)))
         report.excluded = screened.rejected + report.excluded
