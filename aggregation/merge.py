@@ -115,7 +115,7 @@ from .candidates import Exclusion, as_tensor_state, candidate_problem, validate_
 from .gates import LOG_ALPHA_CLOSED, deterministic_gates, expected_l0, sample_gates
 from .trust import NEUTRAL_TRUST, trust_bound
 
-MODES = ("weight", "select", "sum")
+MERGE_MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
 KEEP_MODES = ("candidate", "anchor")
 LOG_ALPHA_MIN = -10.0
@@ -270,8 +270,8 @@ class SoftMergeConfig:
                 raise ValueError(f"units must be one of {UNIT_KINDS} or a list of name patterns, got {self.units!r}")
         elif not self.units or not all(isinstance(p, str) and p for p in self.units):
             raise ValueError("units as a list must hold non-empty name patterns")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in MERGE_MODES:
+            raise ValueError(f"mode must be one of {MERGE_MODES}, got {self.mode!r}")
         if self.keep_mode not in KEEP_MODES:
             raise ValueError(f"keep_mode must be one of {KEEP_MODES}, got {self.keep_mode!r}")
         _require(isinstance(self.steps, int) and self.steps >= 0, "steps must be an integer >= 0")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..aggregation.merge import KEEP_MODES, MERGE_MODES, UNIT_KINDS
 from .colluding import COLLUDING_ATTACKS, is_colluding_attack
 from .tasks import DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
 
@@ -20,9 +21,6 @@ STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "mult
               "centered-clipping", "geomed")
 CLIENT_ATTACKS = ("none", "sign-flip", "gaussian", "scaling", "extreme", "label-flip", "backdoor", "backdoor-replace",
                   "layer-stealth")
-UNIT_KINDS = ("model", "layer", "tensor")
-MERGE_MODES = ("weight", "select", "sum")
-KEEP_MODES = ("candidate", "anchor")
 FAILURE_MODES = ("raise", "timeout", "empty", "mixed")
 
 
