@@ -26,15 +26,16 @@ learned, by Adam on the server's clean gate split:
 The candidates' weights are never changed, only gated. The merged model is built from
 the deterministic gates.
 
-No harm. With the keep candidate (the default) and mode weight or select, the keep model
-alone is a point of the gates' search space, so a merge whose gate-split loss exceeds the
-keep model's by more than ``harm_margin`` nats (0.25) is an optimisation failure. It is
-rejected, and the gates are learned once more from closed client gates; if that merge
-fails too (or there is no keep candidate to start from), the keep model is returned.
-Such failures came where most candidates were poisoned and their half-open warm start
-made a merge that predicts a constant, from which gate learning did not move. With
-``keep_mode="anchor"`` the keep model is shut in the first attempt (the clients' merge
-alone) and joins as a candidate only in the attempts after a rejection.
+No harm. The keep model is the fallback, not a share of an ordinary merge: by default
+(``keep_mode="anchor"``) the first gate learning leaves its gate shut, so the merge is the
+clients' alone. A merge whose gate-split loss exceeds the keep model's by more than
+``harm_margin`` nats (0.25) is rejected, and the gates are learned again with the keep
+model as a candidate (where ``keep_mode="candidate"`` starts), then once more from closed
+client gates; if the last merge fails too (or there is no keep candidate), the keep model
+is returned. With the keep candidate and mode weight or select, the keep model alone is a
+point of the gates' search space, so a rejection there is an optimisation failure. Such
+failures came where most candidates were poisoned and their half-open warm start made a
+merge that predicts a constant, from which gate learning did not move.
 
 Units. One gate per candidate (``units="model"``) is the default. Per-layer gates (the
 paper's setting, and this project's default until 2026-11-23) learn several times as many
@@ -148,15 +149,17 @@ class SoftMergeConfig:
         seed: seeds the gate noise and the batch order.
         include_keep: add the current global model as a candidate.
         keep_mode: what the keep candidate does when ``include_keep`` is on.
-            ``"candidate"`` (the default): it is gated like any client and starts from
-            its own loss, which is usually the lowest, so it starts most open.
-            ``"anchor"``: the first gate learning leaves it closed, so the merge is the
-            clients' alone and every open client's update counts in full; it is the
-            fallback of a unit whose gates all close. If that merge fails the no-harm
-            check, gates are learned again with the keep model as a candidate (the
-            ``"candidate"`` start), then from closed client gates (see ``harm_margin``).
-            With few honest clients a keep candidate that takes a quarter of the weight
-            damps every round's step (docs/benchmarks.md, "Session 10").
+            ``"anchor"`` (the default since 2026-11-24): the first gate learning leaves
+            it closed, so the merge is the clients' alone and every open client's update
+            counts in full; it is the fallback of a unit whose gates all close. If that
+            merge fails the no-harm check, gates are learned again with the keep model
+            as a candidate (the ``"candidate"`` start), then from closed client gates
+            (see ``harm_margin``). ``"candidate"``: it is gated like any client and
+            starts from its own loss, which is usually the lowest, so it starts most
+            open. With few honest clients that keep share, about a quarter of the
+            weight, damps every round's step; on the reference grid ``"anchor"`` is
+            higher in every 80% cell and about even at 20–60% (docs/benchmarks.md,
+            "Session 10" and "Session 11").
         warm_start: start log_alpha from each candidate's own validation loss.
         init_log_alpha: starting log_alpha of the best candidate.
         warm_start_temperature: nats of extra loss that cost one unit of log_alpha.
@@ -225,8 +228,9 @@ class SoftMergeConfig:
             on the gate split exceeds the keep model's by more than this, the merge is
             rejected, and gate learning runs once more from the keep model's side: every
             client gate starts at the closed threshold (and is still capped by its warm
-            start). (With ``keep_mode="anchor"`` the first attempt is the clients' merge
-            alone, and the keep model's gated start is tried between it and this one.) If
+            start). (With ``keep_mode="anchor"``, the default, the first attempt is the
+            clients' merge alone, and the keep model's gated start is tried between it
+            and this one.) If
             the last merge fails the check too, or ``include_keep`` is off, the keep model
             (the current global model) is returned. With the keep candidate and mode
             weight or select, the keep model alone is a point of the gates' search space,
@@ -246,7 +250,7 @@ class SoftMergeConfig:
     batch_size: int = 128
     seed: int = 0
     include_keep: bool = True
-    keep_mode: str = "candidate"
+    keep_mode: str = "anchor"
     warm_start: bool = True
     init_log_alpha: float = 2.0
     warm_start_temperature: float = 1.0

@@ -7,8 +7,9 @@ split and broadcasts
 
     theta_u = sum_k w_uk * theta_uk,   w_uk = z_uk / sum_j z_uj   (mode "weight"),
 
-where the candidates are the valid replies plus the current global model (the keep
-candidate). The math lives in :func:`softmerge.aggregation.soft_merge`; this class only
+where the candidates are the valid replies plus the current global model (the keep model:
+by default shut in the first gate learning, and the fallback and retry start of the no-harm
+check). The math lives in :func:`softmerge.aggregation.soft_merge`; this class only
 turns Flower messages into candidates and the merged state back into an ArrayRecord.
 """
 
@@ -91,7 +92,8 @@ class SoftMerge(RoundStartMemory):
     def summary(self) -> None:
         log(INFO, "\t├──> SoftMerge settings:")
         cfg = self.merge_config
-        log(INFO, "\t│\t├── units: %s | mode: %s | keep candidate: %s", cfg.units, cfg.mode, cfg.include_keep)
+        log(INFO, "\t│\t├── units: %s | mode: %s | keep model: %s (%s)", cfg.units, cfg.mode, cfg.include_keep,
+            cfg.keep_mode)
         log(INFO, "\t│\t├── steps: %d | lr: %g | L0 lambda: %g | batch: %d", cfg.steps, cfg.lr, cfg.l0_lambda,
             cfg.batch_size)
         log(INFO, "\t│\t├── warm start: %s | ceiling: %s | mirror test: %s (z = %g) | identical replies share a gate: %s",

@@ -68,7 +68,7 @@ class RunSettings:
     softmerge_l0: float = 0.01
     softmerge_batch_size: int = 128
     softmerge_keep: bool = True
-    softmerge_keep_mode: str = "candidate"
+    softmerge_keep_mode: str = "anchor"
     softmerge_tolerance: float = 0.01
     softmerge_threads: int = 1
     softmerge_max_candidates: int = 0

@@ -19,7 +19,7 @@ def test_honest_clients_share_the_whole_merge_and_the_keep_model_none(honest_can
     model, locals_ = honest_candidates
     gate = digits_task.gate.tensors()
 
-    _, as_candidate = soft_merge(model, locals_[:6], gate, SoftMergeConfig(steps=30))
+    _, as_candidate = soft_merge(model, locals_[:6], gate, SoftMergeConfig(steps=30, keep_mode="candidate"))
     _, as_anchor = soft_merge(model, locals_[:6], gate, SoftMergeConfig(steps=30, keep_mode="anchor"))
 
     assert as_candidate.weights[0][-1] > 0  # the keep model is usually the best start
@@ -118,5 +118,10 @@ def test_keep_mode_is_checked_by_name_in_the_dataclass_and_the_run_config():
         SoftMergeConfig(keep_mode="ballast")
     with pytest.raises(ConfigError, match="softmerge-keep-mode"):
         parse_run_config({"softmerge-keep-mode": "ballast"}, check_paths=False)
-    settings = parse_run_config({"softmerge-keep-mode": "anchor"}, check_paths=False)
-    assert merge_config_from(settings).keep_mode == "anchor"
+    settings = parse_run_config({"softmerge-keep-mode": "candidate"}, check_paths=False)
+    assert merge_config_from(settings).keep_mode == "candidate"
+
+
+def test_anchor_is_the_default_in_the_dataclass_and_the_run_config():
+    assert SoftMergeConfig().keep_mode == "anchor"
+    assert merge_config_from(parse_run_config({}, check_paths=False)).keep_mode == "anchor"

@@ -267,7 +267,8 @@ def test_mirror_test_starts_updates_that_do_not_descend_closed():
     labels = ["honest", "flipped", "damping"]
     weights = {}
     for mirror in (False, True):
-        config = SoftMergeConfig(units="model", steps=0, mirror_test=mirror, mirror_confidence=0.0)
+        config = SoftMergeConfig(units="model", steps=0, mirror_test=mirror, mirror_confidence=0.0,
+                                 keep_mode="candidate")
         _, report = soft_merge(net, [honest, flipped, damping], (inputs, targets), config, labels=labels)
         weights[mirror] = dict(zip(report.candidates, report.weights[0]))
     assert weights[False]["damping"] > 0.2 and weights[False]["keep"] > 0.2
@@ -318,7 +319,7 @@ def test_mirror_confidence_bounds_only_a_significant_ascent():
 
 def test_mirror_confidence_closes_the_flip_and_keeps_the_keep_candidate():
     net, inputs, targets, _, honest, flipped = _linear_task_with_a_flip()
-    config = SoftMergeConfig(units="model", steps=0, mirror_test=True, mirror_confidence=2.0)
+    config = SoftMergeConfig(units="model", steps=0, mirror_test=True, mirror_confidence=2.0, keep_mode="candidate")
     _, report = soft_merge(net, [honest, flipped], (inputs, targets), config, labels=["honest", "flipped"])
     weights = dict(zip(report.candidates, report.weights[0]))
     assert weights["flipped"] == 0.0

@@ -60,7 +60,7 @@ def test_when_the_second_attempt_fails_too_the_keep_model_is_returned(
     gate = digits_task.gate.tensors()
     _open_every_gate(monkeypatch)
 
-    merged, report = soft_merge(model, ruinous, gate, SoftMergeConfig(warm_start=False))
+    merged, report = soft_merge(model, ruinous, gate, SoftMergeConfig(warm_start=False, keep_mode="candidate"))
 
     assert report.harm_fallback and report.rejected_loss is not None
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
@@ -148,7 +148,8 @@ def test_the_strategy_warns_and_records_trust_only_from_a_merge_that_passed(
         return 7, 0
 
     monkeypatch.setattr(merge_module, "_learn_gates", learn)
-    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(warm_start=False), trust=True)
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(warm_start=False, keep_mode="candidate"),
+                         trust=True)
     list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([1, 2, 3, 4])))
     states = [locals_[0]] + ruinous
     replies = [make_reply(node, state, partition=node) for node, state in enumerate(states, start=1)]
