@@ -147,7 +147,8 @@ class SoftMergeConfig:
         l0_lambda: weight of the expected-L0 penalty.
         batch_size: gate-split examples per step.
         seed: seeds the gate noise and the batch order.
-        include_keep: add the current global model as a candidate.
+        include_keep: add the current global model (the keep model) to the candidates;
+            ``keep_mode`` says how it is gated.
         keep_mode: what the keep candidate does when ``include_keep`` is on.
             ``"anchor"`` (the default since 2026-11-24): the first gate learning leaves
             it closed, so the merge is the clients' alone and every open client's update
@@ -230,9 +231,8 @@ class SoftMergeConfig:
             client gate starts at the closed threshold (and is still capped by its warm
             start). (With ``keep_mode="anchor"``, the default, the first attempt is the
             clients' merge alone, and the keep model's gated start is tried between it
-            and this one.) If
-            the last merge fails the check too, or ``include_keep`` is off, the keep model
-            (the current global model) is returned. With the keep candidate and mode
+            and this one.) If the last merge fails the check too, or ``include_keep`` is
+            off, the keep model (the current global model) is returned. With the keep candidate and mode
             weight or select, the keep model alone is a point of the gates' search space,
             so such a merge is an optimisation failure, not a finding: with
             16 label-flipped candidates of 20, their warm start left them half open, the
