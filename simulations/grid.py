@@ -75,6 +75,37 @@ def cell_settings(base: RunSettings, cell: Cell, num_clients: int, output: Path)
     )
 
 
+# Run-config keys that change how a run is carried out, not what it computes.
+OPERATIONAL_KEYS = frozenset({"output-dir", "resume", "round-timeout", "softmerge-threads"})
+# Keys that only one rule reads: another rule's cell is the same run whatever they say.
+RULE_KEYS = {"softmerge": ("softmerge-",), "fltrust": ("fltrust-",), "fedtrimmedavg": ("trim-beta",),
+             "centered-clipping": ("cclip-",)}
+
+
+def settings_mismatch(recorded: dict, expected: dict) -> dict[str, tuple]:
+    """The run-config keys on which a finished cell's recorded settings differ from this grid's.
+
+    Returns ``{key: (recorded, expected)}``; empty when the cell is the run this grid asks
+    for. A key the cell did not record (it ran before the key existed) is not held against
+    it, nor are keys only another rule reads.
+    """
+    strategy = expected.get("strategy")
+    foreign = tuple(prefix for rule, prefixes in RULE_KEYS.items() if rule != strategy for prefix in prefixes)
+    differences = {}
+    for key, value in expected.items():
+        if key in OPERATIONAL_KEYS or key.startswith(foreign) or key not in recorded:
+            continue
+        if not _same_setting(recorded[key], value):
+            differences[key] = (recorded[key], value)
+    return differences
+
+
+def _same_setting(recorded, expected) -> bool:
+    if isinstance(expected, float) and isinstance(recorded, int | float) and not isinstance(recorded, bool):
+        return math.isclose(recorded, expected, rel_tol=1e-12, abs_tol=0.0)
+    return recorded == expected
+
+
 def load_cell(output: Path, cell: Cell) -> dict | None:
     path = output / "cells" / cell.key / "results.json"
     if not path.is_file():
@@ -343,10 +374,19 @@ def main(argv: list[str] | None = None) -> int:
             print(cell.key, not_applicable(cell, args.clients) or "")
         print(f"{len(cells)} cells")
         return 0
+    stale = stale_cells(output, cells, base, args.clients)
+    if stale:
+        print(f"softmerge-grid: {len(stale)} finished cell(s) in {output} ran with other settings than "
+              "this grid's, so they cannot be reused or mixed into its tables:", file=sys.stderr)
+        for key, differences in stale[:5]:
+            shown = ", ".join(f"{name}: {was!r} there, {now!r} here" for name, (was, now) in differences.items())
+            print(f"  {key}: {shown}", file=sys.stderr)
+        print("Give this grid its own --output, or delete those cells' directories to run them again.",
+              file=sys.stderr)
+        return 2
     output.mkdir(parents=True, exist_ok=True)
     if not args.tables_only:
-        (output / "grid.json").write_text(json.dumps({"argv": argv if argv is not None else sys.argv[1:],
-                                                      "base": config}, indent=1))
+        record_invocation(output / "grid.json", argv if argv is not None else sys.argv[1:], config)
 
     from tqdm import tqdm
 
@@ -383,6 +423,41 @@ def main(argv: list[str] | None = None) -> int:
     plot_cells(output, cells, args.clients)
     print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
     return 1 if failures else 0
+
+
+def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients: int) -> list[tuple[str, dict]]:
+    """The finished cells on disk whose recorded settings are not the run this grid would make.
+
+    The cell key names strategy, attack, fraction and seed only; everything else (a changed
+    ``--set``, another dataset or round count) would otherwise pass a stale cell off as done.
+    """
+    from .config import to_run_config
+
+    stale = []
+    for cell in cells:
+        existing = load_cell(output, cell)
+        if not_applicable(cell, num_clients) or not existing or existing.get("status") != "finished":
+            continue
+        recorded = existing.get("settings")
+        if not isinstance(recorded, dict):
+            continue  # written before cells recorded their settings: nothing to check against
+        differences = settings_mismatch(recorded, to_run_config(cell_settings(base, cell, num_clients, output)))
+        if differences:
+            stale.append((cell.key, differences))
+    return stale
+
+
+def record_invocation(path: Path, argv: list[str], config: dict) -> None:
+    """Add this command line to grid.json's list of those that filled the grid, once each."""
+    invocations: list[list[str]] = []
+    try:
+        previous = json.loads(path.read_text())
+        invocations = previous.get("invocations") or ([previous["argv"]] if previous.get("argv") else [])
+    except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        pass
+    if list(argv) not in invocations:
+        invocations.append(list(argv))
+    path.write_text(json.dumps({"base": config, "invocations": invocations}, indent=1))
 
 
 def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attacks: list[str],

@@ -171,3 +171,64 @@ def test_plots_drop_the_heatmaps_of_a_softmerge_cell_that_is_no_longer_finished(
         {"status": "finished", "rounds": [{"round": 1, "test_accuracy": 0.5, "gates": gates}]}))
     plot_cells(tmp_path, [Cell("softmerge", "alie", 0.2, 0)], 10)
     assert all(path.stat().st_size > 1000 for path in stale)
+
+
+def test_settings_mismatch_names_what_changed_and_ignores_what_cannot_matter():
+    from softmerge.simulations.grid import settings_mismatch
+
+    expected = {"strategy": "fedavg", "learning-rate": 0.05, "softmerge-lr": 0.1, "output-dir": "here",
+                "softmerge-keep-mode": "anchor", "trim-beta": 0.2, "new-key": 1}
+    recorded = {"strategy": "fedavg", "learning-rate": 0.05, "softmerge-lr": 0.3, "output-dir": "elsewhere",
+                "softmerge-keep-mode": "candidate", "trim-beta": 0.1}
+    # FedAvg reads no softmerge-* or trim-beta key; where a cell ran is not what it computed;
+    # a key the cell never recorded (added later) is not held against it.
+    assert settings_mismatch(recorded, expected) == {}
+    assert settings_mismatch({**recorded, "learning-rate": 0.1}, expected) == {"learning-rate": (0.1, 0.05)}
+    softmerge = {**expected, "strategy": "softmerge"}
+    assert settings_mismatch({**recorded, "strategy": "softmerge"}, softmerge) == {
+        "softmerge-lr": (0.3, 0.1), "softmerge-keep-mode": ("candidate", "anchor")}
+
+
+def _finished_cell(output, cell, settings):
+    from softmerge.simulations.config import to_run_config
+    from softmerge.simulations.grid import cell_settings
+
+    recorded = to_run_config(cell_settings(settings, cell, 10, output))
+    (output / "cells" / cell.key).mkdir(parents=True)
+    rounds = [{"round": r, "test_accuracy": a} for r, a in enumerate([0.1, 0.6])]
+    (output / "cells" / cell.key / "results.json").write_text(
+        json.dumps({"status": "finished", "settings": recorded, "rounds": rounds}))
+
+
+def test_grid_refuses_finished_cells_that_ran_with_other_settings(tmp_path, capsys):
+    # The cell key names strategy, attack, fraction and seed only: a grid asked for another
+    # learning rate must not pass the old cell off as its own, nor run beside it.
+    from softmerge.simulations.config import parse_run_config
+
+    old = parse_run_config({"dataset": "digits", "num-server-rounds": 1, "partitioning": "dirichlet",
+                            "learning-rate": 0.05})
+    _finished_cell(tmp_path, Cell("fedavg", "none", 0.2, 0), old)
+    argv = ["--dataset", "digits", "--clients", "10", "--rounds", "1", "--strategies", "fedavg", "--attacks",
+            "none", "--fractions", "0.2", "--no-oracle", "--output", str(tmp_path)]
+    assert main(argv + ["--set", "learning-rate=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "fedavg__none__f0.2__s0: learning-rate: 0.05 there, 0.2 here" in err and "--output" in err
+    assert not (tmp_path / "cells.json").exists() and not (tmp_path / "grid.json").exists()
+    assert main(argv + ["--set", "learning-rate=0.2", "--tables-only"]) == 2
+    # The same settings: the finished cell is reused, nothing runs, and grid.json lists the call once.
+    assert main(argv + ["--set", "learning-rate=0.05"]) == 0
+    assert main(argv + ["--set", "learning-rate=0.05"]) == 0
+    record = json.loads((tmp_path / "grid.json").read_text())
+    assert record["invocations"] == [argv + ["--set", "learning-rate=0.05"]]
+    assert json.loads((tmp_path / "cells.json").read_text())[0]["final_accuracy"] == 0.6
+
+
+def test_grid_record_keeps_every_distinct_invocation_and_reads_the_old_format(tmp_path):
+    from softmerge.simulations.grid import record_invocation
+
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"argv": ["--fractions", "0.4"], "base": {"dataset": "digits"}}))
+    record_invocation(path, ["--fractions", "0.2"], {"dataset": "digits"})
+    record_invocation(path, ["--fractions", "0.4"], {"dataset": "digits"})
+    assert json.loads(path.read_text()) == {"base": {"dataset": "digits"},
+                                            "invocations": [["--fractions", "0.4"], ["--fractions", "0.2"]]}
