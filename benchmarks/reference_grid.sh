@@ -17,14 +17,18 @@ COMMON=(--dataset fashion-mnist --clients 20 --rounds 30 --alpha 0.5 --output "$
         --set client-pool-size=12000 --set local-epochs=1 --set batch-size=32 --set learning-rate=0.05
         --set server-gate-size=300 --set server-test-size=2000)
 ATTACKS=none,label-flip,sign-flip,gaussian,scaling,extreme,backdoor,backdoor-replace,layer-stealth,alie,ipm-0.1,ipm-100,min-max,min-sum,fang,mimic
-ALL=softmerge,fltrust,fedavg,fedmedian,fedtrimmedavg,krum,multikrum,bulyan,centered-clipping,geomed
+# Stages 1 and 2 run these three; stage 3 the rest at the same fractions.
+OTHERS=fedmedian,fedtrimmedavg,krum,multikrum,bulyan,centered-clipping,geomed
 
 stage() {
   case "$1" in
     1) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust,fedavg --attacks "$ATTACKS" --fractions 0.4 ;;
     2) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust,fedavg --attacks "$ATTACKS" --fractions 0.2 ;;
-    3) "$SIM" "${COMMON[@]}" --strategies "$ALL" --attacks "$ATTACKS" --fractions 0.4,0.2 ;;
+    3) "$SIM" "${COMMON[@]}" --strategies "$OTHERS" --attacks "$ATTACKS" --fractions 0.4;
+       "$SIM" "${COMMON[@]}" --strategies "$OTHERS" --attacks "$ATTACKS" --fractions 0.2 ;;
     4) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust,fedavg --attacks "$ATTACKS" --fractions 0.6,0.8 ;;
+    # The issue asks for SoftMerge and the two best baselines; FedMedian is a placeholder
+    # until stage 3's 40% row says which baseline is second to FLTrust (docs/benchmarks.md).
     5) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust,fedmedian --attacks "$ATTACKS" --fractions 0.4 --seeds 1,2 ;;
   esac
 }
