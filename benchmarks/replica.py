@@ -183,7 +183,8 @@ def score(state, data):
 def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
-    units = build_merge_units(model, "layer")
+    # The units the gates were learned over, so that post-merge rules reweigh the same ones.
+    units = build_merge_units(model, variant.units if isinstance(variant, SoftMergeConfig) else "layer")
     partitions = [load_partition(DATASET, p, CLIENTS, partitioning="dirichlet", alpha=ALPHA, gate_size=GATE_SIZE,
                                  test_size=TEST_SIZE, seed=seed, pool_size=POOL) for p in range(CLIENTS)]
     sizes = np.array([len(split_held_out(d)[0]) for d in partitions], dtype=float)
