@@ -19,6 +19,9 @@ Two uses:
     # every 5 rounds: which per-candidate score tells honest from malicious?
     python benchmarks/replica.py --attack ipm-0.1 --seeds 0 --rounds 15 --scores 5
 
+    # every round: do the open malicious updates pull against the rest of the merge?
+    python benchmarks/replica.py --attack sign-flip --seeds 0 --rounds 30 --cosines
+
 Attacks: ``none``, the client-side ``sign-flip`` and ``label-flip``, and the colluding
 attacks of :mod:`softmerge.simulations.colluding` (``alie``, ``ipm-0.1``, ``fang``, ...),
 crafted from the honest updates with the harness's seed, as the grid does.
@@ -180,7 +183,7 @@ def score(state, data):
     return evaluate_model(model, data)
 
 
-def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0):
+def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
@@ -228,6 +231,8 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
                 weights = post_merge_weights(report, sizes, post)
                 merged = weighted_state(candidates + [global_state], weights, units)
                 malicious_weight[-1] = float(weights[:, sorted(malicious)].sum(axis=1).mean()) if malicious else 0.0
+            if cosines:
+                print_cosines(round_number, report, global_state, candidates, malicious)
             if diagnose:
                 diagnose_round(round_number, report, candidates + [global_state], units, malicious, task,
                                soft_merge(model, candidates, task.gate.tensors(),
@@ -238,6 +243,25 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
         print(f"backdoor attack success rate after round {rounds}: "
               f"{attack_success_rate(model, task.test, BACKDOOR_TARGET):.4f}", flush=True)
     return accuracies, malicious_weight
+
+
+def print_cosines(round_number, report, global_state, candidates, malicious):
+    """Each open client's update against the rest of the merge's: does an open malicious one pull the other way?"""
+    keys = [k for k, v in global_state.items() if v.dtype.is_floating_point]
+    updates = np.stack([np.concatenate([(c[k] - global_state[k]).reshape(-1).double().numpy() for k in keys])
+                        for c in candidates])
+    # Mean over units of each client's weight; the keep column adds no update.
+    weights = np.array(report.weights).mean(axis=0)[:len(candidates)]
+    total = weights @ updates
+    found = {True: [], False: []}
+    for k, weight in enumerate(weights):
+        if weight > 0:
+            rest = total - weight * updates[k]
+            found[k in malicious].append(float(updates[k] @ rest / (np.linalg.norm(updates[k]) * np.linalg.norm(rest)
+                                                                    + 1e-12)))
+    show = lambda values: " ".join(f"{v:+.2f}" for v in values) or "-"  # noqa: E731
+    print(f"round {round_number} cosine with the rest of the merge: open honest {show(found[False])} | "
+          f"open malicious {show(found[True])}", flush=True)
 
 
 def print_scores(round_number, model, global_state, candidates, malicious, task):
@@ -288,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diagnose", action="store_true")
     parser.add_argument("--scores", type=int, default=0, metavar="N",
                         help="every N rounds, print per-candidate detection scores (own loss, mirror test, linear term)")
+    parser.add_argument("--cosines", action="store_true",
+                        help="every round, each open client's update's cosine with the rest of the merged update")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     malicious = [int(p) for p in args.malicious.split(",") if p]
@@ -297,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         finals, last3 = [], []
         for seed in seeds:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
-                                         args.scores)
+                                         args.scores, args.cosines)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
