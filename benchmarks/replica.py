@@ -247,9 +247,7 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
 
 def print_cosines(round_number, report, global_state, candidates, malicious):
     """Each open client's update against the rest of the merge's: does an open malicious one pull the other way?"""
-    keys = [k for k, v in global_state.items() if v.dtype.is_floating_point]
-    updates = np.stack([np.concatenate([(c[k] - global_state[k]).reshape(-1).double().numpy() for k in keys])
-                        for c in candidates])
+    updates = flatten_updates(global_state, candidates)[1].numpy()
     # Mean over units of each client's weight; the keep column adds no update.
     weights = np.array(report.weights).mean(axis=0)[:len(candidates)]
     total = weights @ updates
