@@ -95,15 +95,10 @@ def settings_mismatch(recorded: dict, expected: dict) -> dict[str, tuple]:
     for key, value in expected.items():
         if key in OPERATIONAL_KEYS or key.startswith(foreign) or key not in recorded:
             continue
-        if not _same_setting(recorded[key], value):
+        # Recorded settings come back through JSON, which round-trips floats exactly.
+        if recorded[key] != value:
             differences[key] = (recorded[key], value)
     return differences
-
-
-def _same_setting(recorded, expected) -> bool:
-    if isinstance(expected, float) and isinstance(recorded, int | float) and not isinstance(recorded, bool):
-        return math.isclose(recorded, expected, rel_tol=1e-12, abs_tol=0.0)
-    return recorded == expected
 
 
 def load_cell(output: Path, cell: Cell) -> dict | None:
