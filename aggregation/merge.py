@@ -240,6 +240,14 @@ class SoftMergeConfig:
             and gate learning did not move them from there. Over the 3,330 merges of the
             reference grid, ordinary rounds raised the gate-split loss by at most 0.09
             nats; those failures by 0.4 to 1.8 (docs/benchmarks.md, "Session 9"). 0 turns it off.
+        example_weights: the gates select and the clients' example counts weigh (mode
+            ``"weight"`` only; see :func:`example_count_weights`): after gate learning,
+            the candidates whose gate is above 1/2 are merged with weights proportional
+            to their example counts, each capped at the median count of the selected
+            clients, so a client that claims more examples than it has gains at most
+            a median client's weight. Needs the counts (``soft_merge(..., examples=)``);
+            without them the gate weights are used. The no-harm check judges the
+            reweighted merge.
     """
 
     units: str | Sequence[str] = "model"
@@ -267,6 +275,7 @@ class SoftMergeConfig:
     max_candidates: int = 0
     trust_strength: float = 2.0
     harm_margin: float = 0.25
+    example_weights: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.units, str):
@@ -302,6 +311,8 @@ class SoftMergeConfig:
         _require(_finite(self.trust_strength) and self.trust_strength >= 0,
                  "trust_strength must be a finite number >= 0")
         _require(_finite(self.harm_margin) and self.harm_margin >= 0, "harm_margin must be a finite number >= 0")
+        _require(isinstance(self.example_weights, bool), "example_weights must be a bool")
+        _require(not self.example_weights or self.mode == "weight", "example_weights needs mode 'weight'")
 
 
 @dataclass(frozen=True)
@@ -438,6 +449,43 @@ def _mix(gates: torch.Tensor, mode: str, fallback: torch.Tensor, straight_throug
             # selection reproduces its candidate bit for bit, while the gradient is soft's.
             weights = hard + (normalised - normalised.detach()) if straight_through else hard
     return torch.where(dead, fallback, weights)
+
+
+SELECTED_GATE = 0.5
+
+
+def example_count_weights(gates: torch.Tensor, counts: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
+    """Mixing weights (U, K) that select by gate and weigh by capped example count.
+
+    With S_u = {k : z_uk > 1/2} the candidates selected in unit u, n_k candidate k's
+    example count and m_u the median of n_k over the clients in S_u,
+
+        w_uk = 1[k in S_u] * min(n_k, m_u) / sum_j 1[j in S_u] * min(n_j, m_u).
+
+    FedAvg's weights over the selected clients, except that no count counts for more than
+    the median selected one: counts are what clients claim, and the cap bounds what a
+    false claim buys, as long as most selected clients are honest. A candidate without a
+    count (``nan``: the keep model) weighs m_u. A unit that selects nothing, or only
+    candidates without a usable count, keeps its row of ``gate_weights``.
+
+    Args:
+        gates: deterministic gates (U, K) in [0, 1].
+        counts: example counts (K,), ``nan`` for a candidate that has none.
+        gate_weights: the gates' own mixing weights (U, K), the fallback.
+    """
+    selected = gates > SELECTED_GATE
+    known = ~torch.isnan(counts)
+    weights = gate_weights.clone()
+    for unit in range(gates.shape[0]):
+        clients = selected[unit] & known
+        if not bool(clients.any()):
+            continue
+        cap = torch.quantile(counts[clients].to(torch.float64), 0.5)
+        prior = torch.where(known, torch.minimum(counts.to(torch.float64).nan_to_num(0.0), cap), cap)
+        mass = torch.where(selected[unit], prior, torch.zeros_like(prior))
+        if float(mass.sum()) > 0:
+            weights[unit] = (mass / mass.sum()).to(weights.dtype)
+    return weights
 
 
 def _stack_dtype(reference: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -746,6 +794,7 @@ def soft_merge(
     labels: Sequence[str] | None = None,
     initial_log_alpha: torch.Tensor | None = None,
     trust: Sequence[float] | None = None,
+    examples: Sequence[float] | None = None,
 ) -> tuple[dict[str, torch.Tensor], GateReport]:
     """Merge candidate models by learning hard-concrete gates on a validation set.
 
@@ -764,6 +813,8 @@ def soft_merge(
             records over past rounds (:mod:`softmerge.aggregation.trust`). Below 1/2 it
             lowers the candidate's start by ``config.trust_strength`` times its log-odds;
             the warm-start ceiling stays where the candidate's own evidence puts it.
+        examples: optional example count per candidate (in ``candidates``' order), as
+            the clients report them; read only with ``config.example_weights``.
 
     Returns:
         The merged state dict (same names, shapes and dtypes as ``model.state_dict()``)
@@ -772,7 +823,8 @@ def soft_merge(
     config = config or SoftMergeConfig()
     started = time.perf_counter()
     with _torch_threads(config.threads):
-        merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust)
+        merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust,
+                                     examples)
     report.seconds = time.perf_counter() - started
     return merged, report
 
@@ -790,7 +842,7 @@ def _torch_threads(threads: int):
             torch.set_num_threads(previous)
 
 
-def _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust):
+def _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust, examples):
     inputs, targets = validation
     reference = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     labels = list(labels) if labels is not None else [f"candidate-{i}" for i in range(len(candidates))]
@@ -800,6 +852,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         trust = [float(value) for value in trust]
         if len(trust) != len(candidates) or not all(0.0 <= value <= 1.0 for value in trust):
             raise ValueError(f"trust must hold one value in [0, 1] per candidate ({len(candidates)})")
+    if examples is not None:
+        examples = [float(value) for value in examples]
+        if len(examples) != len(candidates) or not all(math.isfinite(value) and value >= 0 for value in examples):
+            raise ValueError(f"examples must hold one finite count >= 0 per candidate ({len(candidates)})")
 
     valid_indices, excluded = validate_candidates(reference, candidates, labels)
     states = [as_tensor_state(candidates[i]) for i in valid_indices]
@@ -824,12 +880,15 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         clients = len(states)
         # The trust of each gated state; the keep candidate is not a client and has no record.
         state_trust = [trust[i] for i in valid_indices] if trust is not None else [NEUTRAL_TRUST] * clients
+        # The keep model is not a client and has no count (nan).
+        state_examples = [examples[i] for i in valid_indices] if examples is not None else [math.nan] * clients
         keep_index = None
         if config.include_keep:
             keep_index = clients
             states.append(keep_state)
             gated_labels.append(KEEP_LABEL)
             state_trust.append(NEUTRAL_TRUST)
+            state_examples.append(math.nan)
         # Identical candidates are gated as one, and scored once: IPM's or min-max's many
         # copies of one reply cost one forward pass, not one per sender.
         groups = (duplicate_groups(states, keep_index) if config.merge_duplicates
@@ -853,6 +912,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             position = {old: new for new, old in enumerate(kept)}
             states, gated_labels = [states[k] for k in kept], [gated_labels[k] for k in kept]
             state_trust = [state_trust[k] for k in kept]
+            state_examples = [state_examples[k] for k in kept]
             candidate_losses = [candidate_losses[k] for k in kept]
             cut = [([position[k] for k in group if k in position], losses) for group, losses in zip(groups, group_losses)]
             groups = [members for members, _ in cut if members]
@@ -888,6 +948,11 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             start = start.expand(len(units), -1)
         # Identical models are as trustworthy as the most trusted client that sent them.
         group_trust = [max(state_trust[k] for k in group) for group in groups]
+        # and count the examples of one of them: copies add no data. A group holding the
+        # keep model (a client that resent it) is the keep model's.
+        group_examples = (torch.tensor([math.nan if keep_index in group else max(state_examples[k] for k in group)
+                                        for group in groups], dtype=torch.float64)
+                          if config.example_weights and examples is not None else None)
         ceiling = start.clone() if config.warm_start_ceiling else None
         if trust is not None and config.trust_strength > 0:
             bounds = torch.tensor([trust_bound(value, config.init_log_alpha, config.trust_strength)
@@ -899,7 +964,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             parameter = nn.Parameter(first.clone().contiguous())
             taken, missed = _learn_gates(model, stacked, parameter, inputs, targets, config, gated_keep, cap)
             with torch.no_grad():
-                built = stacked.merge(_final_weights(parameter, deterministic_gates(parameter), config.mode, gated_keep))
+                built = stacked.merge(_final_weights(parameter, deterministic_gates(parameter), config.mode, gated_keep,
+                                                     group_examples))
                 built = {name: tensor.detach().clone() for name, tensor in built.items()}
             return (parameter.detach(), taken, missed, built) + evaluate_state(model, built, inputs, targets)
 
@@ -938,7 +1004,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 rejected_loss = loss_after
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
-            weights = _final_weights(log_alpha, gates, config.mode, gated_keep)
+            weights = _final_weights(log_alpha, gates, config.mode, gated_keep, group_examples)
             if harm_fallback:
                 merged = {name: tensor.detach().clone() for name, tensor in keep_state.items()}
                 loss_after, accuracy_after = loss_before, accuracy_before
@@ -984,10 +1050,17 @@ def _preselect(losses: Sequence[float], count: int) -> list[int]:
     return sorted(ranked[:count])
 
 
-def _final_weights(log_alpha: torch.Tensor, gates: torch.Tensor, mode: str, keep_index: int | None) -> torch.Tensor:
-    """The mixing weights the merged model is built from: deterministic gates, no noise."""
+def _final_weights(log_alpha: torch.Tensor, gates: torch.Tensor, mode: str, keep_index: int | None,
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The mixing weights the merged model is built from: deterministic gates, no noise.
+
+    With ``counts`` (mode weight), the gates select and the counts weigh
+    (:func:`example_count_weights`).
+    """
     fallback = _fallback_index(log_alpha, keep_index)
     weights = mixing_weights(gates, mode, fallback, straight_through=False)
+    if counts is not None and mode == "weight":
+        return example_count_weights(gates, counts, weights)
     if mode == "select":
         # Ties at a clamped gate of 1 go to the larger log_alpha.
         chosen = torch.where(gates.sum(-1) > 0, log_alpha.argmax(-1), fallback)

@@ -38,7 +38,7 @@ grad L(keep) . delta. A variant is ``default``, ``fedavg``,
 model takes the median client's SGD steps on the gate split), ``fltrust-one-pass`` (one pass
 over the gate split instead), or ``+``-joined SoftMergeConfig overrides
 such as ``warm_start_temperature=0.5+warm_start_ceiling=true``. ``post=uniform`` or
-``post=examples`` joined in uses the learned gates only to select (gate > 0.5) and then
+``post=examples`` (or ``post=examples-capped``, counts capped at the selected clients' median) joined in uses the learned gates only to select (gate > 0.5) and then
 merges the selected clients with equal or example-count weights. ``post=zero-malicious``
 is for analysis only: it sets the malicious candidates' learned weights to 0 (perfect
 detection), which splits a gap to the oracle into detection and honest weighting.
@@ -74,7 +74,7 @@ REPLICA_ATTACKS = ("none", "sign-flip", "label-flip", "backdoor") + COLLUDING_AT
 BACKDOOR_TARGET, BACKDOOR_FRACTION = 0, 0.5
 
 
-POST_MERGES = ("uniform", "examples", "zero-malicious")
+POST_MERGES = ("uniform", "examples", "examples-capped", "zero-malicious")
 
 
 def parse_variant(text: str) -> tuple[SoftMergeConfig | str, str | None]:
@@ -113,7 +113,10 @@ def post_merge_weights(report, sizes, rule):
         if not chosen.any():
             weights[u, keep] = 1.0
             continue
-        mass = np.where(chosen, prior if rule == "examples" else 1.0, 0.0)
+        mass = np.where(chosen, 1.0 if rule == "uniform" else prior, 0.0)
+        if rule == "examples-capped":
+            # An inflated count buys no more weight than the median selected client's.
+            mass = np.minimum(mass, np.median(prior[chosen]))
         weights[u] = mass / mass.sum()
     return weights
 
@@ -183,7 +186,8 @@ def score(state, data):
     return evaluate_model(model, data)
 
 
-def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False):
+def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False,
+        inflate=0.0):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
@@ -192,6 +196,9 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
                                  test_size=TEST_SIZE, seed=seed, pool_size=POOL) for p in range(CLIENTS)]
     sizes = np.array([len(split_held_out(d)[0]) for d in partitions], dtype=float)
     malicious = set(malicious) if attack != "none" else set()
+    if inflate:
+        # The counts the malicious clients claim: the largest honest count times ``inflate``.
+        sizes[sorted(malicious)] = inflate * sizes.max()
     labels = [f"client-{p}" for p in range(CLIENTS)]
     accuracies, malicious_weight = [], []
     for round_number in range(1, rounds + 1):
@@ -219,7 +226,8 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
                           if v.dtype.is_floating_point else v) for k, v in global_state.items()}
             malicious_weight.append(float(sizes[list(malicious)].sum() / sizes.sum()) if variant == "fedavg" else 0.0)
         else:
-            merged, report = soft_merge(model, candidates, task.gate.tensors(), variant, labels=labels)
+            merged, report = soft_merge(model, candidates, task.gate.tensors(), variant, labels=labels,
+                                       examples=sizes)
             malicious_weight.append(report.weight_on([labels[p] for p in malicious]))
             if post == "zero-malicious":
                 # Analysis only: the learned weights with perfect detection, to split the gap to
@@ -310,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diagnose", action="store_true")
     parser.add_argument("--scores", type=int, default=0, metavar="N",
                         help="every N rounds, print per-candidate detection scores (own loss, mirror test, linear term)")
+    parser.add_argument("--inflate", type=float, default=0.0, metavar="F",
+                        help="malicious clients claim F times the largest honest example count (weights only)")
     parser.add_argument("--cosines", action="store_true",
                         help="every round, each open client's update's cosine with the rest of the merged update")
     args = parser.parse_args(argv)
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         finals, last3 = [], []
         for seed in seeds:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
-                                         args.scores, args.cosines)
+                                      args.scores, args.cosines, args.inflate)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "

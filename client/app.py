@@ -129,9 +129,13 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
         state = poison_state(attack, global_state, state, scale=scale, std=settings.gaussian_std,
                              generator=torch.Generator().manual_seed(seed))
 
+    claimed = len(train_set)
+    if partition_id in settings.malicious_ids and settings.attack != "none" and settings.attack_claimed_examples:
+        # Count inflation: weighted rules (FedAvg's, SoftMerge's example weights) trust the count.
+        claimed = settings.attack_claimed_examples
     metrics = MetricRecord({
         "train-loss": float(train_loss),
-        "num-examples": len(train_set),
+        "num-examples": claimed,
         # Reported so that simulations can score detection; the defense never uses it.
         "partition-id": partition_id,
     })

@@ -29,7 +29,7 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         mirror_test=settings.softmerge_mirror_test, mirror_temperature=settings.softmerge_mirror_temperature,
         mirror_confidence=settings.softmerge_mirror_confidence,
         merge_duplicates=settings.softmerge_merge_duplicates, trust_strength=settings.softmerge_trust_strength,
-        harm_margin=settings.softmerge_harm_margin,
+        harm_margin=settings.softmerge_harm_margin, example_weights=settings.softmerge_example_weights,
     )
 
 

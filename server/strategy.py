@@ -98,6 +98,8 @@ class SoftMerge(RoundStartMemory):
             cfg.batch_size)
         log(INFO, "\t│\t├── warm start: %s | ceiling: %s | mirror test: %s (z = %g) | identical replies share a gate: %s",
             cfg.warm_start, cfg.warm_start_ceiling, cfg.mirror_test, cfg.mirror_confidence, cfg.merge_duplicates)
+        log(INFO, "\t│\t├── example-count weights over the selected (capped at their median): %s",
+            cfg.example_weights)
         log(INFO, "\t│\t├── trust over rounds: %s (strength %g, memory %g)", self.trust, cfg.trust_strength,
             self.trust_memory)
         log(INFO, "\t│\t└── gate split: %d examples", len(self.validation[1]))
@@ -127,12 +129,15 @@ class SoftMerge(RoundStartMemory):
         # The record is keyed by node ID: a client chooses its label, not its ID.
         nodes = [str(message.metadata.src_node_id) for message in messages]
         trust = [trust_of(self.trust_record, node) for node in nodes] if self.trust else None
+        # The screen has checked every count (a finite number in (0, MAX_NUM_EXAMPLES]).
+        examples = [_example_count(message, self.weighted_by_key) for message in messages]
         round_config = replace(self.merge_config, seed=self.merge_config.seed + server_round)
         # Move the decoded models into the stacked layout the gates learn on, so the round
         # holds one copy of them instead of two; the merge itself is unchanged.
         keep_view = stack_in_place(self.model, states, keep, round_config.units)
         merged, report = soft_merge(self.model, states, self.validation, round_config,
-                                    keep=keep_view if keep_view is not None else keep, labels=labels, trust=trust)
+                                    keep=keep_view if keep_view is not None else keep, labels=labels, trust=trust,
+                                    examples=examples)
         del states, keep_view
         # A round whose first merge failed the no-harm check is not evidence about the
         # clients: the failure is the optimisation's, and the last retry starts every client closed.
@@ -212,6 +217,12 @@ class SoftMerge(RoundStartMemory):
                 server_round, report.fallback_units)
         for line in report.table().splitlines():
             log(INFO, "\t%s", line)
+
+
+def _example_count(message: Message, weighted_by_key: str) -> float:
+    """The example count a screened reply claims."""
+    (metrics,) = message.content.metric_records.values()
+    return float(metrics[weighted_by_key])
 
 
 def report_summary(report: GateReport) -> dict[str, float | int]:

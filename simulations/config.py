@@ -53,6 +53,7 @@ class RunSettings:
     backdoor_target: int = 0
     backdoor_fraction: float = 0.5
     backdoor_boost: float = 0.0
+    attack_claimed_examples: int = 0
     assumed_malicious: int = 3
     exclude_malicious: bool = False
     trim_beta: float = 0.2
@@ -82,6 +83,7 @@ class RunSettings:
     softmerge_trust_strength: float = 2.0
     softmerge_trust_memory: float = 0.9
     softmerge_harm_margin: float = 0.25
+    softmerge_example_weights: bool = False
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
@@ -197,6 +199,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_trust_strength": _at_least(0),
     "softmerge_trust_memory": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
     "softmerge_harm_margin": _at_least(0),
+    "attack_claimed_examples": _at_least(0),
     "round_timeout": _open_interval(0, 86400),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
     "client_failure_mode": _choice(FAILURE_MODES),
@@ -229,6 +232,9 @@ def parse_run_config(run_config: Mapping[str, Any], *, check_paths: bool = True)
     settings = RunSettings(**values)
     settings.malicious_ids  # noqa: B018  (parses, raising ConfigError on bad text)
     settings.extreme_factors  # noqa: B018
+    if settings.softmerge_example_weights and settings.softmerge_mode != "weight":
+        raise ConfigError("run-config key 'softmerge-example-weights' needs softmerge-mode = 'weight'; "
+                          f"got softmerge-mode = {settings.softmerge_mode!r}")
     if check_paths and settings.dataset == "fashion-mnist" and settings.dataset_path:
         from pathlib import Path
 

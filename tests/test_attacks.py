@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from softmerge.client.attacks import flip_labels, poison_state
@@ -65,3 +66,25 @@ def test_backdoor_trigger_relabels_a_fraction_and_is_measurable(digits_task):
     assert images[:, :, -3:, -3:].min() == 1.0 and images[:, :, :-3].max() == 0.0
     asr = attack_success_rate(build_model("digits"), digits_task.test, target=0)
     assert 0.0 <= asr <= 1.0
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("partition", "attack", "inflated"), [(3, "scaling", True), (1, "scaling", False),
+                                                            (3, "none", False)])
+def test_only_a_malicious_client_claims_the_inflated_example_count(partition, attack, inflated):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from softmerge.client.app import split_held_out, train_reply
+    from softmerge.simulations.config import parse_run_config, partition_data
+    from softmerge.simulations.tasks import build_model
+
+    settings = parse_run_config({"attack": attack, "malicious-partitions": "3", "attack-claimed-examples": 10**6,
+                                 "local-epochs": 1, "attack-scale": 1.0})
+    context = Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition, "num-partitions": 4},
+                      state=RecordDict(), run_config={})
+    instruction = Message(RecordDict({"arrays": ArrayRecord(build_model(settings.dataset).state_dict()),
+                                      "config": ConfigRecord({"server-round": 1})}),
+                          dst_node_id=partition + 1, message_type="train")
+    reply = train_reply(instruction, context, settings)
+    true_count = len(split_held_out(partition_data(settings, partition, 4))[0])
+    assert reply.content["metrics"]["num-examples"] == (10**6 if inflated else true_count)

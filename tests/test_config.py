@@ -60,6 +60,11 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-trust-memory": 1.5}, "'softmerge-trust-memory' must be in [0, 1]"),
         ({"softmerge-harm-margin": -0.1}, "'softmerge-harm-margin' must be >= 0"),
         ({"softmerge-harm-margin": math.inf}, "'softmerge-harm-margin' must be a finite number"),
+        ({"softmerge-example-weights": "maybe"}, "'softmerge-example-weights' must be true or false"),
+        ({"softmerge-example-weights": True, "softmerge-mode": "select"},
+         "'softmerge-example-weights' needs softmerge-mode = 'weight'"),
+        ({"attack-claimed-examples": -1}, "'attack-claimed-examples' must be >= 0"),
+        ({"attack-claimed-examples": 2.5}, "'attack-claimed-examples' must be an integer"),
         ({"malicious-partitions": "1,two"}, "malicious-partitions must be comma-separated partition ids"),
         ({"malicious-partitions": "-1"}, "malicious-partitions must hold ids >= 0"),
         ({"extreme-values": "big"}, "extreme-values must be numbers, 'inf' or 'nan'"),
@@ -78,9 +83,10 @@ def test_softmerge_keys_reach_the_merge_config():
     from softmerge.server.strategies import merge_config_from
 
     settings = parse_run_config({"softmerge-merge-duplicates": "false", "softmerge-mirror-test": False,
-                                 "softmerge-ceiling": "false", "softmerge-mirror-confidence": 0.5})
+                                 "softmerge-ceiling": "false", "softmerge-mirror-confidence": 0.5,
+                                 "softmerge-example-weights": "true"})
     config = merge_config_from(settings)
-    assert config.merge_duplicates is False and config.mirror_test is False
+    assert config.merge_duplicates is False and config.mirror_test is False and config.example_weights is True
     assert config.warm_start_ceiling is False and config.mirror_confidence == 0.5
     # The run config's defaults are the merge's own.
     assert merge_config_from(RunSettings()) == SoftMergeConfig()
