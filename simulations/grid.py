@@ -80,6 +80,9 @@ OPERATIONAL_KEYS = frozenset({"output-dir", "resume", "round-timeout", "softmerg
 # Keys that only one rule reads: another rule's cell is the same run whatever they say.
 RULE_KEYS = {"softmerge": ("softmerge-",), "fltrust": ("fltrust-",), "fedtrimmedavg": ("trim-beta",),
              "centered-clipping": ("cclip-",)}
+# Keys added after cells were first recorded, with the value every run before them had: a
+# cell that did not record one of these ran with that value.
+LEGACY_VALUES = {"softmerge-example-weights": False, "attack-claimed-examples": 0}
 
 
 def settings_mismatch(recorded: dict, expected: dict) -> dict[str, tuple]:
@@ -87,13 +90,18 @@ def settings_mismatch(recorded: dict, expected: dict) -> dict[str, tuple]:
 
     Returns ``{key: (recorded, expected)}``; empty when the cell is the run this grid asks
     for. A key the cell did not record (it ran before the key existed) is not held against
-    it, nor are keys only another rule reads.
+    it unless ``LEGACY_VALUES`` says what it ran with and that differs; nor are keys only
+    another rule reads.
     """
     strategy = expected.get("strategy")
     foreign = tuple(prefix for rule, prefixes in RULE_KEYS.items() if rule != strategy for prefix in prefixes)
     differences = {}
     for key, value in expected.items():
-        if key in OPERATIONAL_KEYS or key.startswith(foreign) or key not in recorded:
+        if key in OPERATIONAL_KEYS or key.startswith(foreign):
+            continue
+        if key not in recorded:
+            if key in LEGACY_VALUES and value != LEGACY_VALUES[key]:
+                differences[key] = (LEGACY_VALUES[key], value)
             continue
         # Recorded settings come back through JSON, which round-trips floats exactly.
         if recorded[key] != value:

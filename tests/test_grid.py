@@ -187,6 +187,13 @@ def test_settings_mismatch_names_what_changed_and_ignores_what_cannot_matter():
     softmerge = {**expected, "strategy": "softmerge"}
     assert settings_mismatch({**recorded, "strategy": "softmerge"}, softmerge) == {
         "softmerge-lr": (0.3, 0.1), "softmerge-keep-mode": ("candidate", "anchor")}
+    # A cell from before a key existed ran with the key's legacy value, and is held to it.
+    assert settings_mismatch(recorded, {**expected, "attack-claimed-examples": 0}) == {}
+    assert settings_mismatch(recorded, {**expected, "attack-claimed-examples": 10**5}) == {
+        "attack-claimed-examples": (0, 10**5)}
+    assert settings_mismatch({**recorded, "strategy": "softmerge"}, {
+        **softmerge, "softmerge-lr": 0.3, "softmerge-keep-mode": "candidate", "softmerge-example-weights": True}) == {
+        "softmerge-example-weights": (False, True)}
 
 
 def _finished_cell(output, cell, settings):
