@@ -82,3 +82,23 @@ def test_run_with_failing_clients_completes_and_keeps_learning(tmp_path, mode):
     if mode != "timeout":
         log = (tmp_path / "failing.log").read_text()
         assert ("error reply" if mode == "raise" else "empty reply") in log
+
+
+def test_a_client_that_claims_a_million_examples_weighs_no_more_than_an_honest_one(tmp_path):
+    # Partition 3 trains honestly (scaling by 1 sends its own model) but claims 10^6 examples.
+    result = _run(tmp_path, "inflated", strategy="softmerge", attack="scaling", **{
+        "malicious-partitions": "3", "attack-scale": 1.0, "attack-claimed-examples": 10**6,
+        "softmerge-example-weights": True})
+    assert result["status"] == "finished"
+    assert result["rounds"][-1]["test_accuracy"] > result["rounds"][0]["test_accuracy"] + 0.3
+    selected = 0
+    for entry in result["rounds"][1:]:
+        gates = entry["gates"]
+        weights = gates["weights"][0]
+        liar = gates["candidates"].index("client-3")
+        selected += gates["gates"][0][liar] > 0.5
+        honest = [k for k, label in enumerate(gates["candidates"]) if label.startswith("client-") and k != liar]
+        assert sum(weights) == pytest.approx(1.0)
+        # Uncapped, 10^6 against a few hundred would put all the weight on it.
+        assert weights[liar] <= max(weights[k] for k in honest) + 1e-6, weights
+    assert selected, "the honest-model liar was never selected, so its claim was never read"
