@@ -37,9 +37,12 @@ grad L(keep) . delta. A variant is ``default``, ``fedavg``,
 ``oracle`` (FedAvg over the honest clients), ``fltrust`` (the grid's FLTrust: the server
 model takes the median client's SGD steps on the gate split), ``fltrust-one-pass`` (one pass
 over the gate split instead), or ``+``-joined SoftMergeConfig overrides
-such as ``warm_start_temperature=0.5+warm_start_ceiling=true``. ``post=uniform`` or
-``post=examples`` (or ``post=examples-capped``, counts capped at the selected clients' median) joined in uses the learned gates only to select (gate > 0.5) and then
-merges the selected clients with equal or example-count weights. ``post=zero-malicious``
+such as ``warm_start_temperature=0.5+warm_start_ceiling=true``. ``post=uniform``,
+``post=examples`` or ``post=examples-capped`` joined in uses the learned gates only to
+select (gate > 0.5) and then merges the selected clients with equal or example-count
+weights (capped: no count above the selected clients' median, the rule of
+``example_weights=true``, which runs it inside the merge). ``--inflate F`` makes the
+malicious clients claim F times the largest honest count. ``post=zero-malicious``
 is for analysis only: it sets the malicious candidates' learned weights to 0 (perfect
 detection), which splits a gap to the oracle into detection and honest weighting.
 """
