@@ -61,7 +61,7 @@ import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.robust import apply_update, fltrust, fltrust_server_model, flatten_updates
-from softmerge.aggregation.merge import build_merge_units, evaluate_state, mirror_state
+from softmerge.aggregation.merge import build_merge_units, evaluate_state, example_count_weights, mirror_state
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
 from softmerge.simulations.colluding import COLLUDING_ATTACKS, craft_malicious_updates
@@ -111,16 +111,17 @@ def post_merge_weights(report, sizes, rule):
     prior = np.array([sizes[int(label.split("-")[1])] if label.startswith("client-") else 0.0
                       for label in report.candidates])
     weights = np.zeros_like(gates)
+    weights[:, keep] = 1.0
+    if rule == "examples-capped":
+        # The merge's own rule, with the keep model never selected.
+        client_gates = np.where(prior > 0, gates, 0.0)
+        return example_count_weights(torch.from_numpy(client_gates), torch.from_numpy(prior),
+                                     torch.from_numpy(weights)).numpy()
     for u in range(gates.shape[0]):
         chosen = (gates[u] > 0.5) & (prior > 0)
-        if not chosen.any():
-            weights[u, keep] = 1.0
-            continue
-        mass = np.where(chosen, 1.0 if rule == "uniform" else prior, 0.0)
-        if rule == "examples-capped":
-            # An inflated count buys no more weight than the median selected client's.
-            mass = np.minimum(mass, np.median(prior[chosen]))
-        weights[u] = mass / mass.sum()
+        if chosen.any():
+            mass = np.where(chosen, 1.0 if rule == "uniform" else prior, 0.0)
+            weights[u] = mass / mass.sum()
     return weights
 
 
