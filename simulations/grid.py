@@ -6,6 +6,10 @@ and Dirichlet alpha. Every cell is one federated run with its own results direct
 again, so an interrupted grid continues where it stopped. Cells a rule cannot run (Bulyan
 needs n >= 4f + 3) are recorded as ``n/a``, not dropped.
 
+With no attack, a rule that is not told the malicious count makes the same run at every
+fraction (to the last digit): the first such cell run is reused for the other fractions,
+its results copied with ``reused_from`` naming it.
+
 The *oracle* cell of a setting is FedAvg over the honest clients alone with no attack:
 what a perfect filter would reach.
 
@@ -85,19 +89,35 @@ RULE_KEYS = {"softmerge": ("softmerge-",), "fltrust": ("fltrust-",), "fedtrimmed
 LEGACY_VALUES = {"softmerge-example-weights": False, "attack-claimed-examples": 0}
 
 
-def settings_mismatch(recorded: dict, expected: dict) -> dict[str, tuple]:
+# The keys in which two cells that differ only in the malicious fraction differ.
+FRACTION_KEYS = frozenset({"malicious-partitions", "assumed-malicious"})
+# Rules told how many clients are malicious (f): their no-attack run still depends on the fraction.
+FRACTION_AWARE_RULES = frozenset({"krum", "multikrum", "bulyan"})
+
+
+def fraction_free(cell: Cell) -> bool:
+    """Whether the cell's run is the same at every malicious fraction.
+
+    With no attack the "malicious" clients train honestly and claim their true counts, and
+    only the Krum family reads the assumed count; the oracle drops the malicious clients, so
+    its run is the fraction's own.
+    """
+    return cell.attack == NO_ATTACK and cell.strategy != ORACLE and cell.strategy not in FRACTION_AWARE_RULES
+
+
+def settings_mismatch(recorded: dict, expected: dict, ignored: frozenset[str] = frozenset()) -> dict[str, tuple]:
     """The run-config keys on which a finished cell's recorded settings differ from this grid's.
 
     Returns ``{key: (recorded, expected)}``; empty when the cell is the run this grid asks
     for. A key the cell did not record (it ran before the key existed) is not held against
     it unless ``LEGACY_VALUES`` says what it ran with and that differs; nor are keys only
-    another rule reads.
+    another rule reads, nor the ``ignored`` ones.
     """
     strategy = expected.get("strategy")
     foreign = tuple(prefix for rule, prefixes in RULE_KEYS.items() if rule != strategy for prefix in prefixes)
     differences = {}
     for key, value in expected.items():
-        if key in OPERATIONAL_KEYS or key.startswith(foreign):
+        if key in OPERATIONAL_KEYS or key in ignored or key.startswith(foreign):
             continue
         if key not in recorded:
             if key in LEGACY_VALUES and value != LEGACY_VALUES[key]:
@@ -117,6 +137,28 @@ def load_cell(output: Path, cell: Cell) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def no_attack_twin(output: Path, cell: Cell, expected: dict) -> tuple[str, dict] | None:
+    """A finished run at another fraction that is this cell's run, if the cell is fraction-free.
+
+    Returns ``(key, results)`` of the first such cell on disk whose recorded settings match
+    ``expected`` (this cell's run config) up to the fraction keys, else None. Running it again
+    would repeat the same computation to the last digit.
+    """
+    if not fraction_free(cell):
+        return None
+    pattern = f"{cell.strategy}__{NO_ATTACK}__f*__s{cell.seed}"
+    for directory in sorted((output / "cells").glob(pattern)):
+        try:
+            twin = json.loads((directory / "results.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        recorded = twin.get("settings") if isinstance(twin, dict) else None
+        if (directory.name != cell.key and twin.get("status") == "finished" and isinstance(recorded, dict)
+                and not settings_mismatch(recorded, expected, FRACTION_KEYS)):
+            return twin.get("reused_from") or directory.name, twin
+    return None
 
 
 # The steadier accuracy figure: mean over this many last trained rounds.
@@ -393,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
+    from .config import to_run_config
     from .engine import run_experiment
 
     rows, failures = [], 0
@@ -407,6 +450,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(summarise_cell(cell, existing, args.clients, "finished", existing.get("seconds")))
         elif args.tables_only:
             continue
+        elif twin := no_attack_twin(output, cell, to_run_config(cell_settings(base, cell, args.clients, output))):
+            source, result = twin
+            (output / "cells" / cell.key).mkdir(parents=True, exist_ok=True)
+            # The twin's results keep the settings it recorded, and say where they came from.
+            (output / "cells" / cell.key / "results.json").write_text(
+                json.dumps({**result, "reused_from": source}, indent=1))
+            tqdm.write(f"cell {cell.key}: the same run as {source} (no attack, fraction-free rule), reused")
+            rows.append(summarise_cell(cell, result, args.clients, "finished", 0.0))
         else:
             settings = cell_settings(base, cell, args.clients, output)
             started = time.perf_counter()
@@ -444,7 +495,8 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
         recorded = existing.get("settings")
         if not isinstance(recorded, dict):
             continue  # written before cells recorded their settings: nothing to check against
-        differences = settings_mismatch(recorded, to_run_config(cell_settings(base, cell, num_clients, output)))
+        expected = to_run_config(cell_settings(base, cell, num_clients, output))
+        differences = settings_mismatch(recorded, expected, FRACTION_KEYS if fraction_free(cell) else frozenset())
         if differences:
             stale.append((cell.key, differences))
     return stale

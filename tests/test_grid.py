@@ -239,3 +239,41 @@ def test_grid_record_keeps_every_distinct_invocation_and_reads_the_old_format(tm
     record_invocation(path, ["--fractions", "0.4"], {"dataset": "digits"})
     assert json.loads(path.read_text()) == {"base": {"dataset": "digits"},
                                             "invocations": [["--fractions", "0.4"], ["--fractions", "0.2"]]}
+
+
+def test_a_no_attack_run_is_reused_across_fractions_only_where_it_is_the_same_run(tmp_path, monkeypatch):
+    # With no attack the "malicious" clients train honestly, so FedAvg's run does not depend on
+    # the fraction; Krum is told f, and the oracle drops the malicious clients: theirs do.
+    from softmerge.simulations import engine
+    from softmerge.simulations.config import parse_run_config, to_run_config
+    from softmerge.simulations.grid import cell_settings, no_attack_twin
+
+    settings = parse_run_config({"dataset": "digits", "num-server-rounds": 1, "partitioning": "dirichlet"})
+    _finished_cell(tmp_path, Cell("fedavg", "none", 0.2, 0), settings)
+    _finished_cell(tmp_path, Cell("krum", "none", 0.2, 0), settings)
+
+    def expected(cell, base=settings):
+        return to_run_config(cell_settings(base, cell, 10, tmp_path))
+
+    fedavg_40 = Cell("fedavg", "none", 0.4, 0)
+    assert no_attack_twin(tmp_path, fedavg_40, expected(fedavg_40))[0] == "fedavg__none__f0.2__s0"
+    for other in (Cell("krum", "none", 0.4, 0), Cell("oracle", "none", 0.4, 0), Cell("fedavg", "sign-flip", 0.4, 0),
+                  Cell("fedavg", "none", 0.4, 1)):
+        assert no_attack_twin(tmp_path, other, expected(other)) is None, other
+    changed = parse_run_config({"dataset": "digits", "num-server-rounds": 1, "partitioning": "dirichlet",
+                                "learning-rate": 0.2})
+    assert no_attack_twin(tmp_path, fedavg_40, expected(fedavg_40, changed)) is None
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a reusable cell was run")
+
+    monkeypatch.setattr(engine, "run_experiment", must_not_run)
+    argv = ["--dataset", "digits", "--clients", "10", "--rounds", "1", "--strategies", "fedavg", "--attacks", "none",
+            "--fractions", "0.2,0.4,0.6", "--no-oracle", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    copied = json.loads((tmp_path / "cells" / "fedavg__none__f0.6__s0" / "results.json").read_text())
+    assert copied["reused_from"] == "fedavg__none__f0.2__s0" and copied["status"] == "finished"
+    rows = {row["key"]: row for row in json.loads((tmp_path / "cells.json").read_text())}
+    assert [rows[f"fedavg__none__f{f}__s0"]["final_accuracy"] for f in ("0.2", "0.4", "0.6")] == [0.6] * 3
+    # The copies carry the 20% cell's malicious ids; the settings check knows that is the same run.
+    assert main(argv) == 0
