@@ -31,19 +31,24 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, parse_run_config(context.run_config))
 
 
-def make_server_app(settings: RunSettings) -> ServerApp:
-    """A ServerApp bound to fixed settings, for in-process simulations that set no run config."""
+def make_server_app(settings: RunSettings, num_nodes: int | None = None) -> ServerApp:
+    """A ServerApp bound to fixed settings, for in-process simulations that set no run config.
+
+    ``num_nodes``, the simulation's node count, is passed on to :func:`run_server`.
+    """
     bound = ServerApp()
-    bound.main()(lambda grid, context: run_server(grid, settings))
+    bound.main()(lambda grid, context: run_server(grid, settings, num_nodes=num_nodes))
     return bound
 
 
-def run_server(grid: Grid, settings: RunSettings) -> ResultsWriter:
+def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) -> ResultsWriter:
     """Run one federated experiment on ``grid``; returns the per-round results.
 
     With an ``output-dir``, every round is checkpointed there, and a run restarted with
     the same config resumes after the last checkpointed round (``resume = false`` starts
-    over instead).
+    over instead). ``num_nodes`` is the number of nodes, when the caller knows it (a
+    simulation does); otherwise the nodes connected at the start are counted. The count
+    sizes MultiKrum's selection and is recorded in ``results.json``.
     """
     task = task_data(settings)
     model = build_model(settings.dataset, seed=settings.seed)
@@ -60,10 +65,14 @@ def run_server(grid: Grid, settings: RunSettings) -> ResultsWriter:
         writer.rounds = [entry for entry in load_results(output).get("rounds", []) if entry["round"] <= done]
         log(INFO, "softmerge: resuming from the checkpoint of round %d in %s", done, output)
 
-    try:
-        num_nodes = len(list(grid.get_node_ids())) or None
-    except Exception:  # noqa: BLE001  (a grid that cannot list nodes yet just leaves n unknown)
-        num_nodes = None
+    if num_nodes is None:
+        # In a simulation the nodes may not have registered yet (an empty list): told the
+        # count, a simulation does not depend on that race.
+        try:
+            num_nodes = len(list(grid.get_node_ids())) or None
+        except Exception:  # noqa: BLE001  (a grid that cannot list nodes yet just leaves n unknown)
+            num_nodes = None
+    writer.nodes = num_nodes
     strategy = build_strategy(settings, model, gate_split, num_nodes=num_nodes)
     if settings.exclude_malicious:
         from ..simulations.oracle import exclude_partitions

@@ -50,6 +50,9 @@ class ResultsWriter:
     directory: Path | None
     settings: dict[str, Any]
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    # The nodes connected when the run started (the simulation's client count): the run
+    # config does not say how many clients took part, and a reader comparing runs must know.
+    nodes: int | None = None
     _last_time: float = field(default_factory=time.perf_counter)
 
     def record(self, server_round: int, accuracy: float, loss: float, report: GateReport | None,
@@ -75,8 +78,10 @@ class ResultsWriter:
     def flush(self, status: str = "running") -> None:
         if self.directory is None:
             return
-        write_json_atomic(self.directory / "results.json",
-                          {"status": status, "settings": self.settings, "rounds": self.rounds})
+        payload: dict[str, Any] = {"status": status, "settings": self.settings}
+        if self.nodes is not None:
+            payload["nodes"] = self.nodes
+        write_json_atomic(self.directory / "results.json", {**payload, "rounds": self.rounds})
         temporary = self.directory / "rounds.csv.tmp"
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")

@@ -61,7 +61,7 @@ def run_experiment(settings: RunSettings, num_clients: int, log_file: Path | Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_simulation(
-                server_app=make_server_app(settings),
+                server_app=make_server_app(settings, num_nodes=num_clients),
                 client_app=make_client_app(settings),
                 num_supernodes=num_clients,
                 backend_config=backend_config(),

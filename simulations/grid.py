@@ -139,12 +139,30 @@ def load_cell(output: Path, cell: Cell) -> dict | None:
         return None
 
 
-def no_attack_twin(output: Path, cell: Cell, expected: dict) -> tuple[str, dict] | None:
+def same_clients(result: dict, key: str, num_clients: int) -> bool:
+    """Whether the finished run ``key`` (its results ``result``) can have had ``num_clients`` clients.
+
+    Runs record the nodes they started with. Older ones did not; their malicious ids, the
+    first round(f * n) partitions at the run's fraction f, must then be this count's.
+    """
+    if isinstance(result.get("nodes"), int):
+        return result["nodes"] == num_clients
+    recorded = (result.get("settings") or {}).get("malicious-partitions")
+    try:
+        # The key ends "__f<fraction>__s<seed>" (an attack name may hold "__f" too: "fang").
+        fraction = float(key.split("__")[-2].removeprefix("f"))
+    except (IndexError, ValueError):
+        return False
+    return recorded == ",".join(str(i) for i in malicious_ids(num_clients, fraction))
+
+
+def no_attack_twin(output: Path, cell: Cell, expected: dict, num_clients: int) -> tuple[str, dict] | None:
     """A finished run at another fraction that is this cell's run, if the cell is fraction-free.
 
-    Returns ``(key, results)`` of the first such cell on disk whose recorded settings match
-    ``expected`` (this cell's run config) up to the fraction keys, else None. Running it again
-    would repeat the same computation to the last digit.
+    Returns ``(key, results)`` of the first such cell on disk that ran with ``num_clients``
+    clients and whose recorded settings match ``expected`` (this cell's run config) up to
+    the fraction keys, else None. Running it again would repeat the same computation to the
+    last digit.
     """
     if not fraction_free(cell):
         return None
@@ -154,10 +172,14 @@ def no_attack_twin(output: Path, cell: Cell, expected: dict) -> tuple[str, dict]
             twin = json.loads((directory / "results.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        recorded = twin.get("settings") if isinstance(twin, dict) else None
+        if not isinstance(twin, dict):
+            continue
+        source = twin.get("reused_from") or directory.name
+        recorded = twin.get("settings")
         if (directory.name != cell.key and twin.get("status") == "finished" and isinstance(recorded, dict)
+                and same_clients(twin, source, num_clients)
                 and not settings_mismatch(recorded, expected, FRACTION_KEYS)):
-            return twin.get("reused_from") or directory.name, twin
+            return source, twin
     return None
 
 
@@ -450,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(summarise_cell(cell, existing, args.clients, "finished", existing.get("seconds")))
         elif args.tables_only:
             continue
-        elif twin := no_attack_twin(output, cell, to_run_config(cell_settings(base, cell, args.clients, output))):
+        elif twin := no_attack_twin(output, cell, to_run_config(cell_settings(base, cell, args.clients, output)),
+                                    args.clients):
             source, result = twin
             (output / "cells" / cell.key).mkdir(parents=True, exist_ok=True)
             # The twin's results keep the settings it recorded, and say where they came from.
@@ -483,7 +506,8 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
     """The finished cells on disk whose recorded settings are not the run this grid would make.
 
     The cell key names strategy, attack, fraction and seed only; everything else (a changed
-    ``--set``, another dataset or round count) would otherwise pass a stale cell off as done.
+    ``--set``, another dataset, round or client count) would otherwise pass a stale cell off
+    as done.
     """
     from .config import to_run_config
 
@@ -497,6 +521,8 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
             continue  # written before cells recorded their settings: nothing to check against
         expected = to_run_config(cell_settings(base, cell, num_clients, output))
         differences = settings_mismatch(recorded, expected, FRACTION_KEYS if fraction_free(cell) else frozenset())
+        if not same_clients(existing, existing.get("reused_from") or cell.key, num_clients):
+            differences["clients"] = (existing.get("nodes", "another count"), num_clients)
         if differences:
             stale.append((cell.key, differences))
     return stale

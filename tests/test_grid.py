@@ -66,6 +66,8 @@ def test_grid_runs_through_flower_and_resumes_without_rerunning(tmp_path):
     assert all(row["status"] == "finished" for row in rows.values())
     assert rows["softmerge__ipm-100__f0.25__s0"]["malicious_weight"] is not None
     stamp = (tmp_path / "cells" / "fedavg__ipm-100__f0.25__s0" / "results.json").stat().st_mtime_ns
+    # The run records how many clients took part: its run config does not say.
+    assert json.loads((tmp_path / "cells" / "fedavg__ipm-100__f0.25__s0" / "results.json").read_text())["nodes"] == 4
     assert main(argv) == 0
     assert (tmp_path / "cells" / "fedavg__ipm-100__f0.25__s0" / "results.json").stat().st_mtime_ns == stamp
     assert "ipm-100" in (tmp_path / "tables.md").read_text()
@@ -256,13 +258,13 @@ def test_a_no_attack_run_is_reused_across_fractions_only_where_it_is_the_same_ru
         return to_run_config(cell_settings(base, cell, 10, tmp_path))
 
     fedavg_40 = Cell("fedavg", "none", 0.4, 0)
-    assert no_attack_twin(tmp_path, fedavg_40, expected(fedavg_40))[0] == "fedavg__none__f0.2__s0"
+    assert no_attack_twin(tmp_path, fedavg_40, expected(fedavg_40), 10)[0] == "fedavg__none__f0.2__s0"
     for other in (Cell("krum", "none", 0.4, 0), Cell("oracle", "none", 0.4, 0), Cell("fedavg", "sign-flip", 0.4, 0),
                   Cell("fedavg", "none", 0.4, 1)):
-        assert no_attack_twin(tmp_path, other, expected(other)) is None, other
+        assert no_attack_twin(tmp_path, other, expected(other), 10) is None, other
     changed = parse_run_config({"dataset": "digits", "num-server-rounds": 1, "partitioning": "dirichlet",
                                 "learning-rate": 0.2})
-    assert no_attack_twin(tmp_path, fedavg_40, expected(fedavg_40, changed)) is None
+    assert no_attack_twin(tmp_path, fedavg_40, expected(fedavg_40, changed), 10) is None
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a reusable cell was run")
@@ -277,3 +279,32 @@ def test_a_no_attack_run_is_reused_across_fractions_only_where_it_is_the_same_ru
     assert [rows[f"fedavg__none__f{f}__s0"]["final_accuracy"] for f in ("0.2", "0.4", "0.6")] == [0.6] * 3
     # The copies carry the 20% cell's malicious ids; the settings check knows that is the same run.
     assert main(argv) == 0
+
+
+def test_cells_of_another_client_count_are_neither_reused_nor_mixed_in(tmp_path, capsys):
+    from softmerge.simulations.config import parse_run_config, to_run_config
+    from softmerge.simulations.grid import cell_settings, no_attack_twin, same_clients
+
+    # Recorded nodes decide; without them (older runs), the malicious ids at the run's own
+    # fraction must be this count's first round(f * n). An attack name may contain "__f".
+    assert same_clients({"nodes": 20}, "fedavg__none__f0.2__s0", 20)
+    assert not same_clients({"nodes": 10}, "fedavg__none__f0.2__s0", 20)
+    legacy = {"settings": {"malicious-partitions": "0,1,2,3,4,5,6,7"}}
+    assert same_clients(legacy, "fltrust__fang__f0.4__s0", 20)
+    assert not same_clients(legacy, "fltrust__fang__f0.4__s0", 10)
+    assert not same_clients({"settings": {}}, "fedavg__none__f0.2__s0", 20)
+
+    settings = parse_run_config({"dataset": "digits", "num-server-rounds": 1, "partitioning": "dirichlet"})
+    _finished_cell(tmp_path, Cell("fedavg", "none", 0.2, 0), settings)  # a 10-client run
+    path = tmp_path / "cells" / "fedavg__none__f0.2__s0" / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "nodes": 10}))
+    cell = Cell("fedavg", "none", 0.4, 0)
+    expected = to_run_config(cell_settings(settings, cell, 10, tmp_path))
+    assert no_attack_twin(tmp_path, cell, expected, 10)[0] == "fedavg__none__f0.2__s0"
+    assert no_attack_twin(tmp_path, cell, expected, 20) is None
+    # Its own cell in a 20-client grid: the settings alone would pass (the fraction keys of a
+    # no-attack FedAvg run are ignored), the client count does not.
+    argv = ["--dataset", "digits", "--clients", "20", "--rounds", "1", "--strategies", "fedavg", "--attacks",
+            "none", "--fractions", "0.2", "--no-oracle", "--output", str(tmp_path), "--tables-only"]
+    assert main(argv) == 2
+    assert "fedavg__none__f0.2__s0: clients: 10 there, 20 here" in capsys.readouterr().err
