@@ -15,6 +15,22 @@ from .replies import harden
 from .strategy import SoftMerge
 
 
+class RoundSizedMultiKrum(MultiKrum):
+    """Flower's MultiKrum, selecting m = n - f of each round's n valid replies.
+
+    Blanchard et al. (NeurIPS 2017) average the m = n - f updates with the best Krum
+    scores. Flower's MultiKrum fixes m when it is built, before a server knows how many
+    nodes will reply (a deployment's nodes connect later; a simulation's may not have
+    registered yet), and a round with dropouts has fewer. This sets m from each round's
+    replies, then runs Flower's rule unchanged.
+    """
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
+        return super().aggregate_train(server_round, replies)
+
+
 def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
     units = settings.softmerge_units
     if units not in ("model", "layer", "tensor"):
@@ -46,7 +62,8 @@ def build_strategy(
     guards their output, so a malformed reply cannot end the run (SoftMerge and the
     baselines of :mod:`softmerge.server.baselines` screen their own).
 
-    ``num_nodes`` (if known) sizes MultiKrum's selection to n - f, as Blanchard et al. do.
+    MultiKrum selects n - f of each round's n replies, as Blanchard et al. do
+    (:class:`RoundSizedMultiKrum`); ``num_nodes``, if known, only fills in its start-up log.
     """
     common = dict(
         fraction_train=settings.fraction_train,
@@ -80,8 +97,9 @@ def _flower_strategy(name: str, settings: RunSettings, common: dict, num_nodes: 
     if name == "krum":
         return Krum(num_malicious_nodes=f, **common)
     if name == "multikrum":
-        selected = max(1, num_nodes - f) if num_nodes else max(1, f + 1)
-        return MultiKrum(num_malicious_nodes=f, num_nodes_to_select=selected, **common)
+        # Reset every round from the replies; the node count, if known, only fills in the summary log.
+        selected = max(1, num_nodes - f) if num_nodes else 1
+        return RoundSizedMultiKrum(num_malicious_nodes=f, num_nodes_to_select=selected, **common)
     if name == "bulyan":
         return Bulyan(num_malicious_nodes=f, **common)
     raise ValueError(f"unknown strategy {name!r}")

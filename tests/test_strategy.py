@@ -76,3 +76,29 @@ def test_summary_names_the_warm_start_rules_in_force(honest_candidates, digits_t
     line = next(record.getMessage() for record in caplog.records if "mirror test" in record.getMessage())
     assert "ceiling: True" in line and "mirror test: False (z = 0.5)" in line
     assert "identical replies share a gate: False" in line
+
+
+@pytest.mark.parametrize("num_nodes", [None, 5])
+def test_multikrum_averages_n_minus_f_of_each_rounds_replies_whatever_the_count_known_at_start(num_nodes):
+    # Blanchard et al.'s m = n - f, with n the replies of the round: known or not when the
+    # strategy was built (a simulation's nodes may not have registered yet), and fewer in
+    # a round with a dropout.
+    from softmerge.server.strategies import build_strategy
+    from softmerge.simulations.config import parse_run_config
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    settings = parse_run_config({"strategy": "multikrum", "assumed-malicious": 1})
+    strategy = build_strategy(settings, model, (torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)),
+                              num_nodes=num_nodes)
+
+    def merged(values):
+        list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(),
+                                      StubGrid(range(1, len(values) + 1))))
+        replies = [make_reply(i + 1, {"weight": torch.tensor([[value]])}) for i, value in enumerate(values)]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return float(arrays.to_torch_state_dict()["weight"])
+
+    # Five replies, f = 1: the four best Krum scores are 0, 1, 2 and 4 (m = 2 would give 0.5 or 1.5).
+    assert merged([0.0, 1.0, 2.0, 4.0, 100.0]) == pytest.approx(1.75)
+    # Four replies: m = 3, not the 4 a count fixed at start would keep (the outlier among them).
+    assert merged([0.0, 1.0, 2.0, 100.0]) == pytest.approx(1.0)
