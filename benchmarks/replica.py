@@ -22,6 +22,9 @@ Two uses:
     # every round: do the open malicious updates pull against the rest of the merge?
     python benchmarks/replica.py --attack sign-flip --seeds 0 --rounds 30 --cosines
 
+    # every round: which step shuts clients out (warm start, mirror bound, gate learning)?
+    python benchmarks/replica.py --attack none --seeds 0 --rounds 12 --selection --variant example_weights=true
+
 Attacks: ``none``, the client-side ``sign-flip`` and ``label-flip``, and the colluding
 attacks of :mod:`softmerge.simulations.colluding` (``alie``, ``ipm-0.1``, ``fang``, ...),
 crafted from the honest updates with the harness's seed, as the grid does.
@@ -191,7 +194,7 @@ def score(state, data):
 
 
 def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False,
-        inflate=0.0):
+        inflate=0.0, selection=False):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
@@ -245,6 +248,8 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
                 malicious_weight[-1] = float(weights[:, sorted(malicious)].sum(axis=1).mean()) if malicious else 0.0
             if cosines:
                 print_cosines(round_number, report, global_state, candidates, malicious)
+            if selection:
+                print_selection(round_number, model, candidates, task, variant, labels, sizes, report, malicious)
             if diagnose:
                 diagnose_round(round_number, report, candidates + [global_state], units, malicious, task,
                                soft_merge(model, candidates, task.gate.tensors(),
@@ -272,6 +277,25 @@ def print_cosines(round_number, report, global_state, candidates, malicious):
     show = lambda values: " ".join(f"{v:+.2f}" for v in values) or "-"  # noqa: E731
     print(f"round {round_number} cosine with the rest of the merge: open honest {show(found[False])} | "
           f"open malicious {show(found[True])}", flush=True)
+
+
+def print_selection(round_number, model, candidates, task, variant, labels, sizes, report, malicious):
+    """How many honest and malicious clients have log_alpha > 0 (gate above 1/2): at the own-loss
+    start, with the mirror test's bound added, and after gate learning (the round's merge)."""
+    def opened(log_alpha, clients):
+        return sum(1 for p in clients if log_alpha[0][p] > 0)
+
+    gate = task.gate.tensors()
+    starts = [soft_merge(model, candidates, gate, dataclasses.replace(variant, steps=0, mirror_test=mirror),
+                         labels=labels, examples=sizes)[1].log_alpha for mirror in (False, True)]
+    honest = [p for p in range(len(candidates)) if p not in malicious]
+    parts = []
+    for name, clients in (("honest", honest), ("malicious", sorted(malicious))):
+        if clients:
+            counts = [opened(log_alpha, clients) for log_alpha in starts + [report.log_alpha]]
+            parts.append(f"{name} {counts[0]} -> {counts[1]} -> {counts[2]} of {len(clients)}")
+    print(f"round {round_number} open (own-loss start -> + mirror bound -> learned): " + " | ".join(parts),
+          flush=True)
 
 
 def print_scores(round_number, model, global_state, candidates, malicious, task):
@@ -326,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="malicious clients claim F times the largest honest example count (weights only)")
     parser.add_argument("--cosines", action="store_true",
                         help="every round, each open client's update's cosine with the rest of the merged update")
+    parser.add_argument("--selection", action="store_true",
+                        help="every round, how many honest and malicious clients are open at the warm start, "
+                             "with the mirror bound, and after gate learning")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     malicious = [int(p) for p in args.malicious.split(",") if p]
@@ -335,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         finals, last3 = [], []
         for seed in seeds:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
-                                      args.scores, args.cosines, args.inflate)
+                                      args.scores, args.cosines, args.inflate, args.selection)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
