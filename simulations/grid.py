@@ -483,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(summarise_cell(cell, result, args.clients, "finished", 0.0))
         else:
             settings = cell_settings(base, cell, args.clients, output)
+            unusable = discard_unusable_checkpoint(output / "cells" / cell.key, settings)
+            if unusable:
+                tqdm.write(f"cell {cell.key}: starting over ({unusable})")
             started = time.perf_counter()
             try:
                 run_experiment(settings, args.clients, log_file=output / "cells" / cell.key / "flower.log")
@@ -500,6 +503,26 @@ def main(argv: list[str] | None = None) -> int:
     plot_cells(output, cells, args.clients)
     print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
     return 1 if failures else 0
+
+
+def discard_unusable_checkpoint(directory: Path, settings: RunSettings) -> str | None:
+    """Delete an unfinished cell's checkpoint that its run cannot resume; returns why, or None.
+
+    An interrupted cell resumes from its checkpoint, which the server refuses if it belongs
+    to another run config (an upgrade that adds a run-config key changes every config) or is
+    damaged. The grid owns its cell directories, so it starts such a cell over rather than
+    fail it at every attempt.
+    """
+    from ..server.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, config_fingerprint, load_checkpoint
+    from .config import to_run_config
+
+    try:
+        load_checkpoint(directory, config_fingerprint(to_run_config(settings)))
+    except CheckpointError as error:
+        for name in (STATE_FILE, MODEL_FILE):
+            (directory / name).unlink(missing_ok=True)
+        return str(error)
+    return None
 
 
 def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients: int) -> list[tuple[str, dict]]:

@@ -308,3 +308,21 @@ def test_cells_of_another_client_count_are_neither_reused_nor_mixed_in(tmp_path,
             "none", "--fractions", "0.2", "--no-oracle", "--output", str(tmp_path), "--tables-only"]
     assert main(argv) == 2
     assert "fedavg__none__f0.2__s0: clients: 10 there, 20 here" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_interrupted_cell_whose_checkpoint_cannot_be_resumed_starts_over(tmp_path, capsys):
+    # A checkpoint of another run config (as after an upgrade that adds a run-config key)
+    # makes the server refuse to resume; the grid owns the cell, so it starts it over.
+    cell = tmp_path / "cells" / "fedavg__none__f0.5__s0"
+    cell.mkdir(parents=True)
+    (cell / "checkpoint.json").write_text(json.dumps({"format": 1, "config": "another run", "round": 1}))
+    (cell / "checkpoint.npz").write_bytes(b"")
+    (cell / "results.json").write_text(json.dumps({"status": "running", "rounds": []}))
+    argv = ["--dataset", "digits", "--clients", "2", "--rounds", "1", "--strategies", "fedavg", "--attacks", "none",
+            "--fractions", "0.5", "--no-oracle", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    assert "starting over" in capsys.readouterr().out
+    result = json.loads((cell / "results.json").read_text())
+    assert result["status"] == "finished" and [r["round"] for r in result["rounds"]] == [0, 1]
+    assert json.loads((cell / "checkpoint.json").read_text())["config"] != "another run"
