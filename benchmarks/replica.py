@@ -280,10 +280,11 @@ def print_cosines(round_number, report, global_state, candidates, malicious):
 
 
 def print_selection(round_number, model, candidates, task, variant, labels, sizes, report, malicious):
-    """How many honest and malicious clients have log_alpha > 0 (gate above 1/2): at the own-loss
-    start, with the mirror test's bound added, and after gate learning (the round's merge)."""
+    """How many honest and malicious clients have log_alpha > 0 (gate above 1/2) in some merge
+    unit: at the own-loss start, with the mirror test's bound added, and after gate learning
+    (the round's merge)."""
     def opened(log_alpha, clients):
-        return sum(1 for p in clients if log_alpha[0][p] > 0)
+        return sum(1 for p in clients if any(row[p] > 0 for row in log_alpha))
 
     gate = task.gate.tensors()
     starts = [soft_merge(model, candidates, gate, dataclasses.replace(variant, steps=0, mirror_test=mirror),

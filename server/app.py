@@ -47,8 +47,8 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
     With an ``output-dir``, every round is checkpointed there, and a run restarted with
     the same config resumes after the last checkpointed round (``resume = false`` starts
     over instead). ``num_nodes`` is the number of nodes, when the caller knows it (a
-    simulation does); otherwise the nodes connected at the start are counted. The count
-    sizes MultiKrum's selection and is recorded in ``results.json``.
+    simulation does); otherwise the nodes connected at the start are counted. The count is
+    recorded in ``results.json`` (MultiKrum sizes its selection from each round's replies).
     """
     task = task_data(settings)
     model = build_model(settings.dataset, seed=settings.seed)

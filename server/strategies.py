@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 from torch import nn
 
@@ -22,12 +23,14 @@ class RoundSizedMultiKrum(MultiKrum):
     scores. Flower's MultiKrum fixes m when it is built, before a server knows how many
     nodes will reply (a deployment's nodes connect later; a simulation's may not have
     registered yet), and a round with dropouts has fewer. This sets m from each round's
-    replies, then runs Flower's rule unchanged.
+    replies with content, then runs Flower's rule unchanged.
     """
 
-    def aggregate_train(self, server_round, replies):
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
+        valid = sum(1 for reply in replies if not reply.has_error() and reply.has_content())
+        self.num_nodes_to_select = max(1, valid - self.num_malicious_nodes)
         return super().aggregate_train(server_round, replies)
 
 
@@ -97,7 +100,8 @@ def _flower_strategy(name: str, settings: RunSettings, common: dict, num_nodes: 
     if name == "krum":
         return Krum(num_malicious_nodes=f, **common)
     if name == "multikrum":
-        # Reset every round from the replies; the node count, if known, only fills in the summary log.
+        # m is set from each round's replies; the node count, if known, only sets the value
+        # Flower's start-up summary prints (1 when unknown).
         selected = max(1, num_nodes - f) if num_nodes else 1
         return RoundSizedMultiKrum(num_malicious_nodes=f, num_nodes_to_select=selected, **common)
     if name == "bulyan":

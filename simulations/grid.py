@@ -172,15 +172,37 @@ def no_attack_twin(output: Path, cell: Cell, expected: dict, num_clients: int) -
             twin = json.loads((directory / "results.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not isinstance(twin, dict):
+        # Only a run, never another copy: a copy outlives its source when that is deleted to run again.
+        if not isinstance(twin, dict) or twin.get("reused_from"):
             continue
-        source = twin.get("reused_from") or directory.name
         recorded = twin.get("settings")
         if (directory.name != cell.key and twin.get("status") == "finished" and isinstance(recorded, dict)
-                and same_clients(twin, source, num_clients)
+                and same_clients(twin, directory.name, num_clients)
                 and not settings_mismatch(recorded, expected, FRACTION_KEYS)):
-            return source, twin
+            return directory.name, twin
     return None
+
+
+def finished_cell(output: Path, cell: Cell) -> dict | None:
+    """The cell's results if it is finished, else None.
+
+    A copy of a no-attack twin counts only while its source is on disk, finished, with the
+    same rounds: a source deleted to run again (after a change to a defense) takes its
+    copies with it, and they are copied again from the new run.
+    """
+    result = load_cell(output, cell)
+    if not result or result.get("status") != "finished":
+        return None
+    source = result.get("reused_from")
+    if source:
+        try:
+            original = json.loads((output / "cells" / str(source) / "results.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if not isinstance(original, dict) or original.get("status") != "finished" \
+                or original.get("rounds") != result.get("rounds"):
+            return None
+    return result
 
 
 # The steadier accuracy figure: mean over this many last trained rounds.
@@ -302,8 +324,8 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
                 continue
             if not (cell.attack == attack or (cell.strategy == ORACLE and cell.attack == NO_ATTACK)):
                 continue
-            result = load_cell(output, cell)
-            if not result or result.get("status") != "finished":
+            result = finished_cell(output, cell)
+            if not result:
                 continue
             rounds = result["rounds"]
             axis.plot([r["round"] for r in rounds], [r["test_accuracy"] for r in rounds],
@@ -319,9 +341,9 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
     for cell in cells:
         if cell.strategy != "softmerge" or cell.seed != min(c.seed for c in cells):
             continue
-        result = load_cell(output, cell)
+        result = finished_cell(output, cell)
         gates = result["rounds"][-1].get("gates") if result and result.get("rounds") else None
-        if not gates or not gates.get("units") or result.get("status") != "finished":
+        if not gates or not gates.get("units"):
             # A cell deleted to be rerun, or still running: its old heatmaps would show
             # another configuration's gates as this one's.
             for stale in (f"gates__{cell.attack}__f{cell.fraction:g}.png",
@@ -457,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
+    from ..server.checkpoint import MODEL_FILE, STATE_FILE
+    from ..server.results import write_json_atomic
     from .config import to_run_config
     from .engine import run_experiment
 
@@ -465,27 +489,29 @@ def main(argv: list[str] | None = None) -> int:
     for cell in progress:
         progress.set_postfix_str(cell.key)
         reason = not_applicable(cell, args.clients)
-        existing = load_cell(output, cell)
+        existing = finished_cell(output, cell)
         if reason:
             rows.append(summarise_cell(cell, None, args.clients, "n/a", None))
-        elif existing and existing.get("status") == "finished":
+        elif existing:
             rows.append(summarise_cell(cell, existing, args.clients, "finished", existing.get("seconds")))
         elif args.tables_only:
             continue
         elif twin := no_attack_twin(output, cell, to_run_config(cell_settings(base, cell, args.clients, output)),
                                     args.clients):
             source, result = twin
-            (output / "cells" / cell.key).mkdir(parents=True, exist_ok=True)
+            directory = output / "cells" / cell.key
+            # An interrupted run of this cell is not needed any more.
+            for name in (STATE_FILE, MODEL_FILE):
+                (directory / name).unlink(missing_ok=True)
             # The twin's results keep the settings it recorded, and say where they came from.
-            (output / "cells" / cell.key / "results.json").write_text(
-                json.dumps({**result, "reused_from": source}, indent=1))
+            write_json_atomic(directory / "results.json", {**result, "reused_from": source})
             tqdm.write(f"cell {cell.key}: the same run as {source} (no attack, fraction-free rule), reused")
             rows.append(summarise_cell(cell, result, args.clients, "finished", 0.0))
         else:
             settings = cell_settings(base, cell, args.clients, output)
             unusable = discard_unusable_checkpoint(output / "cells" / cell.key, settings)
             if unusable:
-                tqdm.write(f"cell {cell.key}: starting over ({unusable})")
+                tqdm.write(f"cell {cell.key}: its interrupted run cannot be resumed ({unusable}); starting over")
             started = time.perf_counter()
             try:
                 run_experiment(settings, args.clients, log_file=output / "cells" / cell.key / "flower.log")
@@ -521,7 +547,8 @@ def discard_unusable_checkpoint(directory: Path, settings: RunSettings) -> str |
     except CheckpointError as error:
         for name in (STATE_FILE, MODEL_FILE):
             (directory / name).unlink(missing_ok=True)
-        return str(error)
+        # The server's advice (another output-dir, or delete the checkpoint) is what was just done.
+        return "its checkpoint is of another run config" if "different config" in str(error) else str(error)
     return None
 
 
@@ -536,8 +563,8 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
 
     stale = []
     for cell in cells:
-        existing = load_cell(output, cell)
-        if not_applicable(cell, num_clients) or not existing or existing.get("status") != "finished":
+        existing = finished_cell(output, cell)
+        if not_applicable(cell, num_clients) or not existing:
             continue
         recorded = existing.get("settings")
         if not isinstance(recorded, dict):
@@ -545,7 +572,8 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
         expected = to_run_config(cell_settings(base, cell, num_clients, output))
         differences = settings_mismatch(recorded, expected, FRACTION_KEYS if fraction_free(cell) else frozenset())
         if not same_clients(existing, existing.get("reused_from") or cell.key, num_clients):
-            differences["clients"] = (existing.get("nodes", "another count"), num_clients)
+            differences["clients"] = (existing.get("nodes", "unrecorded, malicious ids of another count"),
+                                      num_clients)
         if differences:
             stale.append((cell.key, differences))
     return stale
@@ -572,7 +600,7 @@ def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attack
     merged: dict[str, dict] = {}
     try:
         merged = {row["key"]: row for row in json.loads((output / "cells.json").read_text())
-                  if row.get("status") != "finished" or (output / "cells" / row["key"] / "results.json").exists()}
+                  if row.get("status") != "finished" or _still_finished(output, row)}
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         pass
     for row in rows:
@@ -594,6 +622,17 @@ def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attack
     header = (f"## {base.dataset}, {args.clients} clients, {base.partitioning} (alpha={base.dirichlet_alpha}), "
               f"{base.num_server_rounds} rounds")
     write_tables(rows, strategies, attacks, fractions, output / "tables.md", header)
+
+
+def _still_finished(output: Path, row: dict) -> bool:
+    try:
+        cell = Cell(row["strategy"], row["attack"], float(row["fraction"]), int(row["seed"]))
+    except (KeyError, TypeError, ValueError):
+        # A row from an older runner without those columns: judged by its results file alone.
+        return (output / "cells" / row["key"] / "results.json").exists()
+    if cell.key != row["key"]:
+        return (output / "cells" / row["key"] / "results.json").exists()
+    return finished_cell(output, cell) is not None
 
 
 def _union(first: list[str], more) -> list[str]:

@@ -248,7 +248,7 @@ def test_a_no_attack_run_is_reused_across_fractions_only_where_it_is_the_same_ru
     # the fraction; Krum is told f, and the oracle drops the malicious clients: theirs do.
     from softmerge.simulations import engine
     from softmerge.simulations.config import parse_run_config, to_run_config
-    from softmerge.simulations.grid import cell_settings, no_attack_twin
+    from softmerge.simulations.grid import cell_settings, finished_cell, no_attack_twin
 
     settings = parse_run_config({"dataset": "digits", "num-server-rounds": 1, "partitioning": "dirichlet"})
     _finished_cell(tmp_path, Cell("fedavg", "none", 0.2, 0), settings)
@@ -279,6 +279,19 @@ def test_a_no_attack_run_is_reused_across_fractions_only_where_it_is_the_same_ru
     assert [rows[f"fedavg__none__f{f}__s0"]["final_accuracy"] for f in ("0.2", "0.4", "0.6")] == [0.6] * 3
     # The copies carry the 20% cell's malicious ids; the settings check knows that is the same run.
     assert main(argv) == 0
+
+    # The source deleted to be run again: its copies go with it (the tables forget them), and
+    # the next run copies the new results, never a copy of the old ones.
+    source = tmp_path / "cells" / "fedavg__none__f0.2__s0" / "results.json"
+    rerun = json.loads(source.read_text())
+    source.unlink()
+    assert finished_cell(tmp_path, fedavg_40) is None
+    assert finished_cell(tmp_path, Cell("fedavg", "none", 0.6, 0)) is None
+    rerun["rounds"][-1]["test_accuracy"] = 0.7
+    source.write_text(json.dumps(rerun))
+    assert main(argv) == 0
+    rows = {row["key"]: row for row in json.loads((tmp_path / "cells.json").read_text())}
+    assert [rows[f"fedavg__none__f{f}__s0"]["final_accuracy"] for f in ("0.2", "0.4", "0.6")] == [0.7] * 3
 
 
 def test_cells_of_another_client_count_are_neither_reused_nor_mixed_in(tmp_path, capsys):
