@@ -479,7 +479,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from ..server.checkpoint import MODEL_FILE, STATE_FILE
     from ..server.results import write_json_atomic
     from .config import to_run_config
     from .engine import run_experiment
@@ -501,8 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             source, result = twin
             directory = output / "cells" / cell.key
             # An interrupted run of this cell is not needed any more.
-            for name in (STATE_FILE, MODEL_FILE):
-                (directory / name).unlink(missing_ok=True)
+            remove_checkpoint(directory)
             # The twin's results keep the settings it recorded, and say where they came from.
             write_json_atomic(directory / "results.json", {**result, "reused_from": source})
             tqdm.write(f"cell {cell.key}: the same run as {source} (no attack, fraction-free rule), reused")
@@ -531,6 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
+def remove_checkpoint(directory: Path) -> None:
+    """Delete a cell's checkpoint files, if any."""
+    from ..server.checkpoint import MODEL_FILE, STATE_FILE
+
+    for name in (STATE_FILE, MODEL_FILE):
+        (directory / name).unlink(missing_ok=True)
+
+
 def discard_unusable_checkpoint(directory: Path, settings: RunSettings) -> str | None:
     """Delete an unfinished cell's checkpoint that its run cannot resume; returns why, or None.
 
@@ -539,14 +545,13 @@ def discard_unusable_checkpoint(directory: Path, settings: RunSettings) -> str |
     damaged. The grid owns its cell directories, so it starts such a cell over rather than
     fail it at every attempt.
     """
-    from ..server.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, config_fingerprint, load_checkpoint
+    from ..server.checkpoint import CheckpointError, config_fingerprint, load_checkpoint
     from .config import to_run_config
 
     try:
         load_checkpoint(directory, config_fingerprint(to_run_config(settings)))
     except CheckpointError as error:
-        for name in (STATE_FILE, MODEL_FILE):
-            (directory / name).unlink(missing_ok=True)
+        remove_checkpoint(directory)
         # The server's advice (another output-dir, or delete the checkpoint) is what was just done.
         return "its checkpoint is of another run config" if "different config" in str(error) else str(error)
     return None
