@@ -26,7 +26,8 @@ Two uses:
     python benchmarks/replica.py --attack none --seeds 0 --rounds 12 --selection --variant example_weights=true
 
 Attacks: ``none``, the client-side ``sign-flip`` and ``label-flip``, and the colluding
-attacks of :mod:`softmerge.simulations.colluding` (``alie``, ``ipm-0.1``, ``fang``, ...),
+attacks of :mod:`softmerge.simulations.colluding` (``alie``, ``ipm-0.1``, ``fang``, ..., and
+the jittered ``min-sum-jitter``, ...),
 crafted from the honest updates with the harness's seed, as the grid does.
 
 ``--diagnose`` scores three merges of the same round's candidates on the gate split and
@@ -67,7 +68,7 @@ from softmerge.aggregation.robust import apply_update, fltrust, fltrust_server_m
 from softmerge.aggregation.merge import build_merge_units, evaluate_state, example_count_weights, mirror_state
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
-from softmerge.simulations.colluding import COLLUDING_ATTACKS, craft_malicious_updates
+from softmerge.simulations.colluding import COLLUDING_ATTACKS, JITTER_SUFFIX, craft_malicious_updates
 from softmerge.simulations.tasks import (ArraySet, attack_success_rate, build_model, evaluate_model, load_partition,
                                          load_task, poison_with_backdoor, train_model)
 
@@ -75,7 +76,9 @@ DATASET = "fashion-mnist"
 # The reference grid's settings (benchmarks/reference_grid.sh).
 CLIENTS, ALPHA, GATE_SIZE, TEST_SIZE, POOL = 20, 0.5, 300, 2000, 12000
 LOCAL_LR, LOCAL_BATCH = 0.05, 32
-REPLICA_ATTACKS = ("none", "sign-flip", "label-flip", "backdoor") + COLLUDING_ATTACKS
+REPLICA_CLIENT_ATTACKS = ("none", "sign-flip", "label-flip", "backdoor")
+REPLICA_ATTACKS = (REPLICA_CLIENT_ATTACKS + COLLUDING_ATTACKS
+                   + tuple(name + JITTER_SUFFIX for name in COLLUDING_ATTACKS))
 # The grid's backdoor (run-config defaults): trigger on half a malicious client's data, target class 0.
 BACKDOOR_TARGET, BACKDOOR_FRACTION = 0, 0.5
 
@@ -145,7 +148,7 @@ def client_candidates(global_state, partitions, malicious, attack, round_number,
         if pid in malicious and attack == "sign-flip":
             state = poison_state("sign-flip", global_state, state)
         candidates.append(state)
-    if attack in COLLUDING_ATTACKS and malicious:
+    if attack not in REPLICA_CLIENT_ATTACKS and malicious:
         collude(candidates, global_state, malicious, attack, round_number, seed)
     return candidates
 

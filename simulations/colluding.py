@@ -18,6 +18,13 @@ deviation of the benign rows; ddof=0 keeps sigma defined for a single benign row
   attack on trimmed mean / median), applied to updates (see :func:`fang_trim`).
 - Mimic (Karimireddy, He & Jaggi, ICLR 2022): every malicious client sends the update of
   one honest client (see :func:`mimic_target_index`).
+- Jittered Sybils: any of the above with ``-jitter`` appended (``min-sum-jitter``,
+  ``alie-jitter``, ...). Each malicious client adds its own small Gaussian noise to the
+  crafted update, ``jitter * sigma`` per coordinate (default :data:`DEFAULT_JITTER`, 1% of
+  the benign spread), so no two malicious replies are bit-for-bit identical. This is the
+  adaptive attack on a defense that merges identical replies into one (SoftMerge gates
+  them as one and counts one client's examples for them): the copies then hold one gate
+  and one count each, while the noise is far too small to change what they do.
 
 No flwr here: :mod:`softmerge.simulations.harness` turns Flower replies into these arrays.
 """
@@ -32,6 +39,12 @@ import numpy as np
 from scipy.stats import norm
 
 PERTURBATIONS = ("unit", "sign", "std")
+
+JITTER_SUFFIX = "-jitter"
+# Per-coordinate noise, as a multiple of the benign standard deviation, that a jittered
+# attack adds to each copy: enough that no float32 copy equals another, small against
+# the spread the honest updates have among themselves.
+DEFAULT_JITTER = 0.01
 
 # Canonical attack names accepted by craft_malicious_updates. "ipm-<eps>" accepts any
 # positive number, and "min-max-<p>" / "min-sum-<p>" name the perturbation in the name.
@@ -272,6 +285,22 @@ def mimic(benign: np.ndarray, num_malicious: int, target: int | str = "pca") -> 
     return _repeat(benign[index], num_malicious)
 
 
+# --- jittered Sybils --------------------------------------------------------------------
+
+def jitter_copies(crafted: np.ndarray, benign: np.ndarray, rng: np.random.Generator,
+                  scale: float = DEFAULT_JITTER) -> np.ndarray:
+    """Each row of ``crafted`` plus its own Gaussian noise of std ``scale * sigma`` per coordinate.
+
+    sigma is the benign rows' per-coordinate standard deviation, so the noise follows the
+    honest spread: coordinates on which the honest clients agree (sigma = 0) stay as crafted.
+    """
+    benign = _check_benign(benign)
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"jitter must be a finite number >= 0; got {scale}")
+    _, sigma = benign_statistics(benign)
+    return crafted + rng.standard_normal(crafted.shape) * (scale * sigma)
+
+
 # --- dispatcher -------------------------------------------------------------------------
 
 _IPM_NAME = re.compile(r"^ipm(?:-(?P<eps>.+))?$")
@@ -288,7 +317,15 @@ def is_colluding_attack(name: str) -> bool:
 
 
 def parse_attack_name(name: str) -> tuple[str, dict]:
-    """``(kind, implied parameters)`` of an attack name; raises ValueError naming the known ones."""
+    """``(kind, implied parameters)`` of an attack name; raises ValueError naming the known ones.
+
+    A ``-jitter`` suffix adds ``{"jitter": DEFAULT_JITTER}`` to the base attack's parameters.
+    """
+    if name.endswith(JITTER_SUFFIX) and len(name) > len(JITTER_SUFFIX):
+        kind, params = parse_attack_name(name[:-len(JITTER_SUFFIX)])
+        if "jitter" in params:
+            raise ValueError(f"attack {name!r}: -jitter appears twice")
+        return kind, {**params, "jitter": DEFAULT_JITTER}
     if name in ("alie", "fang", "mimic"):
         return name, {}
     ipm_match = _IPM_NAME.match(name)
@@ -307,7 +344,8 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
         params = {"perturbation": deviation_match["p"]} if deviation_match["p"] else {}
         return deviation_match["kind"], params
     raise ValueError(f"unknown colluding attack {name!r}; known: {', '.join(COLLUDING_ATTACKS)}, "
-                     "ipm-<eps>, min-max-<unit|sign|std>, min-sum-<unit|sign|std>")
+                     "ipm-<eps>, min-max-<unit|sign|std>, min-sum-<unit|sign|std>, "
+                     "each optionally with -jitter (e.g. min-sum-jitter)")
 
 
 def craft_malicious_updates(
@@ -323,20 +361,27 @@ def craft_malicious_updates(
     Names: ``alie``, ``ipm-<eps>`` (``ipm-0.1``, ``ipm-100``; plain ``ipm`` takes
     ``epsilon=``), ``min-max`` / ``min-sum`` (optionally ``-unit``, ``-sign`` or ``-std``,
     default std; or ``perturbation=``), ``fang`` (needs ``rng``; ``b=``), ``mimic``
-    (``target=``). Keyword ``params`` override what the name implies.
+    (``target=``). Keyword ``params`` override what the name implies. Any of them with
+    ``-jitter`` appended (or ``jitter=<scale>``) goes through :func:`jitter_copies`, which
+    needs ``rng``; ``jitter=0`` sends the copies unjittered.
     """
     kind, implied = parse_attack_name(name)
     params = {**implied, **params}
+    jitter = params.pop("jitter", 0.0)
+    if jitter and rng is None:
+        raise ValueError("a jittered attack draws its noise: pass a numpy Generator as rng")
     if kind == "alie":
-        return alie(benign_updates, num_malicious, num_total, **params)
-    if kind == "ipm":
-        return ipm(benign_updates, num_malicious, **params)
-    if kind == "min-max":
-        return min_max(benign_updates, num_malicious, **params)
-    if kind == "min-sum":
-        return min_sum(benign_updates, num_malicious, **params)
-    if kind == "fang":
+        crafted = alie(benign_updates, num_malicious, num_total, **params)
+    elif kind == "ipm":
+        crafted = ipm(benign_updates, num_malicious, **params)
+    elif kind == "min-max":
+        crafted = min_max(benign_updates, num_malicious, **params)
+    elif kind == "min-sum":
+        crafted = min_sum(benign_updates, num_malicious, **params)
+    elif kind == "fang":
         if rng is None:
             raise ValueError("the fang attack samples its values: pass a numpy Generator as rng")
-        return fang_trim(benign_updates, num_malicious, rng, **params)
-    return mimic(benign_updates, num_malicious, **params)
+        crafted = fang_trim(benign_updates, num_malicious, rng, **params)
+    else:
+        crafted = mimic(benign_updates, num_malicious, **params)
+    return jitter_copies(crafted, benign_updates, rng, float(jitter)) if jitter else crafted

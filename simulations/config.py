@@ -171,7 +171,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "client_pool_size": _at_least(0),
     "attack": lambda v: None if v in CLIENT_ATTACKS or is_colluding_attack(v) else (
         f"one of {', '.join(CLIENT_ATTACKS + COLLUDING_ATTACKS)} (or ipm-<eps>, min-max-<unit|sign|std>, "
-        "min-sum-<unit|sign|std>)"),
+        "min-sum-<unit|sign|std>, any colluding one with -jitter)"),
     "attack_scale": _at_least(0),
     "gaussian_std": _at_least(0),
     "backdoor_target": _at_least(0),

@@ -19,6 +19,7 @@ from softmerge.simulations.colluding import (
     fang_trim,
     find_gamma,
     is_colluding_attack,
+    jitter_copies,
     ipm,
     mimic,
     mimic_target_index,
@@ -28,6 +29,7 @@ from softmerge.simulations.colluding import (
     min_sum_criterion,
     perturbation_vector,
 )
+from softmerge.aggregation.merge import duplicate_groups
 from softmerge.simulations.harness import ColludingAdversary, make_colluding
 
 from flower_helpers import StubGrid, make_reply
@@ -206,11 +208,57 @@ def test_mimic_copies_the_benign_update_most_extreme_along_the_top_direction():
     assert any(np.array_equal(updates[0], row) for row in _spread_updates(seed=4))
 
 
+# --- jittered Sybils -------------------------------------------------------------------
+
+def test_jitter_gives_each_copy_its_own_noise_scaled_to_the_benign_spread():
+    benign = _spread_updates(seed=6, rows=8, dim=4000)
+    benign[:, :10] = 0.25  # coordinates on which every honest client agrees: sigma = 0
+    base = min_sum(benign, 3)
+    jittered = craft_malicious_updates("min-sum-jitter", benign, 3, 10, rng=np.random.default_rng(1))
+    assert jittered.shape == base.shape
+    assert all(not np.array_equal(jittered[i], jittered[j]) for i in range(3) for j in range(i))
+    sigma = benign.std(axis=0)
+    np.testing.assert_array_equal(jittered[:, :10], base[:, :10])
+    noise = (jittered[:, 10:] - base[:, 10:]) / sigma[10:]
+    # Standard normal noise times DEFAULT_JITTER, per coordinate: mean ~0, std ~0.01.
+    assert abs(noise.mean()) < 5e-4
+    assert noise.std() == pytest.approx(colluding.DEFAULT_JITTER, rel=0.05)
+    again = craft_malicious_updates("min-sum-jitter", benign, 3, 10, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(jittered, again)
+    wider = craft_malicious_updates("min-sum", benign, 3, 10, rng=np.random.default_rng(1), jitter=0.1)
+    assert ((wider - base)[:, 10:] / sigma[10:]).std() == pytest.approx(0.1, rel=0.05)
+    np.testing.assert_array_equal(craft_malicious_updates("min-sum-jitter", benign, 3, 10, jitter=0.0), base)
+
+
+def test_jitter_rejects_a_missing_generator_a_bad_scale_and_a_double_suffix():
+    benign = _spread_updates(seed=7)
+    with pytest.raises(ValueError, match="Generator"):
+        craft_malicious_updates("alie-jitter", benign, 2, 8)
+    with pytest.raises(ValueError, match="jitter"):
+        jitter_copies(alie(benign, 2, 8), benign, np.random.default_rng(0), scale=-1.0)
+    with pytest.raises(ValueError, match="jitter"):
+        jitter_copies(alie(benign, 2, 8), benign, np.random.default_rng(0), scale=math.inf)
+    for bad in ("min-sum-jitter-jitter", "-jitter", "krum-jitter"):
+        assert not is_colluding_attack(bad)
+
+
+def test_jittered_copies_evade_the_identical_reply_rule_after_float32():
+    # The copies a defense receives are float32 models, global + update: the jitter must
+    # survive that rounding, or the attack would be the plain one.
+    benign = _spread_updates(seed=8, rows=6, dim=300, scale=1e-3)
+    global_model = np.random.default_rng(9).normal(size=300)
+    for name, expected_groups in (("alie", 1), ("alie-jitter", 4)):
+        crafted = craft_malicious_updates(name, benign, 4, 10, rng=np.random.default_rng(2))
+        states = [{"w": torch.from_numpy(global_model + row).float()} for row in crafted]
+        assert len(duplicate_groups(states)) == expected_groups
+
+
 # --- the dispatcher --------------------------------------------------------------------
 
 def test_dispatcher_knows_every_named_attack_and_rejects_others():
     benign = _spread_updates(seed=5)
-    for name in colluding.COLLUDING_ATTACKS + ("ipm-2.5", "min-sum-sign", "min-max-unit"):
+    for name in colluding.COLLUDING_ATTACKS + ("ipm-2.5", "min-sum-sign", "min-max-unit", "mimic-jitter",
+                                                "ipm-0.1-jitter", "min-max-sign-jitter"):
         assert is_colluding_attack(name)
         result = craft_malicious_updates(name, benign, 2, 8, rng=np.random.default_rng(0))
         assert result.shape == (2, 5) and np.isfinite(result).all()

@@ -92,6 +92,14 @@ def test_softmerge_keys_reach_the_merge_config():
     assert merge_config_from(RunSettings()) == SoftMergeConfig()
 
 
+def test_jittered_colluding_attacks_are_valid_attack_names():
+    assert parse_run_config({"attack": "min-sum-jitter"}).attack == "min-sum-jitter"
+    assert parse_run_config({"attack": "ipm-0.1-jitter"}).attack == "ipm-0.1-jitter"
+    for bad in ("label-flip-jitter", "min-sum-jitter-jitter"):
+        with pytest.raises(ConfigError, match="'attack' must be one of"):
+            parse_run_config({"attack": bad})
+
+
 def test_strings_from_the_command_line_are_coerced():
     settings = parse_run_config({"softmerge-keep": "false", "seed": 3.0})
     assert settings.softmerge_keep is False and settings.seed == 3
