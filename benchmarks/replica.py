@@ -68,7 +68,7 @@ from softmerge.aggregation.robust import apply_update, fltrust, fltrust_server_m
 from softmerge.aggregation.merge import build_merge_units, evaluate_state, example_count_weights, mirror_state
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
-from softmerge.simulations.colluding import COLLUDING_ATTACKS, JITTER_SUFFIX, craft_malicious_updates
+from softmerge.simulations.colluding import craft_malicious_updates, is_colluding_attack
 from softmerge.simulations.tasks import (ArraySet, attack_success_rate, build_model, evaluate_model, load_partition,
                                          load_task, poison_with_backdoor, train_model)
 
@@ -77,8 +77,6 @@ DATASET = "fashion-mnist"
 CLIENTS, ALPHA, GATE_SIZE, TEST_SIZE, POOL = 20, 0.5, 300, 2000, 12000
 LOCAL_LR, LOCAL_BATCH = 0.05, 32
 REPLICA_CLIENT_ATTACKS = ("none", "sign-flip", "label-flip", "backdoor")
-REPLICA_ATTACKS = (REPLICA_CLIENT_ATTACKS + COLLUDING_ATTACKS
-                   + tuple(name + JITTER_SUFFIX for name in COLLUDING_ATTACKS))
 # The grid's backdoor (run-config defaults): trigger on half a malicious client's data, target class 0.
 BACKDOOR_TARGET, BACKDOOR_FRACTION = 0, 0.5
 
@@ -340,9 +338,16 @@ def diagnose_round(round_number, report, states, units, malicious, task, warm_re
     print(f"round {round_number} steps {report.steps} | " + " | ".join(cells), flush=True)
 
 
+def replica_attack(name: str) -> str:
+    if name in REPLICA_CLIENT_ATTACKS or is_colluding_attack(name):
+        return name
+    raise argparse.ArgumentTypeError(f"{name!r} is neither {', '.join(REPLICA_CLIENT_ATTACKS)} nor a colluding attack")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--attack", choices=REPLICA_ATTACKS, default="none")
+    parser.add_argument("--attack", type=replica_attack, default="none",
+                        help=f"{', '.join(REPLICA_CLIENT_ATTACKS)} or a colluding attack (alie, mimic-jitter, ...)")
     parser.add_argument("--variant", action="append", default=None)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--rounds", type=int, default=8)

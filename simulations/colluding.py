@@ -21,10 +21,11 @@ deviation of the benign rows; ddof=0 keeps sigma defined for a single benign row
 - Jittered Sybils: any of the above with ``-jitter`` appended (``min-sum-jitter``,
   ``alie-jitter``, ...). Each malicious client adds its own small Gaussian noise to the
   crafted update, ``jitter * sigma`` per coordinate (default :data:`DEFAULT_JITTER`, 1% of
-  the benign spread), so no two malicious replies are bit-for-bit identical. This is the
-  adaptive attack on a defense that merges identical replies into one (SoftMerge gates
-  them as one and counts one client's examples for them): the copies then hold one gate
-  and one count each, while the noise is far too small to change what they do.
+  the benign spread; ``-jitter-<scale>`` sets it, ``mimic-jitter-0.3``), so no two
+  malicious replies are bit-for-bit identical. This is the adaptive attack on a defense
+  that merges identical replies into one (SoftMerge gates them as one and counts one
+  client's examples for them): the copies then hold one gate and one count each, while
+  the noise is far too small to change what they do.
 
 No flwr here: :mod:`softmerge.simulations.harness` turns Flower replies into these arrays.
 """
@@ -304,6 +305,7 @@ def jitter_copies(crafted: np.ndarray, benign: np.ndarray, rng: np.random.Genera
 # --- dispatcher -------------------------------------------------------------------------
 
 _IPM_NAME = re.compile(r"^ipm(?:-(?P<eps>.+))?$")
+_JITTER_NAME = re.compile(r"^(?P<base>.+?)-jitter(?:-(?P<scale>[^-].*))?$")
 _DEVIATION_NAME = re.compile(r"^(?P<kind>min-max|min-sum)(?:-(?P<p>unit|sign|std))?$")
 
 
@@ -319,13 +321,23 @@ def is_colluding_attack(name: str) -> bool:
 def parse_attack_name(name: str) -> tuple[str, dict]:
     """``(kind, implied parameters)`` of an attack name; raises ValueError naming the known ones.
 
-    A ``-jitter`` suffix adds ``{"jitter": DEFAULT_JITTER}`` to the base attack's parameters.
+    A ``-jitter`` suffix adds ``{"jitter": DEFAULT_JITTER}`` to the base attack's
+    parameters, ``-jitter-<scale>`` (``mimic-jitter-0.3``) ``{"jitter": scale}``.
     """
-    if name.endswith(JITTER_SUFFIX) and len(name) > len(JITTER_SUFFIX):
-        kind, params = parse_attack_name(name[:-len(JITTER_SUFFIX)])
+    jitter_match = _JITTER_NAME.match(name)
+    if jitter_match:
+        kind, params = parse_attack_name(jitter_match["base"])
         if "jitter" in params:
             raise ValueError(f"attack {name!r}: -jitter appears twice")
-        return kind, {**params, "jitter": DEFAULT_JITTER}
+        scale = DEFAULT_JITTER
+        if jitter_match["scale"] is not None:
+            try:
+                scale = float(jitter_match["scale"])
+            except ValueError:
+                scale = math.nan
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"attack {name!r}: -jitter-<scale> needs a positive number, e.g. mimic-jitter-0.3")
+        return kind, {**params, "jitter": scale}
     if name in ("alie", "fang", "mimic"):
         return name, {}
     ipm_match = _IPM_NAME.match(name)
@@ -345,7 +357,7 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
         return deviation_match["kind"], params
     raise ValueError(f"unknown colluding attack {name!r}; known: {', '.join(COLLUDING_ATTACKS)}, "
                      "ipm-<eps>, min-max-<unit|sign|std>, min-sum-<unit|sign|std>, "
-                     "each optionally with -jitter (e.g. min-sum-jitter)")
+                     "each optionally with -jitter or -jitter-<scale> (e.g. min-sum-jitter, mimic-jitter-0.3)")
 
 
 def craft_malicious_updates(

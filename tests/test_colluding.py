@@ -238,8 +238,11 @@ def test_jitter_rejects_a_missing_generator_a_bad_scale_and_a_double_suffix():
         jitter_copies(alie(benign, 2, 8), benign, np.random.default_rng(0), scale=-1.0)
     with pytest.raises(ValueError, match="jitter"):
         jitter_copies(alie(benign, 2, 8), benign, np.random.default_rng(0), scale=math.inf)
-    for bad in ("min-sum-jitter-jitter", "-jitter", "krum-jitter"):
+    for bad in ("min-sum-jitter-jitter", "-jitter", "krum-jitter", "mimic-jitter-0", "mimic-jitter--1",
+                "mimic-jitter-inf", "mimic-jitter-x"):
         assert not is_colluding_attack(bad)
+    assert colluding.parse_attack_name("mimic-jitter-0.3") == ("mimic", {"jitter": 0.3})
+    assert colluding.parse_attack_name("ipm-0.1-jitter") == ("ipm", {"epsilon": 0.1, "jitter": colluding.DEFAULT_JITTER})
 
 
 def test_jittered_copies_evade_the_identical_reply_rule_after_float32():
