@@ -318,6 +318,16 @@ def is_colluding_attack(name: str) -> bool:
     return True
 
 
+def _positive_number(text: str, what: str, example: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} needs a positive number, e.g. {example}")
+    return value
+
+
 def parse_attack_name(name: str) -> tuple[str, dict]:
     """``(kind, implied parameters)`` of an attack name; raises ValueError naming the known ones.
 
@@ -329,14 +339,8 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
         kind, params = parse_attack_name(jitter_match["base"])
         if "jitter" in params:
             raise ValueError(f"attack {name!r}: -jitter appears twice")
-        scale = DEFAULT_JITTER
-        if jitter_match["scale"] is not None:
-            try:
-                scale = float(jitter_match["scale"])
-            except ValueError:
-                scale = math.nan
-            if not (math.isfinite(scale) and scale > 0):
-                raise ValueError(f"attack {name!r}: -jitter-<scale> needs a positive number, e.g. mimic-jitter-0.3")
+        scale = (DEFAULT_JITTER if jitter_match["scale"] is None else
+                 _positive_number(jitter_match["scale"], f"attack {name!r}: -jitter-<scale>", "mimic-jitter-0.3"))
         return kind, {**params, "jitter": scale}
     if name in ("alie", "fang", "mimic"):
         return name, {}
@@ -344,13 +348,8 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
     if ipm_match:
         if ipm_match["eps"] is None:
             return "ipm", {}
-        try:
-            epsilon = float(ipm_match["eps"])
-        except ValueError:
-            epsilon = math.nan
-        if not (math.isfinite(epsilon) and epsilon > 0):
-            raise ValueError(f"attack {name!r}: ipm-<eps> needs a positive number, e.g. ipm-0.1 or ipm-100")
-        return "ipm", {"epsilon": epsilon}
+        return "ipm", {"epsilon": _positive_number(ipm_match["eps"], f"attack {name!r}: ipm-<eps>",
+                                                   "ipm-0.1 or ipm-100")}
     deviation_match = _DEVIATION_NAME.match(name)
     if deviation_match:
         params = {"perturbation": deviation_match["p"]} if deviation_match["p"] else {}
