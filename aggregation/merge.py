@@ -72,7 +72,10 @@ gated as one: one gate per unit, and the group's mixing weight is split equally 
 members. They are grouped before anything is scored, so a group costs one own-loss pass
 (and one mirror pass) however many clients sent it. Colluding attacks that send one
 crafted model from many clients, or copy one honest client's, would otherwise hold as many
-gates as senders; a client that resends the global model joins the keep candidate.
+gates as senders; a client that resends the global model joins the keep candidate. With
+``near_duplicate_tolerance`` > 0, replies whose per-example gate-split losses are nearly
+the same (:func:`near_duplicate_clusters`) are grouped too, and gated as their mean: a
+little noise on each copy does not make it a model of its own.
 
 Trust over rounds (opt-in). A caller that keeps each client's gate record across rounds
 (:mod:`softmerge.aggregation.trust`; the Flower strategy does, with ``trust=True``) passes
@@ -198,7 +201,17 @@ class SoftMergeConfig:
             colluding attacks that send one crafted reply from every malicious client
             (IPM, ALIE, min-max, min-sum) or copy one honest client (Mimic), and clients
             that resend the global model unchanged, count once. Exact only: a reply
-            perturbed by any amount is a candidate of its own.
+            perturbed by any amount is a candidate of its own (see the next option).
+        near_duplicate_tolerance: > 0 also groups replies that are near-identical in
+            what they do on the gate split (:func:`near_duplicate_clusters`): two
+            candidates whose per-example gate-split losses differ, in root mean square,
+            by at most this fraction of how far either one's losses moved from the keep
+            model's share one gate, and the group is gated as the mean of its members.
+            Colluding clients that add a little noise to one crafted or copied reply
+            (the ``-jitter`` attacks) would otherwise hold a gate, and with
+            ``example_weights`` a count, per copy. It costs one forward pass of the keep
+            model and one of each group's mean model. 0 (the default) groups exact
+            copies only.
         max_grad_norm: clip on the gradient norm of log_alpha.
         tolerance: every ``check_every`` steps the deterministic gates are scored by
             the objective itself, without noise: the cross-entropy of the merge they
@@ -267,6 +280,7 @@ class SoftMergeConfig:
     mirror_temperature: float = 0.02
     mirror_confidence: float = 2.0
     merge_duplicates: bool = True
+    near_duplicate_tolerance: float = 0.0
     max_grad_norm: float = 1.0
     tolerance: float = 0.01
     check_every: int = 10
@@ -301,6 +315,8 @@ class SoftMergeConfig:
         _require(_finite(self.mirror_confidence) and self.mirror_confidence >= 0,
                  "mirror_confidence must be a finite number >= 0")
         _require(isinstance(self.merge_duplicates, bool), "merge_duplicates must be a bool")
+        _require(_finite(self.near_duplicate_tolerance) and self.near_duplicate_tolerance >= 0,
+                 "near_duplicate_tolerance must be a finite number >= 0")
         _require(_finite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm must be a finite number > 0")
         _require(_finite(self.tolerance) and self.tolerance >= 0, "tolerance must be a finite number >= 0")
         _require(isinstance(self.check_every, int) and self.check_every >= 1, "check_every must be an integer >= 1")
@@ -331,7 +347,8 @@ class GateReport:
     candidate ``candidates[k]`` in unit ``units[u]``. Losses and accuracies are on the
     gate split: ``*_before`` for the keep candidate (the current global model),
     ``*_after`` for the merged model. ``candidate_losses`` are each candidate's own.
-    ``duplicates`` lists the groups of identical candidates that shared one gate; each
+    ``duplicates`` lists the groups of identical (or, with
+    ``near_duplicate_tolerance``, near-identical) candidates that shared one gate; each
     member reports the group's gate and an equal share of its weight. ``trust`` is each
     candidate's trust over past rounds (its group's, for identical candidates) when the
     caller passed one, else empty. ``rejected_loss`` is the gate-split loss of a first
@@ -678,6 +695,54 @@ def duplicate_groups(states: Sequence[Mapping[str, torch.Tensor]], first: int | 
     return groups
 
 
+def near_duplicate_clusters(losses: Sequence[torch.Tensor | None], keep_losses: torch.Tensor,
+                            tolerance: float) -> list[list[int]]:
+    """Indices of candidates that behave alike on the gate split, clustered; each index in one cluster.
+
+    ``losses[g]`` is candidate g's per-example gate-split cross-entropy (``None`` for the
+    keep candidate, which is never clustered), ``keep_losses`` the keep model's. With
+    ``r(a, b) = rms(losses[a] - losses[b])`` and ``m(a) = rms(losses[a] - keep_losses)``
+    (how far a moved the model on the gate split), candidate g joins the first cluster
+    whose leader h has ``r(g, h) <= tolerance * min(m(g), m(h))``, or leads a new one.
+    Comparing with the leader only bounds a cluster's spread (no chains of near pairs
+    linking unlike candidates); the loss space makes the test about what a model does,
+    so noise that does not change a copy's predictions does not make it a new candidate,
+    while honest clients trained on different data err on different examples. Clusters
+    keep the order of their first member. Non-finite losses never cluster.
+    """
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"tolerance must be a finite number >= 0; got {tolerance}")
+
+    def rms(difference: torch.Tensor) -> float:
+        value = float(difference.pow(2).mean().sqrt()) if len(difference) else 0.0
+        return value if math.isfinite(value) else math.inf
+
+    clusters: list[list[int]] = []
+    leaders: list[tuple[torch.Tensor, float] | None] = []  # None: a cluster nothing joins
+    for g, own in enumerate(losses):
+        moved = rms(own - keep_losses) if own is not None else math.inf
+        if own is None or not (math.isfinite(moved) and moved > 0):
+            clusters.append([g])
+            leaders.append(None)
+            continue
+        for cluster, leader in zip(clusters, leaders):
+            if leader is not None and rms(own - leader[0]) <= tolerance * min(moved, leader[1]):
+                cluster.append(g)
+                break
+        else:
+            clusters.append([g])
+            leaders.append((own, moved))
+    return clusters
+
+
+def mean_state(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of floating tensors across ``states``; other tensors are the first state's."""
+    first = states[0]
+    return {name: (torch.stack([state[name] for state in states]).double().mean(0).to(tensor.dtype)
+                   if tensor.dtype.is_floating_point else tensor)
+            for name, tensor in first.items()}
+
+
 def _same_layout(reference: Mapping[str, torch.Tensor], state: Mapping[str, object]) -> bool:
     return (isinstance(state, Mapping) and set(state) == set(reference)
             and all(isinstance(state[n], torch.Tensor) and state[n].shape == t.shape and state[n].dtype == t.dtype
@@ -919,11 +984,27 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             group_losses = [losses for members, losses in cut if members]
             keep_index = position[keep_index] if keep_index is not None else None
 
+        # The model each group is gated as: its (first) member, or for replies that are
+        # only near-identical, their mean, scored afresh.
+        group_states = [states[group[0]] for group in groups]
+        if config.near_duplicate_tolerance > 0 and len(groups) > 1:
+            keep_losses = per_example_losses(model, keep_state, inputs, targets)
+            clusters = near_duplicate_clusters(group_losses, keep_losses, config.near_duplicate_tolerance)
+            if len(clusters) < len(groups):
+                joined = [sorted(k for g in cluster for k in groups[g]) for cluster in clusters]
+                group_states = [group_states[cluster[0]] if len(cluster) == 1 else mean_state([states[k] for k in members])
+                                for cluster, members in zip(clusters, joined)]
+                group_losses = [group_losses[cluster[0]] if len(cluster) == 1
+                                else per_example_losses(model, state, inputs, targets)
+                                for cluster, state in zip(clusters, group_states)]
+                groups = joined
+        group_mean_losses = [loss_before if losses is None else _mean_loss(losses) for losses in group_losses]
+
         use_mirror_test = config.warm_start and config.mirror_test
         # (mirror loss, standard error of d) per group; the keep candidate is its own mirror: d = 0 exactly.
         group_mirrors = [(loss_before, 0.0) if losses is None
-                         else mirror_statistics(model, states[group[0]], keep_state, inputs, targets, own_losses=losses)
-                         for group, losses in zip(groups, group_losses)] if use_mirror_test else []
+                         else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses)
+                         for state, losses in zip(group_states, group_losses)] if use_mirror_test else []
 
         # Column g of log_alpha is group g.
         heads = [group[0] for group in groups]
@@ -933,18 +1014,17 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         gated_keep = int(group_of[keep_index]) if keep_index is not None else None
 
         buffer_names = {name for name, _ in model.named_buffers()}
-        stacked = _StackedCandidates(reference, states if len(groups) == len(states) else [states[k] for k in heads],
+        stacked = _StackedCandidates(reference, states if len(groups) == len(states) else group_states,
                                      units, buffer_names)
         if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):
             start = torch.nan_to_num(initial_log_alpha.detach().float()[:, heads], nan=LOG_ALPHA_MIN)
             start = start.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
         else:
-            head_losses = [candidate_losses[k] for k in heads]
-            start = warm_start_log_alpha(head_losses, config)
+            start = warm_start_log_alpha(group_mean_losses, config)
             if use_mirror_test:
                 errors = [error for _, error in group_mirrors] if config.mirror_confidence > 0 else None
-                start = torch.minimum(start, mirror_log_alpha(head_losses, [loss for loss, _ in group_mirrors], config,
-                                                              errors))
+                start = torch.minimum(start, mirror_log_alpha(group_mean_losses, [loss for loss, _ in group_mirrors],
+                                                              config, errors))
             start = start.expand(len(units), -1)
         # Identical models are as trustworthy as the most trusted client that sent them.
         group_trust = [max(state_trust[k] for k in group) for group in groups]

@@ -96,8 +96,9 @@ class SoftMerge(RoundStartMemory):
             cfg.keep_mode)
         log(INFO, "\t│\t├── steps: %d | lr: %g | L0 lambda: %g | batch: %d", cfg.steps, cfg.lr, cfg.l0_lambda,
             cfg.batch_size)
-        log(INFO, "\t│\t├── warm start: %s | ceiling: %s | mirror test: %s (z = %g) | identical replies share a gate: %s",
-            cfg.warm_start, cfg.warm_start_ceiling, cfg.mirror_test, cfg.mirror_confidence, cfg.merge_duplicates)
+        log(INFO, "\t│\t├── warm start: %s | ceiling: %s | mirror test: %s (z = %g) | identical replies share a gate: %s"
+            " | near-identical: %g", cfg.warm_start, cfg.warm_start_ceiling, cfg.mirror_test, cfg.mirror_confidence,
+            cfg.merge_duplicates, cfg.near_duplicate_tolerance)
         log(INFO, "\t│\t├── example-count weights over the selected (capped at their median): %s",
             cfg.example_weights)
         log(INFO, "\t│\t├── trust over rounds: %s (strength %g, memory %g)", self.trust, cfg.trust_strength,
@@ -205,8 +206,9 @@ class SoftMerge(RoundStartMemory):
             level = INFO if exclusion.reason.startswith("pre-selection") else WARNING
             log(level, "SoftMerge round %d: excluded %s: %s", server_round, exclusion.label, exclusion.reason)
         for group in report.duplicates:
-            # Honest clients with their own data do not send bit-identical models.
-            log(WARNING, "SoftMerge round %d: identical replies from %s share one gate", server_round, group)
+            # Honest clients with their own data do not send models that behave the same.
+            log(WARNING, "SoftMerge round %d: identical or near-identical replies from %s share one gate",
+                server_round, group)
         if report.rejected_loss is not None:
             outcome = ("kept the global model" if report.harm_fallback else
                        f"learned again from closed client gates: {report.loss_after:.3f}")

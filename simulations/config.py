@@ -79,6 +79,7 @@ class RunSettings:
     softmerge_mirror_temperature: float = 0.02
     softmerge_mirror_confidence: float = 2.0
     softmerge_merge_duplicates: bool = True
+    softmerge_near_duplicates: float = 0.0
     softmerge_trust: bool = False
     softmerge_trust_strength: float = 2.0
     softmerge_trust_memory: float = 0.9
@@ -199,6 +200,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_trust_strength": _at_least(0),
     "softmerge_trust_memory": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
     "softmerge_harm_margin": _at_least(0),
+    "softmerge_near_duplicates": _at_least(0),
     "attack_claimed_examples": _at_least(0),
     "round_timeout": _open_interval(0, 86400),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
