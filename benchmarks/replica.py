@@ -22,6 +22,9 @@ Two uses:
     # every round: do the open malicious updates pull against the rest of the merge?
     python benchmarks/replica.py --attack sign-flip --seeds 0 --rounds 30 --cosines
 
+    # every 5 rounds: how alike are honest clients, and jittered copies, on the gate split?
+    python benchmarks/replica.py --attack mimic-jitter --seeds 0 --rounds 30 --loss-distances 5 --variant fedavg
+
     # every round: which step shuts clients out (warm start, mirror bound, gate learning)?
     python benchmarks/replica.py --attack none --seeds 0 --rounds 12 --selection --variant example_weights=true
 
@@ -65,7 +68,8 @@ import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.robust import apply_update, fltrust, fltrust_server_model, flatten_updates
-from softmerge.aggregation.merge import build_merge_units, evaluate_state, example_count_weights, mirror_state
+from softmerge.aggregation.merge import (build_merge_units, evaluate_state, example_count_weights, mirror_state,
+                                         per_example_losses)
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
 from softmerge.simulations.colluding import craft_malicious_updates, is_colluding_attack
@@ -195,7 +199,7 @@ def score(state, data):
 
 
 def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False,
-        inflate=0.0, selection=False):
+        inflate=0.0, selection=False, distances_every=0):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
@@ -214,6 +218,8 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
         candidates = client_candidates(global_state, partitions, malicious, attack, round_number, seed)
         if scores_every and (round_number == 1 or round_number % scores_every == 0):
             print_scores(round_number, model, global_state, candidates, malicious, task)
+        if distances_every and (round_number == 1 or round_number % distances_every == 0):
+            print_loss_distances(round_number, model, global_state, candidates, malicious, task)
         if isinstance(variant, str) and variant.startswith("fltrust"):
             # As the grid's FLTrust: the server model trains on the gate split the way clients
             # train, for as many steps as the median client (or one pass).
@@ -261,6 +267,27 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
         print(f"backdoor attack success rate after round {rounds}: "
               f"{attack_success_rate(model, task.test, BACKDOOR_TARGET):.4f}", flush=True)
     return accuracies, malicious_weight
+
+
+def print_loss_distances(round_number, model, global_state, candidates, malicious, task):
+    """The near-duplicate test's ratio, rms(l_a - l_b) / min(rms(l_a - l_keep), rms(l_b - l_keep)) over
+    per-example gate-split losses, for pairs of honest clients and pairs of malicious ones: the
+    smallest honest ratio is where a tolerance would start to group honest clients."""
+    inputs, targets = task.gate.tensors()
+    keep = per_example_losses(model, global_state, inputs, targets)
+    losses = [per_example_losses(model, state, inputs, targets) for state in candidates]
+    moved = [float((loss - keep).pow(2).mean().sqrt()) for loss in losses]
+
+    def ratios(clients):
+        return [float((losses[a] - losses[b]).pow(2).mean().sqrt()) / max(min(moved[a], moved[b]), 1e-12)
+                for i, a in enumerate(clients) for b in clients[:i]]
+
+    honest = ratios([p for p in range(len(candidates)) if p not in malicious])
+    attackers = ratios(sorted(malicious))
+    show = lambda values: (f"min {min(values):.3f} median {statistics.median(values):.3f} max {max(values):.3f}"  # noqa: E731
+                           if values else "-")
+    print(f"round {round_number} loss-distance ratio: honest pairs {show(honest)} | malicious pairs {show(attackers)}",
+          flush=True)
 
 
 def print_cosines(round_number, report, global_state, candidates, malicious):
@@ -362,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection", action="store_true",
                         help="every round, how many honest and malicious clients are open at the warm start, "
                              "with the mirror bound, and after gate learning")
+    parser.add_argument("--loss-distances", type=int, default=0, metavar="N",
+                        help="every N rounds, the near-duplicate test's ratio for honest pairs and malicious pairs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     malicious = [int(p) for p in args.malicious.split(",") if p]
@@ -371,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         finals, last3 = [], []
         for seed in seeds:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
-                                      args.scores, args.cosines, args.inflate, args.selection)
+                                      args.scores, args.cosines, args.inflate, args.selection, args.loss_distances)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
