@@ -414,6 +414,28 @@ def test_attach_keeps_the_strategy_and_detach_restores_it(honest_candidates, dig
         ColludingAdversary("alie", {1}).rewrite(1, replies)
 
 
+def test_jittered_copies_get_a_gate_each_unless_near_identical_replies_are_grouped(honest_candidates, digits_task):
+    from softmerge.aggregation import SoftMergeConfig
+    from softmerge.server.strategy import SoftMerge
+
+    model, locals_ = honest_candidates
+    grouped = {}
+    for tolerance in (0.0, 0.1):
+        strategy = SoftMerge(model, digits_task.gate.tensors(),
+                             SoftMergeConfig(steps=10, near_duplicate_tolerance=tolerance))
+        make_colluding(strategy, "mimic-jitter", {6, 7, 8, 9}, seed=0)
+        list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(),
+                                      StubGrid(list(range(1, 11)))))
+        _, metrics = strategy.aggregate_train(1, [make_reply(p + 1, locals_[p], partition=p) for p in range(10)])
+        grouped[tolerance] = (strategy.reports[1].duplicates, metrics["softmerge-duplicates"])
+    # Exact grouping sees no two identical replies; grouping by behaviour puts the four
+    # copies with the honest client they copy (Mimic's target is one of clients 0-5).
+    assert grouped[0.0] == ([], 0)
+    (group,), count = grouped[0.1]
+    assert count == 4 and group[-4:] == ["client-6", "client-7", "client-8", "client-9"]
+    assert len(group) == 5 and group[0] in {f"client-{p}" for p in range(6)}
+
+
 # --- end to end through Flower's simulation engine -------------------------------------
 
 def _recording(method, sink):
