@@ -205,13 +205,15 @@ class SoftMergeConfig:
         near_duplicate_tolerance: > 0 also groups replies that are near-identical in
             what they do on the gate split (:func:`near_duplicate_clusters`): two
             candidates whose per-example gate-split losses differ, in root mean square,
-            by at most this fraction of how far either one's losses moved from the keep
-            model's share one gate, and the group is gated as the mean of its members.
+            by at most this fraction of the smaller of how far each one's losses moved
+            from the keep model's share one gate, and the group is gated as the mean of its members.
             Colluding clients that add a little noise to one crafted or copied reply
             (the ``-jitter`` attacks) would otherwise hold a gate, and with
             ``example_weights`` a count, per copy. It costs one forward pass of the keep
-            model and one of each group's mean model. 0 (the default) groups exact
-            copies only.
+            model and one of each group's mean model. A group's start with
+            ``initial_log_alpha`` is its first member's column, its trust its least
+            trusted member's, and its example count (with ``example_weights``) its
+            largest member's: copies add no data. 0 (the default) groups exact copies only.
         max_grad_norm: clip on the gradient norm of log_alpha.
         tolerance: every ``check_every`` steps the deterministic gates are scored by
             the objective itself, without noise: the cross-entropy of the merge they
@@ -708,7 +710,8 @@ def near_duplicate_clusters(losses: Sequence[torch.Tensor | None], keep_losses: 
     linking unlike candidates); the loss space makes the test about what a model does,
     so noise that does not change a copy's predictions does not make it a new candidate,
     while honest clients trained on different data err on different examples. Clusters
-    keep the order of their first member. Non-finite losses never cluster.
+    keep the order of their first member. A candidate whose losses did not move from the
+    keep model's (m = 0, no scale to compare with) or are not finite never clusters.
     """
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ValueError(f"tolerance must be a finite number >= 0; got {tolerance}")
@@ -985,13 +988,18 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             keep_index = position[keep_index] if keep_index is not None else None
 
         # The model each group is gated as: its (first) member, or for replies that are
-        # only near-identical, their mean, scored afresh.
+        # only near-identical, their mean, scored afresh. A non-finite keep loss makes every
+        # ratio undefined and leaves the groups as they are for the round.
         group_states = [states[group[0]] for group in groups]
+        near_groups: set[int] = set()
         if config.near_duplicate_tolerance > 0 and len(groups) > 1:
             keep_losses = per_example_losses(model, keep_state, inputs, targets)
             clusters = near_duplicate_clusters(group_losses, keep_losses, config.near_duplicate_tolerance)
             if len(clusters) < len(groups):
-                joined = [sorted(k for g in cluster for k in groups[g]) for cluster in clusters]
+                # A single group keeps its order (the keep candidate leads its own group).
+                joined = [groups[cluster[0]] if len(cluster) == 1 else sorted(k for g in cluster for k in groups[g])
+                          for cluster in clusters]
+                near_groups = {g for g, cluster in enumerate(clusters) if len(cluster) > 1}
                 group_states = [group_states[cluster[0]] if len(cluster) == 1 else mean_state([states[k] for k in members])
                                 for cluster, members in zip(clusters, joined)]
                 group_losses = [group_losses[cluster[0]] if len(cluster) == 1
@@ -1026,8 +1034,11 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 start = torch.minimum(start, mirror_log_alpha(group_mean_losses, [loss for loss, _ in group_mirrors],
                                                               config, errors))
             start = start.expand(len(units), -1)
-        # Identical models are as trustworthy as the most trusted client that sent them.
-        group_trust = [max(state_trust[k] for k in group) for group in groups]
+        # Identical models are as trustworthy as the most trusted client that sent them; a
+        # mean of near-identical ones only as its least trusted member, since a distrusted
+        # client could otherwise borrow an honest one's trust by behaving like it on the gate split.
+        group_trust = [(min if g in near_groups else max)(state_trust[k] for k in group)
+                       for g, group in enumerate(groups)]
         # and count the examples of one of them: copies add no data. A group holding the
         # keep model (a client that resent it) is the keep model's.
         group_examples = (torch.tensor([math.nan if keep_index in group else max(state_examples[k] for k in group)

@@ -279,8 +279,9 @@ def print_loss_distances(round_number, model, global_state, candidates, maliciou
     moved = [float((loss - keep).pow(2).mean().sqrt()) for loss in losses]
 
     def ratios(clients):
-        return [float((losses[a] - losses[b]).pow(2).mean().sqrt()) / max(min(moved[a], moved[b]), 1e-12)
-                for i, a in enumerate(clients) for b in clients[:i]]
+        # A client that did not move has no scale: the merge never groups it (inf here).
+        return [float((losses[a] - losses[b]).pow(2).mean().sqrt()) / min(moved[a], moved[b])
+                if min(moved[a], moved[b]) > 0 else math.inf for i, a in enumerate(clients) for b in clients[:i]]
 
     honest = ratios([p for p in range(len(candidates)) if p not in malicious])
     attackers = ratios(sorted(malicious))

@@ -305,7 +305,7 @@ def jitter_copies(crafted: np.ndarray, benign: np.ndarray, rng: np.random.Genera
 # --- dispatcher -------------------------------------------------------------------------
 
 _IPM_NAME = re.compile(r"^ipm(?:-(?P<eps>.+))?$")
-_JITTER_NAME = re.compile(r"^(?P<base>.+?)-jitter(?:-(?P<scale>[^-].*))?$")
+_JITTER_NAME = re.compile(r"^(?P<base>.+?)-jitter(?:-(?P<scale>.+))?$")
 _DEVIATION_NAME = re.compile(r"^(?P<kind>min-max|min-sum)(?:-(?P<p>unit|sign|std))?$")
 
 
@@ -336,9 +336,9 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
     """
     jitter_match = _JITTER_NAME.match(name)
     if jitter_match:
-        kind, params = parse_attack_name(jitter_match["base"])
-        if "jitter" in params:
+        if name.count(JITTER_SUFFIX) > 1:
             raise ValueError(f"attack {name!r}: -jitter appears twice")
+        kind, params = parse_attack_name(jitter_match["base"])
         scale = (DEFAULT_JITTER if jitter_match["scale"] is None else
                  _positive_number(jitter_match["scale"], f"attack {name!r}: -jitter-<scale>", "mimic-jitter-0.3"))
         return kind, {**params, "jitter": scale}

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 from scipy.stats import norm
 
+from softmerge.aggregation.merge import duplicate_groups
 from softmerge.simulations import colluding
 from softmerge.simulations.colluding import (
     alie,
@@ -29,7 +30,6 @@ from softmerge.simulations.colluding import (
     min_sum_criterion,
     perturbation_vector,
 )
-from softmerge.aggregation.merge import duplicate_groups
 from softmerge.simulations.harness import ColludingAdversary, make_colluding
 
 from flower_helpers import StubGrid, make_reply

@@ -112,3 +112,36 @@ def test_the_tolerance_is_checked_and_reaches_the_merge_from_the_run_config():
             SoftMergeConfig(near_duplicate_tolerance=bad)
     assert merge_config_from(parse_run_config({"softmerge-near-duplicates": 0.1})).near_duplicate_tolerance == 0.1
     assert SoftMergeConfig().near_duplicate_tolerance == 0.0
+
+
+def test_the_keep_candidate_still_leads_its_group_when_near_copies_are_grouped(honest_candidates, digits_task):
+    model, candidates = honest_candidates
+    resent = {k: v.clone() for k, v in model.state_dict().items()}  # a client that resent the global model
+    copies = _jittered_copies(candidates, 0, 2, scale=0.01)
+    states = candidates[:4] + [resent] + copies
+    labels = ["c0", "c1", "c2", "c3", "resent", "copy-0", "copy-1"]
+    # One column per candidate and the keep model last, all different, so a start read from
+    # the wrong column shows.
+    start = torch.tensor([[0.1 * (k + 1) for k in range(len(states) + 1)]])
+    config = SoftMergeConfig(steps=0, keep_mode="candidate", near_duplicate_tolerance=0.1)
+    _, report = soft_merge(model, states, digits_task.gate.tensors(), config, labels=labels, initial_log_alpha=start)
+    assert sorted(report.duplicates) == sorted([["c0", "copy-0", "copy-1"], ["keep", "resent"]])
+    keep_column = report.candidates.index("keep")
+    assert report.log_alpha[0][keep_column] == pytest.approx(float(start[0, -1]))
+    assert report.log_alpha[0][labels.index("resent")] == pytest.approx(float(start[0, -1]))
+
+
+def test_a_group_of_near_copies_is_only_as_trusted_as_its_least_trusted_member(honest_candidates, digits_task):
+    model, candidates = honest_candidates
+    copies = _jittered_copies(candidates, 0, 2, scale=0.01)
+    trust = [1.0] * len(candidates) + [0.0, 0.0]
+    config = SoftMergeConfig(steps=0, near_duplicate_tolerance=0.1)
+    _, report = soft_merge(model, candidates + copies, digits_task.gate.tensors(), config, trust=trust)
+    group = [0, len(candidates), len(candidates) + 1]
+    assert [report.trust[k] for k in group] == [0.0, 0.0, 0.0]
+    assert all(report.trust[k] == 1.0 for k in range(1, len(candidates)))
+    # Bit-identical copies keep the most trusted sender's trust.
+    exact = [{k: v.clone() for k, v in candidates[0].items()}]
+    _, report = soft_merge(model, candidates + exact, digits_task.gate.tensors(), SoftMergeConfig(steps=0),
+                           trust=[1.0] * len(candidates) + [0.0])
+    assert report.trust[0] == report.trust[len(candidates)] == 1.0  # (the keep model, last, is neutral)
