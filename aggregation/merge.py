@@ -206,7 +206,8 @@ class SoftMergeConfig:
             what they do on the gate split (:func:`near_duplicate_clusters`): two
             candidates whose per-example gate-split losses differ, in root mean square,
             by at most this fraction of the smaller of how far each one's losses moved
-            from the keep model's share one gate, and the group is gated as the mean of its members.
+            from the keep model's share one gate, and the group is gated as the mean of
+            its members.
             Colluding clients that add a little noise to one crafted or copied reply
             (the ``-jitter`` attacks) would otherwise hold a gate, and with
             ``example_weights`` a count, per copy. It costs one forward pass of the keep
@@ -697,6 +698,12 @@ def duplicate_groups(states: Sequence[Mapping[str, torch.Tensor]], first: int | 
     return groups
 
 
+def loss_rms(difference: torch.Tensor) -> float:
+    """Root mean square of a difference of per-example losses; +inf when it is not finite."""
+    value = float(difference.pow(2).mean().sqrt()) if len(difference) else 0.0
+    return value if math.isfinite(value) else math.inf
+
+
 def near_duplicate_clusters(losses: Sequence[torch.Tensor | None], keep_losses: torch.Tensor,
                             tolerance: float) -> list[list[int]]:
     """Indices of candidates that behave alike on the gate split, clustered; each index in one cluster.
@@ -715,21 +722,16 @@ def near_duplicate_clusters(losses: Sequence[torch.Tensor | None], keep_losses: 
     """
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ValueError(f"tolerance must be a finite number >= 0; got {tolerance}")
-
-    def rms(difference: torch.Tensor) -> float:
-        value = float(difference.pow(2).mean().sqrt()) if len(difference) else 0.0
-        return value if math.isfinite(value) else math.inf
-
     clusters: list[list[int]] = []
     leaders: list[tuple[torch.Tensor, float] | None] = []  # None: a cluster nothing joins
     for g, own in enumerate(losses):
-        moved = rms(own - keep_losses) if own is not None else math.inf
+        moved = loss_rms(own - keep_losses) if own is not None else math.inf
         if own is None or not (math.isfinite(moved) and moved > 0):
             clusters.append([g])
             leaders.append(None)
             continue
         for cluster, leader in zip(clusters, leaders):
-            if leader is not None and rms(own - leader[0]) <= tolerance * min(moved, leader[1]):
+            if leader is not None and loss_rms(own - leader[0]) <= tolerance * min(moved, leader[1]):
                 cluster.append(g)
                 break
         else:

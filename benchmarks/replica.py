@@ -68,8 +68,8 @@ import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.robust import apply_update, fltrust, fltrust_server_model, flatten_updates
-from softmerge.aggregation.merge import (build_merge_units, evaluate_state, example_count_weights, mirror_state,
-                                         per_example_losses)
+from softmerge.aggregation.merge import (build_merge_units, evaluate_state, example_count_weights, loss_rms,
+                                         mirror_state, per_example_losses)
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
 from softmerge.simulations.colluding import craft_malicious_updates, is_colluding_attack
@@ -276,11 +276,11 @@ def print_loss_distances(round_number, model, global_state, candidates, maliciou
     inputs, targets = task.gate.tensors()
     keep = per_example_losses(model, global_state, inputs, targets)
     losses = [per_example_losses(model, state, inputs, targets) for state in candidates]
-    moved = [float((loss - keep).pow(2).mean().sqrt()) for loss in losses]
+    moved = [loss_rms(loss - keep) for loss in losses]
 
     def ratios(clients):
         # A client that did not move has no scale: the merge never groups it (inf here).
-        return [float((losses[a] - losses[b]).pow(2).mean().sqrt()) / min(moved[a], moved[b])
+        return [loss_rms(losses[a] - losses[b]) / min(moved[a], moved[b])
                 if min(moved[a], moved[b]) > 0 else math.inf for i, a in enumerate(clients) for b in clients[:i]]
 
     honest = ratios([p for p in range(len(candidates)) if p not in malicious])
