@@ -18,9 +18,9 @@ import time
 import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
+from softmerge.client.attacks import poison_state
+from softmerge.simulations.config import RunSettings
 from softmerge.simulations.tasks import ArraySet, build_model, load_partition, load_task, train_model
-
-EXTREME_FACTORS = (1e3, 1e6, 1e30)
 
 
 def main_job_candidates(clients: int = 10):
@@ -28,6 +28,7 @@ def main_job_candidates(clients: int = 10):
     task = load_task("digits", 200, 360, 0, "")
     model = build_model("digits", seed=0)
     start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    extreme_factors = RunSettings().extreme_factors  # the main job's attackers
     candidates = []
     for partition in range(clients):
         data = load_partition("digits", partition, clients, seed=0)
@@ -35,10 +36,8 @@ def main_job_candidates(clients: int = 10):
         local.load_state_dict(start)
         train_model(local, ArraySet(data.x, data.y), epochs=1, learning_rate=0.05, batch_size=32, seed=partition)
         state = {name: tensor.detach().clone() for name, tensor in local.state_dict().items()}
-        if partition < len(EXTREME_FACTORS):
-            factor = EXTREME_FACTORS[partition]
-            state = {name: start[name] + factor * (tensor - start[name]) if tensor.dtype.is_floating_point else tensor
-                     for name, tensor in state.items()}
+        if partition < len(extreme_factors):
+            state = poison_state("extreme", start, state, scale=extreme_factors[partition])
         candidates.append(state)
     return model, task.gate.tensors(), candidates
 

@@ -295,7 +295,6 @@ def jitter_copies(crafted: np.ndarray, benign: np.ndarray, rng: np.random.Genera
     sigma is the benign rows' per-coordinate standard deviation, so the noise follows the
     honest spread: coordinates on which the honest clients agree (sigma = 0) stay as crafted.
     """
-    benign = _check_benign(benign)
     if not (math.isfinite(scale) and scale >= 0):
         raise ValueError(f"jitter must be a finite number >= 0; got {scale}")
     _, sigma = benign_statistics(benign)
