@@ -224,10 +224,11 @@ class SoftMergeConfig:
             ``tolerance`` (nats) below its value at the last check that did; the checked
             gates with the best score are the result. No stop comes before the most
             open starting gate could have closed at ``lr`` per step, (max log_alpha -
-            LOG_ALPHA_CLOSED) / lr steps: 44 with the defaults. 0 never stops early. The default, 0.01 nats, is below what a
-            few hundred gate examples can resolve (the standard error of their mean
-            cross-entropy is several hundredths of a nat), so stopping there gives up no
-            measurable fit; at 0.001 the criterion almost never fires (docs/performance.md).
+            LOG_ALPHA_CLOSED) / lr steps: 44 with the defaults. 0 never stops early. The
+            default, 0.01 nats, is below what a few hundred gate examples can resolve (the
+            standard error of their mean cross-entropy is several hundredths of a nat), so
+            stopping there gives up no measurable fit; at 0.001 the criterion almost never
+            fires (docs/performance.md).
         check_every: steps between convergence checks.
         patience: checks in a row without an improvement above ``tolerance`` before
             gate learning stops.
@@ -582,7 +583,8 @@ class _StackedCandidates:
                     matrix = torch.empty((len(states), sum(sizes)), dtype=self.dtype)
                     for k, state in enumerate(states):
                         torch.cat([state[n].detach().reshape(-1).to(self.dtype) for n in names], out=matrix[k])
-                layout = [(n, tuple(reference[n].shape), reference[n].dtype if reference[n].dtype != self.dtype else None)
+                layout = [(n, tuple(reference[n].shape),
+                           reference[n].dtype if reference[n].dtype != self.dtype else None)
                           for n in names]
                 stacked.append((layout, sizes, matrix, differentiable))
             self.groups.append(stacked)
@@ -984,7 +986,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             state_trust = [state_trust[k] for k in kept]
             state_examples = [state_examples[k] for k in kept]
             candidate_losses = [candidate_losses[k] for k in kept]
-            cut = [([position[k] for k in group if k in position], losses) for group, losses in zip(groups, group_losses)]
+            cut = [([position[k] for k in group if k in position], losses)
+                   for group, losses in zip(groups, group_losses)]
             groups = [members for members, _ in cut if members]
             group_losses = [losses for members, losses in cut if members]
             keep_index = position[keep_index] if keep_index is not None else None
@@ -1002,7 +1005,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 joined = [groups[cluster[0]] if len(cluster) == 1 else sorted(k for g in cluster for k in groups[g])
                           for cluster in clusters]
                 near_groups = {g for g, cluster in enumerate(clusters) if len(cluster) > 1}
-                group_states = [group_states[cluster[0]] if len(cluster) == 1 else mean_state([states[k] for k in members])
+                group_states = [group_states[cluster[0]] if len(cluster) == 1
+                                else mean_state([states[k] for k in members])
                                 for cluster, members in zip(clusters, joined)]
                 group_losses = [group_losses[cluster[0]] if len(cluster) == 1
                                 else per_example_losses(model, state, inputs, targets)
@@ -1053,7 +1057,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             start = torch.minimum(start, bounds.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN))
         def attempt(first: torch.Tensor, cap: torch.Tensor | None
                     ) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor], float, float]:
-            """Learn gates from ``first`` under ``cap``; the learned log_alpha, steps, skipped, merge and its loss and accuracy."""
+            """Learn gates from ``first`` under ``cap``.
+
+            Returns the learned log_alpha, steps, skipped, merge and its loss and accuracy.
+            """
             parameter = nn.Parameter(first.clone().contiguous())
             taken, missed = _learn_gates(model, stacked, parameter, inputs, targets, config, gated_keep, cap)
             with torch.no_grad():

@@ -382,7 +382,8 @@ def _as_matrix(values: ArrayLike, what: str) -> torch.Tensor:
     matrix = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
     matrix = matrix.detach().to(device="cpu", dtype=torch.float64)
     if matrix.ndim != 2 or matrix.shape[0] == 0:
-        raise ValueError(f"{what} must be a non-empty 2-D (clients x coordinates) array, got shape {tuple(matrix.shape)}")
+        raise ValueError(f"{what} must be a non-empty 2-D (clients x coordinates) array, "
+                         f"got shape {tuple(matrix.shape)}")
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError(f"{what} hold non-finite values; reject those clients first")
     return matrix

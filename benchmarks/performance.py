@@ -473,7 +473,9 @@ def run_e2e(rounds: int, impl: str | None, out: str) -> None:
             if options:
                 from dataclasses import replace
 
-                strategies_module.merge_config_from = lambda settings: replace(original_config(settings), **options)
+                # Bound as a default: the lambda keeps this run's options, whenever it is called.
+                strategies_module.merge_config_from = (
+                    lambda settings, options=options: replace(original_config(settings), **options))
             settings = parse_run_config({"strategy": name, "num-server-rounds": rounds, "resume": False,
                                          "output-dir": f"{directory}/{index}"})
             started = time.perf_counter()
@@ -535,7 +537,8 @@ def accuracy_section(data: dict) -> list[str]:
         finals.append((b["final"], after["final"]))
         lasts.append((b["last5"], after["last5"]))
         lines.append(f"| {key[0]} | {key[1]} | {b['final']:.3f} | {after['final']:.3f} | {b['last5']:.3f} | "
-                     f"{after['last5']:.3f} | {' '.join(map(str, b['steps']))} | {' '.join(map(str, after['steps']))} |")
+                     f"{after['last5']:.3f} | {' '.join(map(str, b['steps']))} | "
+                     f"{' '.join(map(str, after['steps']))} |")
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     lines += ["", f"Means over the {len(finals)} runs: final accuracy {mean([b for b, _ in finals]):.4f} before, "
               f"{mean([a for _, a in finals]):.4f} after; mean of the last 5 rounds {mean([b for b, _ in lasts]):.4f} "
@@ -717,7 +720,8 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
             target_mb = (cell["K"] + 4) * model_mb + 200
             summary.setdefault("memory", []).append(
                 (kind, cell["K"], rows["softmerge"]["peak_extra_bytes"] / MB, target_mb))
-            summary.setdefault("krum", []).append((kind, cell["K"], rows["softmerge"]["seconds"], rows["krum"]["seconds"]))
+            summary.setdefault("krum", []).append(
+                (kind, cell["K"], rows["softmerge"]["seconds"], rows["krum"]["seconds"]))
         summary.setdefault("steps", []).extend((kind, k, r) for k, r in step_ratios)
 
     # Threads and pre-selection, and before/after
@@ -752,7 +756,8 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
                   f"`softmerge (before)` is the soft merge of `{impl}` (see the command) inside today's strategy,",
                   "without in-place stacking, timed round-robin with today's SoftMerge. The old merge did not set",
                   "threads, so it ran with torch's default (2 here); today's default is 1. For seconds at equal",
-                  "threads compare it with the `softmerge threads=2` rows; memory and accuracy do not depend on it.", "",
+                  "threads compare it with the `softmerge threads=2` rows; memory and accuracy do not depend on it.",
+                  "",
                   "| model | K | before s | after s | before extra MB | after extra MB | before acc | after acc | "
                   "before steps | after steps |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for cell in cells:
@@ -977,7 +982,8 @@ def discussion(raw: dict) -> list[str]:
         "1. **An early stop that can fire, and does not fire too soon.** Before, gate learning stopped when no",
         "   deterministic gate had moved by more than 1e-3 over 10 steps. With Adam at lr 0.1 on sampled gates",
         "   the gates never stop moving, so every merge ran all 100 steps (the 2026-11-22 run's `before` rows; the",
-        "   reference grid's first results.json showed 100 steps in every round). Now every `check_every` = 10 steps the",
+        "   reference grid's first results.json showed 100 steps in every round). "
+        "Now every `check_every` = 10 steps the",
         "   deterministic gates are scored by the objective itself without noise (cross-entropy of the merge",
         "   they build on at most 2 x 128 gate examples, plus the L0 term). Learning stops after `patience` = 2",
         "   checks in a row that did not improve by more than `tolerance` = 0.01 nats on the last check that",
@@ -1046,8 +1052,8 @@ def discussion(raw: dict) -> list[str]:
         lines += [
             f"**Krum against SoftMerge at K=100 ({cell['model']}).** Krum's work is one Gram matrix of the",
             f"updates, 2 K^2 d = {gram / 1e9:.0f} GFLOP in one BLAS call, plus flattening: {krum['seconds']:.2f} s.",
-            f"SoftMerge without a single gate step (`steps=0`: screening, decoding, the scoring passes over the",
-            f"300 gate images, each candidate's own loss and, with the mirror test of the default, its mirror",
+            "SoftMerge without a single gate step (`steps=0`: screening, decoding, the scoring passes over the",
+            "300 gate images, each candidate's own loss and, with the mirror test of the default, its mirror",
             f"image's (2K+1 forward passes), the final merge and its evaluation) already takes "
             f"{zero['seconds']:.2f} s ({zero['seconds'] / krum['seconds']:.1f}x Krum), and each of its "
             f"{main['steps']} steps {per_step * 1000:.0f} ms.",
@@ -1084,8 +1090,9 @@ def render(raw: dict, args: argparse.Namespace) -> None:
     info = raw["machine"]
     if "loadavg" in info:
         start, end = info["loadavg"], raw.get("loadavg_end", info["loadavg"])
-        conditions = (f"- Conditions: niceness {info['nice']}; "
-                      f"{'every strategy limited to ' + str(raw['threads']) + ' thread(s) (torch, OpenMP, BLAS)' if raw.get('threads') else 'default thread counts'}"
+        limits = ("every strategy limited to " + str(raw["threads"]) + " thread(s) (torch, OpenMP, BLAS)"
+                  if raw.get("threads") else "default thread counts")
+        conditions = (f"- Conditions: niceness {info['nice']}; {limits}"
                       f"; load average (1/5/15 min) {start[0]:.1f}/{start[1]:.1f}/{start[2]:.1f} at the start, "
                       f"{end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f} at the end.")
         if max(start[1], end[1]) > 0.7:

@@ -357,7 +357,8 @@ def diagnose_round(round_number, report, states, units, malicious, task, warm_re
     learned = np.array(report.weights)
     cleaned = without_malicious(learned, malicious)
     cells = []
-    for name, weights in (("learned", learned), ("malicious zeroed", cleaned), ("warm start", np.array(warm_report.weights))):
+    for name, weights in (("learned", learned), ("malicious zeroed", cleaned),
+                          ("warm start", np.array(warm_report.weights))):
         gate_loss, gate_acc = score(weighted_state(states, weights, units), task.gate)
         test_loss, test_acc = score(weighted_state(states, weights, units), task.test)
         on_malicious = weights[:, sorted(malicious)].sum(axis=1).mean() if malicious else 0.0
@@ -382,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--malicious", default="0,1,2,3,4,5,6,7", help="partition ids (the grid's 40%%)")
     parser.add_argument("--diagnose", action="store_true")
     parser.add_argument("--scores", type=int, default=0, metavar="N",
-                        help="every N rounds, print per-candidate detection scores (own loss, mirror test, linear term)")
+                        help="every N rounds, print per-candidate detection scores "
+                             "(own loss, mirror test, linear term)")
     parser.add_argument("--inflate", type=float, default=0.0, metavar="F",
                         help="malicious clients claim F times the largest honest example count (weights only)")
     parser.add_argument("--cosines", action="store_true",

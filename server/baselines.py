@@ -209,8 +209,10 @@ class FLTrust(_UpdateAggregation):
             raise ValueError(f"root_data must hold as many inputs as labels, at least one; got {len(inputs)} "
                              f"and {len(targets)}")
         _require(isinstance(epochs, int) and epochs >= 1, f"epochs must be an integer >= 1, got {epochs!r}")
-        _require(_finite_number(learning_rate) and learning_rate > 0, f"learning_rate must be > 0, got {learning_rate!r}")
-        _require(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an integer >= 1, got {batch_size!r}")
+        _require(_finite_number(learning_rate) and learning_rate > 0,
+                 f"learning_rate must be > 0, got {learning_rate!r}")
+        _require(isinstance(batch_size, int) and batch_size >= 1,
+                 f"batch_size must be an integer >= 1, got {batch_size!r}")
         _require(_finite_number(momentum) and 0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum!r}")
         self.model = model
         self.root_data = root_data
@@ -291,7 +293,8 @@ class CenteredClipping(_UpdateAggregation):
         super().__init__(**kwargs)
         _require(isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > 0 and not math.isnan(tau),
                  f"tau must be a number > 0, got {tau!r}")
-        _require(isinstance(iterations, int) and iterations >= 1, f"iterations must be an integer >= 1, got {iterations!r}")
+        _require(isinstance(iterations, int) and iterations >= 1,
+                 f"iterations must be an integer >= 1, got {iterations!r}")
         _require(reference in CC_REFERENCES, f"reference must be one of {CC_REFERENCES}, got {reference!r}")
         self.tau = float(tau)
         self.iterations = iterations

@@ -160,7 +160,8 @@ def candidate_label(message: Message, taken: list[str], label_key: str = "partit
     return label if label not in taken else f"{label}@{node}"
 
 
-def aggregate_client_metrics(strategy: FedAvg, contents: list, drop: tuple[str, ...] = ("partition-id",)) -> MetricRecord:
+def aggregate_client_metrics(strategy: FedAvg, contents: list,
+                             drop: tuple[str, ...] = ("partition-id",)) -> MetricRecord:
     """The clients' train metrics averaged the way ``strategy`` averages them; empty on failure."""
     try:
         metrics = strategy.train_metrics_aggr_fn(contents, strategy.weighted_by_key) if contents else MetricRecord()

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     print(f"softmerge-sim: {base.dataset}, {args.clients} clients, malicious {sorted(base.malicious_ids)} "
-          f"({base.attack}: {base.extreme_values if base.attack == 'extreme' else ''}), {base.num_server_rounds} rounds")
+          f"({base.attack}: {base.extreme_values if base.attack == 'extreme' else ''}), "
+          f"{base.num_server_rounds} rounds")
     results: dict[str, dict] = {}
     failures = []
     for name, strategy, attacked in RUNS:

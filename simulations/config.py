@@ -119,7 +119,8 @@ def parse_id_list(text: str) -> frozenset[int]:
     try:
         ids = frozenset(int(item) for item in items)
     except ValueError:
-        raise ConfigError(f"malicious-partitions must be comma-separated partition ids, e.g. '7,8,9'; got {text!r}") from None
+        raise ConfigError("malicious-partitions must be comma-separated partition ids, e.g. '7,8,9'; "
+                          f"got {text!r}") from None
     if any(i < 0 for i in ids):
         raise ConfigError(f"malicious-partitions must hold ids >= 0; got {text!r}")
     return ids
@@ -154,7 +155,8 @@ def _units(value: str) -> str | None:
     if value in UNIT_KINDS:
         return None
     patterns = [p.strip() for p in value.split(",")]
-    return None if value.strip() and all(patterns) else f"one of {', '.join(UNIT_KINDS)} or comma-separated name patterns"
+    return (None if value.strip() and all(patterns)
+            else f"one of {', '.join(UNIT_KINDS)} or comma-separated name patterns")
 
 
 _RULES: dict[str, Callable[[Any], str | None]] = {
@@ -241,7 +243,8 @@ def parse_run_config(run_config: Mapping[str, Any], *, check_paths: bool = True)
         from pathlib import Path
 
         if not Path(settings.dataset_path).is_dir():
-            raise ConfigError(f"run-config key 'dataset-path' must be an existing directory; got {settings.dataset_path!r}")
+            raise ConfigError("run-config key 'dataset-path' must be an existing directory; "
+                              f"got {settings.dataset_path!r}")
     return settings
 
 

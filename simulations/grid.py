@@ -261,7 +261,8 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
             return "-" if not any(r["status"] == "failed" for r in found) else "failed"
         mean = _mean(values)
         text = _fmt(mean)
-        return text + (f" (±{_fmt(max(values) - min(values), digits=1)}, {len(values)} seeds)" if len(values) > 1 else "")
+        return text + (f" (±{_fmt(max(values) - min(values), digits=1)}, {len(values)} seeds)"
+                       if len(values) > 1 else "")
 
     lines = [header, ""]
     defenses = [s for s in strategies if s != ORACLE]
@@ -273,7 +274,7 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
             lines.append("| defense | " + " | ".join(attacks) + " | worst case |")
             lines.append("|---|" + "---|" * (len(attacks) + 1))
             oracle = cell_text(ORACLE, NO_ATTACK, fraction, field)
-            lines.append(f"| **oracle** (FedAvg, honest clients only) | " + " | ".join(oracle for _ in attacks)
+            lines.append("| **oracle** (FedAvg, honest clients only) | " + " | ".join(oracle for _ in attacks)
                          + f" | {oracle} |")
             for strategy in defenses:
                 texts = [cell_text(strategy, attack, fraction, field) for attack in attacks]

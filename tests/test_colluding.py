@@ -242,7 +242,8 @@ def test_jitter_rejects_a_missing_generator_a_bad_scale_and_a_double_suffix():
                 "mimic-jitter-inf", "mimic-jitter-x"):
         assert not is_colluding_attack(bad)
     assert colluding.parse_attack_name("mimic-jitter-0.3") == ("mimic", {"jitter": 0.3})
-    assert colluding.parse_attack_name("ipm-0.1-jitter") == ("ipm", {"epsilon": 0.1, "jitter": colluding.DEFAULT_JITTER})
+    assert colluding.parse_attack_name("ipm-0.1-jitter") == (
+        "ipm", {"epsilon": 0.1, "jitter": colluding.DEFAULT_JITTER})
 
 
 def test_jittered_copies_evade_the_identical_reply_rule_after_float32():

@@ -121,7 +121,8 @@ def test_hostile_replies_never_escape_or_poison_the_broadcast(name):
     def check(generated):
         kinds, messages = generated
         strategy = build()
-        list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(range(1, REPLIES_PER_ROUND + 1))))
+        list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(),
+                                      StubGrid(range(1, REPLIES_PER_ROUND + 1))))
         arrays, metrics = strategy.aggregate_train(1, messages)
         assert arrays is not None
         state = arrays.to_torch_state_dict()

@@ -91,7 +91,8 @@ def test_a_harmful_merge_of_the_clients_alone_is_learned_again_with_the_keep_mod
 
 def test_a_passing_merge_of_the_clients_alone_is_one_attempt(honest_candidates, digits_task):
     model, locals_ = honest_candidates
-    _, report = soft_merge(model, locals_[:4], digits_task.gate.tensors(), SoftMergeConfig(steps=20, keep_mode="anchor"))
+    _, report = soft_merge(model, locals_[:4], digits_task.gate.tensors(),
+                           SoftMergeConfig(steps=20, keep_mode="anchor"))
     assert report.attempts == 1 and report.rejected_loss is None
 
 

@@ -299,7 +299,8 @@ def test_mirror_statistics_are_the_reflection_s_loss_and_the_standard_error_of_t
     differences = per_example(candidate) - per_example(mirror_state(candidate, keep))
     assert mirror_loss == pytest.approx(float(per_example(mirror_state(candidate, keep)).mean()), rel=1e-6)
     assert error == pytest.approx(float(differences.std()) / math.sqrt(50), rel=1e-6)
-    assert mirror_statistics(net, keep, keep, inputs, targets) == (pytest.approx(evaluate_state(net, keep, inputs, targets)[0]), 0.0)
+    assert mirror_statistics(net, keep, keep, inputs, targets) == (
+        pytest.approx(evaluate_state(net, keep, inputs, targets)[0]), 0.0)
     # Given the candidate's own per-example losses, it skips their pass and agrees.
     assert mirror_statistics(net, candidate, keep, inputs, targets,
                              own_losses=per_example_losses(net, candidate, inputs, targets)) == (mirror_loss, error)

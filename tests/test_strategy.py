@@ -61,7 +61,8 @@ def test_wrongly_shaped_reply_is_excluded(honest_candidates, digits_task):
     wrong["fc1.weight"] = torch.zeros(3, 3)
     wrong_dtype = {k: v.double() for k, v in locals_[2].items()}
     arrays, metrics = strategy.aggregate_train(
-        2, [make_reply(1, locals_[0], partition=0), make_reply(2, wrong, partition=1), make_reply(3, wrong_dtype, partition=2)])
+        2, [make_reply(1, locals_[0], partition=0), make_reply(2, wrong, partition=1),
+            make_reply(3, wrong_dtype, partition=2)])
     assert metrics["softmerge-excluded"] == 2
     assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
     assert isinstance(next(iter(arrays.values())), Array)
