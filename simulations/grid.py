@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -207,12 +208,20 @@ def finished_cell(output: Path, cell: Cell) -> dict | None:
 
 # The steadier accuracy figure: mean over this many last trained rounds.
 LAST_ROUNDS = 3
+# The long window of the summary table: the mean over this many last trained rounds, and the
+# spread (standard deviation) of the accuracy over them, which says how far one cell's final
+# round can land from where its run has settled.
+LONG_WINDOW = 10
+# The summary's statistics: (cells.csv column, label).
+SUMMARY_STATISTICS = (("final_accuracy", "final round"), ("last3_accuracy", f"mean of last {LAST_ROUNDS}"),
+                      ("last10_accuracy", f"mean of last {LONG_WINDOW}"))
 
 
 def summarise_cell(cell: Cell, result: dict | None, num_clients: int, status: str, seconds: float | None) -> dict:
     row: dict = {"key": cell.key, "strategy": cell.strategy, "attack": cell.attack, "fraction": cell.fraction,
                  "seed": cell.seed, "status": status, "final_accuracy": None, "last3_accuracy": None,
-                 "final_backdoor_asr": None, "malicious_weight": None, "seconds": seconds}
+                 "last10_accuracy": None, "spread10_accuracy": None, "final_backdoor_asr": None,
+                 "malicious_weight": None, "seconds": seconds}
     if not result or not result.get("rounds"):
         return row
     rounds = result["rounds"]
@@ -220,6 +229,9 @@ def summarise_cell(cell: Cell, result: dict | None, num_clients: int, status: st
     # One seed's last round moves by a point or more from round to round; the mean of the
     # last three trained rounds is the steadier figure to compare defenses on.
     row["last3_accuracy"] = _mean([entry.get("test_accuracy") for entry in rounds[1:][-LAST_ROUNDS:]])
+    window = [entry.get("test_accuracy") for entry in rounds[1:][-LONG_WINDOW:]]
+    row["last10_accuracy"] = _mean(window)
+    row["spread10_accuracy"] = _spread(window)
     row["final_backdoor_asr"] = rounds[-1].get("backdoor_asr")
     labels = {f"client-{i}" for i in malicious_ids(num_clients, cell.fraction)}
     shares = []
@@ -236,6 +248,12 @@ def summarise_cell(cell: Cell, result: dict | None, num_clients: int, status: st
 def _mean(values: list[float]) -> float | None:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(values) / len(values) if values else None
+
+
+def _spread(values: list[float]) -> float | None:
+    """Population standard deviation of the finite values; None for fewer than two."""
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.pstdev(values) if len(values) > 1 else None
 
 
 def _fmt(value: float | None, scale: float = 100.0, digits: int = 1) -> str:
@@ -266,6 +284,7 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
 
     lines = [header, ""]
     defenses = [s for s in strategies if s != ORACLE]
+    lines += summary_tables(by_key, defenses, attacks, fractions)
     accuracy_tables = (("final_accuracy", "Final test accuracy (%)"),
                        ("last3_accuracy", f"Test accuracy (%), mean of the last {LAST_ROUNDS} rounds"))
     for fraction in fractions:
@@ -305,6 +324,56 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
                                                          for a in attacks) + " |")
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks: list[str],
+                   fractions: list[float]) -> list[str]:
+    """Markdown lines: each defense's worst case over the attacks per fraction, by statistic.
+
+    A cell reads "worst (k/n)": the lowest accuracy over the n attacked cells that have
+    finished, and how many of them are within 1 point of the oracle's figure for the same
+    statistic and fraction. One seed's final round lands a point or more from where its run
+    has settled, for the oracle as much as for a defense, so the same comparison is shown on
+    the means of the last rounds; a second table gives that spread.
+    """
+    def value(strategy: str, attack: str, fraction: float, field: str) -> float | None:
+        return _mean([r.get(field) for r in by_key.get((strategy, attack, fraction), [])
+                      if r["status"] == "finished"])
+
+    attacked = [a for a in attacks if a != NO_ATTACK]
+    if not attacked:
+        return []
+    columns = " | ".join(f"{f:.0%}" for f in fractions)
+    lines = ["### Summary: worst case over the attacks (attacked cells within 1 point of the oracle)", "",
+             f"| defense | statistic | {columns} |", "|---|---|" + "---|" * len(fractions)]
+    for field, label in SUMMARY_STATISTICS:
+        oracle = [value(ORACLE, NO_ATTACK, f, field) for f in fractions]
+        lines.append(f"| **oracle** | {label} | " + " | ".join(_fmt(v) for v in oracle) + " |")
+    for strategy in defenses:
+        for field, label in SUMMARY_STATISTICS:
+            texts = []
+            for fraction, oracle in zip(fractions, (value(ORACLE, NO_ATTACK, f, field) for f in fractions)):
+                found = [v for a in attacked if (v := value(strategy, a, fraction, field)) is not None]
+                if not found:
+                    here = [r for a in attacked for r in by_key.get((strategy, a, fraction), [])]
+                    texts.append("n/a" if here and all(r["status"] == "n/a" for r in here) else "-")
+                    continue
+                # 1 point of accuracy; the 1e-9 keeps a difference of exactly one point (as printed) within.
+                within = "" if oracle is None else f" ({sum(v >= oracle - 0.01 - 1e-9 for v in found)}/{len(found)})"
+                texts.append(_fmt(min(found)) + within)
+            lines.append(f"| {strategy} | {label} | " + " | ".join(texts) + " |")
+    lines += ["", f"### Round-to-round spread: standard deviation of test accuracy (points) over the last "
+              f"{LONG_WINDOW} rounds, median over the attacked cells", "",
+              f"| defense | {columns} |", "|---|" + "---|" * len(fractions)]
+    for strategy in [ORACLE] + defenses:
+        texts = []
+        for fraction in fractions:
+            spreads = [v for a in ([NO_ATTACK] if strategy == ORACLE else attacked)
+                       if (v := value(strategy, a, fraction, "spread10_accuracy")) is not None]
+            texts.append(_fmt(statistics.median(spreads), digits=2) if spreads else "-")
+        name = "**oracle**" if strategy == ORACLE else strategy
+        lines.append(f"| {name} | " + " | ".join(texts) + " |")
+    return lines + [""]
 
 
 def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:

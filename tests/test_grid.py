@@ -51,6 +51,44 @@ def test_cell_summary_has_the_final_and_the_last_three_rounds_accuracy():
     assert short["last3_accuracy"] == pytest.approx(0.6)
 
 
+def test_cell_summary_has_the_mean_and_spread_of_the_last_ten_rounds():
+    accuracies = [0.5, 0.6] + [0.8, 0.9] * 5  # 12 trained rounds; the last 10 alternate 0.8, 0.9
+    rounds = [{"round": 0, "test_accuracy": 0.1}] + [{"round": r, "test_accuracy": a}
+                                                     for r, a in enumerate(accuracies, start=1)]
+    row = summarise_cell(Cell("fedavg", "none", 0.2, 0), {"rounds": rounds}, 20, "finished", 1.0)
+    assert row["last10_accuracy"] == pytest.approx(0.85)
+    assert row["spread10_accuracy"] == pytest.approx(0.05)
+    # One trained round has no spread; round 0 (untrained) never counts.
+    one = summarise_cell(Cell("fedavg", "none", 0.2, 0), {"rounds": rounds[:2]}, 20, "finished", 1.0)
+    assert one["last10_accuracy"] == pytest.approx(0.5) and one["spread10_accuracy"] is None
+
+
+def test_summary_counts_attacked_cells_within_a_point_of_the_oracle_per_statistic(tmp_path):
+    def row(strategy, attack, fraction, final, last3, last10, spread, status="finished"):
+        return {"strategy": strategy, "attack": attack, "fraction": fraction, "status": status,
+                "final_accuracy": final, "last3_accuracy": last3, "last10_accuracy": last10,
+                "spread10_accuracy": spread, "final_backdoor_asr": None, "malicious_weight": None}
+    rows = [row("oracle", "none", 0.2, 0.85, 0.84, 0.83, 0.010),
+            row("softmerge", "none", 0.2, 0.90, 0.90, 0.90, 0.002),  # no attack: not in the worst case
+            # final 0.83 is 2 points under the oracle's final round, but its last-10 mean 0.83 is level
+            row("softmerge", "alie", 0.2, 0.83, 0.835, 0.83, 0.010),
+            row("softmerge", "fang", 0.2, 0.80, 0.80, 0.82, 0.030),  # exactly 1 point under on the last 10
+            row("bulyan", "alie", 0.2, None, None, None, None, status="n/a"),
+            row("bulyan", "fang", 0.2, None, None, None, None, status="n/a")]
+    path = tmp_path / "tables.md"
+    write_tables(rows, ["softmerge", "bulyan", "oracle"], ["none", "alie", "fang"], [0.2], path, "## test")
+    text = path.read_text()
+    assert "| **oracle** | final round | 85.0 |" in text
+    assert "| **oracle** | mean of last 10 | 83.0 |" in text
+    assert "| softmerge | final round | 80.0 (0/2) |" in text
+    assert "| softmerge | mean of last 3 | 80.0 (1/2) |" in text
+    assert "| softmerge | mean of last 10 | 82.0 (2/2) |" in text
+    assert "| bulyan | final round | n/a |" in text
+    # The spread table: the oracle's own cell, the median over the defense's attacked cells.
+    assert "| **oracle** | 1.00 |" in text
+    assert "| softmerge | 2.00 |" in text
+
+
 def test_grid_rejects_unknown_names(capsys, tmp_path):
     assert main(["--strategies", "softmerge,zeno", "--output", str(tmp_path)]) == 2
     assert "'strategy' must be one of" in capsys.readouterr().err
