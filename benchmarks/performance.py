@@ -982,8 +982,8 @@ def discussion(raw: dict) -> list[str]:
         "1. **An early stop that can fire, and does not fire too soon.** Before, gate learning stopped when no",
         "   deterministic gate had moved by more than 1e-3 over 10 steps. With Adam at lr 0.1 on sampled gates",
         "   the gates never stop moving, so every merge ran all 100 steps (the 2026-11-22 run's `before` rows; the",
-        "   reference grid's first results.json showed 100 steps in every round). "
-        "Now every `check_every` = 10 steps the",
+        ("   reference grid's first results.json showed 100 steps in every round). "
+         "Now every `check_every` = 10 steps the"),
         "   deterministic gates are scored by the objective itself without noise (cross-entropy of the merge",
         "   they build on at most 2 x 128 gate examples, plus the L0 term). Learning stops after `patience` = 2",
         "   checks in a row that did not improve by more than `tolerance` = 0.01 nats on the last check that",

@@ -229,9 +229,11 @@ def summarise_cell(cell: Cell, result: dict | None, num_clients: int, status: st
     # One seed's last round moves by a point or more from round to round; the mean of the
     # last three trained rounds is the steadier figure to compare defenses on.
     row["last3_accuracy"] = _mean([entry.get("test_accuracy") for entry in rounds[1:][-LAST_ROUNDS:]])
+    # Labelled by its window, so a run shorter than the window has no such figure.
     window = [entry.get("test_accuracy") for entry in rounds[1:][-LONG_WINDOW:]]
-    row["last10_accuracy"] = _mean(window)
-    row["spread10_accuracy"] = _spread(window)
+    if len(window) == LONG_WINDOW:
+        row["last10_accuracy"] = _mean(window)
+        row["spread10_accuracy"] = _spread(window)
     row["final_backdoor_asr"] = rounds[-1].get("backdoor_asr")
     labels = {f"client-{i}" for i in malicious_ids(num_clients, cell.fraction)}
     shares = []
@@ -251,7 +253,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _spread(values: list[float]) -> float | None:
-    """Population standard deviation of the finite values; None for fewer than two."""
+    """Standard deviation of the finite values; None for fewer than two.
+
+    The population form: the rounds of the window are all there is to describe, not a
+    sample to estimate a wider spread from.
+    """
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return statistics.pstdev(values) if len(values) > 1 else None
 
@@ -330,47 +336,65 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
                    fractions: list[float]) -> list[str]:
     """Markdown lines: each defense's worst case over the attacks per fraction, by statistic.
 
-    A cell reads "worst (k/n)": the lowest accuracy over the n attacked cells that have
-    finished, and how many of them are within 1 point of the oracle's figure for the same
-    statistic and fraction. One seed's final round lands a point or more from where its run
-    has settled, for the oracle as much as for a defense, so the same comparison is shown on
-    the means of the last rounds; a second table gives that spread.
+    A cell reads "worst (k/n)": the lowest accuracy over the n attacks whose cells have
+    finished (a cell's figure is the mean over its seeds), and how many of them are within 1
+    point of the oracle's figure for the same statistic and fraction, as printed. "partial"
+    follows when an attack that can run at that fraction has no finished cell yet, "failed"
+    stands alone when only failed cells are there. One seed's final round lands a point or
+    more from where its run has settled, for the oracle as much as for a defense, so the same
+    comparison is shown on the means of the last rounds; a second table gives that spread.
     """
+    def rows(strategy: str, attack: str, fraction: float) -> list[dict]:
+        return by_key.get((strategy, attack, fraction), [])
+
     def value(strategy: str, attack: str, fraction: float, field: str) -> float | None:
-        return _mean([r.get(field) for r in by_key.get((strategy, attack, fraction), [])
-                      if r["status"] == "finished"])
+        return _mean([r.get(field) for r in rows(strategy, attack, fraction) if r["status"] == "finished"])
+
+    def printed(fraction_value: float) -> float:
+        return round(fraction_value * 100, 1)
+
+    def missing_text(strategy: str, fraction: float, among: list[str]) -> str:
+        here = [r for a in among for r in rows(strategy, a, fraction)]
+        if here and all(r["status"] == "n/a" for r in here):
+            return "n/a"
+        return "failed" if any(r["status"] == "failed" for r in here) else "-"
 
     attacked = [a for a in attacks if a != NO_ATTACK]
     if not attacked:
         return []
     columns = " | ".join(f"{f:.0%}" for f in fractions)
-    lines = ["### Summary: worst case over the attacks (attacked cells within 1 point of the oracle)", "",
-             f"| defense | statistic | {columns} |", "|---|---|" + "---|" * len(fractions)]
+    lines = ["### Summary: worst case over the attacks (attacks within 1 point of the oracle / attacks finished)",
+             "", f"| defense | statistic | {columns} |", "|---|---|" + "---|" * len(fractions)]
     for field, label in SUMMARY_STATISTICS:
         oracle = [value(ORACLE, NO_ATTACK, f, field) for f in fractions]
         lines.append(f"| **oracle** | {label} | " + " | ".join(_fmt(v) for v in oracle) + " |")
     for strategy in defenses:
         for field, label in SUMMARY_STATISTICS:
             texts = []
-            for fraction, oracle in zip(fractions, (value(ORACLE, NO_ATTACK, f, field) for f in fractions)):
+            for fraction in fractions:
+                oracle = value(ORACLE, NO_ATTACK, fraction, field)
                 found = [v for a in attacked if (v := value(strategy, a, fraction, field)) is not None]
                 if not found:
-                    here = [r for a in attacked for r in by_key.get((strategy, a, fraction), [])]
-                    texts.append("n/a" if here and all(r["status"] == "n/a" for r in here) else "-")
+                    texts.append(missing_text(strategy, fraction, attacked))
                     continue
-                # 1 point of accuracy; the 1e-9 keeps a difference of exactly one point (as printed) within.
-                within = "" if oracle is None else f" ({sum(v >= oracle - 0.01 - 1e-9 for v in found)}/{len(found)})"
-                texts.append(_fmt(min(found)) + within)
+                applicable = [a for a in attacked
+                              if not any(r["status"] == "n/a" for r in rows(strategy, a, fraction))]
+                text = _fmt(min(found))
+                if oracle is not None:
+                    close = sum(printed(v) >= printed(oracle) - 1.0 for v in found)
+                    text += f" ({close}/{len(found)})"
+                texts.append(text + (" partial" if len(found) < len(applicable) else ""))
             lines.append(f"| {strategy} | {label} | " + " | ".join(texts) + " |")
     lines += ["", f"### Round-to-round spread: standard deviation of test accuracy (points) over the last "
-              f"{LONG_WINDOW} rounds, median over the attacked cells", "",
+              f"{LONG_WINDOW} rounds, median over the attacks", "",
               f"| defense | {columns} |", "|---|" + "---|" * len(fractions)]
     for strategy in [ORACLE] + defenses:
+        among = [NO_ATTACK] if strategy == ORACLE else attacked
         texts = []
         for fraction in fractions:
-            spreads = [v for a in ([NO_ATTACK] if strategy == ORACLE else attacked)
-                       if (v := value(strategy, a, fraction, "spread10_accuracy")) is not None]
-            texts.append(_fmt(statistics.median(spreads), digits=2) if spreads else "-")
+            spreads = [v for a in among if (v := value(strategy, a, fraction, "spread10_accuracy")) is not None]
+            texts.append(_fmt(statistics.median(spreads), digits=2) if spreads
+                         else missing_text(strategy, fraction, among))
         name = "**oracle**" if strategy == ORACLE else strategy
         lines.append(f"| {name} | " + " | ".join(texts) + " |")
     return lines + [""]
@@ -684,6 +708,9 @@ def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attack
             # A finished cell passed over again keeps the time it took when it ran.
             row = {**row, "seconds": previous.get("seconds")}
         merged[row["key"]] = row
+    for key, row in merged.items():
+        if row.get("status") == "finished" and "last10_accuracy" not in row:
+            merged[key] = _resummarised(output, row, args.clients)
     rows = list(merged.values())
     strategies = _union(strategies, (r["strategy"] for r in rows))
     attacks = _union(attacks, (r["attack"] for r in rows if r["strategy"] != ORACLE))
@@ -697,6 +724,22 @@ def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attack
     header = (f"## {base.dataset}, {args.clients} clients, {base.partitioning} (alpha={base.dirichlet_alpha}), "
               f"{base.num_server_rounds} rounds")
     write_tables(rows, strategies, attacks, fractions, output / "tables.md", header)
+
+
+def _resummarised(output: Path, row: dict, num_clients: int) -> dict:
+    """A finished row written by an older runner, summarised again from its results file.
+
+    Such a row lacks the newer columns, and a table that read it as "no figure" would take a
+    defense's worst case over its other attacks alone.
+    """
+    try:
+        cell = Cell(row["strategy"], row["attack"], float(row["fraction"]), int(row["seed"]))
+    except (KeyError, TypeError, ValueError):
+        return row
+    result = finished_cell(output, cell) if cell.key == row.get("key") else None
+    if result is None:
+        return row
+    return {**row, **summarise_cell(cell, result, num_clients, "finished", row.get("seconds"))}
 
 
 def _still_finished(output: Path, row: dict) -> bool:

@@ -58,9 +58,9 @@ def test_cell_summary_has_the_mean_and_spread_of_the_last_ten_rounds():
     row = summarise_cell(Cell("fedavg", "none", 0.2, 0), {"rounds": rounds}, 20, "finished", 1.0)
     assert row["last10_accuracy"] == pytest.approx(0.85)
     assert row["spread10_accuracy"] == pytest.approx(0.05)
-    # One trained round has no spread; round 0 (untrained) never counts.
-    one = summarise_cell(Cell("fedavg", "none", 0.2, 0), {"rounds": rounds[:2]}, 20, "finished", 1.0)
-    assert one["last10_accuracy"] == pytest.approx(0.5) and one["spread10_accuracy"] is None
+    # Round 0 (untrained) never counts, and a run shorter than the window has no such figure.
+    short = summarise_cell(Cell("fedavg", "none", 0.2, 0), {"rounds": rounds[:10]}, 20, "finished", 1.0)
+    assert short["last10_accuracy"] is None and short["spread10_accuracy"] is None
 
 
 def test_summary_counts_attacked_cells_within_a_point_of_the_oracle_per_statistic(tmp_path):
@@ -87,6 +87,26 @@ def test_summary_counts_attacked_cells_within_a_point_of_the_oracle_per_statisti
     # The spread table: the oracle's own cell, the median over the defense's attacked cells.
     assert "| **oracle** | 1.00 |" in text
     assert "| softmerge | 2.00 |" in text
+    assert "| bulyan | n/a |" in text
+
+
+def test_summary_marks_partial_and_failed_and_compares_printed_figures(tmp_path):
+    def row(strategy, attack, final, status="finished", seed=0):
+        return {"strategy": strategy, "attack": attack, "fraction": 0.4, "seed": seed, "status": status,
+                "final_accuracy": final, "last3_accuracy": final, "last10_accuracy": final,
+                "spread10_accuracy": 0.01, "final_backdoor_asr": None, "malicious_weight": None}
+    rows = [row("oracle", "none", 0.8251),  # printed 82.5
+            row("softmerge", "alie", 0.8150),  # printed 81.5: exactly 1 point under as printed
+            row("softmerge", "fang", 0.70), row("softmerge", "fang", 0.80, seed=1),  # two seeds: 75.0
+            row("fedavg", "alie", 0.9),  # fang not run yet
+            row("krum", "alie", None, status="failed"), row("krum", "fang", None, status="failed")]
+    path = tmp_path / "tables.md"
+    write_tables(rows, ["softmerge", "fedavg", "krum", "oracle"], ["none", "alie", "fang"], [0.4], path, "## t")
+    text = path.read_text()
+    assert "| softmerge | final round | 75.0 (1/2) |" in text
+    assert "| fedavg | final round | 90.0 (1/1) partial |" in text
+    assert "| krum | final round | failed |" in text
+    assert "| krum | failed |" in text  # the spread table too
 
 
 def test_grid_rejects_unknown_names(capsys, tmp_path):
@@ -164,6 +184,8 @@ def test_tables_only_rebuilds_the_tables_from_the_cells_on_disk_and_runs_nothing
     assert not (tmp_path / "cells" / "softmerge__none__f0.2__s0").exists()
     assert not (tmp_path / "grid.json").exists()  # it records the runs, and this was none
     assert "| fedavg | 70.0 | 70.0 |" in (tmp_path / "tables.md").read_text()
+    # The older runner's row is summarised again from its results file: no column is missing.
+    assert rows[other]["last3_accuracy"] == pytest.approx(0.7) and "last10_accuracy" in rows[other]
 
 
 def test_weights_by_round_heatmap_skips_rounds_whose_candidates_differ(tmp_path):
