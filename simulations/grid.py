@@ -247,8 +247,13 @@ def summarise_cell(cell: Cell, result: dict | None, num_clients: int, status: st
     return row
 
 
+def _present(values: list[float]) -> list[float]:
+    """The values that are there: neither missing (None) nor nan."""
+    return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
 def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    values = _present(values)
     return sum(values) / len(values) if values else None
 
 
@@ -258,7 +263,7 @@ def _spread(values: list[float]) -> float | None:
     The population form: the rounds of the window are all there is to describe, not a
     sample to estimate a wider spread from.
     """
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    values = _present(values)
     return statistics.pstdev(values) if len(values) > 1 else None
 
 
@@ -732,23 +737,26 @@ def _resummarised(output: Path, row: dict, num_clients: int) -> dict:
     Such a row lacks the newer columns, and a table that read it as "no figure" would take a
     defense's worst case over its other attacks alone.
     """
-    try:
-        cell = Cell(row["strategy"], row["attack"], float(row["fraction"]), int(row["seed"]))
-    except (KeyError, TypeError, ValueError):
-        return row
-    result = finished_cell(output, cell) if cell.key == row.get("key") else None
+    cell = _row_cell(row)
+    result = finished_cell(output, cell) if cell is not None else None
     if result is None:
         return row
     return {**row, **summarise_cell(cell, result, num_clients, "finished", row.get("seconds"))}
 
 
-def _still_finished(output: Path, row: dict) -> bool:
+def _row_cell(row: dict) -> Cell | None:
+    """The cell a cells.json row describes; None for a row without those columns or another key."""
     try:
         cell = Cell(row["strategy"], row["attack"], float(row["fraction"]), int(row["seed"]))
     except (KeyError, TypeError, ValueError):
+        return None
+    return cell if cell.key == row.get("key") else None
+
+
+def _still_finished(output: Path, row: dict) -> bool:
+    cell = _row_cell(row)
+    if cell is None:
         # A row from an older runner without those columns: judged by its results file alone.
-        return (output / "cells" / row["key"] / "results.json").exists()
-    if cell.key != row["key"]:
         return (output / "cells" / row["key"] / "results.json").exists()
     return finished_cell(output, cell) is not None
 
