@@ -63,18 +63,23 @@ def test_cell_summary_has_the_mean_and_spread_of_the_last_ten_rounds():
     assert short["last10_accuracy"] is None and short["spread10_accuracy"] is None
 
 
+def _summary_row(strategy, attack, fraction, final, last3=None, last10=None, spread=None, status="finished",
+                 seed=0):
+    """A cells.json row with the columns the summary tables read."""
+    return {"strategy": strategy, "attack": attack, "fraction": fraction, "seed": seed, "status": status,
+            "final_accuracy": final, "last3_accuracy": last3, "last10_accuracy": last10,
+            "spread10_accuracy": spread, "final_backdoor_asr": None, "malicious_weight": None}
+
+
 def test_summary_counts_attacked_cells_within_a_point_of_the_oracle_per_statistic(tmp_path):
-    def row(strategy, attack, fraction, final, last3, last10, spread, status="finished"):
-        return {"strategy": strategy, "attack": attack, "fraction": fraction, "status": status,
-                "final_accuracy": final, "last3_accuracy": last3, "last10_accuracy": last10,
-                "spread10_accuracy": spread, "final_backdoor_asr": None, "malicious_weight": None}
+    row = _summary_row
     rows = [row("oracle", "none", 0.2, 0.85, 0.84, 0.83, 0.010),
             row("softmerge", "none", 0.2, 0.90, 0.90, 0.90, 0.002),  # no attack: not in the worst case
             # final 0.83 is 2 points under the oracle's final round, but its last-10 mean 0.83 is level
             row("softmerge", "alie", 0.2, 0.83, 0.835, 0.83, 0.010),
             row("softmerge", "fang", 0.2, 0.80, 0.80, 0.82, 0.030),  # exactly 1 point under on the last 10
-            row("bulyan", "alie", 0.2, None, None, None, None, status="n/a"),
-            row("bulyan", "fang", 0.2, None, None, None, None, status="n/a")]
+            row("bulyan", "alie", 0.2, None, status="n/a"),
+            row("bulyan", "fang", 0.2, None, status="n/a")]
     path = tmp_path / "tables.md"
     write_tables(rows, ["softmerge", "bulyan", "oracle"], ["none", "alie", "fang"], [0.2], path, "## test")
     text = path.read_text()
@@ -92,9 +97,9 @@ def test_summary_counts_attacked_cells_within_a_point_of_the_oracle_per_statisti
 
 def test_summary_marks_partial_and_failed_and_compares_printed_figures(tmp_path):
     def row(strategy, attack, final, status="finished", seed=0):
-        return {"strategy": strategy, "attack": attack, "fraction": 0.4, "seed": seed, "status": status,
-                "final_accuracy": final, "last3_accuracy": final, "last10_accuracy": final,
-                "spread10_accuracy": 0.01, "final_backdoor_asr": None, "malicious_weight": None}
+        # Every statistic the same, so the final-round line stands for all three.
+        spread = 0.01 if status == "finished" else None
+        return _summary_row(strategy, attack, 0.4, final, final, final, spread, status=status, seed=seed)
     rows = [row("oracle", "none", 0.8251),  # printed 82.5
             row("softmerge", "alie", 0.8150),  # printed 81.5: exactly 1 point under as printed
             row("softmerge", "fang", 0.70), row("softmerge", "fang", 0.80, seed=1),  # two seeds: 75.0
