@@ -607,6 +607,18 @@ def _fit(xs, ys):
     return intercept, slope, worst
 
 
+def softmerge_defaults() -> str:
+    """The defaults this run measured, read from the code, so the report cannot outlive a change of them."""
+    from softmerge.aggregation.merge import SoftMergeConfig
+
+    config = SoftMergeConfig()
+    units = "one gate per candidate" if config.units == "model" else f"units {config.units!r}"
+    keep = f"the keep model in mode {config.keep_mode!r}" if config.include_keep else "no keep model"
+    return (f"{units}, {config.mode} mode, at most {config.steps} steps (a convergence check every "
+            f"{config.check_every}), lr {config.lr}, L0 {config.l0_lambda}, batch {config.batch_size}, {keep}, "
+            f"mirror test {'on' if config.mirror_test else 'off'}, no-harm margin {config.harm_margin} nats")
+
+
 def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[dict] | None, command: str,
                  elapsed: float, impl: str | None, clock: str = "wall") -> dict:
     best_bw = max(bw.values())
@@ -640,8 +652,7 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
         "  candidate is global + delta + noise (delta: one more epoch on 500 other images; noise: Gaussian",
         "  with each tensor's standard deviation of delta); K // 10 candidates are global - 4 (delta + noise).",
         "  SoftMerge's gate split and FLTrust's root set are the same 300 images; accuracy is on 2,000 others.",
-        "- SoftMerge runs with `SoftMergeConfig()` defaults (layer units, weight mode, at most 100 steps,",
-        "  lr 0.1, L0 0.01, batch 128, keep candidate, early stop on a plateau of the gate objective).",
+        "- SoftMerge runs with `SoftMergeConfig()` defaults: " + softmerge_defaults() + ".",
         "- Seconds: median of the timed repetitions, same process, one strategy after another; "
         + ("wall-clock seconds." if clock == "wall" else
            "**CPU seconds** of the process (`time.process_time`), not wall-clock: with every strategy on one "
