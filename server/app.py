@@ -81,9 +81,16 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
     if is_colluding_attack(settings.attack):
         # Simulation only: an omniscient adversary rewrites the malicious replies from the
         # benign ones before the defense sees them; the defense is never told who they are.
-        from ..simulations.harness import make_colluding
+        from ..simulations.colluding import ADAPTIVE_ATTACKS
+        from ..simulations.harness import clean_loss_oracle, make_colluding
+        from ..simulations.tasks import attacker_sample
 
-        make_colluding(strategy, settings.attack, settings.malicious_ids, seed=settings.seed)
+        adaptive = {}
+        if settings.attack in ADAPTIVE_ATTACKS:
+            # The adaptive attacker holds as much clean data as the server's gate split.
+            sample = attacker_sample(task, settings.server_gate_size, settings.seed)
+            adaptive["loss_of"] = clean_loss_oracle(build_model(settings.dataset, seed=settings.seed), sample)
+        make_colluding(strategy, settings.attack, settings.malicious_ids, seed=settings.seed, **adaptive)
     if checkpoint is not None and hasattr(strategy, "load_trust_state") and "trust_record" in checkpoint.state:
         # Node IDs are the record's keys; a simulation draws new ones on every start, so there
         # the record only carries over when the nodes keep their IDs (a deployment's do).

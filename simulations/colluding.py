@@ -18,6 +18,17 @@ deviation of the benign rows; ddof=0 keeps sigma defined for a single benign row
   attack on trimmed mean / median), applied to updates (see :func:`fang_trim`).
 - Mimic (Karimireddy, He & Jaggi, ICLR 2022): every malicious client sends the update of
   one honest client (see :func:`mimic_target_index`).
+- Backdoor within the validation loss (``backdoor-evade``; gate-aware, adaptive): the
+  malicious clients train the backdoor, and each sends ``mu + gamma * (u - mu)``, its own
+  backdoored update ``u`` moved from the benign mean ``mu`` (gamma = 1 is ``u`` as
+  trained; gamma > 1 boosts it by model replacement, Bagdasaryan et al., AISTATS 2020;
+  gamma < 1 blends it into the benign mean), with the largest ``gamma`` in ``[0, n]``
+  whose loss on the attacker's own clean sample of the server's validation distribution
+  stays at or below the median benign reply's loss on that sample (see
+  :func:`largest_scale_within`). The attacker knows that SoftMerge scores replies on
+  clean validation data, so it keeps its reply as good there as a typical honest one
+  while carrying as much backdoor as that allows. It needs a loss oracle, which the
+  harness is given (``loss_of``); :func:`craft_malicious_updates` does not run it.
 - Jittered Sybils: any of the above with ``-jitter`` appended (``min-sum-jitter``,
   ``alie-jitter``, ...). Each malicious client adds its own small Gaussian noise to the
   crafted update, ``jitter * sigma`` per coordinate (default :data:`DEFAULT_JITTER`, 1% of
@@ -50,6 +61,8 @@ DEFAULT_JITTER = 0.01
 # Canonical attack names accepted by craft_malicious_updates. "ipm-<eps>" accepts any
 # positive number, and "min-max-<p>" / "min-sum-<p>" name the perturbation in the name.
 COLLUDING_ATTACKS = ("alie", "ipm-0.1", "ipm-100", "min-max", "min-sum", "fang", "mimic")
+# Attacks that also need the attacker's loss on its own clean data: the harness runs them.
+ADAPTIVE_ATTACKS = ("backdoor-evade",)
 
 # ALIE's probability leaves (0, 1) when m >= floor(n/2 + 1) (a malicious majority: it
 # reaches 1) or when n <= 2 (it is 0), where Phi^-1 is infinite. We clamp it into
@@ -301,6 +314,42 @@ def jitter_copies(crafted: np.ndarray, benign: np.ndarray, rng: np.random.Genera
     return crafted + rng.standard_normal(crafted.shape) * (scale * sigma)
 
 
+# --- adaptive: a backdoor moved as far as the validation loss allows --------------------
+
+def largest_scale_within(loss_at: Callable[[float], float], threshold: float, upper: float,
+                         iterations: int = 12) -> float:
+    """The largest ``gamma`` in ``[0, upper]`` with ``loss_at(gamma) <= threshold``.
+
+    ``loss_at(gamma)`` is the attacker's clean-sample loss of its reply at ``gamma``
+    (``mu + gamma * (u - mu)`` for backdoor-evade). The search assumes the loss grows with
+    gamma, as it does moving away from a good model: it bisects on log gamma in
+    ``[1, upper]`` when gamma = 1 passes, else on gamma in ``[0, 1]``; a non-finite loss
+    counts as too large. Returns ``upper`` when that passes and 0 when nothing does (the
+    reply is then the benign mean). ``iterations`` bisection steps bound the answer to a
+    factor ``upper ** (2 ** -iterations)`` above 1, or ``2 ** -iterations`` below it.
+    """
+    if not (math.isfinite(upper) and upper >= 1):
+        raise ValueError(f"the largest scale must be a finite number >= 1; got {upper}")
+
+    def passes(gamma: float) -> bool:
+        loss = loss_at(gamma)
+        return math.isfinite(loss) and loss <= threshold
+
+    if passes(1.0):
+        if upper == 1 or passes(upper):
+            return float(upper)
+        low, high, to_gamma = 0.0, math.log(upper), math.exp  # on log gamma
+    else:
+        low, high, to_gamma = 0.0, 1.0, float
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if passes(to_gamma(middle)):
+            low = middle
+        else:
+            high = middle
+    return to_gamma(low)
+
+
 # --- dispatcher -------------------------------------------------------------------------
 
 _IPM_NAME = re.compile(r"^ipm(?:-(?P<eps>.+))?$")
@@ -338,10 +387,13 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
         if name.count(JITTER_SUFFIX) > 1:
             raise ValueError(f"attack {name!r}: -jitter appears twice")
         kind, params = parse_attack_name(jitter_match["base"])
+        if kind in ADAPTIVE_ATTACKS:
+            raise ValueError(f"attack {name!r}: {kind} sends each client's own update, so there are no "
+                             "copies to jitter")
         scale = (DEFAULT_JITTER if jitter_match["scale"] is None else
                  _positive_number(jitter_match["scale"], f"attack {name!r}: -jitter-<scale>", "mimic-jitter-0.3"))
         return kind, {**params, "jitter": scale}
-    if name in ("alie", "fang", "mimic"):
+    if name in ("alie", "fang", "mimic") or name in ADAPTIVE_ATTACKS:
         return name, {}
     ipm_match = _IPM_NAME.match(name)
     if ipm_match:
@@ -353,7 +405,7 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
     if deviation_match:
         params = {"perturbation": deviation_match["p"]} if deviation_match["p"] else {}
         return deviation_match["kind"], params
-    raise ValueError(f"unknown colluding attack {name!r}; known: {', '.join(COLLUDING_ATTACKS)}, "
+    raise ValueError(f"unknown colluding attack {name!r}; known: {', '.join(COLLUDING_ATTACKS + ADAPTIVE_ATTACKS)}, "
                      "ipm-<eps>, min-max-<unit|sign|std>, min-sum-<unit|sign|std>, "
                      "each optionally with -jitter or -jitter-<scale> (e.g. min-sum-jitter, mimic-jitter-0.3)")
 
@@ -376,6 +428,9 @@ def craft_malicious_updates(
     needs ``rng``; ``jitter=0`` sends the copies unjittered.
     """
     kind, implied = parse_attack_name(name)
+    if kind in ADAPTIVE_ATTACKS:
+        raise ValueError(f"{kind} needs the attacker's clean-data loss: run it through the harness "
+                         "(ColludingAdversary(..., loss_of=...))")
     params = {**implied, **params}
     jitter = params.pop("jitter", 0.0)
     if jitter and rng is None:

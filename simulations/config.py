@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..aggregation.merge import KEEP_MODES, MERGE_MODES, UNIT_KINDS
-from .colluding import COLLUDING_ATTACKS, is_colluding_attack
+from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_colluding_attack
 from .tasks import DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
 
 STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fltrust",
@@ -173,8 +173,8 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "server_test_size": _at_least(1),
     "client_pool_size": _at_least(0),
     "attack": lambda v: None if v in CLIENT_ATTACKS or is_colluding_attack(v) else (
-        f"one of {', '.join(CLIENT_ATTACKS + COLLUDING_ATTACKS)} (or ipm-<eps>, min-max-<unit|sign|std>, "
-        "min-sum-<unit|sign|std>, any colluding one with -jitter)"),
+        f"one of {', '.join(CLIENT_ATTACKS + COLLUDING_ATTACKS + ADAPTIVE_ATTACKS)} (or ipm-<eps>, "
+        "min-max-<unit|sign|std>, min-sum-<unit|sign|std>, any colluding one with -jitter)"),
     "attack_scale": _at_least(0),
     "gaussian_std": _at_least(0),
     "backdoor_target": _at_least(0),

@@ -30,22 +30,31 @@ n is the number of replies with content this round and m the number of malicious
 rewritten, so sampling (``fraction-train`` < 1) is accounted for. Rows are ordered by
 partition id, and the random draws (Fang) come from ``numpy.random.default_rng([seed,
 round])``, so a run is reproducible whatever order the replies arrive in.
+
+The adaptive ``backdoor-evade`` also needs the attacker's loss on its own clean sample of
+the server's validation distribution (``loss_of``, a function of a model state; see
+:func:`clean_loss_oracle`). Its malicious clients train the backdoor themselves; the
+harness moves each one's own update ``u`` to ``mu + gamma * (u - mu)``, ``mu`` the mean of
+the updates it knows, with the largest ``gamma`` in ``[0, n]`` whose loss stays at or
+below the median of theirs (honest replies with ``knowledge="full"``, the malicious
+clients' own unmoved ones with ``"partial"``).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from .colluding import craft_malicious_updates, parse_attack_name
+from .colluding import ADAPTIVE_ATTACKS, craft_malicious_updates, largest_scale_within, parse_attack_name
 
 KNOWLEDGE = ("full", "partial")
 _MISSING = object()
@@ -59,6 +68,7 @@ class RoundAttack:
     malicious: tuple[int, ...]  # partition ids whose replies were rewritten
     benign_used: int  # updates the attack was computed from
     skipped_reason: str = ""
+    scales: tuple[float, ...] = ()  # backdoor-evade: each rewritten reply's gamma, in partition order
 
 
 class ColludingAdversary:
@@ -78,6 +88,9 @@ class ColludingAdversary:
         malicious clients' own honestly trained ones (partial).
     label_key : str
         MetricRecord key naming a reply's partition.
+    loss_of : callable, optional
+        The attacker's loss of a model state (key -> numpy array) on its own clean data;
+        required by the adaptive attacks (``backdoor-evade``), ignored by the others.
     **attack_params
         Passed to the attack (e.g. ``perturbation="unit"``, ``gamma_init=50``, ``b=2``).
     """
@@ -89,11 +102,17 @@ class ColludingAdversary:
         seed: int = 0,
         knowledge: str = "full",
         label_key: str = "partition-id",
+        loss_of: Callable[[dict[str, np.ndarray]], float] | None = None,
         **attack_params,
     ) -> None:
-        parse_attack_name(attack)  # fails now, naming the known attacks, rather than in round 1
+        kind, _ = parse_attack_name(attack)  # fails now, naming the known attacks, rather than in round 1
         if knowledge not in KNOWLEDGE:
             raise ValueError(f"knowledge must be one of {', '.join(KNOWLEDGE)}; got {knowledge!r}")
+        if kind in ADAPTIVE_ATTACKS and loss_of is None:
+            raise ValueError(f"{attack} keeps its replies' loss on the attacker's clean data in check: "
+                             "pass loss_of")
+        self.adaptive = kind in ADAPTIVE_ATTACKS
+        self.loss_of = loss_of
         self.attack = attack
         self.malicious_ids = frozenset(int(i) for i in malicious_ids)
         self.seed = int(seed)
@@ -189,17 +208,42 @@ class ColludingAdversary:
         if not known:
             return skip("no readable, finite update to compute the attack from")
 
-        crafted = craft_malicious_updates(
-            self.attack, np.stack(known), len(targets), num_total,
-            rng=np.random.default_rng([self.seed, server_round]), **self.attack_params)
+        scales: tuple[float, ...] = ()
+        if self.adaptive:
+            crafted, scales = self._moved_own_updates(targets, known, num_total)
+        else:
+            crafted = craft_malicious_updates(
+                self.attack, np.stack(known), len(targets), num_total,
+                rng=np.random.default_rng([self.seed, server_round]), **self.attack_params)
         rewritten = list(replies)
         for (_, index, _), update in zip(targets, crafted):
             rewritten[index] = self._with_update(replies[index], update)
         ids = tuple(int(key[0]) for key, _, _ in targets)
-        self.history[server_round] = RoundAttack(len(replies), ids, len(known))
-        log(INFO, "colluding %s round %d: rewrote the replies of partitions %s from %d updates (n=%d, m=%d)",
-            self.attack, server_round, list(ids), len(known), num_total, len(targets))
+        self.history[server_round] = RoundAttack(len(replies), ids, len(known), scales=scales)
+        log(INFO, "colluding %s round %d: rewrote the replies of partitions %s from %d updates (n=%d, m=%d)%s",
+            self.attack, server_round, list(ids), len(known), num_total, len(targets),
+            f"; scales {[round(gamma, 4) for gamma in scales]}" if scales else "")
         return rewritten
+
+    def _moved_own_updates(self, targets: list, known: list[np.ndarray],
+                           num_total: int) -> tuple[list[np.ndarray], tuple[float, ...]]:
+        """backdoor-evade: each malicious update moved from the known mean as far as its clean loss allows."""
+        threshold = float(np.median([self.loss_of(self._state_of(update)) for update in known]))
+        mean = np.mean(known, axis=0)
+        upper = float(self.attack_params.get("upper", num_total))
+        iterations = int(self.attack_params.get("iterations", 12))
+        crafted, scales = [], []
+        for _, _, update in targets:
+            gamma = 0.0  # a non-finite update has nothing to send: the known mean instead
+            if np.isfinite(update).all():
+                direction = update - mean
+                gamma = largest_scale_within(lambda g, d=direction: self.loss_of(self._state_of(mean + g * d)),
+                                             threshold, upper, iterations=iterations)
+                crafted.append(mean + gamma * direction)
+            else:
+                crafted.append(mean.copy())
+            scales.append(gamma)
+        return crafted, tuple(scales)
 
     # --- reading and writing replies -----------------------------------------------------
 
@@ -233,13 +277,29 @@ class ColludingAdversary:
             return None
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    def _with_update(self, msg: Message, update: np.ndarray) -> Message:
-        """A copy of ``msg`` whose floating arrays are global + update, in the reply's own dtypes."""
-        (record_name, record), = msg.content.array_records.items()
+    def _offsets(self) -> dict[str, tuple[int, int]]:
+        """Where each floating array of the global model sits in a flattened update."""
         offsets, start = {}, 0
         for key in self._floating_keys():
             size = self._global[key].size
             offsets[key], start = (start, start + size), start + size
+        return offsets
+
+    def _state_of(self, update: np.ndarray) -> dict[str, np.ndarray]:
+        """The model state global + update, in the global model's dtypes (integer buffers as they are)."""
+        offsets = self._offsets()
+        state = {}
+        for key, array in self._global.items():
+            if key in offsets:
+                low, high = offsets[key]
+                array = (array.astype(np.float64).ravel() + update[low:high]).reshape(array.shape).astype(array.dtype)
+            state[key] = array
+        return state
+
+    def _with_update(self, msg: Message, update: np.ndarray) -> Message:
+        """A copy of ``msg`` whose floating arrays are global + update, in the reply's own dtypes."""
+        (record_name, record), = msg.content.array_records.items()
+        offsets = self._offsets()
         arrays = {}
         for key, array in record.items():
             if key not in offsets:
@@ -271,3 +331,17 @@ def make_colluding(
     adversary = ColludingAdversary(attack, malicious_ids, seed=seed, knowledge=knowledge, **attack_params)
     adversary.attach(strategy)
     return adversary
+
+
+def clean_loss_oracle(model: torch.nn.Module, data) -> Callable[[dict[str, np.ndarray]], float]:
+    """The attacker's mean cross-entropy of a model state on its own clean sample ``data`` (an ArraySet).
+
+    ``model`` is the attacker's copy of the architecture; each call loads the state into it.
+    """
+    from .tasks import evaluate_model
+
+    def loss_of(state: dict[str, np.ndarray]) -> float:
+        model.load_state_dict({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in state.items()})
+        return evaluate_model(model, data)[0]
+
+    return loss_of

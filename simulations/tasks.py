@@ -149,6 +149,19 @@ def load_task(name: str, gate_size: int, test_size: int, seed: int, path: str = 
     )
 
 
+def attacker_sample(task: TaskData, size: int, seed: int) -> ArraySet:
+    """An adaptive attacker's own clean data: ``size`` examples drawn from the client pool.
+
+    The pool and the server's splits come from one random permutation of the dataset, so
+    this is a sample of the distribution the server validates on, disjoint from the
+    server's own examples.
+    """
+    if not 1 <= size <= len(task.pool):
+        raise ValueError(f"the attacker's sample needs 1 to {len(task.pool)} examples; got {size}")
+    chosen = np.random.default_rng([seed, 1]).choice(len(task.pool), size=size, replace=False)
+    return ArraySet(task.pool.x[chosen], task.pool.y[chosen])
+
+
 @functools.lru_cache(maxsize=8)
 def _partitioner(name: str, gate_size: int, test_size: int, seed: int, path: str, pool_size: int,
                  partitioning: str, num_partitions: int, alpha: float):

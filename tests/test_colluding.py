@@ -505,3 +505,77 @@ def test_omniscient_attack_changes_what_the_defense_receives_in_a_real_run():
     torch.testing.assert_close(update(received[3]), -100.0 * honest_mean, rtol=1e-4, atol=1e-3)
     assert outcome["adversary"].history[1].malicious == (3,)
     assert "client-3" in outcome["reports"][1].candidates  # the defense merged what it received
+
+
+# --- the adaptive backdoor: moved as far as the attacker's clean loss allows -------------
+
+@pytest.mark.parametrize("threshold, expected", [
+    (16.0, 4.0), (2.0, math.sqrt(2.0)),  # gamma = 1 passes: bisection on log gamma in [1, 10]
+    (400.0, 10.0),  # even the cap passes
+    (0.25, 0.5), (0.0, 0.0),  # gamma = 1 fails: bisection on gamma in [0, 1]
+])
+def test_largest_scale_finds_where_the_loss_crosses_the_threshold(threshold, expected):
+    # loss(gamma) = gamma^2: the boundary is sqrt(threshold), clipped to [0, 10].
+    gamma = colluding.largest_scale_within(lambda g: g * g, threshold, upper=10.0, iterations=30)
+    assert gamma * gamma <= threshold
+    assert gamma == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_largest_scale_treats_a_non_finite_loss_as_too_large():
+    loss = lambda g: 0.0 if g <= 3.0 else math.nan  # noqa: E731
+    assert colluding.largest_scale_within(loss, 1.0, upper=50.0, iterations=30) == pytest.approx(3.0, rel=1e-6)
+    assert colluding.largest_scale_within(lambda g: math.inf, 1.0, upper=50.0) == 0.0
+    with pytest.raises(ValueError, match="largest scale"):
+        colluding.largest_scale_within(lambda g: 0.0, 1.0, upper=0.5)
+
+
+def test_backdoor_evade_needs_the_harness_and_its_loss_oracle():
+    assert is_colluding_attack("backdoor-evade")
+    with pytest.raises(ValueError, match="harness"):
+        craft_malicious_updates("backdoor-evade", SMALL, 1, 4)
+    with pytest.raises(ValueError, match="pass loss_of"):
+        ColludingAdversary("backdoor-evade", MALICIOUS)
+    with pytest.raises(ValueError, match="no copies to jitter"):
+        colluding.parse_attack_name("backdoor-evade-jitter")
+
+
+def _squared_distance_from(center):
+    """A stand-in for the clean loss: grows with the distance from ``center``, like a real one near a good model."""
+    def loss_of(state):
+        return float(sum(((torch.as_tensor(state[k]).double() - center[k].double()) ** 2).sum()
+                         for k in ("layer.weight", "layer.bias")))
+    return loss_of
+
+
+def _scaled_state(seed, scale):
+    noise = _state(seed)
+    return {k: (GLOBAL[k] + scale * noise[k].to(GLOBAL[k].dtype)) if GLOBAL[k].is_floating_point() else noise[k]
+            for k in GLOBAL}
+
+
+@pytest.mark.parametrize("malicious_scales, beyond_own", [((0.5, 0.8), True), ((3.0, 6.0), False)])
+def test_backdoor_evade_moves_each_own_update_to_the_median_honest_loss(malicious_scales, beyond_own):
+    # Honest updates of about 1x to 4x a unit noise. Near ones (0.5x, 0.8x) can move past
+    # themselves (gamma > 1); far ones (3x, 6x) are pulled toward the honest mean (gamma < 1).
+    scales = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: malicious_scales[0], 5: malicious_scales[1]}
+    replies = [make_reply(p + 1, _scaled_state(p, scales[p]), partition=p) for p in PARTITIONS]
+    loss_of = _squared_distance_from(GLOBAL)
+    strategy, adversary, sent, _, _ = _attacked("backdoor-evade", replies, loss_of=loss_of)
+    honest = [_flat_update(_model_of(sent[p]), GLOBAL) for p in (0, 1, 2, 3)]
+    threshold = float(np.median([h @ h for h in honest]))
+    mean = np.mean(honest, axis=0)
+    record = adversary.history[1]
+    assert record.malicious == (4, 5) and len(record.scales) == 2
+    for position, partition in enumerate((4, 5)):
+        own = _flat_update(_model_of(sent[partition]), GLOBAL)
+        received = _flat_update(_model_of(strategy.seen[1][partition]), GLOBAL)
+        gamma = record.scales[position]
+        assert (gamma > 1.0) == beyond_own and 0.0 < gamma < len(sent)
+        # The own update moved from the honest mean, nothing else ...
+        np.testing.assert_allclose(received, mean + gamma * (own - mean), rtol=1e-4, atol=1e-4)
+        # ... to just inside the honest median loss, within the bisection's step.
+        assert received @ received <= threshold * 1.001
+        further = mean + gamma * 1.01 * (own - mean)
+        assert further @ further > threshold
+    for partition in (0, 1, 2, 3):
+        assert strategy.seen[1][partition] is sent[partition]

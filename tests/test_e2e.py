@@ -102,3 +102,16 @@ def test_a_client_that_claims_a_million_examples_weighs_no_more_than_an_honest_o
         # Uncapped, 10^6 against a few hundred would put all the weight on it.
         assert weights[liar] <= max(weights[k] for k in honest) + 1e-6, weights
     assert selected, "the honest-model liar was never selected, so its claim was never read"
+
+
+def test_the_adaptive_backdoor_is_moved_within_the_attackers_clean_loss_in_a_real_run(tmp_path):
+    # Partition 3 trains the backdoor; the harness, holding its own clean sample, moves it.
+    result = _run(tmp_path, "evade", strategy="fedavg", attack="backdoor-evade", **{"malicious-partitions": "3"})
+    assert result["status"] == "finished"
+    assert all(entry["backdoor_asr"] is not None for entry in result["rounds"])
+    log = (tmp_path / "evade.log").read_text()
+    for server_round in (1, 2):
+        line = next(line for line in log.splitlines() if f"colluding backdoor-evade round {server_round}:" in line)
+        assert "rewrote the replies of partitions [3] from 3 updates" in line
+        scale = float(line.rsplit("scales [", 1)[1].rstrip("]"))
+        assert 0.0 <= scale <= 4.0  # from the honest mean to model replacement (n = 4)

@@ -9,6 +9,7 @@ import torch
 
 from softmerge.simulations.tasks import (
     DatasetUnavailable,
+    attacker_sample,
     build_model,
     load_fashion_mnist_arrays,
     load_partition,
@@ -20,6 +21,18 @@ from softmerge.simulations.tasks import (
 def test_digits_splits_are_disjoint_and_cover_the_dataset(digits_task):
     assert len(digits_task.gate) == 200 and len(digits_task.test) == 360
     assert len(digits_task.gate) + len(digits_task.test) + len(digits_task.pool) == 1797
+
+
+def test_the_attackers_sample_comes_from_the_pool_not_the_servers_split(digits_task):
+    sample = attacker_sample(digits_task, 200, seed=0)
+    assert len(sample) == 200
+    pool_rows = {row.tobytes() for row in digits_task.pool.x.reshape(len(digits_task.pool), -1)}
+    assert all(row.tobytes() in pool_rows for row in sample.x.reshape(len(sample), -1))
+    again = attacker_sample(digits_task, 200, seed=0)
+    assert np.array_equal(again.x, sample.x) and np.array_equal(again.y, sample.y)
+    assert not np.array_equal(attacker_sample(digits_task, 200, seed=1).y, sample.y)
+    with pytest.raises(ValueError, match="attacker's sample"):
+        attacker_sample(digits_task, len(digits_task.pool) + 1, seed=0)
 
 
 @pytest.mark.parametrize("partitioning", ["iid", "dirichlet"])
