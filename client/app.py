@@ -100,14 +100,14 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
     model.load_state_dict(global_state)
 
     # Colluding attacks are crafted by the simulation harness from honest replies, so
-    # their clients train honestly here; backdoor-evade's train the backdoor, and the
-    # harness picks its boost.
+    # their clients train honestly here; backdoor-evade's train the backdoor, which the
+    # harness then moves.
     malicious = partition_id in settings.malicious_ids and (
-        settings.attack in CLIENT_ATTACKS[1:] or settings.attack == "backdoor-evade")
+        settings.attack in CLIENT_ATTACKS[1:] or settings.attack.startswith("backdoor"))
     if malicious and settings.attack == "label-flip":
         num_classes = task_data(settings).num_classes
         train_set = ArraySet(train_set.x, flip_labels(train_set.y, num_classes))
-    if malicious and settings.attack in ("backdoor", "backdoor-replace", "backdoor-evade"):
+    if malicious and settings.attack.startswith("backdoor"):
         train_set = poison_with_backdoor(train_set, settings.backdoor_target, settings.backdoor_fraction, seed)
     torch.manual_seed(seed)
     train_loss = train_model(model, train_set, epochs=settings.local_epochs, learning_rate=settings.learning_rate,
@@ -123,8 +123,8 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
         elif attack == "backdoor":
             # Model replacement boost: global + gamma * (backdoored - global), when asked for.
             attack, scale = ("scaling", settings.backdoor_boost) if settings.backdoor_boost > 0 else ("none", 1.0)
-        elif attack == "backdoor-evade":
-            attack, scale = "none", 1.0
+        elif attack not in CLIENT_ATTACKS:
+            attack, scale = "none", 1.0  # backdoor-evade: the harness moves the trained backdoor
         elif attack == "backdoor-replace":
             # Bagdasaryan et al.'s model replacement: boost by gamma ~ n so the average becomes the backdoor.
             attack, scale = "scaling", settings.backdoor_boost or float(num_partitions)

@@ -81,12 +81,12 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
     if is_colluding_attack(settings.attack):
         # Simulation only: an omniscient adversary rewrites the malicious replies from the
         # benign ones before the defense sees them; the defense is never told who they are.
-        from ..simulations.colluding import ADAPTIVE_ATTACKS
+        from ..simulations.colluding import is_adaptive_attack
         from ..simulations.harness import clean_loss_oracle, make_colluding
         from ..simulations.tasks import attacker_sample
 
         adaptive = {}
-        if settings.attack in ADAPTIVE_ATTACKS:
+        if is_adaptive_attack(settings.attack):
             # The adaptive attacker holds as much clean data as the server's gate split.
             sample = attacker_sample(task, settings.server_gate_size, settings.seed)
             adaptive["loss_of"] = clean_loss_oracle(build_model(settings.dataset, seed=settings.seed), sample)

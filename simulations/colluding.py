@@ -25,7 +25,8 @@ deviation of the benign rows; ddof=0 keeps sigma defined for a single benign row
   gamma < 1 blends it into the benign mean), with the largest ``gamma`` in ``[0, n]``
   whose loss on the attacker's own clean sample of the server's validation distribution
   stays at or below the median benign reply's loss on that sample (see
-  :func:`largest_scale_within`). The attacker knows that SoftMerge scores replies on
+  :func:`largest_scale_within`); ``backdoor-evade-<q>`` takes the benign losses' q-quantile
+  instead (``backdoor-evade-1``: as bad as the worst benign reply). The attacker knows that SoftMerge scores replies on
   clean validation data, so it keeps its reply as good there as a typical honest one
   while carrying as much backdoor as that allows. It needs a loss oracle, which the
   harness is given (``loss_of``); :func:`craft_malicious_updates` does not run it.
@@ -355,6 +356,12 @@ def largest_scale_within(loss_at: Callable[[float], float], threshold: float, up
 _IPM_NAME = re.compile(r"^ipm(?:-(?P<eps>.+))?$")
 _JITTER_NAME = re.compile(r"^(?P<base>.+?)-jitter(?:-(?P<scale>.+))?$")
 _DEVIATION_NAME = re.compile(r"^(?P<kind>min-max|min-sum)(?:-(?P<p>unit|sign|std))?$")
+_EVADE_NAME = re.compile(r"^backdoor-evade(?:-(?P<q>.+))?$")
+
+
+def is_adaptive_attack(name: str) -> bool:
+    """Whether ``name`` is a colluding attack that needs the attacker's clean-data loss."""
+    return is_colluding_attack(name) and parse_attack_name(name)[0] in ADAPTIVE_ATTACKS
 
 
 def is_colluding_attack(name: str) -> bool:
@@ -393,8 +400,19 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
         scale = (DEFAULT_JITTER if jitter_match["scale"] is None else
                  _positive_number(jitter_match["scale"], f"attack {name!r}: -jitter-<scale>", "mimic-jitter-0.3"))
         return kind, {**params, "jitter": scale}
-    if name in ("alie", "fang", "mimic") or name in ADAPTIVE_ATTACKS:
+    if name in ("alie", "fang", "mimic"):
         return name, {}
+    evade_match = _EVADE_NAME.match(name)
+    if evade_match:
+        if evade_match["q"] is None:
+            return "backdoor-evade", {}
+        try:
+            quantile = float(evade_match["q"])
+        except ValueError:
+            quantile = math.nan
+        if not 0 <= quantile <= 1:
+            raise ValueError(f"attack {name!r}: backdoor-evade-<q> needs a quantile in [0, 1], e.g. backdoor-evade-1")
+        return "backdoor-evade", {"quantile": quantile}
     ipm_match = _IPM_NAME.match(name)
     if ipm_match:
         if ipm_match["eps"] is None:
@@ -406,7 +424,7 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
         params = {"perturbation": deviation_match["p"]} if deviation_match["p"] else {}
         return deviation_match["kind"], params
     raise ValueError(f"unknown colluding attack {name!r}; known: {', '.join(COLLUDING_ATTACKS + ADAPTIVE_ATTACKS)}, "
-                     "ipm-<eps>, min-max-<unit|sign|std>, min-sum-<unit|sign|std>, "
+                     "ipm-<eps>, min-max-<unit|sign|std>, min-sum-<unit|sign|std>, backdoor-evade-<quantile>, "
                      "each optionally with -jitter or -jitter-<scale> (e.g. min-sum-jitter, mimic-jitter-0.3)")
 
 

@@ -36,8 +36,8 @@ the server's validation distribution (``loss_of``, a function of a model state; 
 :func:`clean_loss_oracle`). Its malicious clients train the backdoor themselves; the
 harness moves each one's own update ``u`` to ``mu + gamma * (u - mu)``, ``mu`` the mean of
 the updates it knows, with the largest ``gamma`` in ``[0, n]`` whose loss stays at or
-below the median of theirs (honest replies with ``knowledge="full"``, the malicious
-clients' own unmoved ones with ``"partial"``).
+below the median of theirs (``backdoor-evade-<q>``: their q-quantile; honest replies with
+``knowledge="full"``, the malicious clients' own unmoved ones with ``"partial"``).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class ColludingAdversary:
         loss_of: Callable[[dict[str, np.ndarray]], float] | None = None,
         **attack_params,
     ) -> None:
-        kind, _ = parse_attack_name(attack)  # fails now, naming the known attacks, rather than in round 1
+        kind, implied = parse_attack_name(attack)  # fails now, naming the known attacks, rather than in round 1
         if knowledge not in KNOWLEDGE:
             raise ValueError(f"knowledge must be one of {', '.join(KNOWLEDGE)}; got {knowledge!r}")
         if kind in ADAPTIVE_ATTACKS and loss_of is None:
@@ -113,6 +113,7 @@ class ColludingAdversary:
                              "pass loss_of")
         self.adaptive = kind in ADAPTIVE_ATTACKS
         self.loss_of = loss_of
+        self.adaptive_params = {**implied, **attack_params} if self.adaptive else {}
         self.attack = attack
         self.malicious_ids = frozenset(int(i) for i in malicious_ids)
         self.seed = int(seed)
@@ -228,10 +229,12 @@ class ColludingAdversary:
     def _moved_own_updates(self, targets: list, known: list[np.ndarray],
                            num_total: int) -> tuple[list[np.ndarray], tuple[float, ...]]:
         """backdoor-evade: each malicious update moved from the known mean as far as its clean loss allows."""
-        threshold = float(np.median([self.loss_of(self._state_of(update)) for update in known]))
+        params = self.adaptive_params
+        losses = [self.loss_of(self._state_of(update)) for update in known]
+        threshold = float(np.quantile(losses, float(params.get("quantile", 0.5))))
         mean = np.mean(known, axis=0)
-        upper = float(self.attack_params.get("upper", num_total))
-        iterations = int(self.attack_params.get("iterations", 12))
+        upper = float(params.get("upper", num_total))
+        iterations = int(params.get("iterations", 12))
         crafted, scales = [], []
         for _, _, update in targets:
             gamma = 0.0  # a non-finite update has nothing to send: the known mean instead

@@ -537,6 +537,11 @@ def test_backdoor_evade_needs_the_harness_and_its_loss_oracle():
         ColludingAdversary("backdoor-evade", MALICIOUS)
     with pytest.raises(ValueError, match="no copies to jitter"):
         colluding.parse_attack_name("backdoor-evade-jitter")
+    assert colluding.parse_attack_name("backdoor-evade-1") == ("backdoor-evade", {"quantile": 1.0})
+    assert colluding.is_adaptive_attack("backdoor-evade-0.9") and not colluding.is_adaptive_attack("mimic")
+    for bad in ("backdoor-evade-2", "backdoor-evade-x", "backdoor-evade-"):
+        with pytest.raises(ValueError, match="quantile"):
+            colluding.parse_attack_name(bad)
 
 
 def _squared_distance_from(center):
@@ -579,3 +584,17 @@ def test_backdoor_evade_moves_each_own_update_to_the_median_honest_loss(maliciou
         assert further @ further > threshold
     for partition in (0, 1, 2, 3):
         assert strategy.seen[1][partition] is sent[partition]
+
+
+def test_backdoor_evade_with_quantile_one_goes_as_far_as_the_worst_honest_reply():
+    scales = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 0.5, 5: 0.8}
+    replies = [make_reply(p + 1, _scaled_state(p, scales[p]), partition=p) for p in PARTITIONS]
+    loss_of = _squared_distance_from(GLOBAL)
+    median_run = _attacked("backdoor-evade", replies, loss_of=loss_of)
+    worst_run = _attacked("backdoor-evade-1", replies, loss_of=loss_of)
+    worst_honest = max(loss_of(_model_of(replies[p])) for p in (0, 1, 2, 3))
+    for partition, median_scale, worst_scale in zip((4, 5), median_run[1].history[1].scales,
+                                                     worst_run[1].history[1].scales):
+        assert worst_scale > median_scale
+        received = loss_of(_model_of(worst_run[0].seen[1][partition]))
+        assert worst_honest * 0.95 < received <= worst_honest * 1.001
