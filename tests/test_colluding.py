@@ -598,3 +598,14 @@ def test_backdoor_evade_with_quantile_one_goes_as_far_as_the_worst_honest_reply(
         assert worst_scale > median_scale
         received = loss_of(_model_of(worst_run[0].seen[1][partition]))
         assert worst_honest * 0.95 < received <= worst_honest * 1.001
+
+
+def test_backdoor_evade_sends_the_honest_mean_for_a_non_finite_own_update():
+    scales = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 0.5, 5: 0.8}
+    states = {p: _scaled_state(p, scales[p]) for p in PARTITIONS}
+    states[4]["layer.weight"][0, 0] = float("nan")
+    replies = [make_reply(p + 1, states[p], partition=p) for p in PARTITIONS]
+    strategy, adversary, sent, _, _ = _attacked("backdoor-evade", replies, loss_of=_squared_distance_from(GLOBAL))
+    honest_mean = np.mean([_flat_update(_model_of(sent[p]), GLOBAL) for p in (0, 1, 2, 3)], axis=0)
+    np.testing.assert_allclose(_flat_update(_model_of(strategy.seen[1][4]), GLOBAL), honest_mean, rtol=1e-5, atol=1e-5)
+    assert adversary.history[1].scales[0] == 0.0 and adversary.history[1].scales[1] > 0.0
