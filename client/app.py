@@ -16,7 +16,14 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..simulations.config import CLIENT_ATTACKS, RunSettings, parse_run_config, partition_data, task_data
+from ..simulations.config import (
+    CLIENT_ATTACKS,
+    RunSettings,
+    parse_run_config,
+    partition_data,
+    task_data,
+    trains_backdoor,
+)
 from ..simulations.tasks import (
     ArraySet,
     build_model,
@@ -103,11 +110,11 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
     # their clients train honestly here; backdoor-evade's train the backdoor, which the
     # harness then moves.
     malicious = partition_id in settings.malicious_ids and (
-        settings.attack in CLIENT_ATTACKS[1:] or settings.attack.startswith("backdoor"))
+        settings.attack in CLIENT_ATTACKS[1:] or trains_backdoor(settings.attack))
     if malicious and settings.attack == "label-flip":
         num_classes = task_data(settings).num_classes
         train_set = ArraySet(train_set.x, flip_labels(train_set.y, num_classes))
-    if malicious and settings.attack.startswith("backdoor"):
+    if malicious and trains_backdoor(settings.attack):
         train_set = poison_with_backdoor(train_set, settings.backdoor_target, settings.backdoor_fraction, seed)
     torch.manual_seed(seed)
     train_loss = train_model(model, train_set, epochs=settings.local_epochs, learning_rate=settings.learning_rate,
@@ -123,11 +130,11 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
         elif attack == "backdoor":
             # Model replacement boost: global + gamma * (backdoored - global), when asked for.
             attack, scale = ("scaling", settings.backdoor_boost) if settings.backdoor_boost > 0 else ("none", 1.0)
-        elif attack not in CLIENT_ATTACKS:
-            attack, scale = "none", 1.0  # backdoor-evade: the harness moves the trained backdoor
         elif attack == "backdoor-replace":
             # Bagdasaryan et al.'s model replacement: boost by gamma ~ n so the average becomes the backdoor.
             attack, scale = "scaling", settings.backdoor_boost or float(num_partitions)
+        elif attack not in CLIENT_ATTACKS:
+            attack, scale = "none", 1.0  # backdoor-evade(-<q>): the harness moves the trained backdoor
         else:
             scale = settings.attack_scale or float(num_partitions)
         state = poison_state(attack, global_state, state, scale=scale, std=settings.gaussian_std,

@@ -14,13 +14,20 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..aggregation.merge import KEEP_MODES, MERGE_MODES, UNIT_KINDS
-from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_colluding_attack
+from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_adaptive_attack, is_colluding_attack
 from .tasks import DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
 
 STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fltrust",
               "centered-clipping", "geomed")
 CLIENT_ATTACKS = ("none", "sign-flip", "gaussian", "scaling", "extreme", "label-flip", "backdoor", "backdoor-replace",
                   "layer-stealth")
+
+
+def trains_backdoor(attack: str) -> bool:
+    """Whether a malicious client trains the pixel-trigger backdoor under ``attack``."""
+    return attack in ("backdoor", "backdoor-replace") or is_adaptive_attack(attack)
+
+
 FAILURE_MODES = ("raise", "timeout", "empty", "mixed")
 
 
@@ -174,7 +181,8 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "client_pool_size": _at_least(0),
     "attack": lambda v: None if v in CLIENT_ATTACKS or is_colluding_attack(v) else (
         f"one of {', '.join(CLIENT_ATTACKS + COLLUDING_ATTACKS + ADAPTIVE_ATTACKS)} (or ipm-<eps>, "
-        "min-max-<unit|sign|std>, min-sum-<unit|sign|std>, any colluding one with -jitter)"),
+        "min-max-<unit|sign|std>, min-sum-<unit|sign|std>, backdoor-evade-<quantile>, any colluding one "
+        "with -jitter)"),
     "attack_scale": _at_least(0),
     "gaussian_std": _at_least(0),
     "backdoor_target": _at_least(0),

@@ -3,7 +3,7 @@
 Colluding attacks (ALIE, IPM, min-max, min-sum, Fang, Mimic; see
 :mod:`softmerge.simulations.colluding`) need the benign updates of the round, which no
 single ClientApp has. So they run on the server side, *in front of* the defense: the
-malicious clients train honestly (client attack ``none``), and before the defense's
+malicious clients train honestly (backdoor-evade's train the backdoor), and before the defense's
 ``aggregate_train`` sees the round's replies, the harness replaces the model in each
 malicious reply by ``global + crafted update``. Everything else about the reply stays as
 the client sent it: metadata, record names, array keys, dtypes and shapes, and the same
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -77,22 +78,26 @@ class ColludingAdversary:
     Parameters
     ----------
     attack : str
-        A name :func:`softmerge.simulations.colluding.craft_malicious_updates` accepts,
-        e.g. ``"alie"``, ``"ipm-0.1"``, ``"min-max-sign"``, ``"fang"``, ``"mimic"``.
+        A name :func:`softmerge.simulations.colluding.parse_attack_name` accepts, e.g.
+        ``"alie"``, ``"ipm-0.1"``, ``"min-max-sign"``, ``"fang"``, ``"mimic"``, or the adaptive
+        ``"backdoor-evade"`` / ``"backdoor-evade-<q>"`` (needs ``loss_of``).
     malicious_ids : iterable of int
         Partition ids of the malicious clients.
     seed : int
         Seeds the per-round generator of randomised attacks.
     knowledge : "full" or "partial"
         Whose updates the attack is computed from: the honest clients' (full) or the
-        malicious clients' own honestly trained ones (partial).
+        malicious clients' own (partial): honestly trained ones, or for backdoor-evade
+        their backdoored ones, whose mean and losses then stand in for the honest ones.
     label_key : str
         MetricRecord key naming a reply's partition.
     loss_of : callable, optional
         The attacker's loss of a model state (key -> numpy array) on its own clean data;
         required by the adaptive attacks (``backdoor-evade``), ignored by the others.
     **attack_params
-        Passed to the attack (e.g. ``perturbation="unit"``, ``gamma_init=50``, ``b=2``).
+        Passed to the attack (e.g. ``perturbation="unit"``, ``gamma_init=50``, ``b=2``);
+        backdoor-evade takes ``quantile`` (in [0, 1]), ``upper`` (the largest gamma, >= 1;
+        default n) and ``iterations`` (bisection steps, >= 1).
     """
 
     def __init__(
@@ -114,6 +119,8 @@ class ColludingAdversary:
         self.adaptive = kind in ADAPTIVE_ATTACKS
         self.loss_of = loss_of
         self.adaptive_params = {**implied, **attack_params} if self.adaptive else {}
+        if self.adaptive:
+            _check_evade_params(self.adaptive_params)
         self.attack = attack
         self.malicious_ids = frozenset(int(i) for i in malicious_ids)
         self.seed = int(seed)
@@ -230,21 +237,31 @@ class ColludingAdversary:
                            num_total: int) -> tuple[list[np.ndarray], tuple[float, ...]]:
         """backdoor-evade: each malicious update moved from the known mean as far as its clean loss allows."""
         params = self.adaptive_params
-        losses = [self.loss_of(self._state_of(update)) for update in known]
-        threshold = float(np.quantile(losses, float(params.get("quantile", 0.5))))
+        losses = [loss for loss in (self.loss_of(self._state_of(update)) for update in known) if math.isfinite(loss)]
         mean = np.mean(known, axis=0)
+        if not losses:
+            # No bound to stay within: send the backdoors as trained rather than guess one.
+            log(WARNING, "colluding %s: no known update has a finite clean loss; the backdoors go as trained",
+                self.attack)
+            return [update for _, _, update in targets], tuple(1.0 for _ in targets)
+        threshold = float(np.quantile(losses, float(params.get("quantile", 0.5))))
         upper = float(params.get("upper", num_total))
         iterations = int(params.get("iterations", 12))
         crafted, scales = [], []
         for _, _, update in targets:
-            gamma = 0.0  # a non-finite update has nothing to send: the known mean instead
-            if np.isfinite(update).all():
-                direction = update - mean
-                gamma = largest_scale_within(lambda g, d=direction: self.loss_of(self._state_of(mean + g * d)),
-                                             threshold, upper, iterations=iterations)
-                crafted.append(mean + gamma * direction)
-            else:
-                crafted.append(mean.copy())
+            if not np.isfinite(update).all():
+                crafted.append(mean.copy())  # nothing of it can be sent: the known mean instead
+                scales.append(0.0)
+                continue
+            direction = update - mean
+            if not direction.any():
+                # Its own update is the mean (partial knowledge, one client): moving it changes nothing.
+                crafted.append(update)
+                scales.append(1.0)
+                continue
+            gamma = largest_scale_within(lambda g, d=direction: self.loss_of(self._state_of(mean + g * d)),
+                                         threshold, upper, iterations=iterations)
+            crafted.append(mean + gamma * direction)
             scales.append(gamma)
         return crafted, tuple(scales)
 
@@ -318,6 +335,18 @@ class ColludingAdversary:
         return Message(content, metadata=copy.deepcopy(msg.metadata))
 
 
+def _check_evade_params(params: dict) -> None:
+    """backdoor-evade's parameters: known names, values in range (else a ValueError now, not in round 1)."""
+    unknown = set(params) - {"quantile", "upper", "iterations"}
+    if unknown:
+        raise ValueError(f"backdoor-evade takes quantile, upper and iterations; got {', '.join(sorted(unknown))}")
+    checks = {"quantile": lambda v: 0 <= v <= 1, "upper": lambda v: math.isfinite(v) and v >= 1,
+              "iterations": lambda v: v >= 1 and float(v).is_integer()}
+    for name, value in params.items():
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and checks[name](value)):
+            raise ValueError(f"backdoor-evade: {name}={value!r} is out of range")
+
+
 def make_colluding(
     strategy: Strategy,
     attack: str,
@@ -327,6 +356,9 @@ def make_colluding(
     **attack_params,
 ) -> ColludingAdversary:
     """Attach a :class:`ColludingAdversary` to ``strategy`` (modified in place) and return the adversary.
+
+    ``attack_params`` go to the adversary: ``loss_of`` (required by backdoor-evade) and the
+    attack's own parameters.
 
     Keep using ``strategy`` as before (``strategy.start(...)``); the adversary's
     ``history`` records what it did each round, and ``detach()`` undoes the wrapping.

@@ -154,11 +154,11 @@ def attacker_sample(task: TaskData, size: int, seed: int) -> ArraySet:
 
     The pool and the server's splits come from one random permutation of the dataset, so
     this is a sample of the distribution the server validates on, disjoint from the
-    server's own examples.
+    server's own examples. A pool smaller than ``size`` is taken whole.
     """
-    if not 1 <= size <= len(task.pool):
-        raise ValueError(f"the attacker's sample needs 1 to {len(task.pool)} examples; got {size}")
-    chosen = np.random.default_rng([seed, 1]).choice(len(task.pool), size=size, replace=False)
+    if size < 1:
+        raise ValueError(f"the attacker's sample needs at least 1 example; got {size}")
+    chosen = np.random.default_rng([seed, 1]).choice(len(task.pool), size=min(size, len(task.pool)), replace=False)
     return ArraySet(task.pool.x[chosen], task.pool.y[chosen])
 
 

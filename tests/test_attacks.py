@@ -88,3 +88,32 @@ def test_only_a_malicious_client_claims_the_inflated_example_count(partition, at
     reply = train_reply(instruction, context, settings)
     true_count = len(split_held_out(partition_data(settings, partition, 4))[0])
     assert reply.content["metrics"]["num-examples"] == (10**6 if inflated else true_count)
+
+
+def _trained_reply(attack, partition=3):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from softmerge.client.app import train_reply
+    from softmerge.simulations.config import parse_run_config
+    from softmerge.simulations.tasks import build_model
+
+    settings = parse_run_config({"attack": attack, "malicious-partitions": "3", "local-epochs": 1})
+    context = Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition, "num-partitions": 4},
+                      state=RecordDict(), run_config={})
+    instruction = Message(RecordDict({"arrays": ArrayRecord(build_model(settings.dataset).state_dict()),
+                                      "config": ConfigRecord({"server-round": 1})}),
+                          dst_node_id=partition + 1, message_type="train")
+    return train_reply(instruction, context, settings).content["arrays"].to_torch_state_dict()
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("attack", "same_as"), [("backdoor-evade", "backdoor"), ("backdoor-evade-1", "backdoor"),
+                                                 ("alie", "none"), ("mimic", "none")])
+def test_a_malicious_client_trains_what_its_attack_needs_and_leaves_the_rest_to_the_harness(attack, same_as):
+    # backdoor-evade's clients send the backdoor as trained (the harness moves it); colluding
+    # attacks' clients train honestly. Same partition and seed, so the same model.
+    reply, reference = _trained_reply(attack), _trained_reply(same_as)
+    assert all(torch.equal(reply[name], reference[name]) for name in reference)
+    if same_as == "backdoor":
+        honest = _trained_reply("none")
+        assert not all(torch.equal(reply[name], honest[name]) for name in honest)

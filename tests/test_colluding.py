@@ -609,3 +609,40 @@ def test_backdoor_evade_sends_the_honest_mean_for_a_non_finite_own_update():
     honest_mean = np.mean([_flat_update(_model_of(sent[p]), GLOBAL) for p in (0, 1, 2, 3)], axis=0)
     np.testing.assert_allclose(_flat_update(_model_of(strategy.seen[1][4]), GLOBAL), honest_mean, rtol=1e-5, atol=1e-5)
     assert adversary.history[1].scales[0] == 0.0 and adversary.history[1].scales[1] > 0.0
+
+
+def test_backdoor_evade_bounds_by_the_finite_honest_losses_only():
+    scales = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 0.5, 5: 0.8}
+    replies = [make_reply(p + 1, _scaled_state(p, scales[p]), partition=p) for p in PARTITIONS]
+    distance = _squared_distance_from(GLOBAL)
+    largest = distance(_model_of(replies[3]))
+
+    def loss_of(state):  # the farthest honest reply scores inf, as a diverged model would
+        loss = distance(state)
+        return math.inf if math.isclose(loss, largest) else loss
+
+    strategy, adversary, sent, _, _ = _attacked("backdoor-evade-1", replies, loss_of=loss_of)
+    finite_worst = max(distance(_model_of(replies[p])) for p in (0, 1, 2))
+    for partition in (4, 5):
+        assert distance(_model_of(strategy.seen[1][partition])) <= finite_worst * 1.001
+    assert all(0.0 < scale < len(sent) for scale in adversary.history[1].scales)
+
+
+def test_backdoor_evade_with_partial_knowledge_and_one_attacker_sends_its_update_unmoved():
+    scales = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 0.5, 5: 0.8}
+    replies = [make_reply(p + 1, _scaled_state(p, scales[p]), partition=p) for p in PARTITIONS]
+    strategy = RecordingFedAvg()
+    adversary = make_colluding(strategy, "backdoor-evade", {5}, seed=3, knowledge="partial",
+                               loss_of=_squared_distance_from(GLOBAL))
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(list(range(1, 10)))))
+    strategy.aggregate_train(1, replies)
+    assert adversary.history[1].scales == (1.0,)
+    np.testing.assert_allclose(_flat_update(_model_of(strategy.seen[1][5]), GLOBAL),
+                               _flat_update(_model_of(replies[5]), GLOBAL), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("params, message", [({"uper": 3}, "takes quantile"), ({"quantile": 1.5}, "quantile=1.5"),
+                                             ({"upper": 0.5}, "upper=0.5"), ({"iterations": 0}, "iterations=0")])
+def test_backdoor_evade_rejects_unknown_or_out_of_range_parameters(params, message):
+    with pytest.raises(ValueError, match=message):
+        ColludingAdversary("backdoor-evade", MALICIOUS, loss_of=_squared_distance_from(GLOBAL), **params)

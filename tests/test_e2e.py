@@ -114,4 +114,4 @@ def test_the_adaptive_backdoor_is_moved_within_the_attackers_clean_loss_in_a_rea
         line = next(line for line in log.splitlines() if f"colluding backdoor-evade round {server_round}:" in line)
         assert "rewrote the replies of partitions [3] from 3 updates" in line
         scale = float(line.rsplit("scales [", 1)[1].rstrip("]"))
-        assert 0.0 <= scale <= 4.0  # from the honest mean to model replacement (n = 4)
+        assert 0.0 < scale <= 4.0  # some of the backdoor, at most model replacement's (n = 4)

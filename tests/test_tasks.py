@@ -31,8 +31,9 @@ def test_the_attackers_sample_comes_from_the_pool_not_the_servers_split(digits_t
     again = attacker_sample(digits_task, 200, seed=0)
     assert np.array_equal(again.x, sample.x) and np.array_equal(again.y, sample.y)
     assert not np.array_equal(attacker_sample(digits_task, 200, seed=1).y, sample.y)
+    assert len(attacker_sample(digits_task, len(digits_task.pool) + 1, seed=0)) == len(digits_task.pool)
     with pytest.raises(ValueError, match="attacker's sample"):
-        attacker_sample(digits_task, len(digits_task.pool) + 1, seed=0)
+        attacker_sample(digits_task, 0, seed=0)
 
 
 @pytest.mark.parametrize("partitioning", ["iid", "dirichlet"])
