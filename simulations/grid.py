@@ -345,9 +345,13 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
     finished (a cell's figure is the mean over its seeds), and how many of them are within 1
     point of the oracle's figure for the same statistic and fraction, as printed. "partial"
     follows when an attack that can run at that fraction has no finished cell yet, "failed"
-    stands alone when only failed cells are there. One seed's final round lands a point or
-    more from where its run has settled, for the oracle as much as for a defense, so the same
-    comparison is shown on the means of the last rounds; a second table gives that spread.
+    stands alone when only failed cells are there. "[1-2 seeds; oracle 3]" follows when the
+    figures stand on more than one seed or on unequal numbers of them (the defense's attacks
+    among themselves, or against the oracle's), which a grid still running its extra seeds
+    has: the worst case then compares means over different seeds. One seed's final round
+    lands a point or more from where its run has settled, for the oracle as much as for a
+    defense, so the same comparison is shown on the means of the last rounds; a second table
+    gives that spread.
     """
     def rows(strategy: str, attack: str, fraction: float) -> list[dict]:
         return by_key.get((strategy, attack, fraction), [])
@@ -363,6 +367,17 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
         if here and all(r["status"] == "n/a" for r in here):
             return "n/a"
         return "failed" if any(r["status"] == "failed" for r in here) else "-"
+
+    def finished_seeds(strategy: str, attack: str, fraction: float) -> int:
+        return sum(r["status"] == "finished" for r in rows(strategy, attack, fraction))
+
+    def seeds_text(strategy: str, fraction: float, among: list[str]) -> str:
+        counts = [n for a in among if (n := finished_seeds(strategy, a, fraction))]
+        oracle = finished_seeds(ORACLE, NO_ATTACK, fraction)
+        if not counts or set(counts) == {oracle} == {1}:
+            return ""
+        low, high = min(counts), max(counts)
+        return f" [{low}{'' if low == high else f'-{high}'} seed{'s' * (high > 1)}; oracle {oracle}]"
 
     attacked = [a for a in attacks if a != NO_ATTACK]
     if not attacked:
@@ -388,7 +403,8 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
                 if oracle is not None:
                     close = sum(printed(v) >= printed(oracle) - 1.0 for v in found)
                     text += f" ({close}/{len(found)})"
-                texts.append(text + (" partial" if len(found) < len(applicable) else ""))
+                texts.append(text + (" partial" if len(found) < len(applicable) else "")
+                             + seeds_text(strategy, fraction, attacked))
             lines.append(f"| {strategy} | {label} | " + " | ".join(texts) + " |")
     lines += ["", f"### Round-to-round spread: standard deviation of test accuracy (points) over the last "
               f"{LONG_WINDOW} rounds, median over the attacks", "",

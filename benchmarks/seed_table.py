@@ -1,0 +1,104 @@
+"""Compare defenses over several seeds of a grid, on the seeds every one of them has finished.
+
+The grid's own tables average each cell over whatever seeds it has, so while a seed is
+still running, one defense's figure can be over three seeds and another's over one. This
+table reads the cells on disk and, per attack, keeps only the seeds that the oracle and
+every listed defense have finished ("complete seeds"), so each row compares like with like:
+
+    .venv/bin/python benchmarks/seed_table.py --output benchmarks/fmnist-grid --fraction 0.4 \\
+        --strategies softmerge,fltrust,centered-clipping --seeds 0,1,2
+
+Prints markdown: per attack, the mean over the complete seeds (final round and mean of the
+last 10 rounds) with the range across seeds, the oracle's, and then each defense's worst case
+over the attacks (no attack left out) and how many attacks are within 1 point of the oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from softmerge.simulations.grid import NO_ATTACK, ORACLE, Cell, finished_cell, summarise_cell
+
+STATISTICS = (("final_accuracy", "final"), ("last10_accuracy", "last 10"))
+
+
+def figures(output: Path, strategy: str, attack: str, fraction: float, seeds: list[int],
+            clients: int) -> dict[int, dict]:
+    """The finished seeds of one cell: seed -> its summary row."""
+    found = {}
+    for seed in seeds:
+        cell = Cell(strategy, attack, fraction, seed)
+        result = finished_cell(output, cell)
+        if result is not None:
+            found[seed] = summarise_cell(cell, result, clients, "finished", result.get("seconds"))
+    return found
+
+
+def _text(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f}" + (f" (±{100 * (max(values) - min(values)):.1f})" if len(values) > 1 else "")
+
+
+def seed_table(output: Path, fraction: float, strategies: list[str], attacks: list[str], seeds: list[int],
+               clients: int) -> list[str]:
+    oracle = figures(output, ORACLE, NO_ATTACK, fraction, seeds, clients)
+    header = " | ".join(f"{name} {label}" for name in [ORACLE, *strategies] for _, label in STATISTICS)
+    lines = [f"| attack | complete seeds | {header} |", "|---|---|" + "---|" * (2 * (1 + len(strategies)))]
+    worst: dict[str, dict[str, list[float]]] = {s: {field: [] for field, _ in STATISTICS} for s in strategies}
+    close: dict[str, dict[str, int]] = {s: {field: 0 for field, _ in STATISTICS} for s in strategies}
+    complete_attacks = 0
+    for attack in attacks:
+        rows = {s: figures(output, s, attack, fraction, seeds, clients) for s in strategies}
+        complete = [seed for seed in seeds if seed in oracle and all(seed in rows[s] for s in strategies)]
+        if not complete:
+            lines.append(f"| {attack} | none | " + " | ".join("-" for _ in range(2 * (1 + len(strategies)))) + " |")
+            continue
+        complete_attacks += attack != NO_ATTACK
+        cells = []
+        for name, source in [(ORACLE, oracle), *((s, rows[s]) for s in strategies)]:
+            for field, _ in STATISTICS:
+                values = [source[seed][field] for seed in complete]
+                if any(v is None for v in values):
+                    cells.append("-")
+                    continue
+                cells.append(_text(values))
+                if name != ORACLE and attack != NO_ATTACK:
+                    mean = statistics.fmean(values)
+                    worst[name][field].append(mean)
+                    reference = statistics.fmean(oracle[seed][field] for seed in complete)
+                    close[name][field] += round(100 * mean, 1) >= round(100 * reference, 1) - 1.0
+        lines.append(f"| {attack} | {','.join(map(str, complete))} | " + " | ".join(cells) + " |")
+    lines += ["", f"| defense | worst case, {' | worst case, '.join(label for _, label in STATISTICS)} |",
+              "|---|" + "---|" * len(STATISTICS)]
+    for strategy in strategies:
+        lines.append(f"| {strategy} | " + " | ".join(
+            f"{100 * min(worst[strategy][field]):.1f} ({close[strategy][field]}/{complete_attacks} within oracle - 1)"
+            if worst[strategy][field] else "-" for field, _ in STATISTICS) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="benchmarks/fmnist-grid", help="the grid's directory")
+    parser.add_argument("--fraction", type=float, default=0.4)
+    parser.add_argument("--strategies", default="softmerge,fltrust,centered-clipping")
+    parser.add_argument("--attacks", default="none,label-flip,sign-flip,gaussian,scaling,extreme,backdoor,"
+                        "backdoor-replace,layer-stealth,backdoor-evade,alie,ipm-0.1,ipm-100,min-max,min-sum,fang,mimic")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--clients", type=int, default=20)
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    if not (output / "cells").is_dir():
+        print(f"seed_table: no grid cells in {output}", file=sys.stderr)
+        return 2
+    split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
+    print("\n".join(seed_table(output, args.fraction, split(args.strategies), split(args.attacks),
+                               [int(s) for s in split(args.seeds)], args.clients)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""benchmarks/seed_table.py: defenses compared on the seeds all of them have finished."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_table.py"
+
+
+@pytest.fixture(scope="module")
+def seed_table():
+    spec = importlib.util.spec_from_file_location("seed_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cell(output, key, accuracies, status="finished"):
+    rounds = [{"round": r, "test_accuracy": a} for r, a in enumerate(accuracies)]
+    (output / "cells" / key).mkdir(parents=True)
+    (output / "cells" / key / "results.json").write_text(json.dumps({"status": status, "rounds": rounds}))
+
+
+def test_only_seeds_every_defense_and_the_oracle_finished_are_compared(tmp_path, seed_table):
+    flat = lambda value: [0.1] + [value] * 12  # noqa: E731  (round 0, then 12 trained rounds)
+    for seed, value in ((0, 0.84), (1, 0.80)):
+        _cell(tmp_path, f"oracle__none__f0.4__s{seed}", flat(value))
+        _cell(tmp_path, f"softmerge__sign-flip__f0.4__s{seed}", flat(value - 0.005))
+    _cell(tmp_path, "fltrust__sign-flip__f0.4__s0", flat(0.79))
+    _cell(tmp_path, "fltrust__sign-flip__f0.4__s1", flat(0.70), status="running")  # not finished: seed 1 dropped
+    lines = seed_table.seed_table(tmp_path, 0.4, ["softmerge", "fltrust"], ["sign-flip", "alie"], [0, 1], 20)
+    row = next(line for line in lines if line.startswith("| sign-flip |"))
+    assert row.split(" | ")[1] == "0"  # complete seeds: only 0
+    assert "83.5" in row and "79.0" in row and "80.0" not in row
+    assert next(line for line in lines if line.startswith("| alie |")).split(" | ")[1] == "none"
+    softmerge = next(line for line in lines if line.startswith("| softmerge |"))
+    assert "83.5 (1/1 within oracle - 1)" in softmerge
+    assert "79.0 (0/1 within oracle - 1)" in next(line for line in lines if line.startswith("| fltrust |"))
+
+
+def test_two_complete_seeds_are_averaged_with_their_range(tmp_path, seed_table):
+    flat = lambda value: [0.1] + [value] * 12  # noqa: E731
+    for seed, value in ((0, 0.84), (1, 0.80)):
+        _cell(tmp_path, f"oracle__none__f0.4__s{seed}", flat(value))
+        _cell(tmp_path, f"softmerge__alie__f0.4__s{seed}", flat(value))
+    lines = seed_table.seed_table(tmp_path, 0.4, ["softmerge"], ["alie"], [0, 1, 2], 20)
+    row = next(line for line in lines if line.startswith("| alie |"))
+    assert row.split(" | ")[1] == "0,1" and "82.0 (±4.0)" in row
