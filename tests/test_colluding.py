@@ -646,3 +646,19 @@ def test_backdoor_evade_with_partial_knowledge_and_one_attacker_sends_its_update
 def test_backdoor_evade_rejects_unknown_or_out_of_range_parameters(params, message):
     with pytest.raises(ValueError, match=message):
         ColludingAdversary("backdoor-evade", MALICIOUS, loss_of=_squared_distance_from(GLOBAL), **params)
+
+
+def test_clean_loss_oracle_scores_a_state_like_evaluate_model_and_leaves_it_alone(digits_task):
+    from softmerge.simulations.harness import clean_loss_oracle
+    from softmerge.simulations.tasks import attacker_sample, build_model, evaluate_model
+
+    sample = attacker_sample(digits_task, 100, seed=0)
+    reference = build_model("digits", seed=1)
+    state = {name: tensor.numpy().copy() for name, tensor in reference.state_dict().items()}
+    before = {name: array.copy() for name, array in state.items()}
+    loss_of = clean_loss_oracle(build_model("digits", seed=2), sample)
+    assert loss_of(state) == pytest.approx(evaluate_model(reference, sample)[0], rel=1e-6)
+    assert all(np.array_equal(state[name], before[name]) for name in state)
+    first_weight = next(name for name, array in state.items() if array.ndim > 1)
+    state[first_weight] += 1.0  # another model, another loss
+    assert loss_of(state) != pytest.approx(evaluate_model(reference, sample)[0], rel=1e-6)
