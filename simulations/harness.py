@@ -263,6 +263,10 @@ class ColludingAdversary:
                                          threshold, upper, iterations=iterations)
             crafted.append(mean + gamma * direction)
             scales.append(gamma)
+        if 0.0 in scales and not self.loss_of(self._state_of(mean)) <= threshold:
+            # gamma = 0 is also what "nothing passed" returns: say which it was.
+            log(INFO, "colluding %s: even the known mean's clean loss is above the bound; it is sent as is",
+                self.attack)
         return crafted, tuple(scales)
 
     # --- reading and writing replies -----------------------------------------------------

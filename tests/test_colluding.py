@@ -662,3 +662,17 @@ def test_clean_loss_oracle_scores_a_state_like_evaluate_model_and_leaves_it_alon
     first_weight = next(name for name, array in state.items() if array.ndim > 1)
     state[first_weight] += 1.0  # another model, another loss
     assert loss_of(state) != pytest.approx(evaluate_model(reference, sample)[0], rel=1e-6)
+
+
+def test_backdoor_evade_says_so_when_even_the_honest_mean_is_above_the_bound(caplog):
+    scales = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 0.5, 5: 0.8}
+    replies = [make_reply(p + 1, _scaled_state(p, scales[p]), partition=p) for p in PARTITIONS]
+    # The loss is the distance from honest reply 0, and quantile 0 bounds by its loss, 0: only
+    # that very model passes, so no blend and not the honest mean does.
+    loss_of = _squared_distance_from(_model_of(replies[0]))
+    with caplog.at_level("INFO"):
+        strategy, adversary, sent, _, _ = _attacked("backdoor-evade-0", replies, loss_of=loss_of)
+    assert adversary.history[1].scales == (0.0, 0.0)
+    assert "even the known mean's clean loss is above the bound" in caplog.text
+    honest_mean = np.mean([_flat_update(_model_of(sent[p]), GLOBAL) for p in (0, 1, 2, 3)], axis=0)
+    np.testing.assert_allclose(_flat_update(_model_of(strategy.seen[1][4]), GLOBAL), honest_mean, rtol=1e-5, atol=1e-5)
