@@ -118,15 +118,15 @@ class ColludingAdversary:
                              "pass loss_of")
         self.adaptive = kind in ADAPTIVE_ATTACKS
         self.loss_of = loss_of
-        self.adaptive_params = {**implied, **attack_params} if self.adaptive else {}
         if self.adaptive:
-            _check_evade_params(self.adaptive_params)
+            _check_evade_params({**implied, **attack_params})
         self.attack = attack
         self.malicious_ids = frozenset(int(i) for i in malicious_ids)
         self.seed = int(seed)
         self.knowledge = knowledge
         self.label_key = label_key
-        self.attack_params = attack_params
+        # What the name implies, overridden by what is passed (craft_malicious_updates merges the same way).
+        self.attack_params = {**implied, **attack_params}
         self.history: dict[int, RoundAttack] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._strategy: Strategy | None = None
@@ -236,7 +236,7 @@ class ColludingAdversary:
     def _moved_own_updates(self, targets: list, known: list[np.ndarray],
                            num_total: int) -> tuple[list[np.ndarray], tuple[float, ...]]:
         """backdoor-evade: each malicious update moved from the known mean as far as its clean loss allows."""
-        params = self.adaptive_params
+        params = self.attack_params
         losses = [loss for loss in (self.loss_of(self._state_of(update)) for update in known) if math.isfinite(loss)]
         mean = np.mean(known, axis=0)
         if not losses:
