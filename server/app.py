@@ -7,7 +7,7 @@ the test split, for every strategy alike.
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -62,8 +62,11 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
     if checkpoint is not None:
         done = checkpoint.server_round
         model.load_state_dict({name: torch.from_numpy(array) for name, array in checkpoint.arrays.items()})
-        writer.rounds = [entry for entry in load_results(output).get("rounds", []) if entry["round"] <= done]
+        writer.resume(load_results(output), done)
         log(INFO, "softmerge: resuming from the checkpoint of round %d in %s", done, output)
+        if writer.earlier_software:
+            log(WARNING, "softmerge: this run's earlier rounds ran under other versions (%s), now %s; "
+                "results.json keeps both", writer.earlier_software[-1], writer.software)
 
     if num_nodes is None:
         # In a simulation the nodes may not have registered yet (an empty list): told the

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,24 @@ from ..aggregation import GateReport
 
 CSV_COLUMNS = ("round", "test_accuracy", "test_loss", "backdoor_asr", "round_seconds", "aggregate_seconds",
                "gate_steps", "excluded")
+
+
+def software_versions() -> dict[str, str | None]:
+    """The versions a run's figures depend on.
+
+    Cells of one benchmark grid are often run across days, from different installs; with
+    the versions in each results.json, a reader can tell which cells ran on the same build.
+    ``None``: the package is not installed.
+    """
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("softmerge", "flwr", "torch", "numpy", "scipy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def _json_safe(value: Any) -> Any:
@@ -53,6 +72,9 @@ class ResultsWriter:
     # The nodes connected when the run started (the simulation's client count): the run
     # config does not say how many clients took part, and a reader comparing runs must know.
     nodes: int | None = None
+    software: dict[str, str | None] = field(default_factory=software_versions)
+    # A resumed run's earlier versions, when they differ from this process's.
+    earlier_software: list[dict[str, str | None]] = field(default_factory=list)
     _last_time: float = field(default_factory=time.perf_counter)
 
     def record(self, server_round: int, accuracy: float, loss: float, report: GateReport | None,
@@ -75,12 +97,28 @@ class ResultsWriter:
         self.flush()
         return entry
 
+    def resume(self, previous: dict[str, Any], done: int) -> None:
+        """Continue ``previous`` (a loaded results.json) after its round ``done``.
+
+        Its later rounds are dropped (the checkpoint is of round ``done``); the versions
+        its rounds ran under are kept in ``earlier_software`` where they differ from this
+        process's.
+        """
+        self.rounds = [entry for entry in previous.get("rounds", []) if entry["round"] <= done]
+        earlier = [*previous.get("earlier_software", []), previous.get("software")]
+        self.earlier_software = []
+        for software in earlier:
+            if software and software != self.software and software not in self.earlier_software:
+                self.earlier_software.append(software)
+
     def flush(self, status: str = "running") -> None:
         if self.directory is None:
             return
-        payload: dict[str, Any] = {"status": status, "settings": self.settings}
+        payload: dict[str, Any] = {"status": status, "settings": self.settings, "software": self.software}
         if self.nodes is not None:
             payload["nodes"] = self.nodes
+        if self.earlier_software:
+            payload["earlier_software"] = self.earlier_software
         write_json_atomic(self.directory / "results.json", {**payload, "rounds": self.rounds})
         temporary = self.directory / "rounds.csv.tmp"
         with open(temporary, "w", newline="", encoding="utf-8") as handle:

@@ -1,6 +1,7 @@
 """End to end through Flower's simulation engine on tiny digits federations."""
 
 import json
+from importlib import metadata
 
 import pytest
 
@@ -33,6 +34,9 @@ def test_softmerge_learns_and_gates_out_the_malicious_client(tmp_path):
         assert len(gates["candidates"]) == 5  # four clients and the keep candidate
     log = (tmp_path / "softmerge.log").read_text()
     assert "SoftMerge round 2" in log
+    # The build the figures came from, for a reader comparing runs made on other days.
+    for package in ("flwr", "torch", "softmerge"):
+        assert result["software"][package] == metadata.version(package)
 
 
 def test_fedavg_collapses_under_the_same_attack(tmp_path):

@@ -18,6 +18,7 @@ from softmerge.server.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from softmerge.server.results import ResultsWriter, load_results, software_versions
 
 
 def test_checkpoint_round_trip_and_rng_state(tmp_path):
@@ -92,6 +93,33 @@ def test_killed_run_resumes_to_a_bit_identical_model(tmp_path):
     rounds_b = json.loads((interrupted / "results.json").read_text())["rounds"]
     assert [r["round"] for r in rounds_b] == [0, 1, 2, 3]
     assert [r["test_accuracy"] for r in rounds_a] == [r["test_accuracy"] for r in rounds_b]
+
+
+def test_results_record_the_versions_and_a_resume_keeps_earlier_ones(tmp_path):
+    from importlib import metadata
+
+    first = ResultsWriter(tmp_path, {"strategy": "softmerge"})
+    first.software = {**software_versions(), "flwr": "0.0.earlier"}
+    for server_round in range(3):
+        first.record(server_round, 0.5, 1.0, None)
+    written = load_results(tmp_path)
+    assert written["software"]["flwr"] == "0.0.earlier"
+    assert "earlier_software" not in written
+
+    resumed = ResultsWriter(tmp_path, {"strategy": "softmerge"})
+    resumed.resume(written, done=1)
+    resumed.record(2, 0.6, 0.9, None)
+    after = load_results(tmp_path)
+    assert [entry["round"] for entry in after["rounds"]] == [0, 1, 2]
+    assert after["software"]["flwr"] == metadata.version("flwr")
+    assert after["software"]["torch"] == metadata.version("torch")
+    assert [software["flwr"] for software in after["earlier_software"]] == ["0.0.earlier"]
+
+    # Resumed again under the same build: nothing new to keep, the earlier build still kept.
+    again = ResultsWriter(tmp_path, {"strategy": "softmerge"})
+    again.resume(after, done=2)
+    again.flush()
+    assert [software["flwr"] for software in load_results(tmp_path)["earlier_software"]] == ["0.0.earlier"]
 
 
 @pytest.mark.slow
