@@ -9,8 +9,10 @@ every listed defense have finished ("complete seeds"), so each row compares like
         --strategies softmerge,fltrust,centered-clipping --seeds 0,1,2
 
 Prints markdown: per attack, the mean over the complete seeds (final round and mean of the
-last 10 rounds) with the range across seeds, the oracle's, and then each defense's worst case
-over the attacks (no attack left out) and how many attacks are within 1 point of the oracle.
+last 10 rounds) with the range across seeds, the oracle's, then each defense's worst case
+over the attacks (no attack left out) and how many attacks are within 1 point of the oracle,
+and, for the attacks with a trigger, the backdoor's success rate on the final round over the
+same seeds (the accuracy target does not show a backdoor that gets in at little cost).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def seed_table(output: Path, fraction: float, strategies: list[str], attacks: li
     worst: dict[str, dict[str, list[float]]] = {s: {field: [] for field, _ in STATISTICS} for s in strategies}
     close: dict[str, dict[str, int]] = {s: {field: 0 for field, _ in STATISTICS} for s in strategies}
     complete_attacks = 0
+    backdoor_lines = []
     for attack in attacks:
         rows = {s: figures(output, s, attack, fraction, seeds, clients) for s in strategies}
         complete = [seed for seed in seeds if seed in oracle and all(seed in rows[s] for s in strategies)]
@@ -71,12 +74,20 @@ def seed_table(output: Path, fraction: float, strategies: list[str], attacks: li
                     reference = statistics.fmean(oracle[seed][field] for seed in complete)
                     close[name][field] += round(100 * mean, 1) >= round(100 * reference, 1) - 1.0
         lines.append(f"| {attack} | {','.join(map(str, complete))} | " + " | ".join(cells) + " |")
+        success = [[rows[s][seed]["final_backdoor_asr"] for seed in complete] for s in strategies]
+        if any(value is not None for values in success for value in values):
+            backdoor_lines.append(f"| {attack} | {','.join(map(str, complete))} | " + " | ".join(
+                "-" if any(v is None for v in values) else _text(values) for values in success) + " |")
     lines += ["", f"| defense | worst case, {' | worst case, '.join(label for _, label in STATISTICS)} |",
               "|---|" + "---|" * len(STATISTICS)]
     for strategy in strategies:
         lines.append(f"| {strategy} | " + " | ".join(
             f"{100 * min(worst[strategy][field]):.1f} ({close[strategy][field]}/{complete_attacks} within oracle - 1)"
             if worst[strategy][field] else "-" for field, _ in STATISTICS) + " |")
+    if backdoor_lines:
+        lines += ["", "Backdoor success rate (%), final round, lower is better:", "",
+                  "| attack | complete seeds | " + " | ".join(strategies) + " |",
+                  "|---|---|" + "---|" * len(strategies), *backdoor_lines]
     return lines
 
 

@@ -17,8 +17,8 @@ def seed_table():
     return module
 
 
-def _cell(output, key, accuracies, status="finished"):
-    rounds = [{"round": r, "test_accuracy": a} for r, a in enumerate(accuracies)]
+def _cell(output, key, accuracies, status="finished", asr=None):
+    rounds = [{"round": r, "test_accuracy": a, "backdoor_asr": asr} for r, a in enumerate(accuracies)]
     (output / "cells" / key).mkdir(parents=True)
     (output / "cells" / key / "results.json").write_text(json.dumps({"status": status, "rounds": rounds}))
 
@@ -48,3 +48,19 @@ def test_two_complete_seeds_are_averaged_with_their_range(tmp_path, seed_table):
     lines = seed_table.seed_table(tmp_path, 0.4, ["softmerge"], ["alie"], [0, 1, 2], 20)
     row = next(line for line in lines if line.startswith("| alie |"))
     assert row.split(" | ")[1] == "0,1" and "82.0 (±4.0)" in row
+
+
+def test_backdoor_success_is_tabled_for_attacks_with_a_trigger_only(tmp_path, seed_table):
+    flat = lambda value: [0.1] + [value] * 12  # noqa: E731
+    for seed in (0, 1):
+        _cell(tmp_path, f"oracle__none__f0.4__s{seed}", flat(0.84))
+        _cell(tmp_path, f"softmerge__backdoor__f0.4__s{seed}", flat(0.83), asr=(0.02, 0.06)[seed])
+        _cell(tmp_path, f"fltrust__backdoor__f0.4__s{seed}", flat(0.80), asr=(0.90, 1.0)[seed])
+        _cell(tmp_path, f"softmerge__alie__f0.4__s{seed}", flat(0.83))
+        _cell(tmp_path, f"fltrust__alie__f0.4__s{seed}", flat(0.80))
+    lines = seed_table.seed_table(tmp_path, 0.4, ["softmerge", "fltrust"], ["backdoor", "alie"], [0, 1], 20)
+    start = lines.index("Backdoor success rate (%), final round, lower is better:")
+    table = lines[start:]
+    assert table[2] == "| attack | complete seeds | softmerge | fltrust |"
+    assert table[4:] == ["| backdoor | 0,1 | 4.0 (±4.0) | 95.0 (±10.0) |"]
+    assert not any(line.startswith("| alie |") for line in table)
