@@ -608,7 +608,7 @@ def _fit(xs, ys):
 
 
 def softmerge_defaults() -> str:
-    """The defaults this run measured, read from the code, so the report cannot outlive a change of them."""
+    """The SoftMerge defaults of this checkout, read from the code, so a report cannot outlive a change of them."""
     from softmerge.aggregation.merge import SoftMergeConfig
 
     config = SoftMergeConfig()
@@ -644,7 +644,7 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
         "- Every strategy gets the same K candidate models as Flower reply Messages, and its real",
         "  `aggregate_train` is timed: SoftMerge is `softmerge.server.strategy.SoftMerge.aggregate_train`",
         "  (reply screening and decoding, `soft_merge`, and the ArrayRecord it returns), the others are",
-        "  Flower 1.41's `FedAvg`, `FedMedian`, `Krum`, `MultiKrum`, `Bulyan` unchanged, and our `FLTrust`",
+        f"  Flower {info['flwr']}'s `FedAvg`, `FedMedian`, `Krum`, `MultiKrum`, `Bulyan` unchanged, and our `FLTrust`",
         "  (`softmerge.server.baselines`, server model trained 1 epoch on the 300-image root set, lr 0.05, batch",
         "  32, momentum 0.9). f = max(1, K // 10) for Krum, MultiKrum (selecting K - f) and Bulyan",
         "  (run only where K >= 4f + 3). Flower's log is silenced to errors for all of them.",
@@ -652,7 +652,9 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
         "  candidate is global + delta + noise (delta: one more epoch on 500 other images; noise: Gaussian",
         "  with each tensor's standard deviation of delta); K // 10 candidates are global - 4 (delta + noise).",
         "  SoftMerge's gate split and FLTrust's root set are the same 300 images; accuracy is on 2,000 others.",
-        "- SoftMerge runs with `SoftMergeConfig()` defaults: " + softmerge_defaults() + ".",
+        "- SoftMerge runs with `SoftMergeConfig()` defaults: "
+        + info.get("softmerge_defaults", "not recorded with this run (measured before the script recorded them)")
+        + ".",
         "- Seconds: median of the timed repetitions, same process, one strategy after another; "
         + ("wall-clock seconds." if clock == "wall" else
            "**CPU seconds** of the process (`time.process_time`), not wall-clock: with every strategy on one "
@@ -784,7 +786,12 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
         lines += ["## End to end: the default simulation", "",
                   "`softmerge.simulations.engine.run_experiment` with the default settings (digits, 10 clients, 3",
                   "of them sending extreme values, SoftMerge defaults), runs one after another in one process;",
-                  "seconds per round from `results.json` `round_seconds`, median over rounds 2..N.", "",
+                  "seconds per round from `results.json` `round_seconds`, median over rounds 2..N.",
+                  f"Flower's in-memory grid looks for the clients' replies every {reply_poll_seconds()} s, so a",
+                  "round's client phase lasts a whole number of those intervals: a run whose clients all reply",
+                  "within one has rounds of about one interval, one that needs a little more, about two. The",
+                  "server's work (aggregation, test evaluation) comes on top, so 'added' below is SoftMerge's",
+                  "extra seconds per round against FedAvg's.", "",
                   "| run | median s/round | median aggregation s | final test acc | gate steps per round | wall s |",
                   "|---|---:|---:|---:|---|---:|"]
         for run in e2e:
@@ -797,7 +804,8 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
         ratio = e2e_ratio(e2e)
         summary["e2e"] = ratio
         lines += ["", f"Pooled over the two runs of each: SoftMerge {statistics.median(soft):.3f} s per round, "
-                      f"FedAvg {statistics.median(fedavg):.3f} s, ratio {ratio:.2f}.", ""]
+                      f"FedAvg {statistics.median(fedavg):.3f} s, ratio {ratio:.2f}, added "
+                      f"{statistics.median(soft) - statistics.median(fedavg):.3f} s.", ""]
     summary["lines"] = lines
     return summary
 
@@ -920,7 +928,8 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     started = time.perf_counter()
     command = " ".join([".venv/bin/python", "benchmarks/performance.py"] + (argv or sys.argv[1:]))
-    info = machine()
+    # Recorded now, so that a later --render-only describes the defaults this run measured.
+    info = {**machine(), "softmerge_defaults": softmerge_defaults()}
     print(f"machine: {info}", file=sys.stderr)
     bw = bandwidth()
     print(f"bandwidth: {bw}", file=sys.stderr)
@@ -975,6 +984,15 @@ def e2e_ratio(e2e: list[dict]) -> float:
     return statistics.median(soft) / statistics.median(fedavg)
 
 
+def reply_poll_seconds() -> float:
+    """How often Flower's simulation looks for replies (``InMemoryGrid``'s default ``pull_interval``)."""
+    import inspect
+
+    from flwr.superlink.grid import InMemoryGrid
+
+    return inspect.signature(InMemoryGrid.__init__).parameters["pull_interval"].default
+
+
 def print_e2e_summary(e2e: list[dict]) -> None:
     print(f"load average at the end: {os.getloadavg()}")
     print("| run | median s/round | median aggregation s | final test acc |")
@@ -983,7 +1001,10 @@ def print_e2e_summary(e2e: list[dict]) -> None:
         aggregation = [s for s in run["aggregate_seconds"] if s is not None and s == s]
         print(f"| {run['label']} | {statistics.median(run['round_seconds']):.3f} | "
               f"{statistics.median(aggregation) if aggregation else float('nan'):.3f} | {run['accuracy']:.3f} |")
-    print(f"SoftMerge / FedAvg, median s/round pooled over the runs of each: {e2e_ratio(e2e):.2f}")
+    fedavg = statistics.median(s for run in e2e if run["label"] == "fedavg" for s in run["round_seconds"])
+    soft = statistics.median(s for run in e2e if run["label"] == "softmerge" for s in run["round_seconds"])
+    print(f"SoftMerge / FedAvg, median s/round pooled over the runs of each: {e2e_ratio(e2e):.2f} "
+          f"(added {soft - fedavg:.3f} s; Flower looks for replies every {reply_poll_seconds()} s)")
 
 
 def discussion(raw: dict) -> list[str]:

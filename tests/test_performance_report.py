@@ -1,0 +1,51 @@
+"""benchmarks/performance.py's report, rendered from saved measurements (no timing is asserted)."""
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "performance.py"
+
+
+@pytest.fixture(scope="module")
+def performance():
+    spec = importlib.util.spec_from_file_location("performance", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _render(performance, tmp_path, raw):
+    (tmp_path / "report.json").write_text(json.dumps(raw))
+    assert performance.main(["--render-only", "--out", str(tmp_path / "report.md"),
+                             "--accuracy-json", str(tmp_path / "absent.json")]) == 0
+    return (tmp_path / "report.md").read_text()
+
+
+def test_the_saved_run_renders_its_end_to_end_ratio_and_the_seconds_softmerge_adds(performance, tmp_path):
+    raw = json.loads((REPO / "docs" / "performance.json").read_text())
+    report = _render(performance, tmp_path, raw)
+    assert report.startswith("# Performance of SoftMerge (issue 5)")
+    assert "## Targets of issue 5" in report and "## End to end: the default simulation" in report
+    fedavg = statistics.median(s for run in raw["e2e"] if run["label"] == "fedavg" for s in run["round_seconds"])
+    soft = statistics.median(s for run in raw["e2e"] if run["label"] == "softmerge" for s in run["round_seconds"])
+    assert f"ratio {soft / fedavg:.2f}, added {soft - fedavg:.3f} s." in report
+    assert f"looks for the clients' replies every {performance.reply_poll_seconds()} s" in report
+    assert f"Flower {raw['machine']['flwr']}'s `FedAvg`" in report
+    # A run saved before the defaults were recorded does not claim today's.
+    assert "defaults: not recorded with this run" in report
+
+
+def test_a_run_reports_the_defaults_it_measured_not_the_checkouts(performance, tmp_path):
+    raw = json.loads((REPO / "docs" / "performance.json").read_text())
+    raw["machine"]["softmerge_defaults"] = "as measured that day"
+    assert "defaults: as measured that day." in _render(performance, tmp_path, raw)
+    from softmerge.aggregation import SoftMergeConfig
+
+    # What a new run records: the checkout's own defaults.
+    config = SoftMergeConfig()
+    assert f"lr {config.lr}, L0 {config.l0_lambda}, batch {config.batch_size}" in performance.softmerge_defaults()
