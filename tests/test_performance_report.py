@@ -1,6 +1,5 @@
 """benchmarks/performance.py's report, rendered from saved measurements (no timing is asserted)."""
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -8,15 +7,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "performance.py"
+SCRIPT_NAME = "performance"
 
 
-@pytest.fixture(scope="module")
-def performance():
-    spec = importlib.util.spec_from_file_location("performance", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def performance(benchmark_script):
+    return benchmark_script
 
 
 def _render(performance, tmp_path, raw):

@@ -1,20 +1,15 @@
 """benchmarks/seed_table.py: defenses compared on the seeds all of them have finished."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_table.py"
+SCRIPT_NAME = "seed_table"
 
 
-@pytest.fixture(scope="module")
-def seed_table():
-    spec = importlib.util.spec_from_file_location("seed_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def seed_table(benchmark_script):
+    return benchmark_script
 
 
 def _cell(output, key, accuracies, status="finished", asr=None):
