@@ -105,10 +105,13 @@ class ResultsWriter:
         process's.
         """
         self.rounds = [entry for entry in previous.get("rounds", []) if entry["round"] <= done]
-        earlier = [*previous.get("earlier_software", []), previous.get("software")]
+        earlier = previous.get("earlier_software")
+        # A hand-edited or foreign results.json may hold anything here: keep only records.
+        earlier = [*(earlier if isinstance(earlier, list) else []), previous.get("software")]
         self.earlier_software = []
         for software in earlier:
-            if software and software != self.software and software not in self.earlier_software:
+            if isinstance(software, dict) and software and software != self.software \
+                    and software not in self.earlier_software:
                 self.earlier_software.append(software)
 
     def flush(self, status: str = "running") -> None:

@@ -121,6 +121,11 @@ def test_results_record_the_versions_and_a_resume_keeps_earlier_ones(tmp_path):
     again.flush()
     assert [software["flwr"] for software in load_results(tmp_path)["earlier_software"]] == ["0.0.earlier"]
 
+    # A malformed record of versions is dropped, not a crash on resume.
+    odd = ResultsWriter(tmp_path, {"strategy": "softmerge"})
+    odd.resume({"rounds": [], "software": "1.0", "earlier_software": {"flwr": "x"}}, done=0)
+    assert odd.earlier_software == []
+
 
 @pytest.mark.slow
 def test_trust_record_is_checkpointed_per_node(tmp_path):
