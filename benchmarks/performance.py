@@ -799,13 +799,10 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
             lines.append(f"| {run['label']} | {statistics.median(run['round_seconds']):.3f} | "
                          f"{statistics.median(aggregate) if aggregate else float('nan'):.3f} | {run['accuracy']:.3f} | "
                          f"{' '.join(str(s) for s in run['steps'] if s is not None)} | {run['wall']:.0f} |")
-        fedavg = [s for r in e2e if r["label"] == "fedavg" for s in r["round_seconds"]]
-        soft = [s for r in e2e if r["label"] == "softmerge" for s in r["round_seconds"]]
-        ratio = e2e_ratio(e2e)
-        summary["e2e"] = ratio
-        lines += ["", f"Pooled over the two runs of each: SoftMerge {statistics.median(soft):.3f} s per round, "
-                      f"FedAvg {statistics.median(fedavg):.3f} s, ratio {ratio:.2f}, added "
-                      f"{statistics.median(soft) - statistics.median(fedavg):.3f} s.", ""]
+        fedavg, soft = pooled_round_seconds(e2e)
+        summary["e2e"] = soft / fedavg
+        lines += ["", f"Pooled over the two runs of each: SoftMerge {soft:.3f} s per round, "
+                      f"FedAvg {fedavg:.3f} s, ratio {soft / fedavg:.2f}, added {soft - fedavg:.3f} s.", ""]
     summary["lines"] = lines
     return summary
 
@@ -977,11 +974,10 @@ def measure_e2e(args: argparse.Namespace) -> list[dict]:
         return json.loads(out.read_text())
 
 
-def e2e_ratio(e2e: list[dict]) -> float:
-    """SoftMerge's median seconds per round over FedAvg's, each pooled over its runs with the default settings."""
-    fedavg = [s for run in e2e if run["label"] == "fedavg" for s in run["round_seconds"]]
-    soft = [s for run in e2e if run["label"] == "softmerge" for s in run["round_seconds"]]
-    return statistics.median(soft) / statistics.median(fedavg)
+def pooled_round_seconds(e2e: list[dict]) -> tuple[float, float]:
+    """FedAvg's and SoftMerge's median seconds per round, each pooled over its runs with the default settings."""
+    return tuple(statistics.median(s for run in e2e if run["label"] == label for s in run["round_seconds"])
+                 for label in ("fedavg", "softmerge"))
 
 
 def reply_poll_seconds() -> float:
@@ -1001,9 +997,8 @@ def print_e2e_summary(e2e: list[dict]) -> None:
         aggregation = [s for s in run["aggregate_seconds"] if s is not None and s == s]
         print(f"| {run['label']} | {statistics.median(run['round_seconds']):.3f} | "
               f"{statistics.median(aggregation) if aggregation else float('nan'):.3f} | {run['accuracy']:.3f} |")
-    fedavg = statistics.median(s for run in e2e if run["label"] == "fedavg" for s in run["round_seconds"])
-    soft = statistics.median(s for run in e2e if run["label"] == "softmerge" for s in run["round_seconds"])
-    print(f"SoftMerge / FedAvg, median s/round pooled over the runs of each: {e2e_ratio(e2e):.2f} "
+    fedavg, soft = pooled_round_seconds(e2e)
+    print(f"SoftMerge / FedAvg, median s/round pooled over the runs of each: {soft / fedavg:.2f} "
           f"(added {soft - fedavg:.3f} s; Flower looks for replies every {reply_poll_seconds()} s)")
 
 
