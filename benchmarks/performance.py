@@ -577,8 +577,9 @@ def _timed(function, timer=time.perf_counter) -> float:
 
 
 def machine() -> dict:
-    import flwr
     import torch
+
+    from softmerge.server.results import software_versions
 
     cpu = "unknown"
     with open("/proc/cpuinfo") as handle:
@@ -589,8 +590,8 @@ def machine() -> dict:
     with open("/proc/meminfo") as handle:
         memory = int(handle.readline().split()[1]) * 1024
     return {"nproc": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(), "cpu": cpu,
-            "ram_gib": memory / 1024**3, "kernel": platform.release(), "python": platform.python_version(),
-            "torch": torch.__version__, "flwr": flwr.__version__, "torch_threads": torch.get_num_threads(),
+            "ram_gib": memory / 1024**3, "kernel": platform.release(), **software_versions(),
+            "torch_threads": torch.get_num_threads(),
             "nice": os.nice(0), "loadavg": os.getloadavg(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
