@@ -95,8 +95,8 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
             adaptive["loss_of"] = clean_loss_oracle(build_model(settings.dataset, seed=settings.seed), sample)
         make_colluding(strategy, settings.attack, settings.malicious_ids, seed=settings.seed, **adaptive)
     if checkpoint is not None and hasattr(strategy, "load_trust_state") and "trust_record" in checkpoint.state:
-        # Node IDs are the record's keys; a simulation draws new ones on every start, so there
-        # the record only carries over when the nodes keep their IDs (a deployment's do).
+        # Node IDs are the record's keys. A deployment's nodes keep theirs; a simulation draws
+        # new ones on every start, and the strategy then moves each record to its client's label.
         strategy.load_trust_state(checkpoint.state["trust_record"])
     if done:
         offset_rounds(strategy, done)

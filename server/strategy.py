@@ -15,6 +15,7 @@ turns Flower messages into candidates and the merged state back into an ArrayRec
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from logging import INFO, WARNING
@@ -88,6 +89,10 @@ class SoftMerge(RoundStartMemory):
         self.trust_memory = trust_memory
         # node ID (as text, for JSON checkpoints) -> (discounted rounds open, discounted rounds gated)
         self.trust_record: dict[str, tuple[float, float]] = {}
+        # node ID -> the label its replies carried, so a record can follow its client to a new node ID
+        self.trust_labels: dict[str, str] = {}
+        # The nodes of a record restored from a checkpoint, until the first round shows whether they came back.
+        self._restored_nodes: set[str] | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├──> SoftMerge settings:")
@@ -129,6 +134,8 @@ class SoftMerge(RoundStartMemory):
             labels.append(candidate_label(message, labels, self.label_key))
         # The record is keyed by node ID: a client chooses its label, not its ID.
         nodes = [str(message.metadata.src_node_id) for message in messages]
+        if self._restored_nodes is not None and nodes:
+            self._follow_restored_record(server_round, nodes, labels)
         trust = [trust_of(self.trust_record, node) for node in nodes] if self.trust else None
         # The screen has checked every count (a finite number in (0, MAX_NUM_EXAMPLES]).
         examples = [_example_count(message, self.weighted_by_key) for message in messages]
@@ -177,24 +184,62 @@ class SoftMerge(RoundStartMemory):
         openness = relative_openness(report.gates, columns)
         self.trust_record = update_record(self.trust_record, [node_of[report.candidates[k]] for k in columns],
                                           openness, self.trust_memory)
+        self.trust_labels.update((node_of[report.candidates[k]], report.candidates[k]) for k in columns)
 
-    def trust_state(self) -> dict[str, list[float]]:
-        """The trust record in JSON form, for checkpoints."""
-        return {node: [opened, seen] for node, (opened, seen) in self.trust_record.items()}
+    def trust_state(self) -> dict[str, list]:
+        """The trust record in JSON form, for checkpoints: ``{node: [opened, seen, label]}``."""
+        return {node: [opened, seen, self.trust_labels.get(node, "")]
+                for node, (opened, seen) in self.trust_record.items()}
 
     def load_trust_state(self, state: object) -> None:
-        """Restore :meth:`trust_state`'s output; a malformed record is logged and ignored."""
+        """Restore :meth:`trust_state`'s output; a malformed record is logged and ignored.
+
+        Entries without a label (``[opened, seen]``, older checkpoints) are accepted.
+        """
         record: dict[str, tuple[float, float]] = {}
+        labels: dict[str, str] = {}
         try:
-            for node, (opened, seen) in dict(state).items():  # type: ignore[call-overload]
+            for node, entry in dict(state).items():  # type: ignore[call-overload]
+                opened, seen, *label = entry
                 opened, seen = float(opened), float(seen)
-                if not (0 <= opened <= seen and seen < 1e9):
-                    raise ValueError(f"client {node}: opened {opened}, seen {seen}")
+                if not (0 <= opened <= seen and seen < 1e9) or len(label) > 1:
+                    raise ValueError(f"client {node}: {entry!r}")
                 record[str(node)] = (opened, seen)
+                if label and isinstance(label[0], str) and label[0]:
+                    labels[str(node)] = label[0]
         except (TypeError, ValueError) as error:
             log(WARNING, "SoftMerge: the checkpoint's trust record is malformed (%s); starting without one", error)
             return
+        self.trust_record, self.trust_labels = record, labels
+        self._restored_nodes = set(record)
+
+    def _follow_restored_record(self, server_round: int, nodes: list[str], labels: list[str]) -> None:
+        """Re-key a restored trust record when none of its nodes reply: a simulation that resumed.
+
+        A simulation draws new node IDs every time it starts; its clients keep their labels.
+        A record moves to the one node that now replies with its label. The label is the
+        client's claim, and that is safe here only because trust never raises a start above
+        a newcomer's (:func:`~softmerge.aggregation.trust.trust_bound`): claiming another
+        client's label gains nothing a new node lacks, and a label two nodes claim moves to
+        neither. While any recorded node still replies (a deployment's keep their IDs),
+        the record stays keyed by node ID alone.
+        """
+        restored, self._restored_nodes = self._restored_nodes, None
+        if not restored or restored.intersection(nodes):
+            return
+        recorded_by_label = Counter(self.trust_labels.values())
+        node_of_label = {label: node for node, label in self.trust_labels.items() if recorded_by_label[label] == 1}
+        claims = Counter(label.partition("@")[0] for label in labels)
+        record = {}
+        for node, label in zip(nodes, labels):
+            old_node = node_of_label.get(label)
+            if old_node is not None and claims[label] == 1 and old_node in self.trust_record:
+                record[node] = self.trust_record[old_node]
+        log(WARNING, "SoftMerge round %d: none of the %d nodes in the checkpoint's trust record replied (a "
+            "simulation draws new node IDs on every start); %d of the %d replying nodes took their client "
+            "label's record, the rest start neutral", server_round, len(restored), len(record), len(nodes))
         self.trust_record = record
+        self.trust_labels = {node: label for node, label in zip(nodes, labels) if node in record}
 
     @staticmethod
     def _log_report(server_round: int, report: GateReport) -> None:

@@ -135,8 +135,9 @@ def test_trust_record_is_checkpointed_per_node(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     record = json.loads((output / "checkpoint.json").read_text())["trust_record"]
     assert len(record) == 4  # one entry per node, keyed by node ID
-    for opened, seen in record.values():
+    for opened, seen, _ in record.values():
         assert seen == pytest.approx(1.9)  # two rounds gated, memory 0.9
         assert 0 <= opened <= seen
+    assert sorted(label for _, _, label in record.values()) == [f"client-{k}" for k in range(4)]
     gates = json.loads((output / "results.json").read_text())["rounds"][-1]["gates"]
     assert len(gates["trust"]) == len(gates["candidates"])

@@ -126,6 +126,44 @@ def test_strategy_keeps_a_record_per_node_and_it_survives_a_checkpoint(honest_ca
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_restored_record_follows_its_client_to_new_node_ids_by_label(honest_candidates, digits_task, caplog):
+    model, locals_ = honest_candidates
+    saved = {"11": [0.0, 1.9, "client-0"], "12": [1.9, 1.9, "client-1"]}
+
+    def first_round(state, node_ids, partitions=(0, 1)):
+        strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True)
+        strategy.load_trust_state(state)
+        list(strategy.configure_train(4, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(node_ids)))
+        strategy.aggregate_train(4, [make_reply(node, locals_[k], partition=partition)
+                                     for k, (node, partition) in enumerate(zip(node_ids, partitions))])
+        return strategy
+
+    distrusted = trust_of({"11": (0.0, 1.9)}, "11")
+    # A deployment: the nodes keep their IDs, and their records.
+    returning = first_round(saved, [11, 12])
+    assert returning.reports[4].trust[0] == pytest.approx(distrusted)
+    assert returning.trust_record["11"][1] == pytest.approx(1.9 * 0.9 + 1)
+    assert returning.trust_state()["11"][2] == "client-0"
+
+    # A resumed simulation: the same clients under new node IDs take their labels' records.
+    with caplog.at_level(logging.WARNING):
+        resumed = first_round(saved, [21, 22])
+    assert "2 of the 2 replying nodes took their client label's record" in caplog.text
+    assert resumed.reports[4].trust[0] == pytest.approx(distrusted)
+    assert set(resumed.trust_record) == {"21", "22"}
+    assert resumed.trust_record["21"] == returning.trust_record["11"]
+
+    # Two new nodes claiming one label: the record goes to neither.
+    contested = first_round(saved, [21, 22], partitions=(0, 0))
+    assert contested.reports[4].trust == [pytest.approx(0.5)] * 3  # both clients neutral, and the keep candidate
+
+    # A checkpoint written before records carried labels: new IDs start over.
+    unlabelled = first_round({node: entry[:2] for node, entry in saved.items()}, [21, 22])
+    assert unlabelled.reports[4].trust == [pytest.approx(0.5)] * 3
+    assert set(unlabelled.trust_record) == {"21", "22"}
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_strategy_without_trust_keeps_no_record(honest_candidates, digits_task):
     model, locals_ = honest_candidates
     strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0))
