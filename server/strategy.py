@@ -55,10 +55,11 @@ class SoftMerge(RoundStartMemory):
         It is only a label: gating never reads it.
     on_report : callable, optional
         Called as ``on_report(server_round, report)`` after every merge.
-    trust : bool (default: False)
+    trust : bool (default: True)
         Carry trust over rounds: keep each client's gate record, keyed by its Flower node
         ID, and bound the start of a client refused in most of its recent rounds (see
         :mod:`softmerge.aggregation.trust`; ``merge_config.trust_strength`` sets how far).
+        False judges every round on its own.
     trust_memory : float (default: 0.9)
         Discount of a client's record per round it is gated (1 never forgets).
     **kwargs
@@ -72,7 +73,7 @@ class SoftMerge(RoundStartMemory):
         merge_config: SoftMergeConfig | None = None,
         label_key: str = "partition-id",
         on_report: Callable[[int, GateReport], None] | None = None,
-        trust: bool = False,
+        trust: bool = True,
         trust_memory: float = 0.9,
         **kwargs,
     ) -> None:

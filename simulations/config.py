@@ -87,7 +87,7 @@ class RunSettings:
     softmerge_mirror_confidence: float = 2.0
     softmerge_merge_duplicates: bool = True
     softmerge_near_duplicates: float = 0.0
-    softmerge_trust: bool = False
+    softmerge_trust: bool = True
     softmerge_trust_strength: float = 2.0
     softmerge_trust_memory: float = 0.9
     softmerge_harm_margin: float = 0.25

@@ -164,9 +164,10 @@ def test_a_restored_record_follows_its_client_to_new_node_ids_by_label(honest_ca
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_strategy_without_trust_keeps_no_record(honest_candidates, digits_task):
+def test_strategy_with_trust_off_keeps_no_record(honest_candidates, digits_task):
     model, locals_ = honest_candidates
-    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0))
+    assert SoftMerge(model, digits_task.gate.tensors()).trust  # on unless asked otherwise
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=False)
     list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([1, 2])))
     strategy.aggregate_train(1, [make_reply(1, locals_[0], partition=0), make_reply(2, locals_[1], partition=1)])
     assert strategy.trust_record == {} and strategy.reports[1].trust == []
