@@ -92,8 +92,8 @@ class SoftMerge(RoundStartMemory):
         self.trust_record: dict[str, tuple[float, float]] = {}
         # node ID -> the label its replies carried, so a record can follow its client to a new node ID
         self.trust_labels: dict[str, str] = {}
-        # The nodes of a record restored from a checkpoint, until the first round shows whether they came back.
-        self._restored_nodes: set[str] | None = None
+        # Set by a restored record until the first round shows whether its nodes came back.
+        self._record_restored = False
 
     def summary(self) -> None:
         log(INFO, "\t├──> SoftMerge settings:")
@@ -135,7 +135,7 @@ class SoftMerge(RoundStartMemory):
             labels.append(candidate_label(message, labels, self.label_key))
         # The record is keyed by node ID: a client chooses its label, not its ID.
         nodes = [str(message.metadata.src_node_id) for message in messages]
-        if self._restored_nodes is not None and nodes:
+        if self._record_restored and nodes:
             self._follow_restored_record(server_round, nodes, labels)
         trust = [trust_of(self.trust_record, node) for node in nodes] if self.trust else None
         # The screen has checked every count (a finite number in (0, MAX_NUM_EXAMPLES]).
@@ -212,7 +212,7 @@ class SoftMerge(RoundStartMemory):
             log(WARNING, "SoftMerge: the checkpoint's trust record is malformed (%s); starting without one", error)
             return
         self.trust_record, self.trust_labels = record, labels
-        self._restored_nodes = set(record)
+        self._record_restored = True
 
     def _follow_restored_record(self, server_round: int, nodes: list[str], labels: list[str]) -> None:
         """Re-key a restored trust record when none of its nodes reply: a simulation that resumed.
@@ -225,7 +225,8 @@ class SoftMerge(RoundStartMemory):
         neither. While any recorded node still replies (a deployment's keep their IDs),
         the record stays keyed by node ID alone.
         """
-        restored, self._restored_nodes = self._restored_nodes, None
+        self._record_restored = False
+        restored = set(self.trust_record)
         if not restored or restored.intersection(nodes):
             return
         recorded_by_label = Counter(self.trust_labels.values())
@@ -234,7 +235,7 @@ class SoftMerge(RoundStartMemory):
         record = {}
         for node, label in zip(nodes, labels):
             old_node = node_of_label.get(label)
-            if old_node is not None and claims[label] == 1 and old_node in self.trust_record:
+            if old_node is not None and claims[label] == 1:
                 record[node] = self.trust_record[old_node]
         log(WARNING, "SoftMerge round %d: none of the %d nodes in the checkpoint's trust record replied (a "
             "simulation draws new node IDs on every start); %d of the %d replying nodes took their client "
