@@ -44,7 +44,9 @@ grad L(keep) . delta. A variant is ``default``, ``fedavg``,
 ``oracle`` (FedAvg over the honest clients), ``fltrust`` (the grid's FLTrust: the server
 model takes the median client's SGD steps on the gate split), ``fltrust-one-pass`` (one pass
 over the gate split instead), or ``+``-joined SoftMergeConfig overrides
-such as ``warm_start_temperature=0.5+warm_start_ceiling=true``. ``post=uniform``,
+such as ``warm_start_temperature=0.5+warm_start_ceiling=true``. The soft merge keeps each
+client's gate record as the strategy does (trust over rounds, its default since session 19);
+``trust=false`` joined in turns that off. ``post=uniform``,
 ``post=examples`` or ``post=examples-capped`` joined in uses the learned gates only to
 select (gate > 0.5) and then merges the selected clients with equal or example-count
 weights (capped: no count above the selected clients' median, the rule of
@@ -67,9 +69,10 @@ import numpy as np
 import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
+from softmerge.aggregation.trust import relative_openness, trust_of, update_record
 from softmerge.aggregation.robust import apply_update, fltrust, fltrust_server_model, flatten_updates
 from softmerge.aggregation.merge import (build_merge_units, evaluate_state, example_count_weights, loss_rms,
-                                         mirror_state, per_example_losses)
+                                         mirror_statistics, per_example_losses)
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
 from softmerge.simulations.colluding import craft_malicious_updates, is_colluding_attack
@@ -80,6 +83,8 @@ DATASET = "fashion-mnist"
 # The reference grid's settings (benchmarks/reference_grid.sh).
 CLIENTS, ALPHA, GATE_SIZE, TEST_SIZE, POOL = 20, 0.5, 300, 2000, 12000
 LOCAL_LR, LOCAL_BATCH = 0.05, 32
+# The strategy's default memory of a client's gate record (SoftMerge(trust_memory=...)).
+TRUST_MEMORY = 0.9
 REPLICA_CLIENT_ATTACKS = ("none", "sign-flip", "label-flip", "backdoor")
 # The grid's backdoor (run-config defaults): trigger on half a malicious client's data, target class 0.
 BACKDOOR_TARGET, BACKDOOR_FRACTION = 0, 0.5
@@ -88,12 +93,12 @@ BACKDOOR_TARGET, BACKDOOR_FRACTION = 0, 0.5
 POST_MERGES = ("uniform", "examples", "examples-capped", "zero-malicious")
 
 
-def parse_variant(text: str) -> tuple[SoftMergeConfig | str, str | None]:
-    """(config or baseline name, post-merge rule or None)."""
+def parse_variant(text: str) -> tuple[SoftMergeConfig | str, str | None, bool]:
+    """(config or baseline name, post-merge rule or None, trust over rounds on)."""
     if text in ("fedavg", "oracle", "fltrust", "fltrust-one-pass"):
-        return text, None
+        return text, None, False
     overrides: dict[str, object] = {}
-    post = None
+    post, trust = None, True
     if text != "default":
         types = {f.name: f.type for f in dataclasses.fields(SoftMergeConfig)}
         for item in text.split("+"):
@@ -103,10 +108,13 @@ def parse_variant(text: str) -> tuple[SoftMergeConfig | str, str | None]:
                     raise SystemExit(f"post must be one of {POST_MERGES}")
                 post = raw
                 continue
+            if key == "trust":
+                trust = raw.lower() == "true"
+                continue
             if key not in types:
                 raise SystemExit(f"unknown SoftMergeConfig field {key!r}")
             overrides[key] = raw.lower() == "true" if types[key] == "bool" else json.loads(raw)
-    return SoftMergeConfig(**overrides), post
+    return SoftMergeConfig(**overrides), post, trust
 
 
 def post_merge_weights(report, sizes, rule):
@@ -199,7 +207,7 @@ def score(state, data):
 
 
 def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False,
-        inflate=0.0, selection=False, distances_every=0):
+        inflate=0.0, selection=False, distances_every=0, trust=True):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
@@ -213,6 +221,7 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
         sizes[sorted(malicious)] = inflate * sizes.max()
     labels = [f"client-{p}" for p in range(CLIENTS)]
     accuracies, malicious_weight = [], []
+    record: dict[str, tuple[float, float]] = {}
     for round_number in range(1, rounds + 1):
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         candidates = client_candidates(global_state, partitions, malicious, attack, round_number, seed)
@@ -240,8 +249,15 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
                           if v.dtype.is_floating_point else v) for k, v in global_state.items()}
             malicious_weight.append(float(sizes[list(malicious)].sum() / sizes.sum()) if variant == "fedavg" else 0.0)
         else:
-            merged, report = soft_merge(model, candidates, task.gate.tensors(), variant, labels=labels,
-                                       examples=sizes)
+            # As the strategy: the round's seed, and (by default) each client's gate record as trust.
+            merged, report = soft_merge(model, candidates, task.gate.tensors(),
+                                       dataclasses.replace(variant, seed=variant.seed + round_number), labels=labels,
+                                       examples=sizes, trust=[trust_of(record, label) for label in labels] if trust
+                                       else None)
+            if trust and report.rejected_loss is None:
+                columns = [k for k, label in enumerate(report.candidates) if label in labels]
+                record = update_record(record, [report.candidates[k] for k in columns],
+                                       relative_openness(report.gates, columns), TRUST_MEMORY)
             malicious_weight.append(report.weight_on([labels[p] for p in malicious]))
             if post == "zero-malicious":
                 # Analysis only: the learned weights with perfect detection, to split the gap to
@@ -334,8 +350,9 @@ def print_scores(round_number, model, global_state, candidates, malicious, task)
     model.eval()
     keep_loss = evaluate_state(model, global_state, inputs, targets)[0]
     own = np.array([evaluate_state(model, c, inputs, targets)[0] for c in candidates]) - keep_loss
-    mirror = np.array([evaluate_state(model, mirror_state(c, global_state), inputs, targets)[0]
-                       for c in candidates]) - keep_loss
+    statistics_of = [mirror_statistics(model, c, global_state, inputs, targets) for c in candidates]
+    mirror = np.array([loss for loss, _ in statistics_of]) - keep_loss
+    errors = np.array([error for _, error in statistics_of])
     floats = [k for k, v in global_state.items() if v.dtype.is_floating_point]
     params = {k: global_state[k].clone().requires_grad_(True) for k in floats}
     logits = torch.func.functional_call(model, {**global_state, **params}, (inputs,))
@@ -349,7 +366,9 @@ def print_scores(round_number, model, global_state, candidates, malicious, task)
     def row(values):
         return "[" + " ".join(f"{v:+.2f}" for v in sorted(values)) + "]"
     print(f"round {round_number}: keep loss {keep_loss:.3f}", flush=True)
-    for name, values in (("own loss", own), ("mirror d", own - mirror), ("linear", linear)):
+    # The mirror test bounds a candidate whose z (d over its standard error) exceeds mirror_confidence.
+    for name, values in (("own loss", own), ("mirror d", own - mirror), ("mirror z", (own - mirror) / errors),
+                         ("linear", linear)):
         print(f"  {name:9s} honest {row(values[honest])}  malicious {row(values[bad]) if bad else '-'}", flush=True)
 
 
@@ -399,11 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     malicious = [int(p) for p in args.malicious.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",")]
     for text in args.variant or ["default"]:
-        variant, post = parse_variant(text)
+        variant, post, trust = parse_variant(text)
         finals, last3 = [], []
         for seed in seeds:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
-                                      args.scores, args.cosines, args.inflate, args.selection, args.loss_distances)
+                                      args.scores, args.cosines, args.inflate, args.selection, args.loss_distances,
+                                      trust)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
