@@ -47,6 +47,7 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         warm_start_temperature=settings.softmerge_warm_temperature, warm_start_ceiling=settings.softmerge_ceiling,
         mirror_test=settings.softmerge_mirror_test, mirror_temperature=settings.softmerge_mirror_temperature,
         mirror_confidence=settings.softmerge_mirror_confidence,
+        mirror_specialist_ratio=settings.softmerge_mirror_specialists,
         merge_duplicates=settings.softmerge_merge_duplicates,
         near_duplicate_tolerance=settings.softmerge_near_duplicates, trust_strength=settings.softmerge_trust_strength,
         harm_margin=settings.softmerge_harm_margin, example_weights=settings.softmerge_example_weights,

@@ -59,6 +59,7 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-trust-strength": math.inf}, "'softmerge-trust-strength' must be a finite number"),
         ({"softmerge-trust-memory": 1.5}, "'softmerge-trust-memory' must be in [0, 1]"),
         ({"softmerge-harm-margin": -0.1}, "'softmerge-harm-margin' must be >= 0"),
+        ({"softmerge-mirror-specialists": -1}, "'softmerge-mirror-specialists' must be >= 0"),
         ({"softmerge-harm-margin": math.inf}, "'softmerge-harm-margin' must be a finite number"),
         ({"softmerge-example-weights": "maybe"}, "'softmerge-example-weights' must be true or false"),
         ({"softmerge-example-weights": True, "softmerge-mode": "select"},
@@ -84,10 +85,11 @@ def test_softmerge_keys_reach_the_merge_config():
 
     settings = parse_run_config({"softmerge-merge-duplicates": "false", "softmerge-mirror-test": False,
                                  "softmerge-ceiling": "false", "softmerge-mirror-confidence": 0.5,
-                                 "softmerge-example-weights": "true"})
+                                 "softmerge-example-weights": "true", "softmerge-mirror-specialists": 3})
     config = merge_config_from(settings)
     assert config.merge_duplicates is False and config.mirror_test is False and config.example_weights is True
     assert config.warm_start_ceiling is False and config.mirror_confidence == 0.5
+    assert config.mirror_specialist_ratio == 3.0
     # The run config's defaults are the merge's own.
     assert merge_config_from(RunSettings()) == SoftMergeConfig()
 

@@ -15,8 +15,9 @@ from softmerge.aggregation import (
     validate_candidates,
 )
 from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
-from softmerge.aggregation.merge import (LOG_ALPHA_MIN, duplicate_groups, mirror_log_alpha, mirror_state,
-                                        mirror_statistics, per_example_losses, warm_start_log_alpha)
+from softmerge.aggregation.merge import (LOG_ALPHA_MIN, best_class_gain, duplicate_groups, is_specialist,
+                                        mirror_log_alpha, mirror_state, mirror_statistics, per_example_losses,
+                                        warm_start_log_alpha)
 
 
 class BatchNormNet(nn.Module):
@@ -150,6 +151,8 @@ def test_config_rejects_bad_values_by_name():
         SoftMergeConfig(steps=-1)
     with pytest.raises(ValueError, match="mirror_confidence"):
         SoftMergeConfig(mirror_confidence=-1.0)
+    with pytest.raises(ValueError, match="mirror_specialist_ratio"):
+        SoftMergeConfig(mirror_specialist_ratio=math.inf)
     with pytest.raises(ValueError, match="merge_duplicates"):
         SoftMergeConfig(merge_duplicates="yes")
 
@@ -325,6 +328,71 @@ def test_mirror_confidence_closes_the_flip_and_keeps_the_keep_candidate():
     weights = dict(zip(report.candidates, report.weights[0]))
     assert weights["flipped"] == 0.0
     assert weights["honest"] > 0 and weights["keep"] > 0  # the plain mirror test closes keep (d = 0)
+
+
+def test_best_class_gain_is_the_largest_drop_of_one_class_mean_loss():
+    targets = torch.tensor([0, 0, 1, 1, 2])
+    keep = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    losses = torch.tensor([0.2, 0.4, 1.5, 1.1, 0.9], dtype=torch.float64)
+    assert best_class_gain(losses, keep, targets) == pytest.approx(-0.7)  # class 0: mean(0.2, 0.4) - 1
+    assert best_class_gain(keep + 0.5, keep, targets) == pytest.approx(0.5)  # no class improves
+    assert best_class_gain(torch.full((5,), math.inf, dtype=torch.float64), keep, targets) == math.inf
+
+
+def test_a_specialist_lowers_one_class_ratio_times_more_than_its_mirror_lowers_any():
+    assert is_specialist(-0.9, -0.3, 3.0) and not is_specialist(-0.8, -0.3, 3.0)
+    assert is_specialist(-0.1, 0.2, 3.0)  # the mirror image improves no class
+    assert not is_specialist(0.1, -0.3, 3.0) and not is_specialist(math.inf, -0.3, 3.0)
+    assert not is_specialist(-0.9, -0.3, 0.0)  # off
+
+
+def test_mirror_bound_spares_the_specialists_only():
+    config = SoftMergeConfig(mirror_test=True, mirror_confidence=2.0)
+    # Both ascend significantly (d = 0.10, two and a half standard errors); the second is a specialist.
+    bounds = mirror_log_alpha([0.60, 0.60, math.inf], [0.5, 0.5, 0.5], config, [0.04, 0.04, 0.04],
+                              [False, True, True])
+    assert float(bounds[0]) == pytest.approx(LOG_ALPHA_CLOSED - 0.10 / config.mirror_temperature)
+    assert float(bounds[1]) == -LOG_ALPHA_MIN
+    assert float(bounds[2]) == LOG_ALPHA_MIN  # a non-finite loss stays closed
+
+
+def test_mirror_specialists_open_a_one_class_update_and_keep_most_sign_flips_closed(honest_candidates, digits_task):
+    # A client that trained on one class of its data: its update lowers that class's loss
+    # a lot and raises the rest, so on the balanced gate split it ascends and the plain
+    # mirror test closes it. Sign-flipped honest updates ascend too; the rule spares only
+    # those whose own best class gain beats their mirror's (the honest original's) by the ratio.
+    from softmerge.simulations.tasks import ArraySet, build_model, load_partition, train_model
+
+    model, honest = honest_candidates
+    keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = load_partition("digits", 0, 10, seed=0)
+    local = build_model("digits")
+    local.load_state_dict(keep)
+    train_model(local, ArraySet(data.x[data.y == 3], data.y[data.y == 3]), epochs=1, learning_rate=0.05,
+                batch_size=16, seed=7)
+    specialist = {k: v.detach().clone() for k, v in local.state_dict().items()}
+    flipped = [mirror_state(state, keep) for state in honest]
+    labels = ["specialist"] + [f"flipped-{k}" for k in range(len(flipped))]
+    inputs, targets = digits_task.gate.tensors()
+    keep_losses = per_example_losses(model, keep, inputs, targets)
+    ratio = 2.5  # the specialist lowers its class's loss 3.1 times as much as its mirror image lowers any
+
+    def marked(state):
+        return is_specialist(best_class_gain(per_example_losses(model, state, inputs, targets), keep_losses, targets),
+                             best_class_gain(per_example_losses(model, mirror_state(state, keep), inputs, targets),
+                                             keep_losses, targets), ratio)
+    weights = {}
+    for value in (0.0, ratio):
+        # No gate steps and no no-harm retry: the weights are the starts' alone.
+        config = SoftMergeConfig(steps=0, mirror_specialist_ratio=value, keep_mode="candidate", harm_margin=0.0)
+        _, report = soft_merge(model, [specialist] + flipped, (inputs, targets), config, labels=labels)
+        weights[value] = dict(zip(report.candidates, report.weights[0]))
+    assert weights[0.0]["specialist"] == 0.0 and weights[ratio]["specialist"] > 0.0
+    closed = [k for k in range(len(flipped)) if weights[0.0][f"flipped-{k}"] == 0.0]
+    spared = [k for k in closed if weights[ratio][f"flipped-{k}"] > 0.0]
+    assert len(closed) >= 8
+    assert spared == [k for k in closed if marked(flipped[k])]
+    assert len(spared) <= 1
 
 
 def test_duplicate_groups_are_exact_and_the_first_named_leads_its_group():
