@@ -1054,8 +1054,12 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         # ratio undefined and leaves the groups as they are for the round.
         group_states = [states[group[0]] for group in groups]
         near_groups: set[int] = set()
+        use_mirror_test = config.warm_start and config.mirror_test
+        find_specialists = use_mirror_test and config.mirror_specialist_ratio > 0
+        # The keep model's per-example losses: what near-identical replies and specialists are measured from.
+        keep_losses = (per_example_losses(model, keep_state, inputs, targets)
+                       if config.near_duplicate_tolerance > 0 or find_specialists else None)
         if config.near_duplicate_tolerance > 0 and len(groups) > 1:
-            keep_losses = per_example_losses(model, keep_state, inputs, targets)
             clusters = near_duplicate_clusters(group_losses, keep_losses, config.near_duplicate_tolerance)
             if len(clusters) < len(groups):
                 # A single group keeps its order (the keep candidate leads its own group).
@@ -1071,8 +1075,6 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 groups = joined
         group_mean_losses = [loss_before if losses is None else _mean_loss(losses) for losses in group_losses]
 
-        use_mirror_test = config.warm_start and config.mirror_test
-        find_specialists = use_mirror_test and config.mirror_specialist_ratio > 0
         reflections = [None if losses is None or not find_specialists
                        else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
                        for state, losses in zip(group_states, group_losses)] if use_mirror_test else []
@@ -1083,7 +1085,6 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                          for state, losses, reflected in zip(group_states, group_losses, reflections)]
         specialists = None
         if find_specialists:
-            keep_losses = per_example_losses(model, keep_state, inputs, targets)
             specialists = [losses is not None and is_specialist(best_class_gain(losses, keep_losses, targets),
                                                                 best_class_gain(reflected, keep_losses, targets),
                                                                 config.mirror_specialist_ratio)
