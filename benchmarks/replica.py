@@ -349,8 +349,10 @@ def print_scores(round_number, model, global_state, candidates, malicious, task)
     was_training = model.training
     model.eval()
     keep_loss = evaluate_state(model, global_state, inputs, targets)[0]
-    own = np.array([evaluate_state(model, c, inputs, targets)[0] for c in candidates]) - keep_loss
-    statistics_of = [mirror_statistics(model, c, global_state, inputs, targets) for c in candidates]
+    own_losses = [per_example_losses(model, c, inputs, targets) for c in candidates]
+    own = np.array([float(losses.mean()) for losses in own_losses]) - keep_loss
+    statistics_of = [mirror_statistics(model, c, global_state, inputs, targets, own_losses=losses)
+                     for c, losses in zip(candidates, own_losses)]
     mirror = np.array([loss for loss, _ in statistics_of]) - keep_loss
     errors = np.array([error for _, error in statistics_of])
     floats = [k for k, v in global_state.items() if v.dtype.is_floating_point]
