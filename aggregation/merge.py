@@ -211,6 +211,14 @@ class SoftMergeConfig:
             class; :func:`best_class_gain`) is at least this many times its mirror image's.
             0 (the default) bounds every candidate that fails the test; docs/benchmarks.md
             ("Session 20") measures 1.5 and 3 on the replica.
+        mirror_trusted: > 0 spares a client whose trust over past rounds (the ``trust``
+            passed to :func:`soft_merge`) is at least this from the mirror test's bound.
+            One round's test cannot tell an honest specialist from a flipped update (the
+            pair of models it compares is the same; see ``mirror_specialist_ratio``),
+            but the record can: an honest specialist was open in most of its rounds, a
+            flipped client shut in most. The trust bound, the own-loss start and gate
+            learning still apply. 0 (the default) bounds every candidate that fails the
+            test. Only read when trust is passed.
         mirror_confidence: z > 0 makes the mirror test a significance test: only a
             candidate whose d exceeds z standard errors of its per-example differences on
             the gate split (an update that ascends beyond what the split's sampling noise
@@ -308,6 +316,7 @@ class SoftMergeConfig:
     mirror_temperature: float = 0.02
     mirror_confidence: float = 2.0
     mirror_specialist_ratio: float = 0.0
+    mirror_trusted: float = 0.0
     merge_duplicates: bool = True
     near_duplicate_tolerance: float = 0.0
     max_grad_norm: float = 1.0
@@ -345,6 +354,8 @@ class SoftMergeConfig:
                  "mirror_confidence must be a finite number >= 0")
         _require(_finite(self.mirror_specialist_ratio) and self.mirror_specialist_ratio >= 0,
                  "mirror_specialist_ratio must be a finite number >= 0")
+        _require(_finite(self.mirror_trusted) and 0 <= self.mirror_trusted <= 1,
+                 "mirror_trusted must be a number in [0, 1]")
         _require(isinstance(self.merge_duplicates, bool), "merge_duplicates must be a bool")
         _require(_finite(self.near_duplicate_tolerance) and self.near_duplicate_tolerance >= 0,
                  "near_duplicate_tolerance must be a finite number >= 0")
@@ -869,21 +880,22 @@ def is_specialist(own_gain: float, mirror_gain: float, ratio: float) -> bool:
 
 def mirror_log_alpha(losses: Sequence[float], mirror_losses: Sequence[float], config: SoftMergeConfig,
                      standard_errors: Sequence[float] | None = None,
-                     specialists: Sequence[bool] | None = None) -> torch.Tensor:
+                     spared: Sequence[bool] | None = None) -> torch.Tensor:
     """The mirror test's bound on the starting log_alpha (see ``SoftMergeConfig.mirror_test``).
 
     d = own loss - mirror loss; the bound is LOG_ALPHA_CLOSED - d / mirror_temperature. A
     candidate whose own loss is not finite is closed; one whose mirror loss is not finite
     (while its own is) has descended from an astronomical mirror and is not bounded here.
     With ``config.mirror_confidence`` z > 0 and the standard errors of d given, only a d
-    above z standard errors is bounded. A candidate marked in ``specialists`` (see
-    ``config.mirror_specialist_ratio``) with a finite loss is not bounded.
+    above z standard errors is bounded. A candidate marked in ``spared`` (a specialist,
+    ``config.mirror_specialist_ratio``, or a trusted client, ``config.mirror_trusted``) with
+    a finite loss is not bounded.
     """
     z = config.mirror_confidence
     errors = standard_errors if standard_errors is not None else [0.0] * len(losses)
-    spared = specialists if specialists is not None else [False] * len(losses)
+    exempt = spared if spared is not None else [False] * len(losses)
     bounds = []
-    for loss, mirror, error, specialist in zip(losses, mirror_losses, errors, spared):
+    for loss, mirror, error, specialist in zip(losses, mirror_losses, errors, exempt):
         if not math.isfinite(loss):
             bounds.append(LOG_ALPHA_MIN)
         elif (specialist or not math.isfinite(mirror)
@@ -1083,9 +1095,9 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                          else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
                                                 reflected_losses=reflected)
                          for state, losses, reflected in zip(group_states, group_losses, reflections)]
-        specialists = None
+        spared = None
         if find_specialists:
-            specialists = [losses is not None and is_specialist(best_class_gain(losses, keep_losses, targets),
+            spared = [losses is not None and is_specialist(best_class_gain(losses, keep_losses, targets),
                                                                 best_class_gain(reflected, keep_losses, targets),
                                                                 config.mirror_specialist_ratio)
                            for losses, reflected in zip(group_losses, reflections)]
@@ -1100,6 +1112,14 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         buffer_names = {name for name, _ in model.named_buffers()}
         stacked = _StackedCandidates(reference, states if len(groups) == len(states) else group_states,
                                      units, buffer_names)
+        # Identical models are as trustworthy as the most trusted client that sent them; a
+        # mean of near-identical ones only as its least trusted member, since a distrusted
+        # client could otherwise borrow an honest one's trust by behaving like it on the gate split.
+        group_trust = [(min if g in near_groups else max)(state_trust[k] for k in group)
+                       for g, group in enumerate(groups)]
+        if trust is not None and config.mirror_trusted > 0:
+            trusted = [value >= config.mirror_trusted for value in group_trust]
+            spared = trusted if spared is None else [a or b for a, b in zip(spared, trusted)]
         if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):
             start = torch.nan_to_num(initial_log_alpha.detach().float()[:, heads], nan=LOG_ALPHA_MIN)
             start = start.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
@@ -1108,13 +1128,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             if use_mirror_test:
                 errors = [error for _, error in group_mirrors] if config.mirror_confidence > 0 else None
                 start = torch.minimum(start, mirror_log_alpha(group_mean_losses, [loss for loss, _ in group_mirrors],
-                                                              config, errors, specialists))
+                                                              config, errors, spared))
             start = start.expand(len(units), -1)
-        # Identical models are as trustworthy as the most trusted client that sent them; a
-        # mean of near-identical ones only as its least trusted member, since a distrusted
-        # client could otherwise borrow an honest one's trust by behaving like it on the gate split.
-        group_trust = [(min if g in near_groups else max)(state_trust[k] for k in group)
-                       for g, group in enumerate(groups)]
         # and count the examples of one of them: copies add no data. A group holding the
         # keep model (a client that resent it) is the keep model's.
         group_examples = (torch.tensor([math.nan if keep_index in group else max(state_examples[k] for k in group)

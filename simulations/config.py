@@ -86,6 +86,7 @@ class RunSettings:
     softmerge_mirror_temperature: float = 0.02
     softmerge_mirror_confidence: float = 2.0
     softmerge_mirror_specialists: float = 0.0
+    softmerge_mirror_trusted: float = 0.0
     softmerge_merge_duplicates: bool = True
     softmerge_near_duplicates: float = 0.0
     softmerge_trust: bool = True
@@ -209,6 +210,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_mirror_temperature": _open_interval(0, 100),
     "softmerge_mirror_confidence": _at_least(0),
     "softmerge_mirror_specialists": _at_least(0),
+    "softmerge_mirror_trusted": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
     "softmerge_trust_strength": _at_least(0),
     "softmerge_trust_memory": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
     "softmerge_harm_margin": _at_least(0),

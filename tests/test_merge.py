@@ -153,6 +153,8 @@ def test_config_rejects_bad_values_by_name():
         SoftMergeConfig(mirror_confidence=-1.0)
     with pytest.raises(ValueError, match="mirror_specialist_ratio"):
         SoftMergeConfig(mirror_specialist_ratio=math.inf)
+    with pytest.raises(ValueError, match="mirror_trusted"):
+        SoftMergeConfig(mirror_trusted=1.5)
     with pytest.raises(ValueError, match="merge_duplicates"):
         SoftMergeConfig(merge_duplicates="yes")
 
@@ -356,21 +358,26 @@ def test_mirror_bound_spares_the_specialists_only():
     assert float(bounds[2]) == LOG_ALPHA_MIN  # a non-finite loss stays closed
 
 
-def test_mirror_specialists_open_a_one_class_update_and_keep_most_sign_flips_closed(honest_candidates, digits_task):
-    # A client that trained on one class of its data: its update lowers that class's loss
-    # a lot and raises the rest, so on the balanced gate split it ascends and the plain
-    # mirror test closes it. Sign-flipped honest updates ascend too; the rule spares only
-    # those whose own best class gain beats their mirror's (the honest original's) by the ratio.
+def _one_class_model(keep):
+    """A digits model trained from ``keep`` on one class (3) of partition 0's data."""
     from softmerge.simulations.tasks import ArraySet, build_model, load_partition, train_model
 
-    model, honest = honest_candidates
-    keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = load_partition("digits", 0, 10, seed=0)
     local = build_model("digits")
     local.load_state_dict(keep)
     train_model(local, ArraySet(data.x[data.y == 3], data.y[data.y == 3]), epochs=1, learning_rate=0.05,
                 batch_size=16, seed=7)
-    specialist = {k: v.detach().clone() for k, v in local.state_dict().items()}
+    return {k: v.detach().clone() for k, v in local.state_dict().items()}
+
+
+def test_mirror_specialists_open_a_one_class_update_and_keep_most_sign_flips_closed(honest_candidates, digits_task):
+    # A client that trained on one class of its data: its update lowers that class's loss
+    # a lot and raises the rest, so on the balanced gate split it ascends and the plain
+    # mirror test closes it. Sign-flipped honest updates ascend too; the rule spares only
+    # those whose own best class gain beats their mirror's (the honest original's) by the ratio.
+    model, honest = honest_candidates
+    keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    specialist = _one_class_model(keep)
     flipped = [mirror_state(state, keep) for state in honest]
     labels = ["specialist"] + [f"flipped-{k}" for k in range(len(flipped))]
     inputs, targets = digits_task.gate.tensors()
@@ -393,6 +400,35 @@ def test_mirror_specialists_open_a_one_class_update_and_keep_most_sign_flips_clo
     assert len(closed) >= 8
     assert spared == [k for k in closed if marked(flipped[k])]
     assert len(spared) <= 1
+
+
+def test_mirror_trusted_spares_clients_by_their_record(honest_candidates, digits_task):
+    # The one-class client above ascends on the balanced gate split, as do sign-flipped
+    # honest updates. With mirror_trusted, a record of being open (trust 0.9) spares it from
+    # the mirror bound; clients with a record of being shut (0.1), or one just under the
+    # threshold (0.65), are bounded as before. The trust bound itself is off here (strength
+    # 0), so that only the mirror rule differs between the runs.
+    model, honest = honest_candidates
+    keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flipped = [mirror_state(state, keep) for state in honest]
+    candidates = [_one_class_model(keep), flipped[0]] + flipped[1:]
+    labels = ["specialist", "flipped-near-threshold"] + [f"flipped-{k}" for k in range(1, len(flipped))]
+    trust = [0.9, 0.65] + [0.1] * (len(flipped) - 1)
+
+    def start_weights(threshold, with_trust=True):
+        config = SoftMergeConfig(steps=0, mirror_trusted=threshold, trust_strength=0.0, keep_mode="candidate",
+                                 harm_margin=0.0)
+        _, report = soft_merge(model, candidates, digits_task.gate.tensors(), config, labels=labels,
+                               trust=trust if with_trust else None)
+        return dict(zip(report.candidates, report.weights[0]))
+
+    plain, trusted = start_weights(0.0), start_weights(0.7)
+    assert plain["specialist"] == 0.0 and trusted["specialist"] > 0.0
+    closed = [label for label in labels[1:] if plain[label] == 0.0]
+    assert len(closed) >= 8 and "flipped-near-threshold" in closed
+    assert all(trusted[label] == 0.0 for label in closed)
+    # Without a record there is nothing to read: the plain test.
+    assert start_weights(0.7, with_trust=False) == start_weights(0.0, with_trust=False)
 
 
 def test_duplicate_groups_are_exact_and_the_first_named_leads_its_group():
