@@ -28,6 +28,9 @@ Two uses:
     # every round: which step shuts clients out (warm start, mirror bound, gate learning)?
     python benchmarks/replica.py --attack none --seeds 0 --rounds 12 --selection --variant example_weights=true
 
+    # a sleeper: the malicious clients train honestly for 10 rounds, building a gate record, then flip
+    python benchmarks/replica.py --attack sign-flip --seeds 0 --rounds 30 --attack-from 11 --variant mirror_trusted=0.6
+
 Attacks: ``none``, the client-side ``sign-flip`` and ``label-flip``, and the colluding
 attacks of :mod:`softmerge.simulations.colluding` (``alie``, ``ipm-0.1``, ``fang``, ..., and
 the jittered ``min-sum-jitter``, ...),
@@ -207,7 +210,7 @@ def score(state, data):
 
 
 def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False,
-        inflate=0.0, selection=False, distances_every=0, trust=True):
+        inflate=0.0, selection=False, distances_every=0, trust=True, attack_from=1):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
@@ -224,7 +227,9 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
     record: dict[str, tuple[float, float]] = {}
     for round_number in range(1, rounds + 1):
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
-        candidates = client_candidates(global_state, partitions, malicious, attack, round_number, seed)
+        # A sleeper's malicious clients train honestly until ``attack_from``, building a record.
+        attacking = malicious if round_number >= attack_from else set()
+        candidates = client_candidates(global_state, partitions, attacking, attack, round_number, seed)
         if scores_every and (round_number == 1 or round_number % scores_every == 0):
             print_scores(round_number, model, global_state, candidates, malicious, task)
         if distances_every and (round_number == 1 or round_number % distances_every == 0):
@@ -415,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                              "with the mirror bound, and after gate learning")
     parser.add_argument("--loss-distances", type=int, default=0, metavar="N",
                         help="every N rounds, the near-duplicate test's ratio for honest pairs and malicious pairs")
+    parser.add_argument("--attack-from", type=int, default=1, metavar="R",
+                        help="the malicious clients train honestly before round R (a sleeper that builds a "
+                             "gate record first)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     malicious = [int(p) for p in args.malicious.split(",") if p]
@@ -425,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
                                       args.scores, args.cosines, args.inflate, args.selection, args.loss_distances,
-                                      trust)
+                                      trust, args.attack_from)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
