@@ -93,6 +93,9 @@ Trust over rounds (opt-in). A caller that keeps each client's gate record across
 a trust per candidate, and a candidate below 1/2 starts at most at
 ``init_log_alpha + trust_strength * logit(trust)``. The warm-start ceiling stays at its own
 evidence, so learning may re-open it that far.
+With ``mirror_trusted`` > 0 (opt-in) the record also speaks for a client: one whose trust
+is at least that is not bounded by the mirror test, which one round's pair of models
+cannot settle for a client with few classes (see ``SoftMergeConfig.mirror_trusted``).
 
 Numerics. Non-finite or mismatched candidates are excluded before gating. Finite but
 extreme candidates are gated like any other; three guards keep gate learning finite on
