@@ -221,7 +221,8 @@ class SoftMergeConfig:
             but the record can: an honest specialist was open in most of its rounds, a
             flipped client shut in most. The trust bound, the own-loss start and gate
             learning still apply. 0 (the default) bounds every candidate that fails the
-            test. Only read when trust is passed.
+            test. Only read when trust is passed; at 1/2 or below it also spares clients
+            with no record (trust 1/2), so useful values lie above 1/2.
         mirror_confidence: z > 0 makes the mirror test a significance test: only a
             candidate whose d exceeds z standard errors of its per-example differences on
             the gate split (an update that ascends beyond what the split's sampling noise
@@ -898,10 +899,10 @@ def mirror_log_alpha(losses: Sequence[float], mirror_losses: Sequence[float], co
     errors = standard_errors if standard_errors is not None else [0.0] * len(losses)
     exempt = spared if spared is not None else [False] * len(losses)
     bounds = []
-    for loss, mirror, error, specialist in zip(losses, mirror_losses, errors, exempt):
+    for loss, mirror, error, spare in zip(losses, mirror_losses, errors, exempt):
         if not math.isfinite(loss):
             bounds.append(LOG_ALPHA_MIN)
-        elif (specialist or not math.isfinite(mirror)
+        elif (spare or not math.isfinite(mirror)
               or (z > 0 and standard_errors is not None and not loss - mirror > z * error)):
             bounds.append(-LOG_ALPHA_MIN)
         else:
@@ -1101,9 +1102,9 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         spared = None
         if find_specialists:
             spared = [losses is not None and is_specialist(best_class_gain(losses, keep_losses, targets),
-                                                                best_class_gain(reflected, keep_losses, targets),
-                                                                config.mirror_specialist_ratio)
-                           for losses, reflected in zip(group_losses, reflections)]
+                                                           best_class_gain(reflected, keep_losses, targets),
+                                                           config.mirror_specialist_ratio)
+                      for losses, reflected in zip(group_losses, reflections)]
 
         # Column g of log_alpha is group g.
         heads = [group[0] for group in groups]
