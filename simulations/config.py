@@ -153,6 +153,10 @@ def _at_least(low: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= low else f">= {low}"
 
 
+def _closed_interval(low: float, high: float) -> Callable[[Any], str | None]:
+    return lambda v: None if low <= v <= high else f"in [{low}, {high}]"
+
+
 def _open_interval(low: float, high: float, include_high: bool = True) -> Callable[[Any], str | None]:
     def check(value: float) -> str | None:
         ok = low < value <= high if include_high else low < value < high
@@ -210,9 +214,9 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_mirror_temperature": _open_interval(0, 100),
     "softmerge_mirror_confidence": _at_least(0),
     "softmerge_mirror_specialists": _at_least(0),
-    "softmerge_mirror_trusted": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
+    "softmerge_mirror_trusted": _closed_interval(0, 1),
     "softmerge_trust_strength": _at_least(0),
-    "softmerge_trust_memory": lambda v: None if 0 <= v <= 1 else "in [0, 1]",
+    "softmerge_trust_memory": _closed_interval(0, 1),
     "softmerge_harm_margin": _at_least(0),
     "softmerge_near_duplicates": _at_least(0),
     "attack_claimed_examples": _at_least(0),

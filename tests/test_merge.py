@@ -411,7 +411,7 @@ def test_mirror_trusted_spares_clients_by_their_record(honest_candidates, digits
     model, honest = honest_candidates
     keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
     flipped = [mirror_state(state, keep) for state in honest]
-    candidates = [_one_class_model(keep), flipped[0]] + flipped[1:]
+    candidates = [_one_class_model(keep)] + flipped
     labels = ["specialist", "flipped-near-threshold"] + [f"flipped-{k}" for k in range(1, len(flipped))]
     trust = [0.9, 0.65] + [0.1] * (len(flipped) - 1)
 
