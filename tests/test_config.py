@@ -19,8 +19,11 @@ def test_pyproject_app_config_is_valid():
     from pathlib import Path
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
     # The Flower app config and the code's defaults are one and the same.
-    assert parse_run_config(pyproject["tool"]["flwr"]["app"]["config"]) == RunSettings()
+    assert parse_run_config(app_config) == RunSettings()
+    # Every setting is listed: `flwr run --run-config` refuses a key the app config lacks.
+    assert set(app_config) == set(to_run_config(RunSettings()))
 
 
 @pytest.mark.parametrize(
