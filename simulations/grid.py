@@ -87,7 +87,8 @@ RULE_KEYS = {"softmerge": ("softmerge-",), "fltrust": ("fltrust-",), "fedtrimmed
              "centered-clipping": ("cclip-",)}
 # Keys added after cells were first recorded, with the value every run before them had: a
 # cell that did not record one of these ran with that value.
-LEGACY_VALUES = {"softmerge-example-weights": False, "attack-claimed-examples": 0, "softmerge-near-duplicates": 0.0}
+LEGACY_VALUES = {"softmerge-example-weights": False, "attack-claimed-examples": 0, "softmerge-near-duplicates": 0.0,
+                 "softmerge-mirror-trusted": 0.0}
 
 
 # The keys in which two cells that differ only in the malicious fraction differ.
@@ -599,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import run_experiment
 
     rows, failures = [], 0
+    tabled = strategies + ([ORACLE] if not args.no_oracle else [])
     progress = tqdm(cells, desc="grid", unit="cell", dynamic_ncols=True)
     for cell in progress:
         progress.set_postfix_str(cell.key)
@@ -606,11 +608,13 @@ def main(argv: list[str] | None = None) -> int:
         existing = finished_cell(output, cell)
         if reason:
             rows.append(summarise_cell(cell, None, args.clients, "n/a", None))
-        elif existing:
-            rows.append(summarise_cell(cell, existing, args.clients, "finished", existing.get("seconds")))
-        elif args.tables_only:
             continue
-        elif twin := no_attack_twin(output, cell, to_run_config(cell_settings(base, cell, args.clients, output)),
+        if existing:
+            rows.append(summarise_cell(cell, existing, args.clients, "finished", existing.get("seconds")))
+            continue
+        if args.tables_only:
+            continue
+        if twin := no_attack_twin(output, cell, to_run_config(cell_settings(base, cell, args.clients, output)),
                                     args.clients):
             source, result = twin
             directory = output / "cells" / cell.key
@@ -637,8 +641,10 @@ def main(argv: list[str] | None = None) -> int:
             if status != "finished":
                 failures += 1
             rows.append(summarise_cell(cell, result, args.clients, status, seconds))
-        _write_outputs(output, rows, strategies + ([ORACLE] if not args.no_oracle else []), attacks, fractions,
-                       args, base)
+        # After every cell that ran, so that the tables are current if the grid is stopped;
+        # cells passed over change nothing until the final write below.
+        _write_outputs(output, rows, tabled, attacks, fractions, args, base)
+    _write_outputs(output, rows, tabled, attacks, fractions, args, base)
     plot_cells(output, cells, args.clients)
     print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
     return 1 if failures else 0
