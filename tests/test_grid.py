@@ -262,6 +262,11 @@ def test_settings_mismatch_names_what_changed_and_ignores_what_cannot_matter():
     assert settings_mismatch({**recorded, "strategy": "softmerge"}, {
         **softmerge, "softmerge-lr": 0.3, "softmerge-keep-mode": "candidate", "softmerge-example-weights": True}) == {
         "softmerge-example-weights": (False, True)}
+    # SoftMerge cells from before the mirror rule for trusted clients ran without it (0).
+    before = {**softmerge, "softmerge-lr": 0.3, "softmerge-keep-mode": "candidate"}
+    assert settings_mismatch({**recorded, "strategy": "softmerge"}, {**before, "softmerge-mirror-trusted": 0.6}) == {
+        "softmerge-mirror-trusted": (0.0, 0.6)}
+    assert settings_mismatch({**recorded, "strategy": "softmerge"}, {**before, "softmerge-mirror-trusted": 0.0}) == {}
 
 
 def _finished_cell(output, cell, settings):
