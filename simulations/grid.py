@@ -13,10 +13,10 @@ its results copied with ``reused_from`` naming it.
 The *oracle* cell of a setting is FedAvg over the honest clients alone with no attack:
 what a perfect filter would reach.
 
-Outputs, rewritten after every cell: ``cells.csv`` and ``cells.json`` (one row per cell),
-``tables.md`` (final accuracy per attack, worst case over attacks, backdoor attack
-success rate, SoftMerge's weight on malicious candidates) and PNG plots (accuracy
-against round per defense, SoftMerge gate heatmaps).
+Outputs, rewritten after every cell that runs: ``cells.csv`` and ``cells.json`` (one row
+per cell) and ``tables.md`` (final accuracy per attack, worst case over attacks, backdoor
+attack success rate, SoftMerge's weight on malicious candidates). At the end, the PNG plots
+(accuracy against round per defense, SoftMerge gate heatmaps) whose data changed.
 """
 
 from __future__ import annotations
@@ -422,7 +422,20 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
     return lines + [""]
 
 
+# Part of every figure's fingerprint: bump it when the drawing changes, so that every
+# figure is drawn again rather than kept as it was.
+PLOT_STYLE = 1
+PLOTS_MANIFEST = "manifest.json"
+
+
 def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
+    """Draw the grid's plots: accuracy against round per attack and fraction, and for each
+    SoftMerge cell its last round's client x unit weights and its weights by round.
+
+    A figure is drawn again only when what it shows changed: ``plots/manifest.json`` keeps a
+    fingerprint of each figure's data, and a figure whose fingerprint is unchanged (and whose
+    file is still there) is kept. On the reference grid, drawing all ~200 figures took minutes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -431,45 +444,69 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
 
     plots = output / "plots"
     plots.mkdir(exist_ok=True)
-    settings_of = sorted({(c.attack, c.fraction) for c in cells if c.strategy != ORACLE})
-    for attack, fraction in settings_of:
-        figure, axis = plt.subplots(figsize=(6, 4))
-        drawn = False
-        for cell in cells:
-            if cell.seed != min(c.seed for c in cells) or cell.fraction != fraction:
+    manifest = _read_manifest(plots / PLOTS_MANIFEST)
+    first_seed = min((c.seed for c in cells), default=0)
+    shown = [c for c in cells if c.seed == first_seed]
+    results = {cell.key: finished_cell(output, cell) for cell in shown}
+
+    def unchanged(name: str, data: object) -> bool:
+        fingerprint = _fingerprint(data)
+        if manifest.get(name) == fingerprint and (plots / name).is_file():
+            return True
+        manifest[name] = fingerprint
+        return False
+
+    def forget(name: str) -> None:
+        (plots / name).unlink(missing_ok=True)
+        manifest.pop(name, None)
+
+    for attack, fraction in sorted({(c.attack, c.fraction) for c in cells if c.strategy != ORACLE}):
+        name = f"accuracy__{attack}__f{fraction:g}.png"
+        lines = []
+        for cell in shown:
+            if cell.fraction != fraction:
                 continue
             if not (cell.attack == attack or (cell.strategy == ORACLE and cell.attack == NO_ATTACK)):
                 continue
-            result = finished_cell(output, cell)
-            if not result:
-                continue
-            rounds = result["rounds"]
-            axis.plot([r["round"] for r in rounds], [r["test_accuracy"] for r in rounds],
-                      label=cell.strategy, linestyle="--" if cell.strategy == ORACLE else "-")
-            drawn = True
-        if drawn:
-            axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=f"{attack}, {fraction:.0%} malicious")
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize=7)
-            figure.tight_layout()
-            figure.savefig(plots / f"accuracy__{attack}__f{fraction:g}.png", dpi=110)
-        plt.close(figure)
-    for cell in cells:
-        if cell.strategy != "softmerge" or cell.seed != min(c.seed for c in cells):
+            if result := results[cell.key]:
+                lines.append((cell.strategy, [r["round"] for r in result["rounds"]],
+                              [r["test_accuracy"] for r in result["rounds"]]))
+        if not lines:
+            forget(name)
             continue
-        result = finished_cell(output, cell)
+        if unchanged(name, lines):
+            continue
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for strategy, numbers, accuracy in lines:
+            axis.plot(numbers, accuracy, label=strategy, linestyle="--" if strategy == ORACLE else "-")
+        axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=f"{attack}, {fraction:.0%} malicious")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(plots / name, dpi=110)
+        plt.close(figure)
+    for cell in shown:
+        if cell.strategy != "softmerge":
+            continue
+        result = results[cell.key]
         gates = result["rounds"][-1].get("gates") if result and result.get("rounds") else None
+        heatmap = f"gates__{cell.attack}__f{cell.fraction:g}.png"
+        by_round = f"gates_by_round__{cell.attack}__f{cell.fraction:g}.png"
         if not gates or not gates.get("units"):
             # A cell deleted to be rerun, or still running: its old heatmaps would show
             # another configuration's gates as this one's.
-            for stale in (f"gates__{cell.attack}__f{cell.fraction:g}.png",
-                          f"gates_by_round__{cell.attack}__f{cell.fraction:g}.png"):
-                (plots / stale).unlink(missing_ok=True)
+            forget(heatmap)
+            forget(by_round)
             continue
         attackers = {f"client-{i}" for i in malicious_ids(num_clients, cell.fraction)}
         labels = [f"{c} *" if c in attackers else c for c in gates["candidates"]]
-        _plot_weights_by_round(result["rounds"], gates["candidates"], labels, cell,
-                               plots / f"gates_by_round__{cell.attack}__f{cell.fraction:g}.png")
+        numbers, weights = weights_by_round(result["rounds"], gates["candidates"])
+        if not numbers:
+            forget(by_round)
+        elif not unchanged(by_round, [labels, numbers, weights]):
+            _plot_weights_by_round(result["rounds"], gates["candidates"], labels, cell, plots / by_round)
+        if unchanged(heatmap, [labels, gates["units"], gates["weights"]]):
+            continue
         weights = np.array(gates["weights"]).T  # candidates x units
         figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(gates["units"]), 0.9 + 0.28 * len(labels)))
         image = axis.imshow(weights, cmap="viridis", aspect="auto", vmin=0)
@@ -478,8 +515,26 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
         axis.set_title(f"SoftMerge weights, {cell.attack} {cell.fraction:.0%} (* malicious)", fontsize=8)
         figure.colorbar(image, ax=axis)
         figure.tight_layout()
-        figure.savefig(plots / f"gates__{cell.attack}__f{cell.fraction:g}.png", dpi=110)
+        figure.savefig(plots / heatmap, dpi=110)
         plt.close(figure)
+    from ..server.results import write_json_atomic
+
+    write_json_atomic(plots / PLOTS_MANIFEST, dict(sorted(manifest.items())))
+
+
+def _fingerprint(data: object) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([PLOT_STYLE, data], default=str).encode()).hexdigest()
+
+
+def _read_manifest(path: Path) -> dict[str, str]:
+    """The figures' fingerprints; empty (so every figure is drawn) if missing or unreadable."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def weights_by_round(rounds: list[dict], candidates: list[str]) -> tuple[list[int], list[list[float]]]:
@@ -600,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import run_experiment
 
     rows, failures = [], 0
+    # Rows added since the tables were last written.
+    unwritten = False
     tabled = strategies + ([ORACLE] if not args.no_oracle else [])
     progress = tqdm(cells, desc="grid", unit="cell", dynamic_ncols=True)
     for cell in progress:
@@ -608,9 +665,11 @@ def main(argv: list[str] | None = None) -> int:
         existing = finished_cell(output, cell)
         if reason:
             rows.append(summarise_cell(cell, None, args.clients, "n/a", None))
+            unwritten = True
             continue
         if existing:
             rows.append(summarise_cell(cell, existing, args.clients, "finished", existing.get("seconds")))
+            unwritten = True
             continue
         if args.tables_only:
             continue
@@ -644,7 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         # After every cell that ran, so that the tables are current if the grid is stopped;
         # cells passed over change nothing until the final write below.
         _write_outputs(output, rows, tabled, attacks, fractions, args, base)
-    _write_outputs(output, rows, tabled, attacks, fractions, args, base)
+        unwritten = False
+    if unwritten or not rows:
+        _write_outputs(output, rows, tabled, attacks, fractions, args, base)
     plot_cells(output, cells, args.clients)
     print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
     return 1 if failures else 0

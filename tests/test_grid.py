@@ -241,6 +241,46 @@ def test_plots_drop_the_heatmaps_of_a_softmerge_cell_that_is_no_longer_finished(
     assert all(path.stat().st_size > 1000 for path in stale)
 
 
+def test_plots_are_drawn_again_only_when_their_data_changed(tmp_path):
+    from softmerge.simulations.grid import plot_cells
+
+    cells = [Cell("softmerge", "alie", 0.2, 0), Cell("oracle", "none", 0.2, 0)]
+    gates = {"units": ["model"], "candidates": ["client-0", "keep"], "weights": [[0.5, 0.5]]}
+
+    def finish(key, accuracy):
+        directory = tmp_path / "cells" / key
+        directory.mkdir(parents=True, exist_ok=True)
+        rounds = [{"round": 1, "test_accuracy": accuracy, "gates": gates}]
+        (directory / "results.json").write_text(json.dumps({"status": "finished", "rounds": rounds}))
+
+    finish("softmerge__alie__f0.2__s0", 0.5)
+    finish("oracle__none__f0.2__s0", 0.6)
+    plot_cells(tmp_path, cells, 10)
+    plots = tmp_path / "plots"
+    names = ["accuracy__alie__f0.2.png", "gates__alie__f0.2.png", "gates_by_round__alie__f0.2.png"]
+    for name in names:
+        (plots / name).write_bytes(b"kept")
+    plot_cells(tmp_path, cells, 10)
+    assert all((plots / name).read_bytes() == b"kept" for name in names)
+    # The oracle's curve changed: only the accuracy figure shows it.
+    finish("oracle__none__f0.2__s0", 0.7)
+    plot_cells(tmp_path, cells, 10)
+    assert (plots / names[0]).stat().st_size > 1000
+    assert all((plots / name).read_bytes() == b"kept" for name in names[1:])
+    # A figure deleted by hand is drawn again; a damaged manifest redraws everything.
+    (plots / names[1]).unlink()
+    plot_cells(tmp_path, cells, 10)
+    assert (plots / names[1]).stat().st_size > 1000 and (plots / names[2]).read_bytes() == b"kept"
+    (plots / "manifest.json").write_text("{not json")
+    plot_cells(tmp_path, cells, 10)
+    assert all((plots / name).stat().st_size > 1000 for name in names)
+    # No finished cell left for a figure: it goes, rather than show data no longer on disk.
+    for key in ("softmerge__alie__f0.2__s0", "oracle__none__f0.2__s0"):
+        (tmp_path / "cells" / key / "results.json").unlink()
+    plot_cells(tmp_path, cells, 10)
+    assert not any((plots / name).exists() for name in names)
+
+
 def test_settings_mismatch_names_what_changed_and_ignores_what_cannot_matter():
     from softmerge.simulations.grid import settings_mismatch
 
