@@ -93,9 +93,9 @@ Trust over rounds (opt-in). A caller that keeps each client's gate record across
 a trust per candidate, and a candidate below 1/2 starts at most at
 ``init_log_alpha + trust_strength * logit(trust)``. The warm-start ceiling stays at its own
 evidence, so learning may re-open it that far.
-With ``mirror_trusted`` > 0 (opt-in) the record also speaks for a client: one whose trust
-is at least that is not bounded by the mirror test, which one round's pair of models
-cannot settle for a client with few classes (see ``SoftMergeConfig.mirror_trusted``).
+The record also speaks for a client in the mirror test: one whose trust is at least
+``mirror_trusted`` (0.6) is not bounded by it, since one round's pair of models cannot
+settle it for a client with few classes (see ``SoftMergeConfig.mirror_trusted``).
 
 Numerics. Non-finite or mismatched candidates are excluded before gating. Finite but
 extreme candidates are gated like any other; three guards keep gate learning finite on
@@ -220,9 +220,13 @@ class SoftMergeConfig:
             pair of models it compares is the same; see ``mirror_specialist_ratio``),
             but the record can: an honest specialist was open in most of its rounds, a
             flipped client shut in most. The trust bound, the own-loss start and gate
-            learning still apply. 0 (the default) bounds every candidate that fails the
-            test. Only read when trust is passed; at 1/2 or below it also spares clients
-            with no record (trust 1/2), so useful values lie above 1/2.
+            learning still apply. 0.6 by default (docs/benchmarks.md, "Session 21" to
+            "Session 23": through Flower, in every cell of the reference grid within
+            -0.4 ... +1.5 points of 0 on the mean of the last 10 rounds, label-flip's misses
+            gone; at 80% malicious the backdoor's success rises from 21% to 30%); 0 bounds
+            every candidate that fails the test. Only read when trust is passed; at 1/2
+            or below it also spares clients with no record (trust 1/2), so useful values
+            lie above 1/2.
         mirror_confidence: z > 0 makes the mirror test a significance test: only a
             candidate whose d exceeds z standard errors of its per-example differences on
             the gate split (an update that ascends beyond what the split's sampling noise
@@ -320,7 +324,7 @@ class SoftMergeConfig:
     mirror_temperature: float = 0.02
     mirror_confidence: float = 2.0
     mirror_specialist_ratio: float = 0.0
-    mirror_trusted: float = 0.0
+    mirror_trusted: float = 0.6
     merge_duplicates: bool = True
     near_duplicate_tolerance: float = 0.0
     max_grad_norm: float = 1.0

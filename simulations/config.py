@@ -86,7 +86,7 @@ class RunSettings:
     softmerge_mirror_temperature: float = 0.02
     softmerge_mirror_confidence: float = 2.0
     softmerge_mirror_specialists: float = 0.0
-    softmerge_mirror_trusted: float = 0.0
+    softmerge_mirror_trusted: float = 0.6
     softmerge_merge_duplicates: bool = True
     softmerge_near_duplicates: float = 0.0
     softmerge_trust: bool = True
