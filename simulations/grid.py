@@ -655,8 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import run_experiment
 
     rows, failures = [], 0
-    # Rows added since the tables were last written.
-    unwritten = False
+    # How many rows the tables on disk hold, so that the final write happens only if rows were added since.
+    rows_written = None
     tabled = strategies + ([ORACLE] if not args.no_oracle else [])
     progress = tqdm(cells, desc="grid", unit="cell", dynamic_ncols=True)
     for cell in progress:
@@ -665,11 +665,9 @@ def main(argv: list[str] | None = None) -> int:
         existing = finished_cell(output, cell)
         if reason:
             rows.append(summarise_cell(cell, None, args.clients, "n/a", None))
-            unwritten = True
             continue
         if existing:
             rows.append(summarise_cell(cell, existing, args.clients, "finished", existing.get("seconds")))
-            unwritten = True
             continue
         if args.tables_only:
             continue
@@ -703,8 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         # After every cell that ran, so that the tables are current if the grid is stopped;
         # cells passed over change nothing until the final write below.
         _write_outputs(output, rows, tabled, attacks, fractions, args, base)
-        unwritten = False
-    if unwritten or not rows:
+        rows_written = len(rows)
+    if rows_written != len(rows):
         _write_outputs(output, rows, tabled, attacks, fractions, args, base)
     plot_cells(output, cells, args.clients)
     print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
