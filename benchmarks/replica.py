@@ -25,6 +25,9 @@ Two uses:
     # every 5 rounds: how alike are honest clients, and jittered copies, on the gate split?
     python benchmarks/replica.py --attack mimic-jitter --seeds 0 --rounds 30 --loss-distances 5 --variant fedavg
 
+    # every round: is the merge better without an open client, on the test split and on the gate split?
+    python benchmarks/replica.py --attack sign-flip --seeds 1 --rounds 30 --marginal
+
     # every round: which step shuts clients out (warm start, mirror bound, gate learning)?
     python benchmarks/replica.py --attack none --seeds 0 --rounds 12 --selection --variant example_weights=true
 
@@ -210,7 +213,7 @@ def score(state, data):
 
 
 def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False,
-        inflate=0.0, selection=False, distances_every=0, trust=True, attack_from=1):
+        inflate=0.0, selection=False, distances_every=0, trust=True, attack_from=1, marginal=False):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
@@ -276,6 +279,8 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
                 malicious_weight[-1] = float(weights[:, sorted(malicious)].sum(axis=1).mean()) if malicious else 0.0
             if cosines:
                 print_cosines(round_number, report, global_state, candidates, malicious)
+            if marginal:
+                print_marginal(round_number, model, report, candidates + [global_state], units, malicious, task)
             if selection:
                 print_selection(round_number, model, candidates, task, variant, labels, sizes, report, malicious)
             if diagnose:
@@ -393,6 +398,34 @@ def diagnose_round(round_number, report, states, units, malicious, task, warm_re
     print(f"round {round_number} steps {report.steps} | " + " | ".join(cells), flush=True)
 
 
+def print_marginal(round_number, model, report, states, units, malicious, task):
+    """Each open client's marginal harm: the mean loss of the merge minus that of the merge with
+    the client's gate closed (the others renormalised), in millinats, on the test split and on
+    the gate split; > 0 means the merge is better without it."""
+    weights = np.array(report.weights)
+    merged = weighted_state(states, weights, units)
+    was_training = model.training
+    model.eval()
+    splits = {"test": task.test.tensors(), "gate": task.gate.tensors()}
+    base = {name: per_example_losses(model, merged, *data) for name, data in splits.items()}
+    found = {name: {True: [], False: []} for name in splits}
+    for k in range(len(states) - 1):
+        if weights[:, k].max() <= 0:
+            continue
+        without = weights.copy()
+        without[:, k] = 0.0
+        without /= np.maximum(without.sum(axis=1, keepdims=True), 1e-12)
+        state = weighted_state(states, without, units)
+        for name, data in splits.items():
+            harm = base[name] - per_example_losses(model, state, *data)
+            found[name][k in malicious].append(1000 * float(harm.mean()))
+    model.train(was_training)
+    show = lambda values: " ".join(f"{v:+.0f}" for v in sorted(values)) or "-"  # noqa: E731
+    print(f"round {round_number} marginal harm (millinats), test: honest {show(found['test'][False])} | "
+          f"malicious {show(found['test'][True])}; gate: honest {show(found['gate'][False])} | "
+          f"malicious {show(found['gate'][True])}", flush=True)
+
+
 def replica_attack(name: str) -> str:
     if name in REPLICA_CLIENT_ATTACKS or is_colluding_attack(name):
         return name
@@ -423,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attack-from", type=int, default=1, metavar="R",
                         help="the malicious clients train honestly before round R (a sleeper that builds a "
                              "gate record first)")
+    parser.add_argument("--marginal", action="store_true",
+                        help="every round, each open client's marginal harm to the merge on the test and gate splits")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     malicious = [int(p) for p in args.malicious.split(",") if p]
@@ -433,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
                                       args.scores, args.cosines, args.inflate, args.selection, args.loss_distances,
-                                      trust, args.attack_from)
+                                      trust, args.attack_from, args.marginal)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
