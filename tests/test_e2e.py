@@ -74,8 +74,10 @@ def test_main_job_command_runs_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("mode", ["raise", "empty", "timeout"])
 def test_run_with_failing_clients_completes_and_keeps_learning(tmp_path, mode):
     # A timed-out client replies only after round-timeout; the round goes on without it.
-    # The other modes get a timeout no loaded machine reaches, so every reply is judged.
-    timeout = 30.0 if mode == "timeout" else 600.0
+    # 60 s leaves the others room to start and train on a loaded machine (at 30 s, with
+    # four other simulations running, no reply came in time); the other modes get a
+    # timeout no loaded machine reaches, so every reply is judged.
+    timeout = 60.0 if mode == "timeout" else 600.0
     result = _run(tmp_path, "failing", num_clients=4, strategy="softmerge", attack="none", **{
         "num-server-rounds": 2, "client-failure-rate": 0.3, "client-failure-mode": mode, "round-timeout": timeout})
     assert result["status"] == "finished"
