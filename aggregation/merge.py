@@ -122,7 +122,7 @@ import fnmatch
 import math
 import time
 from contextlib import contextmanager
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -305,19 +305,6 @@ class SoftMergeConfig:
             a median client's weight. Needs the counts (``soft_merge(..., examples=)``);
             without them the gate weights are used. The no-harm check judges the
             reweighted merge.
-        holdout: > 0 holds this share of the gate split out of gate learning and uses it
-            to test each open client's marginal contribution to the learned merge
-            (:func:`holdout_closures`): a client whose gate, closed, lowers the held-out
-            loss by more than ``holdout_confidence`` standard errors of the per-example
-            differences is closed, the worst first, until none is. Gate learning fits
-            a few hundred examples with K gates, and an update can lower their loss
-            while it raises the task's: on the reference grid's sign-flip cell at 40%
-            (seed 1) the learned merge had a lower gate-split loss than the same merge
-            without the flipped updates and a higher test loss, from round 9 on. The
-            own-loss start, the mirror test and the no-harm check still read the whole
-            split. 0 (the default) learns on all of it and tests nothing.
-        holdout_confidence: z of the held-out test (see ``holdout``); 0 closes every
-            client whose removal lowers the held-out loss at all.
     """
 
     units: str | Sequence[str] = "model"
@@ -349,8 +336,6 @@ class SoftMergeConfig:
     trust_strength: float = 2.0
     harm_margin: float = 0.25
     example_weights: bool = False
-    holdout: float = 0.0
-    holdout_confidence: float = 2.0
 
     def __post_init__(self) -> None:
         if isinstance(self.units, str):
@@ -394,9 +379,6 @@ class SoftMergeConfig:
         _require(_finite(self.harm_margin) and self.harm_margin >= 0, "harm_margin must be a finite number >= 0")
         _require(isinstance(self.example_weights, bool), "example_weights must be a bool")
         _require(not self.example_weights or self.mode == "weight", "example_weights needs mode 'weight'")
-        _require(_finite(self.holdout) and 0 <= self.holdout < 1, "holdout must be a number in [0, 1)")
-        _require(_finite(self.holdout_confidence) and self.holdout_confidence >= 0,
-                 "holdout_confidence must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -427,8 +409,7 @@ class GateReport:
     there was no keep candidate to learn again from):
     ``weights`` are then all on the keep candidate (shared with clients that resent it
     unchanged; all 0 without a keep candidate), ``*_after`` equal ``*_before``, and
-    ``gates`` and ``log_alpha`` are the last attempt's. ``holdout_closed`` names the
-    candidates the held-out test closed in the last attempt (``SoftMergeConfig.holdout``).
+    ``gates`` and ``log_alpha`` are the last attempt's.
     """
 
     units: list[str]
@@ -451,7 +432,6 @@ class GateReport:
     steps: int = 0
     skipped_steps: int = 0
     seconds: float = 0.0
-    holdout_closed: list[str] = field(default_factory=list)
 
     def weight_on(self, labels: Sequence[str]) -> float:
         """Mean over units of the mixing weight that fell on the given candidates."""
@@ -1168,30 +1148,19 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             bounds = torch.tensor([trust_bound(value, config.init_log_alpha, config.trust_strength)
                                    for value in group_trust], dtype=start.dtype)
             start = torch.minimum(start, bounds.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN))
-        fit, held_out = holdout_split(len(targets), config.holdout, config.seed)
-        fit_inputs, fit_targets = (inputs[fit], targets[fit]) if len(held_out) else (inputs, targets)
-        closed_groups: list[int] = []
-
-        def weights_of(log_alpha: torch.Tensor) -> torch.Tensor:
-            return _final_weights(log_alpha, deterministic_gates(log_alpha), config.mode, gated_keep, group_examples)
-
         def attempt(first: torch.Tensor, cap: torch.Tensor | None
                     ) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor], float, float]:
-            """Learn gates from ``first`` under ``cap``, then test them on the held-out examples.
+            """Learn gates from ``first`` under ``cap``.
 
             Returns the learned log_alpha, steps, skipped, merge and its loss and accuracy.
             """
             parameter = nn.Parameter(first.clone().contiguous())
-            taken, missed = _learn_gates(model, stacked, parameter, fit_inputs, fit_targets, config, gated_keep, cap)
-            learned = parameter.detach()
-            closed_groups.clear()
-            if len(held_out):
-                learned, closed = holdout_closures(model, stacked, learned, weights_of, inputs[held_out],
-                                                   targets[held_out], config.holdout_confidence, gated_keep)
-                closed_groups.extend(closed)
+            taken, missed = _learn_gates(model, stacked, parameter, inputs, targets, config, gated_keep, cap)
             with torch.no_grad():
-                built = {name: tensor.detach().clone() for name, tensor in stacked.merge(weights_of(learned)).items()}
-            return (learned, taken, missed, built) + evaluate_state(model, built, inputs, targets)
+                built = stacked.merge(_final_weights(parameter, deterministic_gates(parameter), config.mode, gated_keep,
+                                                     group_examples))
+                built = {name: tensor.detach().clone() for name, tensor in built.items()}
+            return (parameter.detach(), taken, missed, built) + evaluate_state(model, built, inputs, targets)
 
         def harmful(loss: float) -> bool:
             return bool(config.harm_margin) and not loss <= loss_before + config.harm_margin
@@ -1264,72 +1233,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         harm_fallback=harm_fallback,
         steps=steps,
         skipped_steps=skipped,
-        holdout_closed=[gated_labels[k] for g in closed_groups for k in groups[g]],
     )
     return merged, report
-
-
-def holdout_split(count: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the examples gate learning fits and of the ``share`` held out (seeded).
-
-    The held-out part is round(share * count) examples, at least one when ``share`` > 0 and
-    at most count - 1, so that gate learning always has an example; nothing is held out
-    of a split of fewer than two.
-    """
-    held = min(max(round(share * count), 1), count - 1) if share > 0 and count >= 2 else 0
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    return order[held:].sort().values, order[:held].sort().values
-
-
-def holdout_closures(model: nn.Module, stacked: _StackedCandidates, log_alpha: torch.Tensor,
-                     weights_of: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
-                     confidence: float, keep_index: int | None = None) -> tuple[torch.Tensor, list[int]]:
-    """Close the open candidates whose removal lowers the loss on held-out examples.
-
-    For each open column k (a deterministic gate above 0 in some unit, not the keep
-    candidate's), the per-example differences d_i = l_i(merge) - l_i(merge with k's
-    gates closed) on the held-out examples, whose mean is k's marginal harm; k is
-    harmful when mean(d) > ``confidence`` * std(d) / sqrt(n). The most significant
-    harmful column is closed (log_alpha set to ``LOG_ALPHA_MIN``; the mixing weights of
-    the others are renormalised as closing a gate does) and the rest tested again,
-    until none is harmful. The last open client column is never closed: whether the
-    round's merge should be the keep model instead is the no-harm check's question.
-    ``weights_of`` turns log_alpha into the merge's mixing weights (U, K).
-
-    Returns the new log_alpha and the closed columns, in the order they were closed.
-    """
-    current = log_alpha.detach().clone()
-    closed: list[int] = []
-    count = len(targets)
-    if count == 0:
-        return current, closed
-    with torch.no_grad():
-        base = per_example_losses(model, stacked.merge(weights_of(current)), inputs, targets)
-        while True:
-            open_columns = [k for k in range(current.shape[1])
-                            if k != keep_index and bool((deterministic_gates(current[:, k]) > 0).any())]
-            if len(open_columns) < 2:
-                break
-            worst, worst_z, worst_losses = None, -math.inf, None
-            for k in open_columns:
-                trial = current.clone()
-                trial[:, k] = LOG_ALPHA_MIN
-                losses = per_example_losses(model, stacked.merge(weights_of(trial)), inputs, targets)
-                differences = base - losses
-                mean = float(differences.mean())
-                if math.isnan(mean):
-                    continue
-                # A closed gate that turns an infinite loss finite is harmful beyond any noise.
-                spread = float(differences.std()) if count > 1 and math.isfinite(mean) else 0.0
-                z = mean / (spread / math.sqrt(count)) if spread > 0 else (math.inf if mean > 0 else 0.0)
-                if mean > 0 and z > confidence and z > worst_z:
-                    worst, worst_z, worst_losses = k, z, losses
-            if worst is None:
-                break
-            current[:, worst] = LOG_ALPHA_MIN
-            closed.append(worst)
-            base = worst_losses
-    return current, closed
 
 
 def _preselect(losses: Sequence[float], count: int) -> list[int]:

@@ -52,7 +52,6 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         merge_duplicates=settings.softmerge_merge_duplicates,
         near_duplicate_tolerance=settings.softmerge_near_duplicates, trust_strength=settings.softmerge_trust_strength,
         harm_margin=settings.softmerge_harm_margin, example_weights=settings.softmerge_example_weights,
-        holdout=settings.softmerge_holdout, holdout_confidence=settings.softmerge_holdout_confidence,
     )
 
 

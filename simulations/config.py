@@ -94,8 +94,6 @@ class RunSettings:
     softmerge_trust_memory: float = 0.9
     softmerge_harm_margin: float = 0.25
     softmerge_example_weights: bool = False
-    softmerge_holdout: float = 0.0
-    softmerge_holdout_confidence: float = 2.0
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
@@ -221,8 +219,6 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_trust_memory": _closed_interval(0, 1),
     "softmerge_harm_margin": _at_least(0),
     "softmerge_near_duplicates": _at_least(0),
-    "softmerge_holdout": lambda v: None if 0 <= v < 1 else "in [0, 1)",
-    "softmerge_holdout_confidence": _at_least(0),
     "attack_claimed_examples": _at_least(0),
     "round_timeout": _open_interval(0, 86400),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",

@@ -88,7 +88,7 @@ RULE_KEYS = {"softmerge": ("softmerge-",), "fltrust": ("fltrust-",), "fedtrimmed
 # Keys added after cells were first recorded, with the value every run before them had: a
 # cell that did not record one of these ran with that value.
 LEGACY_VALUES = {"softmerge-example-weights": False, "attack-claimed-examples": 0, "softmerge-near-duplicates": 0.0,
-                 "softmerge-mirror-trusted": 0.0, "softmerge-holdout": 0.0, "softmerge-holdout-confidence": 2.0}
+                 "softmerge-mirror-trusted": 0.0}
 
 
 # The keys in which two cells that differ only in the malicious fraction differ.

@@ -64,7 +64,6 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-harm-margin": -0.1}, "'softmerge-harm-margin' must be >= 0"),
         ({"softmerge-mirror-specialists": -1}, "'softmerge-mirror-specialists' must be >= 0"),
         ({"softmerge-mirror-trusted": 1.5}, "'softmerge-mirror-trusted' must be in [0, 1]"),
-        ({"softmerge-holdout": 1.0}, "'softmerge-holdout' must be in [0, 1)"),
         ({"softmerge-harm-margin": math.inf}, "'softmerge-harm-margin' must be a finite number"),
         ({"softmerge-example-weights": "maybe"}, "'softmerge-example-weights' must be true or false"),
         ({"softmerge-example-weights": True, "softmerge-mode": "select"},
@@ -91,13 +90,11 @@ def test_softmerge_keys_reach_the_merge_config():
     settings = parse_run_config({"softmerge-merge-duplicates": "false", "softmerge-mirror-test": False,
                                  "softmerge-ceiling": "false", "softmerge-mirror-confidence": 0.5,
                                  "softmerge-example-weights": "true", "softmerge-mirror-specialists": 3,
-                                 "softmerge-mirror-trusted": 0.6, "softmerge-holdout": 0.25,
-                                 "softmerge-holdout-confidence": 1.5})
+                                 "softmerge-mirror-trusted": 0.6})
     config = merge_config_from(settings)
     assert config.merge_duplicates is False and config.mirror_test is False and config.example_weights is True
     assert config.warm_start_ceiling is False and config.mirror_confidence == 0.5
     assert config.mirror_specialist_ratio == 3.0 and config.mirror_trusted == 0.6
-    assert config.holdout == 0.25 and config.holdout_confidence == 1.5
     # The run config's defaults are the merge's own.
     assert merge_config_from(RunSettings()) == SoftMergeConfig()
 

@@ -14,10 +14,10 @@ from softmerge.aggregation import (
     soft_merge,
     validate_candidates,
 )
-from softmerge.aggregation.gates import LOG_ALPHA_CLOSED, deterministic_gates
-from softmerge.aggregation.merge import (LOG_ALPHA_MIN, _StackedCandidates, best_class_gain, duplicate_groups,
-                                        holdout_closures, holdout_split, is_specialist, mirror_log_alpha, mirror_state,
-                                        mirror_statistics, per_example_losses, warm_start_log_alpha)
+from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
+from softmerge.aggregation.merge import (LOG_ALPHA_MIN, best_class_gain, duplicate_groups, is_specialist,
+                                        mirror_log_alpha, mirror_state, mirror_statistics, per_example_losses,
+                                        warm_start_log_alpha)
 
 
 class BatchNormNet(nn.Module):
@@ -157,10 +157,6 @@ def test_config_rejects_bad_values_by_name():
         SoftMergeConfig(mirror_trusted=1.5)
     with pytest.raises(ValueError, match="merge_duplicates"):
         SoftMergeConfig(merge_duplicates="yes")
-    with pytest.raises(ValueError, match="holdout"):
-        SoftMergeConfig(holdout=1.0)
-    with pytest.raises(ValueError, match="holdout_confidence"):
-        SoftMergeConfig(holdout_confidence=-0.5)
 
 
 def _poisoned(global_state, honest, factor):
@@ -503,72 +499,3 @@ def test_a_resent_global_model_joins_the_keep_candidate(honest_candidates, digit
     for row in report.weights:
         assert row[3] == pytest.approx(row[4])
     assert all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point)
-
-
-def test_holdout_split_is_seeded_disjoint_and_leaves_gate_learning_an_example():
-    fit, held_out = holdout_split(300, 1 / 3, seed=4)
-    assert len(held_out) == 100 and len(fit) == 200
-    assert sorted(torch.cat([fit, held_out]).tolist()) == list(range(300))
-    again = holdout_split(300, 1 / 3, seed=4)
-    assert torch.equal(fit, again[0]) and torch.equal(held_out, again[1])
-    assert not torch.equal(held_out, holdout_split(300, 1 / 3, seed=5)[1])
-    assert [len(part) for part in holdout_split(300, 0.0, seed=4)] == [300, 0]
-    assert [len(part) for part in holdout_split(2, 0.9, seed=0)] == [1, 1]
-    assert [len(part) for part in holdout_split(1, 0.5, seed=0)] == [1, 0]
-
-
-def _linear_task(seed=0, count=400):
-    """Two separable classes in 2-d, a linear model at zero, and two candidates that
-    each tilt the boundary the opposite way, so that their mean solves the task."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(count, 2, generator=generator)
-    targets = (inputs[:, 0] > 0).long()
-    model = nn.Linear(2, 2)
-    with torch.no_grad():
-        model.weight.zero_()
-        model.bias.zero_()
-    tilt = torch.tensor([[0.0, 1.5], [0.0, -1.5]])
-    solution = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
-    tilted = [{"weight": solution + sign * tilt, "bias": torch.zeros(2)} for sign in (1, -1)]
-    flipped = {"weight": -solution, "bias": torch.zeros(2)}
-    return model, inputs, targets, tilted + [flipped]
-
-
-def test_holdout_closures_close_the_harmful_candidate_and_spare_the_good_ones():
-    model, inputs, targets, candidates = _linear_task()
-    states = candidates + [{k: torch.zeros_like(v) for k, v in model.state_dict().items()}]  # the keep model, last
-    units = build_merge_units(model, "model")
-    stacked = _StackedCandidates(model.state_dict(), states, units, set())
-    open_all = torch.full((1, 4), 2.0)
-    open_all[:, 3] = LOG_ALPHA_MIN
-
-    def weights_of(log_alpha):
-        return mixing_weights(deterministic_gates(log_alpha), "weight", torch.tensor([3]), straight_through=False)
-
-    closed_alpha, closed = holdout_closures(model, stacked, open_all, weights_of, inputs, targets, 2.0, keep_index=3)
-    assert closed == [2]
-    assert float(closed_alpha[0, 2]) == LOG_ALPHA_MIN and torch.equal(closed_alpha[:, :2], open_all[:, :2])
-    # Without the flip each tilted candidate needs the other, and the last open one is never closed.
-    _, none_closed = holdout_closures(model, stacked, closed_alpha, weights_of, inputs, targets, 2.0, keep_index=3)
-    assert none_closed == []
-    only_flip = torch.full((1, 4), LOG_ALPHA_MIN)
-    only_flip[0, 2] = 2.0
-    assert holdout_closures(model, stacked, only_flip, weights_of, inputs, targets, 0.0, keep_index=3)[1] == []
-    # An unreachable confidence closes nothing.
-    assert holdout_closures(model, stacked, open_all, weights_of, inputs, targets, 1e9, keep_index=3)[1] == []
-
-
-def test_soft_merge_with_holdout_closes_a_candidate_gate_learning_left_open():
-    model, inputs, targets, candidates = _linear_task()
-    labels = ["tilted", "tilted-back", "flip"]
-    # No gate step and no warm start: every candidate stays as open as it starts, so only
-    # the held-out test can close the flip.
-    config = SoftMergeConfig(steps=0, warm_start=False, harm_margin=0.0, holdout=0.5)
-    merged, report = soft_merge(model, candidates, (inputs, targets), config, labels=labels)
-    assert report.holdout_closed == ["flip"]
-    assert report.weight_on(["flip"]) == 0.0
-    assert report.weight_on(["tilted", "tilted-back"]) == pytest.approx(1.0)
-    assert all(torch.isfinite(t).all() for t in merged.values())
-    _, without_test = soft_merge(model, candidates, (inputs, targets), SoftMergeConfig(steps=0, warm_start=False,
-                                                                                       harm_margin=0.0), labels=labels)
-    assert without_test.holdout_closed == [] and without_test.weight_on(["flip"]) > 0.2
