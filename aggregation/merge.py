@@ -409,7 +409,9 @@ class GateReport:
     there was no keep candidate to learn again from):
     ``weights`` are then all on the keep candidate (shared with clients that resent it
     unchanged; all 0 without a keep candidate), ``*_after`` equal ``*_before``, and
-    ``gates`` and ``log_alpha`` are the last attempt's.
+    ``gates`` and ``log_alpha`` are the last attempt's. ``seconds`` is the whole merge's
+    wall-clock time, ``gate_seconds`` the part spent learning gates (every attempt's
+    steps and convergence checks), so that a step's cost is measured, not inferred.
     """
 
     units: list[str]
@@ -432,6 +434,7 @@ class GateReport:
     steps: int = 0
     skipped_steps: int = 0
     seconds: float = 0.0
+    gate_seconds: float = 0.0
 
     def weight_on(self, labels: Sequence[str]) -> float:
         """Mean over units of the mixing weight that fell on the given candidates."""
@@ -1148,6 +1151,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             bounds = torch.tensor([trust_bound(value, config.init_log_alpha, config.trust_strength)
                                    for value in group_trust], dtype=start.dtype)
             start = torch.minimum(start, bounds.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN))
+        learning_seconds: list[float] = []
+
         def attempt(first: torch.Tensor, cap: torch.Tensor | None
                     ) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor], float, float]:
             """Learn gates from ``first`` under ``cap``.
@@ -1155,7 +1160,9 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             Returns the learned log_alpha, steps, skipped, merge and its loss and accuracy.
             """
             parameter = nn.Parameter(first.clone().contiguous())
+            learning_started = time.perf_counter()
             taken, missed = _learn_gates(model, stacked, parameter, inputs, targets, config, gated_keep, cap)
+            learning_seconds.append(time.perf_counter() - learning_started)
             with torch.no_grad():
                 built = stacked.merge(_final_weights(parameter, deterministic_gates(parameter), config.mode, gated_keep,
                                                      group_examples))
@@ -1233,6 +1240,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         harm_fallback=harm_fallback,
         steps=steps,
         skipped_steps=skipped,
+        gate_seconds=sum(learning_seconds),
     )
     return merged, report
 

@@ -499,3 +499,11 @@ def test_a_resent_global_model_joins_the_keep_candidate(honest_candidates, digit
     for row in report.weights:
         assert row[3] == pytest.approx(row[4])
     assert all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point)
+
+
+def test_report_times_gate_learning_apart_from_the_whole_merge(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    _, learned = soft_merge(model, locals_[:4], digits_task.gate.tensors(), SoftMergeConfig(steps=20, tolerance=0.0))
+    assert learned.steps == 20 and 0 < learned.gate_seconds < learned.seconds
+    _, scored_only = soft_merge(model, locals_[:4], digits_task.gate.tensors(), SoftMergeConfig(steps=0))
+    assert scored_only.steps == 0 and scored_only.gate_seconds < scored_only.seconds

@@ -1,6 +1,7 @@
 """benchmarks/performance.py's report, rendered from saved measurements (no timing is asserted)."""
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -33,7 +34,28 @@ def test_the_saved_run_renders_its_end_to_end_ratio_and_the_seconds_softmerge_ad
     assert f"looks for the clients' replies every {performance.reply_poll_seconds()} s" in report
     assert f"Flower {raw['machine']['flwr']}'s `FedAvg`" in report
     # A run saved before the defaults were recorded does not claim today's.
-    assert "defaults: not recorded with this run" in report
+    raw["machine"].pop("softmerge_defaults", None)
+    assert "defaults: not recorded with this run" in _render(performance, tmp_path, raw)
+
+
+def test_seconds_per_step_are_the_timed_gate_learning_and_older_runs_say_they_are_not(performance, tmp_path):
+    main = {"steps": 50, "seconds": 10.0, "gate_seconds": 2.0}
+    assert performance.seconds_per_step(main, {"seconds": 9.5}) == pytest.approx(0.04)
+    # Saved before gate learning was timed: the difference of the two totals.
+    assert performance.seconds_per_step({"steps": 50, "seconds": 10.0}, {"seconds": 9.5}) == pytest.approx(0.01)
+    # No step taken: no cost per step to report.
+    assert math.isnan(performance.seconds_per_step({"steps": 0, "seconds": 1.0, "gate_seconds": 0.0}, {"seconds": 1.0}))
+    raw = json.loads((REPO / "docs" / "performance.json").read_text())
+    for cell in raw["cells"]:
+        for row in cell["rows"]:
+            row.pop("gate_seconds", None)
+    assert "this run predates the timing of gate learning itself" in _render(performance, tmp_path, raw)
+    for cell in raw["cells"]:
+        for row in cell["rows"]:
+            row["gate_seconds"] = 1.0 if row["steps"] else None
+    timed = _render(performance, tmp_path, raw)
+    assert "the seconds it spent learning gates (`GateReport.gate_seconds`" in timed
+    assert "predates the timing" not in timed
 
 
 def test_a_run_reports_the_defaults_it_measured_not_the_checkouts(performance, tmp_path):
