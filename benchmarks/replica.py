@@ -412,10 +412,7 @@ def print_marginal(round_number, model, report, states, units, malicious, task):
     for k in range(len(states) - 1):
         if weights[:, k].max() <= 0:
             continue
-        without = weights.copy()
-        without[:, k] = 0.0
-        without /= np.maximum(without.sum(axis=1, keepdims=True), 1e-12)
-        state = weighted_state(states, without, units)
+        state = weighted_state(states, without_malicious(weights, {k}), units)
         for name, data in splits.items():
             harm = base[name] - per_example_losses(model, state, *data)
             found[name][k in malicious].append(1000 * float(harm.mean()))
