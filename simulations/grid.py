@@ -504,7 +504,7 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
         if not numbers:
             forget(by_round)
         elif not unchanged(by_round, [labels, numbers, weights]):
-            _plot_weights_by_round(result["rounds"], gates["candidates"], labels, cell, plots / by_round)
+            _plot_weights_by_round(numbers, weights, labels, cell, plots / by_round)
         if unchanged(heatmap, [labels, gates["units"], gates["weights"]]):
             continue
         weights = np.array(gates["weights"]).T  # candidates x units
@@ -547,9 +547,9 @@ def weights_by_round(rounds: list[dict], candidates: list[str]) -> tuple[list[in
     return [r["round"] for r in shown], [list(row) for row in zip(*columns)]
 
 
-def _plot_weights_by_round(rounds: list[dict], candidates: list[str], labels: list[str], cell: Cell,
+def _plot_weights_by_round(numbers: list[int], weights: list[list[float]], labels: list[str], cell: Cell,
                            path: Path) -> None:
-    """Candidate x round heatmap of each candidate's merged weight, averaged over the merge units.
+    """Candidate x round heatmap of :func:`weights_by_round`'s weights (rounds ``numbers``).
 
     The last round's client x unit heatmap shows where the weight went; this one shows when, which
     is how an attack that is held off for many rounds and then let in (a backdoor absorbed a little
@@ -558,9 +558,6 @@ def _plot_weights_by_round(rounds: list[dict], candidates: list[str], labels: li
     import matplotlib.pyplot as plt
     import numpy as np
 
-    numbers, weights = weights_by_round(rounds, candidates)
-    if not numbers:
-        return
     figure, axis = plt.subplots(figsize=(1.5 + 0.22 * len(numbers), 0.9 + 0.28 * len(labels)))
     image = axis.imshow(np.array(weights), cmap="viridis", aspect="auto", vmin=0)
     axis.set_xticks(range(len(numbers)), numbers, fontsize=6)
