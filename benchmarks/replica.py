@@ -28,6 +28,11 @@ Two uses:
     # every round: is the merge better without an open client, on the test split and on the gate split?
     python benchmarks/replica.py --attack sign-flip --seeds 1 --rounds 30 --marginal
 
+    # every round: each client's discounted record of cross-fitted harm (gates learned on one half
+    # of the gate split, the client's harm scored on the other), and the merge without clients Z
+    # standard errors harmful (an experiment, dropped: docs/benchmarks.md, "Session 25")
+    python benchmarks/replica.py --attack sign-flip --seeds 1 --rounds 30 --crossfit 2
+
     # every round: which step shuts clients out (warm start, mirror bound, gate learning)?
     python benchmarks/replica.py --attack none --seeds 0 --rounds 12 --selection --variant example_weights=true
 
@@ -212,8 +217,59 @@ def score(state, data):
     return evaluate_model(model, data)
 
 
+def crossfit_harm(model, candidates, global_state, gate, config, labels, sizes, trust, units, seed):
+    """Per client, the per-example harm of its gate measured on data the gates were not learned on.
+
+    The gate split is cut in two halves; gates are learned on each half (as the merge learns
+    them on the whole), and each open client's harm is scored on the other half: the loss of
+    that merge minus the loss of the same merge with the client's gate closed (the rest
+    renormalised). Returns {client index: per-example differences} for clients open in a half.
+    """
+    inputs, targets = gate
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
+    halves = [order[: len(order) // 2], order[len(order) // 2:]]
+    states = candidates + [global_state]
+    found: dict[int, list[torch.Tensor]] = {}
+    was_training = model.training
+    for learn, score in (halves, halves[::-1]):
+        _, report = soft_merge(model, candidates, (inputs[learn], targets[learn]), config, labels=labels,
+                               examples=sizes, trust=trust)
+        weights = np.array(report.weights)
+        model.eval()
+        merged = weighted_state(states, weights, units)
+        base = per_example_losses(model, merged, inputs[score], targets[score])
+        for k in range(len(candidates)):
+            if weights[:, k].max() <= 0:
+                continue
+            closed = weighted_state(states, without_malicious(weights, {k}), units)
+            found.setdefault(k, []).append(base - per_example_losses(model, closed, inputs[score], targets[score]))
+        model.train(was_training)
+    return {k: torch.cat(parts) for k, parts in found.items()}
+
+
+def update_harm_record(record, harms, clients):
+    """Discount every client's (sum, sum of squares, count) of per-example harm and add this
+    round's; returns each client's mean harm in standard errors (> 0: harmful)."""
+    scores = {}
+    for k in range(clients):
+        total, squares, count = (TRUST_MEMORY * v for v in record.get(k, (0.0, 0.0, 0.0)))
+        if k in harms:
+            total, squares, count = (total + float(harms[k].sum()), squares + float((harms[k] ** 2).sum()),
+                                     count + len(harms[k]))
+        record[k] = (total, squares, count)
+        if count >= 2:
+            mean = total / count
+            scores[k] = mean / (max(squares / count - mean ** 2, 1e-12) ** 0.5 / count ** 0.5)
+    return scores
+
+
+def format_scores(scores, clients):
+    return " ".join(f"{scores[k]:+.1f}" for k in sorted(clients, key=scores.get)) or "-"
+
+
 def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False,
-        inflate=0.0, selection=False, distances_every=0, trust=True, attack_from=1, marginal=False):
+        inflate=0.0, selection=False, distances_every=0, trust=True, attack_from=1, marginal=False,
+        crossfit=None):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
@@ -228,6 +284,7 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
     labels = [f"client-{p}" for p in range(CLIENTS)]
     accuracies, malicious_weight = [], []
     record: dict[str, tuple[float, float]] = {}
+    harm_record: dict[int, tuple[float, float, float]] = {}
     for round_number in range(1, rounds + 1):
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         # A sleeper's malicious clients train honestly until ``attack_from``, building a record.
@@ -258,15 +315,29 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
             malicious_weight.append(float(sizes[list(malicious)].sum() / sizes.sum()) if variant == "fedavg" else 0.0)
         else:
             # As the strategy: the round's seed, and (by default) each client's gate record as trust.
+            round_trust = [trust_of(record, label) for label in labels] if trust else None
             merged, report = soft_merge(model, candidates, task.gate.tensors(),
                                        dataclasses.replace(variant, seed=variant.seed + round_number), labels=labels,
-                                       examples=sizes, trust=[trust_of(record, label) for label in labels] if trust
-                                       else None)
+                                       examples=sizes, trust=round_trust)
             if trust and report.rejected_loss is None:
                 columns = [k for k, label in enumerate(report.candidates) if label in labels]
                 record = update_record(record, [report.candidates[k] for k in columns],
                                        relative_openness(report.gates, columns), TRUST_MEMORY)
             malicious_weight.append(report.weight_on([labels[p] for p in malicious]))
+            if crossfit is not None:
+                harms = crossfit_harm(model, candidates, global_state, task.gate.tensors(),
+                                      dataclasses.replace(variant, seed=variant.seed + round_number), labels, sizes,
+                                      round_trust, units, seed * 1000 + round_number)
+                scores = update_harm_record(harm_record, harms, CLIENTS)
+                flagged = {k for k, z in scores.items() if z > crossfit}
+                print(f"round {round_number} crossfit harm z: honest "
+                      f"{format_scores(scores, [k for k in scores if k not in malicious])} | malicious "
+                      f"{format_scores(scores, [k for k in scores if k in malicious])}; closed "
+                      f"{len(flagged - malicious)} honest, {len(flagged & malicious)} malicious", flush=True)
+                if flagged:
+                    weights = without_malicious(np.array(report.weights), flagged)
+                    merged = weighted_state(candidates + [global_state], weights, units)
+                    malicious_weight[-1] = float(weights[:, sorted(malicious)].sum(axis=1).mean()) if malicious else 0.0
             if post == "zero-malicious":
                 # Analysis only: the learned weights with perfect detection, to split the gap to
                 # the oracle into what detection costs and what the honest weighting costs.
@@ -455,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                              "gate record first)")
     parser.add_argument("--marginal", action="store_true",
                         help="every round, each open client's marginal harm to the merge on the test and gate splits")
+    parser.add_argument("--crossfit", type=float, default=None, metavar="Z",
+                        help="close a client whose discounted record of cross-fitted harm is Z standard errors "
+                             "above 0 (an experiment)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     malicious = [int(p) for p in args.malicious.split(",") if p]
@@ -465,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
                                       args.scores, args.cosines, args.inflate, args.selection, args.loss_distances,
-                                      trust, args.attack_from, args.marginal)
+                                      trust, args.attack_from, args.marginal, args.crossfit)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
