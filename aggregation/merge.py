@@ -214,6 +214,16 @@ class SoftMergeConfig:
             class; :func:`best_class_gain`) is at least this many times its mirror image's.
             0 (the default) bounds every candidate that fails the test; docs/benchmarks.md
             ("Session 20") measures 1.5 and 3 on the replica.
+        mirror_flipped_ratio: > 0 bounds a flipped specialist, which the mirror test
+            passes: the sign-flipped update of a client with few classes is a little
+            better on many classes and much worse on its own, so on a class-balanced gate
+            split it can descend as a whole, while its mirror image (the honest update)
+            lowers one class's loss several times as much as the candidate lowers any. A
+            candidate whose mirror image's largest per-class loss reduction is at least
+            this many times its own (or which lowers no class's loss while its mirror
+            image does) starts at or below the closed threshold, as one that fails the
+            test, whatever its trust or the test's significance. 0 (the default) leaves
+            it to the mirror test; an experiment (docs/benchmarks.md, "Session 25").
         mirror_trusted: > 0 spares a client whose trust over past rounds (the ``trust``
             passed to :func:`soft_merge`) is at least this from the mirror test's bound.
             One round's test cannot tell an honest specialist from a flipped update (the
@@ -324,6 +334,7 @@ class SoftMergeConfig:
     mirror_temperature: float = 0.02
     mirror_confidence: float = 2.0
     mirror_specialist_ratio: float = 0.0
+    mirror_flipped_ratio: float = 0.0
     mirror_trusted: float = 0.6
     merge_duplicates: bool = True
     near_duplicate_tolerance: float = 0.0
@@ -362,6 +373,8 @@ class SoftMergeConfig:
                  "mirror_confidence must be a finite number >= 0")
         _require(_finite(self.mirror_specialist_ratio) and self.mirror_specialist_ratio >= 0,
                  "mirror_specialist_ratio must be a finite number >= 0")
+        _require(_finite(self.mirror_flipped_ratio) and self.mirror_flipped_ratio >= 0,
+                 "mirror_flipped_ratio must be a finite number >= 0")
         _require(_finite(self.mirror_trusted) and 0 <= self.mirror_trusted <= 1,
                  "mirror_trusted must be a number in [0, 1]")
         _require(isinstance(self.merge_duplicates, bool), "merge_duplicates must be a bool")
@@ -889,9 +902,19 @@ def is_specialist(own_gain: float, mirror_gain: float, ratio: float) -> bool:
     return not mirror_gain < 0 or own_gain <= ratio * mirror_gain
 
 
+def is_flipped(own_gain: float, mirror_gain: float, ratio: float) -> bool:
+    """Whether a candidate's mirror image lowers one class's loss ``ratio`` times as much as it does any.
+
+    (``SoftMergeConfig.mirror_flipped_ratio``; :func:`is_specialist` with the two swapped.)
+    False when the mirror image lowers no class's loss, or ``ratio`` is 0.
+    """
+    return is_specialist(mirror_gain, own_gain, ratio)
+
+
 def mirror_log_alpha(losses: Sequence[float], mirror_losses: Sequence[float], config: SoftMergeConfig,
                      standard_errors: Sequence[float] | None = None,
-                     spared: Sequence[bool] | None = None) -> torch.Tensor:
+                     spared: Sequence[bool] | None = None,
+                     flipped: Sequence[bool] | None = None) -> torch.Tensor:
     """The mirror test's bound on the starting log_alpha (see ``SoftMergeConfig.mirror_test``).
 
     d = own loss - mirror loss; the bound is LOG_ALPHA_CLOSED - d / mirror_temperature. A
@@ -900,15 +923,20 @@ def mirror_log_alpha(losses: Sequence[float], mirror_losses: Sequence[float], co
     With ``config.mirror_confidence`` z > 0 and the standard errors of d given, only a d
     above z standard errors is bounded. A candidate marked in ``spared`` (a specialist,
     ``config.mirror_specialist_ratio``, or a trusted client, ``config.mirror_trusted``) with
-    a finite loss is not bounded.
+    a finite loss is not bounded. One marked in ``flipped`` (``config.mirror_flipped_ratio``)
+    is bounded at or below the closed threshold, spared or not, significant or not.
     """
     z = config.mirror_confidence
     errors = standard_errors if standard_errors is not None else [0.0] * len(losses)
     exempt = spared if spared is not None else [False] * len(losses)
+    suspect = flipped if flipped is not None else [False] * len(losses)
     bounds = []
-    for loss, mirror, error, spare in zip(losses, mirror_losses, errors, exempt):
+    for loss, mirror, error, spare, flip in zip(losses, mirror_losses, errors, exempt, suspect):
         if not math.isfinite(loss):
             bounds.append(LOG_ALPHA_MIN)
+        elif flip:
+            difference = loss - mirror if math.isfinite(mirror) else 0.0
+            bounds.append(LOG_ALPHA_CLOSED - max(difference, 0.0) / config.mirror_temperature)
         elif (spare or not math.isfinite(mirror)
               or (z > 0 and standard_errors is not None and not loss - mirror > z * error)):
             bounds.append(-LOG_ALPHA_MIN)
@@ -1079,9 +1107,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         near_groups: set[int] = set()
         use_mirror_test = config.warm_start and config.mirror_test
         find_specialists = use_mirror_test and config.mirror_specialist_ratio > 0
-        # The keep model's per-example losses: what near-identical replies and specialists are measured from.
+        find_flipped = use_mirror_test and config.mirror_flipped_ratio > 0
+        # The keep model's per-example losses: what near-identical replies and class gains are measured from.
         keep_losses = (per_example_losses(model, keep_state, inputs, targets)
-                       if config.near_duplicate_tolerance > 0 or find_specialists else None)
+                       if config.near_duplicate_tolerance > 0 or find_specialists or find_flipped else None)
         if config.near_duplicate_tolerance > 0 and len(groups) > 1:
             clusters = near_duplicate_clusters(group_losses, keep_losses, config.near_duplicate_tolerance)
             if len(clusters) < len(groups):
@@ -1098,7 +1127,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 groups = joined
         group_mean_losses = [loss_before if losses is None else _mean_loss(losses) for losses in group_losses]
 
-        reflections = [None if losses is None or not find_specialists
+        reflections = [None if losses is None or not (find_specialists or find_flipped)
                        else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
                        for state, losses in zip(group_states, group_losses)] if use_mirror_test else []
         # (mirror loss, standard error of d) per group; the keep candidate is its own mirror: d = 0 exactly.
@@ -1106,12 +1135,16 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                          else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
                                                 reflected_losses=reflected)
                          for state, losses, reflected in zip(group_states, group_losses, reflections)]
-        spared = None
-        if find_specialists:
-            spared = [losses is not None and is_specialist(best_class_gain(losses, keep_losses, targets),
-                                                           best_class_gain(reflected, keep_losses, targets),
-                                                           config.mirror_specialist_ratio)
-                      for losses, reflected in zip(group_losses, reflections)]
+        # (own, mirror image's) best class gain per group; None for the keep candidate.
+        class_gains = ([None if losses is None
+                        else (best_class_gain(losses, keep_losses, targets),
+                              best_class_gain(reflected, keep_losses, targets))
+                        for losses, reflected in zip(group_losses, reflections)]
+                       if find_specialists or find_flipped else [])
+        spared = ([gains is not None and is_specialist(*gains, config.mirror_specialist_ratio) for gains in class_gains]
+                  if find_specialists else None)
+        flipped = ([gains is not None and is_flipped(*gains, config.mirror_flipped_ratio) for gains in class_gains]
+                   if find_flipped else None)
 
         # Column g of log_alpha is group g.
         heads = [group[0] for group in groups]
@@ -1139,7 +1172,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             if use_mirror_test:
                 errors = [error for _, error in group_mirrors] if config.mirror_confidence > 0 else None
                 start = torch.minimum(start, mirror_log_alpha(group_mean_losses, [loss for loss, _ in group_mirrors],
-                                                              config, errors, spared))
+                                                              config, errors, spared, flipped))
             start = start.expand(len(units), -1)
         # and count the examples of one of them: copies add no data. A group holding the
         # keep model (a client that resent it) is the keep model's.

@@ -48,6 +48,7 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         mirror_test=settings.softmerge_mirror_test, mirror_temperature=settings.softmerge_mirror_temperature,
         mirror_confidence=settings.softmerge_mirror_confidence,
         mirror_specialist_ratio=settings.softmerge_mirror_specialists,
+        mirror_flipped_ratio=settings.softmerge_mirror_flipped,
         mirror_trusted=settings.softmerge_mirror_trusted,
         merge_duplicates=settings.softmerge_merge_duplicates,
         near_duplicate_tolerance=settings.softmerge_near_duplicates, trust_strength=settings.softmerge_trust_strength,

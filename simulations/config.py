@@ -86,6 +86,7 @@ class RunSettings:
     softmerge_mirror_temperature: float = 0.02
     softmerge_mirror_confidence: float = 2.0
     softmerge_mirror_specialists: float = 0.0
+    softmerge_mirror_flipped: float = 0.0
     softmerge_mirror_trusted: float = 0.6
     softmerge_merge_duplicates: bool = True
     softmerge_near_duplicates: float = 0.0
@@ -214,6 +215,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_mirror_temperature": _open_interval(0, 100),
     "softmerge_mirror_confidence": _at_least(0),
     "softmerge_mirror_specialists": _at_least(0),
+    "softmerge_mirror_flipped": _at_least(0),
     "softmerge_mirror_trusted": _closed_interval(0, 1),
     "softmerge_trust_strength": _at_least(0),
     "softmerge_trust_memory": _closed_interval(0, 1),

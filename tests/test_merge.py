@@ -15,9 +15,9 @@ from softmerge.aggregation import (
     validate_candidates,
 )
 from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
-from softmerge.aggregation.merge import (LOG_ALPHA_MIN, best_class_gain, duplicate_groups, is_specialist,
-                                        mirror_log_alpha, mirror_state, mirror_statistics, per_example_losses,
-                                        warm_start_log_alpha)
+from softmerge.aggregation.merge import (LOG_ALPHA_MIN, best_class_gain, duplicate_groups, is_flipped,
+                                        is_specialist, mirror_log_alpha, mirror_state, mirror_statistics,
+                                        per_example_losses, warm_start_log_alpha)
 
 
 class BatchNormNet(nn.Module):
@@ -153,6 +153,8 @@ def test_config_rejects_bad_values_by_name():
         SoftMergeConfig(mirror_confidence=-1.0)
     with pytest.raises(ValueError, match="mirror_specialist_ratio"):
         SoftMergeConfig(mirror_specialist_ratio=math.inf)
+    with pytest.raises(ValueError, match="mirror_flipped_ratio"):
+        SoftMergeConfig(mirror_flipped_ratio=-1.0)
     with pytest.raises(ValueError, match="mirror_trusted"):
         SoftMergeConfig(mirror_trusted=1.5)
     with pytest.raises(ValueError, match="merge_duplicates"):
@@ -358,6 +360,13 @@ def test_mirror_bound_spares_the_specialists_only():
     assert float(bounds[2]) == LOG_ALPHA_MIN  # a non-finite loss stays closed
 
 
+def _class_gains(model, state, keep, inputs, targets):
+    """(own, mirror image's) best class gain of ``state`` against ``keep``, as the merge reads them."""
+    keep_losses = per_example_losses(model, keep, inputs, targets)
+    return tuple(best_class_gain(per_example_losses(model, candidate, inputs, targets), keep_losses, targets)
+                 for candidate in (state, mirror_state(state, keep)))
+
+
 def _one_class_model(keep):
     """A digits model trained from ``keep`` on one class (3) of partition 0's data."""
     from softmerge.simulations.tasks import ArraySet, build_model, load_partition, train_model
@@ -381,13 +390,10 @@ def test_mirror_specialists_open_a_one_class_update_and_keep_most_sign_flips_clo
     flipped = [mirror_state(state, keep) for state in honest]
     labels = ["specialist"] + [f"flipped-{k}" for k in range(len(flipped))]
     inputs, targets = digits_task.gate.tensors()
-    keep_losses = per_example_losses(model, keep, inputs, targets)
     ratio = 2.5  # the specialist lowers its class's loss 3.1 times as much as its mirror image lowers any
 
     def marked(state):
-        return is_specialist(best_class_gain(per_example_losses(model, state, inputs, targets), keep_losses, targets),
-                             best_class_gain(per_example_losses(model, mirror_state(state, keep), inputs, targets),
-                                             keep_losses, targets), ratio)
+        return is_specialist(*_class_gains(model, state, keep, inputs, targets), ratio)
     weights = {}
     for value in (0.0, ratio):
         # No gate steps and no no-harm retry: the weights are the starts' alone.
@@ -400,6 +406,52 @@ def test_mirror_specialists_open_a_one_class_update_and_keep_most_sign_flips_clo
     assert len(closed) >= 8
     assert spared == [k for k in closed if marked(flipped[k])]
     assert len(spared) <= 1
+
+
+def test_a_flipped_update_is_one_whose_mirror_lowers_one_class_ratio_times_more_than_it_lowers_any():
+    assert is_flipped(-0.3, -0.9, 3.0) and not is_flipped(-0.3, -0.8, 3.0)
+    assert is_flipped(0.2, -0.1, 3.0)  # the candidate improves no class, its mirror image does
+    assert not is_flipped(-0.3, 0.1, 3.0) and not is_flipped(-0.3, math.inf, 3.0)
+    assert not is_flipped(-0.3, -0.9, 0.0)  # off
+
+
+def test_mirror_bound_closes_a_flipped_candidate_whether_spared_or_not_significant():
+    config = SoftMergeConfig(mirror_test=True, mirror_confidence=2.0)
+    # The first descends (d = -0.05) and is spared (trusted), the second ascends by less
+    # than two standard errors; both are marked flipped and start at or below closed.
+    bounds = mirror_log_alpha([0.50, 0.55], [0.55, 0.50], config, [0.04, 0.04], [True, False], [True, True])
+    assert float(bounds[0]) == pytest.approx(LOG_ALPHA_CLOSED)
+    assert float(bounds[1]) == pytest.approx(LOG_ALPHA_CLOSED - 0.05 / config.mirror_temperature)
+    unmarked = mirror_log_alpha([0.50, 0.55], [0.55, 0.50], config, [0.04, 0.04], [True, False])
+    assert [float(b) for b in unmarked] == [-LOG_ALPHA_MIN, -LOG_ALPHA_MIN]
+
+
+def test_mirror_flipped_closes_a_flipped_one_class_update_that_the_mirror_test_passes(honest_candidates,
+                                                                                     digits_task):
+    # The one-class client above ascends on the balanced gate split, so its sign-flipped
+    # update descends and passes the mirror test. Its mirror image (the honest one-class
+    # update) lowers class 3's loss 3.1 times as much as the flipped update lowers any
+    # class's: the rule closes it. It also closes an honest client whose own mirror image
+    # has the larger best class gain (one of these ten, at 2.96 times): that is the rule's cost.
+    model, honest = honest_candidates
+    keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flipped = mirror_state(_one_class_model(keep), keep)
+    labels = [f"honest-{k}" for k in range(len(honest))] + ["flipped"]
+    inputs, targets = digits_task.gate.tensors()
+    ratio = 2.5
+
+    def marked(state):
+        return is_flipped(*_class_gains(model, state, keep, inputs, targets), ratio)
+    weights = {}
+    for value in (0.0, ratio):
+        # No gate steps and no no-harm retry: the weights are the starts' alone.
+        config = SoftMergeConfig(steps=0, mirror_flipped_ratio=value, keep_mode="candidate", harm_margin=0.0)
+        _, report = soft_merge(model, honest + [flipped], (inputs, targets), config, labels=labels)
+        weights[value] = dict(zip(report.candidates, report.weights[0]))
+    assert marked(flipped) and weights[0.0]["flipped"] > 0.0 and weights[ratio]["flipped"] == 0.0
+    newly_closed = [k for k in range(len(honest)) if weights[ratio][labels[k]] == 0.0 < weights[0.0][labels[k]]]
+    assert newly_closed == [k for k in range(len(honest)) if marked(honest[k]) and weights[0.0][labels[k]] > 0.0]
+    assert len(newly_closed) <= 1
 
 
 def test_mirror_trusted_spares_clients_by_their_record(honest_candidates, digits_task):
