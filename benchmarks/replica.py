@@ -230,20 +230,12 @@ def crossfit_harm(model, candidates, global_state, gate, config, labels, sizes, 
     halves = [order[: len(order) // 2], order[len(order) // 2:]]
     states = candidates + [global_state]
     found: dict[int, list[torch.Tensor]] = {}
-    was_training = model.training
     for learn, score in (halves, halves[::-1]):
         _, report = soft_merge(model, candidates, (inputs[learn], targets[learn]), config, labels=labels,
                                examples=sizes, trust=trust)
-        weights = np.array(report.weights)
-        model.eval()
-        merged = weighted_state(states, weights, units)
-        base = per_example_losses(model, merged, inputs[score], targets[score])
-        for k in range(len(candidates)):
-            if weights[:, k].max() <= 0:
-                continue
-            closed = weighted_state(states, without_malicious(weights, {k}), units)
-            found.setdefault(k, []).append(base - per_example_losses(model, closed, inputs[score], targets[score]))
-        model.train(was_training)
+        harms = marginal_harms(model, states, np.array(report.weights), units, inputs[score], targets[score])
+        for k, harm in harms.items():
+            found.setdefault(k, []).append(harm)
     return {k: torch.cat(parts) for k, parts in found.items()}
 
 
@@ -469,25 +461,30 @@ def diagnose_round(round_number, report, states, units, malicious, task, warm_re
     print(f"round {round_number} steps {report.steps} | " + " | ".join(cells), flush=True)
 
 
+def marginal_harms(model, states, weights, units, inputs, targets):
+    """Per open client k (every state but the last, the keep model): the per-example loss of the
+    merge with ``weights`` minus that of the same merge with k's gate closed (the others
+    renormalised); > 0 where the merge is better without k."""
+    was_training = model.training
+    model.eval()
+    base = per_example_losses(model, weighted_state(states, weights, units), inputs, targets)
+    harms = {k: base - per_example_losses(model, weighted_state(states, without_malicious(weights, {k}), units),
+                                          inputs, targets)
+             for k in range(len(states) - 1) if weights[:, k].max() > 0}
+    model.train(was_training)
+    return harms
+
+
 def print_marginal(round_number, model, report, states, units, malicious, task):
     """Each open client's marginal harm: the mean loss of the merge minus that of the merge with
     the client's gate closed (the others renormalised), in millinats, on the test split and on
     the gate split; > 0 means the merge is better without it."""
     weights = np.array(report.weights)
-    merged = weighted_state(states, weights, units)
-    was_training = model.training
-    model.eval()
-    splits = {"test": task.test.tensors(), "gate": task.gate.tensors()}
-    base = {name: per_example_losses(model, merged, *data) for name, data in splits.items()}
-    found = {name: {True: [], False: []} for name in splits}
-    for k in range(len(states) - 1):
-        if weights[:, k].max() <= 0:
-            continue
-        state = weighted_state(states, without_malicious(weights, {k}), units)
-        for name, data in splits.items():
-            harm = base[name] - per_example_losses(model, state, *data)
-            found[name][k in malicious].append(1000 * float(harm.mean()))
-    model.train(was_training)
+    found = {}
+    for name, data in (("test", task.test.tensors()), ("gate", task.gate.tensors())):
+        harms = marginal_harms(model, states, weights, units, *data)
+        found[name] = {bad: [1000 * float(harm.mean()) for k, harm in harms.items() if (k in malicious) == bad]
+                       for bad in (True, False)}
     show = lambda values: " ".join(f"{v:+.0f}" for v in sorted(values)) or "-"  # noqa: E731
     print(f"round {round_number} marginal harm (millinats), test: honest {show(found['test'][False])} | "
           f"malicious {show(found['test'][True])}; gate: honest {show(found['gate'][False])} | "
