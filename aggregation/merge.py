@@ -128,6 +128,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.optim.adam import adam as adam_update
 
 from .candidates import Exclusion, as_tensor_state, candidate_problem, validate_candidates
 from .gates import LOG_ALPHA_CLOSED, deterministic_gates, expected_l0, sample_gates
@@ -1318,9 +1319,7 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
     if config.steps == 0 or log_alpha.shape[1] < 2 or len(targets) == 0:
         return 0, 0
     generator = torch.Generator().manual_seed(config.seed)
-    # Fused: log_alpha is a few dozen numbers, so Adam's cost is per-call overhead, which
-    # the fused kernel halves (71 against 125 microseconds a step here; see docs/performance-notes.md).
-    optimizer = torch.optim.Adam([log_alpha], lr=config.lr, fused=True)
+    adam = _FusedAdam(log_alpha, config.lr)
     count = len(targets)
     batch_size = min(config.batch_size, count)
     probe_size = PROBE_BATCHES * config.batch_size
@@ -1373,7 +1372,7 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
             torch.nan_to_num_(grad, nan=0.0, posinf=1e6, neginf=-1e6)
             # As torch.nn.utils.clip_grad_norm_, for the one tensor.
             grad.mul_(torch.clamp(config.max_grad_norm / (torch.linalg.vector_norm(grad) + 1e-6), max=1.0))
-            optimizer.step()
+            adam.step()
             with torch.no_grad():
                 log_alpha.clamp_(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
                 if ceiling is not None:
@@ -1387,6 +1386,32 @@ def _learn_gates(model: nn.Module, stacked: _StackedCandidates, log_alpha: nn.Pa
     with torch.no_grad():
         log_alpha.copy_(best)
     return step, skipped
+
+
+class _FusedAdam:
+    """Adam (torch's fused kernel, through its functional form) on the one log_alpha tensor.
+
+    Why not ``torch.optim.Adam``: log_alpha is a few dozen numbers, so Adam costs per-call
+    overhead. The fused kernel halves the update itself (71 against 125 microseconds a
+    step), and the functional form skips the ``Optimizer`` wrapper's hooks and profiler
+    scopes (about 40 more) and its constructor, whose first call in a process imports
+    ``torch._dynamo`` (2–3 s). Same kernel, same arithmetic: the merges are bit-identical
+    (docs/performance-notes.md, sessions 25 and 26).
+    """
+
+    def __init__(self, parameter: torch.Tensor, lr: float) -> None:
+        self.parameter, self.lr = parameter, lr
+        self.exp_avg = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+        # The kernel counts steps in a float32 tensor, as torch.optim.Adam keeps it.
+        self.step_count = torch.tensor(0.0, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        adam_update([self.parameter], [self.parameter.grad], [self.exp_avg], [self.exp_avg_sq], [],
+                    [self.step_count], foreach=False, capturable=False, differentiable=False, fused=True,
+                    has_complex=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0,
+                    eps=1e-8, maximize=False)
 
 
 class Plateau:

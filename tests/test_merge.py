@@ -559,3 +559,21 @@ def test_report_times_gate_learning_apart_from_the_whole_merge(honest_candidates
     assert learned.steps == 20 and 0 < learned.gate_seconds < learned.seconds
     _, scored_only = soft_merge(model, locals_[:4], digits_task.gate.tensors(), SoftMergeConfig(steps=0))
     assert scored_only.steps == 0 and scored_only.gate_seconds < scored_only.seconds
+
+
+def test_gate_learning_adam_is_torch_adam_step_for_step():
+    """The functional fused Adam of the gate loop takes exactly torch.optim.Adam's steps."""
+    from softmerge.aggregation.merge import _FusedAdam
+
+    torch.manual_seed(0)
+    ours = torch.randn(3, 5).requires_grad_()
+    start = ours.detach().clone()
+    theirs = start.clone().requires_grad_()
+    adam, reference = _FusedAdam(ours, 0.1), torch.optim.Adam([theirs], lr=0.1)
+    for _ in range(25):
+        gradient = torch.randn(3, 5) * 10
+        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
+        adam.step()
+        reference.step()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert not torch.equal(ours.detach(), start)
