@@ -424,13 +424,18 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
 
 # Part of every figure's fingerprint: bump it when the drawing changes, so that every
 # figure is drawn again rather than kept as it was.
-PLOT_STYLE = 1
+PLOT_STYLE = 2
 PLOTS_MANIFEST = "manifest.json"
 
 
 def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
     """Draw the grid's plots: accuracy against round per attack and fraction, and for each
     SoftMerge cell its last round's client x unit weights and its weights by round.
+
+    The accuracy figure draws every finished seed: a defense with one seed is its curve, a
+    defense with several is the mean over them (over the rounds they all reached) with a
+    band from the lowest to the highest seed, and its legend says how many. The weight
+    figures are the first seed's.
 
     A figure is drawn again only when what it shows changed: ``plots/manifest.json`` keeps a
     fingerprint of each figure's data, and a figure whose fingerprint is unchanged (and whose
@@ -446,8 +451,16 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
     plots.mkdir(exist_ok=True)
     manifest = _read_manifest(plots / PLOTS_MANIFEST)
     first_seed = min((c.seed for c in cells), default=0)
-    shown = [c for c in cells if c.seed == first_seed]
+    shown = [c for c in cells if c.seed == first_seed and c.strategy == "softmerge"]
     results = {cell.key: finished_cell(output, cell) for cell in shown}
+    # Only (round, accuracy) of each cell is kept: the results of every seed of the
+    # reference grid, gates included, would be gigabytes.
+    curves: dict[tuple[str, str, float], dict[int, dict[int, float]]] = {}
+    for cell in cells:
+        result = results.get(cell.key) if cell.key in results else finished_cell(output, cell)
+        if result:
+            curves.setdefault((cell.strategy, cell.attack, cell.fraction), {})[cell.seed] = {
+                r["round"]: r["test_accuracy"] for r in result["rounds"] if "test_accuracy" in r}
 
     def unchanged(name: str, data: object) -> bool:
         fingerprint = _fingerprint(data)
@@ -463,22 +476,21 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
     for attack, fraction in sorted({(c.attack, c.fraction) for c in cells if c.strategy != ORACLE}):
         name = f"accuracy__{attack}__f{fraction:g}.png"
         lines = []
-        for cell in shown:
-            if cell.fraction != fraction:
-                continue
-            if not (cell.attack == attack or (cell.strategy == ORACLE and cell.attack == NO_ATTACK)):
-                continue
-            if result := results[cell.key]:
-                lines.append((cell.strategy, [r["round"] for r in result["rounds"]],
-                              [r["test_accuracy"] for r in result["rounds"]]))
+        for strategy in _union([], (c.strategy for c in cells)):
+            by_seed = curves.get((strategy, NO_ATTACK if strategy == ORACLE else attack, fraction))
+            if by_seed:
+                lines.append((strategy, *seed_band(list(by_seed.values()))))
         if not lines:
             forget(name)
             continue
         if unchanged(name, lines):
             continue
         figure, axis = plt.subplots(figsize=(6, 4))
-        for strategy, numbers, accuracy in lines:
-            axis.plot(numbers, accuracy, label=strategy, linestyle="--" if strategy == ORACLE else "-")
+        for strategy, numbers, mean, low, high, seeds in lines:
+            label = strategy if seeds == 1 else f"{strategy} (mean of {seeds} seeds)"
+            drawn = axis.plot(numbers, mean, label=label, linestyle="--" if strategy == ORACLE else "-")
+            if seeds > 1:
+                axis.fill_between(numbers, low, high, color=drawn[0].get_color(), alpha=0.15, linewidth=0)
         axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=f"{attack}, {fraction:.0%} malicious")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
@@ -486,8 +498,6 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
         figure.savefig(plots / name, dpi=110)
         plt.close(figure)
     for cell in shown:
-        if cell.strategy != "softmerge":
-            continue
         result = results[cell.key]
         gates = result["rounds"][-1].get("gates") if result and result.get("rounds") else None
         heatmap = f"gates__{cell.attack}__f{cell.fraction:g}.png"
@@ -512,7 +522,8 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
         image = axis.imshow(weights, cmap="viridis", aspect="auto", vmin=0)
         axis.set_xticks(range(len(gates["units"])), gates["units"], rotation=45, ha="right", fontsize=7)
         axis.set_yticks(range(len(labels)), labels, fontsize=7)
-        axis.set_title(f"SoftMerge weights, {cell.attack} {cell.fraction:.0%} (* malicious)", fontsize=8)
+        axis.set_title(f"SoftMerge weights, {cell.attack} {cell.fraction:.0%}, seed {cell.seed} (* malicious)",
+                       fontsize=8)
         figure.colorbar(image, ax=axis)
         figure.tight_layout()
         figure.savefig(plots / heatmap, dpi=110)
@@ -520,6 +531,14 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
     from ..server.results import write_json_atomic
 
     write_json_atomic(plots / PLOTS_MANIFEST, dict(sorted(manifest.items())))
+
+
+def seed_band(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float], int]:
+    """Rounds every seed reached, and the mean, lowest and highest accuracy over the seeds in each."""
+    numbers = sorted(set.intersection(*(set(curve) for curve in curves)))
+    columns = [[curve[number] for curve in curves] for number in numbers]
+    return (numbers, [sum(column) / len(column) for column in columns], [min(column) for column in columns],
+            [max(column) for column in columns], len(curves))
 
 
 def _fingerprint(data: object) -> str:
@@ -563,8 +582,8 @@ def _plot_weights_by_round(numbers: list[int], weights: list[list[float]], label
     axis.set_xticks(range(len(numbers)), numbers, fontsize=6)
     axis.set_yticks(range(len(labels)), labels, fontsize=7)
     axis.set_xlabel("round", fontsize=7)
-    axis.set_title(f"SoftMerge weight per round (mean over units), {cell.attack} {cell.fraction:.0%} "
-                   f"(* malicious)", fontsize=8)
+    axis.set_title(f"SoftMerge weight per round (mean over units), {cell.attack} {cell.fraction:.0%}, "
+                   f"seed {cell.seed} (* malicious)", fontsize=8)
     figure.colorbar(image, ax=axis)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

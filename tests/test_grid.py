@@ -448,3 +448,35 @@ def test_an_interrupted_cell_whose_checkpoint_cannot_be_resumed_starts_over(tmp_
     result = json.loads((cell / "results.json").read_text())
     assert result["status"] == "finished" and [r["round"] for r in result["rounds"]] == [0, 1]
     assert json.loads((cell / "checkpoint.json").read_text())["config"] != "another run"
+
+
+def test_accuracy_plots_draw_every_seed_as_a_mean_and_a_band():
+    from softmerge.simulations.grid import seed_band
+
+    # Seed 1 stopped after round 2: the band covers the rounds every seed reached.
+    numbers, mean, low, high, seeds = seed_band([{0: 0.1, 1: 0.5, 2: 0.7, 3: 0.8}, {0: 0.1, 1: 0.3, 2: 0.9}])
+    assert numbers == [0, 1, 2] and seeds == 2
+    assert mean == pytest.approx([0.1, 0.4, 0.8]) and low == [0.1, 0.3, 0.7] and high == [0.1, 0.5, 0.9]
+    assert seed_band([{1: 0.5}]) == ([1], [0.5], [0.5], [0.5], 1)
+
+
+def test_an_accuracy_plot_changes_when_a_later_seed_finishes(tmp_path):
+    from softmerge.simulations.grid import plot_cells
+
+    cells = [Cell("fedavg", "alie", 0.2, 0), Cell("fedavg", "alie", 0.2, 1)]
+
+    def finish(key, accuracy):
+        directory = tmp_path / "cells" / key
+        directory.mkdir(parents=True, exist_ok=True)
+        rounds = [{"round": 1, "test_accuracy": accuracy}, {"round": 2, "test_accuracy": accuracy}]
+        (directory / "results.json").write_text(json.dumps({"status": "finished", "rounds": rounds}))
+
+    finish("fedavg__alie__f0.2__s0", 0.5)
+    plot_cells(tmp_path, cells, 10)
+    figure = tmp_path / "plots" / "accuracy__alie__f0.2.png"
+    figure.write_bytes(b"kept")
+    plot_cells(tmp_path, cells, 10)
+    assert figure.read_bytes() == b"kept"
+    finish("fedavg__alie__f0.2__s1", 0.7)
+    plot_cells(tmp_path, cells, 10)
+    assert figure.stat().st_size > 1000
