@@ -7,9 +7,11 @@ rename):
 - ``checkpoint.json``: the round number, a fingerprint of the run config, the sha256 of
   the npz, the random states of Python, numpy and torch, and the last gate state.
 
-The JSON is renamed last and names the npz's hash, so a crash between the two renames
-leaves the previous, consistent checkpoint in force. Loading uses ``np.load`` with
-``allow_pickle=False`` and ``json``: nothing in a checkpoint can execute code.
+Both new files are complete on disk before either is renamed, and the JSON names the npz's
+hash. A crash between the two renames leaves the new npz next to the old JSON; loading then
+finds the new JSON, still under its temporary name, naming that npz, and finishes the save
+(renames it into place) instead of refusing a model it cannot vouch for. Loading uses
+``np.load`` with ``allow_pickle=False`` and ``json``: nothing in a checkpoint can execute code.
 """
 
 from __future__ import annotations
@@ -97,6 +99,47 @@ def save_checkpoint(directory: Path, server_round: int, arrays: dict[str, np.nda
     _fsync_write(state_tmp, lambda handle: handle.write(json.dumps(state).encode()))
     os.replace(model_tmp, directory / MODEL_FILE)
     os.replace(state_tmp, directory / STATE_FILE)
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames themselves durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not readable JSON: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint state")
+    return state
+
+
+def _finish_interrupted_save(directory: Path, model_hash: str | None) -> dict[str, Any] | None:
+    """The new state of a save stopped between its two renames, renamed into place; else None."""
+    pending = directory / (STATE_FILE + ".tmp")
+    if model_hash is None or not pending.is_file():
+        return None
+    try:
+        state = _read_state(pending)
+    except CheckpointError:
+        return None  # the save stopped while writing it: the files in place are the checkpoint
+    if state.get("model_sha256") != model_hash:
+        return None
+    os.replace(pending, directory / STATE_FILE)
+    _fsync_directory(directory)
+    return state
 
 
 def load_checkpoint(directory: Path, fingerprint: str) -> Checkpoint | None:
@@ -106,19 +149,21 @@ def load_checkpoint(directory: Path, fingerprint: str) -> Checkpoint | None:
     than silently starting over or resuming the wrong run.
     """
     state_path, model_path = directory / STATE_FILE, directory / MODEL_FILE
-    if not state_path.is_file():
+    model_hash = _sha256(model_path) if model_path.is_file() else None
+    state = _read_state(state_path) if state_path.is_file() else None
+    if state is None or state.get("model_sha256") != model_hash:
+        # A save stopped between its two renames left its new state, complete, under its
+        # temporary name.
+        state = _finish_interrupted_save(directory, model_hash) or state
+    if state is None:
         return None
-    try:
-        state = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{state_path} is not readable JSON: {error}") from error
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{state_path} has format {state.get('format')}, expected {FORMAT_VERSION}")
     if state.get("config") != fingerprint:
         raise CheckpointError(
             f"{directory} holds a checkpoint of a run with a different config; use another output-dir "
             "or delete the checkpoint to start over")
-    if not model_path.is_file() or _sha256(model_path) != state.get("model_sha256"):
+    if model_hash is None or model_hash != state.get("model_sha256"):
         raise CheckpointError(f"{model_path} is missing or does not match {state_path}")
     with np.load(model_path, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}

@@ -49,6 +49,43 @@ def test_checkpoint_of_another_config_or_damaged_is_refused(tmp_path):
         load_checkpoint(tmp_path, "abc")
 
 
+@pytest.mark.parametrize("renames_done", [0, 1])
+def test_a_save_killed_between_or_before_its_renames_leaves_a_checkpoint_that_loads(tmp_path, monkeypatch,
+                                                                                    renames_done):
+    import softmerge.server.checkpoint as checkpoint
+
+    save_checkpoint(tmp_path, 1, {"w": np.zeros(3, np.float32)}, "abc")
+    real_replace, calls = os.replace, []
+
+    def killed(source, destination):
+        if len(calls) == renames_done:
+            raise KeyboardInterrupt("killed")
+        calls.append(destination)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, {"w": np.ones(3, np.float32)}, "abc")
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    loaded = load_checkpoint(tmp_path, "abc")
+    # Killed before any rename: the previous checkpoint is in force. Between the renames:
+    # the new model is in place and its state, complete, is finished into place.
+    assert loaded.server_round == 1 + renames_done
+    assert np.array_equal(loaded.arrays["w"], np.full(3, float(renames_done), np.float32))
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["round"] == 1 + renames_done
+    save_checkpoint(tmp_path, 3, {"w": np.full(3, 3.0, np.float32)}, "abc")
+    assert load_checkpoint(tmp_path, "abc").server_round == 3
+
+
+def test_a_pending_state_that_names_another_model_is_not_taken(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": np.ones(2, np.float32)}, "abc")
+    (tmp_path / "checkpoint.json.tmp").write_text(json.dumps({"format": 1, "config": "abc", "round": 9,
+                                                              "model_sha256": "0" * 64}))
+    (tmp_path / "checkpoint.npz").write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(tmp_path, "abc")
+
+
 def test_fingerprint_ignores_only_the_output_dir():
     base = {"seed": 0, "output-dir": "a"}
     assert config_fingerprint(base) == config_fingerprint({"seed": 0, "output-dir": "b"})
