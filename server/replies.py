@@ -9,7 +9,9 @@ and a bad one is excluded with a per-client reason, so the rest of the round pro
   array, a wrong shape or dtype, a non-finite value;
 - not exactly one MetricRecord, a missing, non-numeric, non-positive, non-finite or absurd
   ``num-examples``, a non-finite metric, or metric keys that differ from the round's
-  majority (Flower's metric averaging needs the same keys in every reply).
+  majority, or a metric that is a number in one reply and a list (or a list of another
+  length) in the round's majority (Flower's metric averaging needs the same keys and
+  shapes in every reply).
 
 :func:`harden` applies the screen to any Flower Message-API strategy, sorts the valid
 replies into a reproducible order, and guards what the strategy returns: if it raises,
@@ -101,14 +103,15 @@ def screen_replies(
             candidates.append((message, state, signature))
 
     # Flower averages metrics key by key, so all kept replies must share one record name
-    # and one key set; the most common wins (ties: the larger set, then the first seen).
+    # and one key set, each key a number or a list of one length; the most common wins
+    # (ties: the larger set, then the first seen).
     signatures = Counter(signature for _, _, signature in candidates)
     majority = max(signatures.items(), key=lambda item: (item[1], len(item[0][1])))[0] if signatures else None
     for position, (message, state, signature) in enumerate(candidates):
         if signature != majority:
-            differing = sorted(signature[1] ^ majority[1]) or [f"record '{signature[0]}'"]
+            differing = sorted({key for key, _ in signature[1] ^ majority[1]}) or [f"record '{signature[0]}'"]
             screened.rejected.append(Exclusion(position, node_label(message),
-                                               f"metric keys differ from the round's: {differing[:4]}"))
+                                               f"metric keys or shapes differ from the round's: {differing[:4]}"))
             continue
         screened.messages.append(message)
         if state is not None:
@@ -129,7 +132,11 @@ def _check_one(message: Message, reference, weighted_by_key: str, with_arrays: b
     problem = _metric_problem(metrics, weighted_by_key)
     if problem is not None:
         return problem, None, None
-    signature = (metrics_name, frozenset(metrics.keys()))
+    # A list-valued metric is averaged element by element, so its length is part of what
+    # every kept reply must share: one client's list where the others send a number would
+    # make the strategy's metric averaging raise, and the round lose every update.
+    signature = (metrics_name, frozenset((key, len(value) if isinstance(value, list) else None)
+                                         for key, value in metrics.items()))
     if not with_arrays:
         return None, None, signature
     array_records = list(content.array_records.items())

@@ -2,7 +2,7 @@
 
 Every generated round mixes honest replies with broken ones (errors, empty records,
 missing or extra arrays, wrong shapes and dtypes, nan/inf/1e38, absurd or missing
-``num-examples``, inconsistent metric keys). Whatever arrives, aggregate_train and
+``num-examples``, inconsistent metric keys or shapes). Whatever arrives, aggregate_train and
 aggregate_evaluate must not raise, and the model they return must be finite and shaped
 like the global model, or be the global model itself when nothing valid arrived.
 """
@@ -43,7 +43,7 @@ GATE = (torch.randn(16, 3, generator=torch.Generator().manual_seed(0)), torch.ar
 VALUES = st.sampled_from([math.nan, math.inf, -math.inf, 1e38, -1e38, 3e38, 0.0, 1e-45])
 BROKEN_KINDS = ["error", "empty", "no-metrics", "missing-array", "extra-array", "shape", "dtype", "value",
                 "num-examples", "metric-keys", "two-array-records", "renamed-record", "non-numeric-array",
-                "nan-metric"]
+                "nan-metric", "metric-shape"]
 
 
 @st.composite
@@ -84,6 +84,8 @@ def replies(draw):
             del metrics["num-examples"]
         elif kind == "nan-metric":
             metrics["train-loss"] = math.nan
+        elif kind == "metric-shape":
+            metrics["train-loss"] = draw(st.sampled_from([[0.3], [0.3, 0.3], []]))
         if kind == "non-numeric-array":
             arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
             arrays[name] = Array(dtype="object", shape=(1,), stype=Array(np.zeros(1)).stype, data=b"\x00garbage")
@@ -130,8 +132,8 @@ def test_hostile_replies_never_escape_or_poison_the_broadcast(name):
         for key, tensor in state.items():
             assert tensor.shape == GLOBAL[key].shape and tensor.dtype == GLOBAL[key].dtype
             assert torch.isfinite(tensor).all(), (kinds, key)
-        # A reply whose metric keys differ is only wrong next to others; alone it is valid.
-        usable = ("honest", "metric-keys", "value")
+        # A reply whose metric keys or shapes differ is only wrong next to others; alone it is valid.
+        usable = ("honest", "metric-keys", "metric-shape", "value")
         if not any(kind in usable for kind in kinds):
             assert all(torch.equal(state[k], GLOBAL[k]) for k in GLOBAL), kinds
         excluded = metrics.get("softmerge-excluded", metrics.get("replies-excluded"))
@@ -144,3 +146,22 @@ def test_hostile_replies_never_escape_or_poison_the_broadcast(name):
 
 def test_enough_hostile_replies_were_generated():
     assert GENERATED["replies"] >= 2000 or GENERATED["replies"] == 0  # 0 when run alone with -k
+
+
+@pytest.mark.parametrize("name", list(_strategies()))
+def test_one_list_valued_metric_costs_only_its_own_reply(name):
+    """Flower averages a metric element by element: a list where the others send a number
+    made the whole aggregation raise, so one client kept every honest update out."""
+    strategy = _strategies()[name]()
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(range(1, 6))))
+    messages = []
+    for node in range(1, 6):
+        instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+        state = {k: (v + 0.01 * node).numpy().copy() for k, v in GLOBAL.items()}
+        loss = [0.3, 0.3] if node == 5 else 0.3
+        metrics = MetricRecord({"train-loss": loss, "num-examples": 10, "partition-id": node})
+        messages.append(Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}),
+                                            "metrics": metrics}), reply_to=instruction))
+    arrays, metrics = strategy.aggregate_train(1, messages)
+    assert metrics.get("softmerge-excluded", metrics.get("replies-excluded")) == 1
+    assert not all(torch.equal(arrays.to_torch_state_dict()[k], GLOBAL[k]) for k in GLOBAL)
