@@ -98,6 +98,8 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
         # Node IDs are the record's keys. A deployment's nodes keep theirs; a simulation draws
         # new ones on every start, and the strategy then moves each record to its client's label.
         strategy.load_trust_state(checkpoint.state["trust_record"])
+    if checkpoint is not None and hasattr(strategy, "restore_checkpoint_arrays"):
+        strategy.restore_checkpoint_arrays(checkpoint.strategy_arrays)
     if done:
         offset_rounds(strategy, done)
     evaluation_model = build_model(settings.dataset, seed=settings.seed)
@@ -119,7 +121,9 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
             gate_state = {"gate_log_alpha": report.log_alpha, "gate_candidates": report.candidates} if report else {}
             if getattr(strategy, "trust", False):
                 gate_state["trust_record"] = strategy.trust_state()
-            save_checkpoint(output, server_round, {k: a.numpy() for k, a in arrays.items()}, fingerprint, gate_state)
+            carried = strategy.checkpoint_arrays() if hasattr(strategy, "checkpoint_arrays") else None
+            save_checkpoint(output, server_round, {k: a.numpy() for k, a in arrays.items()}, fingerprint, gate_state,
+                            strategy_arrays=carried)
         return MetricRecord(metrics)
 
     log(INFO, "softmerge: %s on %s, %d rounds; gate split %d, test split %d", settings.strategy, settings.dataset,

@@ -22,6 +22,7 @@ import statistics
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
@@ -113,6 +114,21 @@ class _UpdateAggregation(RoundStartMemory):
         log(INFO, "%s round %d: %d clients aggregated, %d excluded; %s", name, server_round, len(states),
             len(excluded), ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
         return ArrayRecord(new_state), metrics
+
+    def checkpoint_arrays(self) -> dict[str, np.ndarray]:
+        """What a resumed run needs to go on as an uninterrupted one: the last applied update."""
+        return {} if self.applied_update is None else {"applied_update": self.applied_update.numpy()}
+
+    def restore_checkpoint_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take back :meth:`checkpoint_arrays`' output; anything malformed is logged and ignored."""
+        update = arrays.get("applied_update")
+        if update is None:
+            return
+        if update.ndim != 1 or update.dtype != np.float64 or not np.isfinite(update).all():
+            log(WARNING, "%s: the checkpoint's applied update is malformed (%s, %s); starting without it",
+                type(self).__name__, update.dtype, update.shape)
+            return
+        self.applied_update = torch.from_numpy(update.copy())
 
     def _aggregate_updates(
         self,

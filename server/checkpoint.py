@@ -3,7 +3,9 @@
 After every round the server writes, atomically (write to a temporary name, fsync, then
 rename):
 
-- ``checkpoint.npz``: the global model's arrays (numpy's npz, no pickle);
+- ``checkpoint.npz``: the global model's arrays (numpy's npz, no pickle), and under
+  ``strategy/<name>`` any arrays the strategy carries from round to round (centered
+  clipping's previous aggregate);
 - ``checkpoint.json``: the round number, a fingerprint of the run config, the sha256 of
   the npz, the random states of Python, numpy and torch, and the last gate state.
 
@@ -20,7 +22,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ import torch
 MODEL_FILE = "checkpoint.npz"
 STATE_FILE = "checkpoint.json"
 FORMAT_VERSION = 1
+# Model parameter names are dotted module paths; a slash cannot be one of them.
+STRATEGY_PREFIX = "strategy/"
 
 
 class CheckpointError(RuntimeError):
@@ -41,6 +45,7 @@ class Checkpoint:
     server_round: int
     arrays: dict[str, np.ndarray]
     state: dict[str, Any]
+    strategy_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def config_fingerprint(run_config: dict[str, Any]) -> str:
@@ -83,10 +88,12 @@ def _fsync_write(path: Path, write) -> None:
 
 
 def save_checkpoint(directory: Path, server_round: int, arrays: dict[str, np.ndarray], fingerprint: str,
-                    extra: dict[str, Any] | None = None) -> None:
+                    extra: dict[str, Any] | None = None,
+                    strategy_arrays: dict[str, np.ndarray] | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model_tmp = directory / (MODEL_FILE + ".tmp")
-    _fsync_write(model_tmp, lambda handle: np.savez(handle, **arrays))
+    stored = {**arrays, **{STRATEGY_PREFIX + name: array for name, array in (strategy_arrays or {}).items()}}
+    _fsync_write(model_tmp, lambda handle: np.savez(handle, **stored))
     state = {
         "format": FORMAT_VERSION,
         "round": server_round,
@@ -166,5 +173,8 @@ def load_checkpoint(directory: Path, fingerprint: str) -> Checkpoint | None:
     if model_hash is None or model_hash != state.get("model_sha256"):
         raise CheckpointError(f"{model_path} is missing or does not match {state_path}")
     with np.load(model_path, allow_pickle=False) as archive:
-        arrays = {name: archive[name] for name in archive.files}
-    return Checkpoint(server_round=int(state["round"]), arrays=arrays, state=state)
+        stored = {name: archive[name] for name in archive.files}
+    arrays = {name: array for name, array in stored.items() if not name.startswith(STRATEGY_PREFIX)}
+    strategy_arrays = {name[len(STRATEGY_PREFIX):]: array for name, array in stored.items()
+                       if name.startswith(STRATEGY_PREFIX)}
+    return Checkpoint(server_round=int(state["round"]), arrays=arrays, state=state, strategy_arrays=strategy_arrays)
