@@ -17,10 +17,11 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from ..simulations.colluding import is_colluding_attack
-from ..simulations.config import RunSettings, parse_run_config, task_data, to_run_config
+from ..simulations.config import RunSettings, node_count_problem, parse_run_config, task_data, to_run_config
 from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
 from .checkpoint import config_fingerprint, load_checkpoint, restore_rng_state, save_checkpoint
-from .results import ResultsWriter, load_results
+from .output_lock import output_lock
+from .results import ResultsWriter, load_results_to_resume
 from .strategies import build_strategy
 
 app = ServerApp()
@@ -49,7 +50,16 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
     over instead). ``num_nodes`` is the number of nodes, when the caller knows it (a
     simulation does); otherwise the nodes connected at the start are counted. The count is
     recorded in ``results.json`` (MultiKrum sizes its selection from each round's replies).
+    A second run on the same ``output-dir`` while this one runs raises
+    :class:`~softmerge.server.output_lock.OutputBusy`.
     """
+    if not settings.output_dir:
+        return _run_server(grid, settings, num_nodes)
+    with output_lock(Path(settings.output_dir)):
+        return _run_server(grid, settings, num_nodes)
+
+
+def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> ResultsWriter:
     task = task_data(settings)
     model = build_model(settings.dataset, seed=settings.seed)
     gate_split = task.gate.tensors()
@@ -62,7 +72,7 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
     if checkpoint is not None:
         done = checkpoint.server_round
         model.load_state_dict({name: torch.from_numpy(array) for name, array in checkpoint.arrays.items()})
-        writer.resume(load_results(output), done)
+        writer.resume(load_results_to_resume(output, done), done)
         log(INFO, "softmerge: resuming from the checkpoint of round %d in %s", done, output)
         if writer.earlier_software:
             log(WARNING, "softmerge: this run's earlier rounds ran under other versions (%s), now %s; "
@@ -76,6 +86,13 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
         except Exception:  # noqa: BLE001  (a grid that cannot list nodes yet just leaves n unknown)
             num_nodes = None
     writer.nodes = num_nodes
+    if num_nodes:
+        replies = max(int(num_nodes * settings.fraction_train), 2)
+        if problem := node_count_problem(settings.strategy, replies, settings.assumed_malicious):
+            # More nodes may still connect; a simulation checked this before it started.
+            log(WARNING, "softmerge: %s with %d nodes connected at the start and assumed-malicious %d: %s "
+                "(rounds with fewer replies do not get the rule's guarantee; Bulyan keeps the global model)",
+                settings.strategy, num_nodes, settings.assumed_malicious, problem)
     strategy = build_strategy(settings, model, gate_split, num_nodes=num_nodes)
     if settings.exclude_malicious:
         from ..simulations.oracle import exclude_partitions

@@ -48,9 +48,14 @@ class Checkpoint:
     strategy_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+# Run-config keys that change how a run is carried out, not what it computes: a run may
+# resume with a longer round timeout, say, after its clients timed out.
+OPERATIONAL_KEYS = frozenset({"output-dir", "resume", "round-timeout", "softmerge-threads"})
+
+
 def config_fingerprint(run_config: dict[str, Any]) -> str:
-    """Hash of the settings that shape the run (where results go does not)."""
-    relevant = {k: v for k, v in sorted(run_config.items()) if k != "output-dir"}
+    """Hash of the settings that shape the run (where results go, or how long a round may wait, do not)."""
+    relevant = {k: v for k, v in sorted(run_config.items()) if k not in OPERATIONAL_KEYS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 

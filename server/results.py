@@ -134,3 +134,23 @@ class ResultsWriter:
 def load_results(directory: str | os.PathLike) -> dict[str, Any]:
     with open(Path(directory) / "results.json", encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def load_results_to_resume(directory: str | os.PathLike, done: int) -> dict[str, Any]:
+    """The results a run resuming after round ``done`` continues; :class:`CheckpointError` if unreadable.
+
+    A checkpoint without its results would resume into a results.json missing every round
+    before the restart, which tables would read as the whole run.
+    """
+    from .checkpoint import CheckpointError
+
+    try:
+        previous = load_results(directory)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{directory} holds a checkpoint of round {done} but its results.json cannot be read "
+                              f"({type(error).__name__}: {error}); restore it, or delete the checkpoint to start "
+                              "over") from error
+    if not isinstance(previous, dict) or not isinstance(previous.get("rounds"), list):
+        raise CheckpointError(f"{directory}/results.json holds no rounds to resume after round {done}; restore "
+                              "it, or delete the checkpoint to start over")
+    return previous

@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ConfigError, RunSettings, parse_run_config
+from .config import ConfigError, RunSettings, check_simulation, parse_run_config
 
 RUNS = (
     ("fedavg-clean", "fedavg", False),
@@ -74,12 +74,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
             raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         config[key.strip()] = _parse_value(value.strip())
-    if args.clients < 2:
-        raise ConfigError(f"--clients must be at least 2, got {args.clients}")
     settings = parse_run_config(config)
-    outside = sorted(i for i in settings.malicious_ids if i >= args.clients)
-    if outside:
-        raise ConfigError(f"malicious partition ids {outside} do not exist with {args.clients} clients")
+    check_simulation(settings, args.clients)
     return settings
 
 

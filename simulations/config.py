@@ -15,7 +15,7 @@ from typing import Any
 
 from ..aggregation.merge import KEEP_MODES, MERGE_MODES, UNIT_KINDS
 from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_adaptive_attack, is_colluding_attack
-from .tasks import DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
+from .tasks import DATASET_CLASSES, DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
 
 STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fltrust",
               "centered-clipping", "geomed")
@@ -228,6 +228,43 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+def node_count_problem(strategy: str, replies: int, assumed_malicious: int) -> str | None:
+    """Why ``strategy`` cannot work on ``replies`` replies a round with f assumed malicious; None if it can.
+
+    Bulyan (El Mhamdi et al. 2018) needs n >= 4f + 3 and Krum (Blanchard et al. 2017) n >=
+    2f + 3; below that Flower's Bulyan raises every round (the round keeps the old model)
+    and Krum scores each reply on fewer than one neighbour's worth of distances.
+    """
+    f = assumed_malicious
+    if strategy == "bulyan" and replies < 4 * f + 3:
+        return f"Bulyan needs n >= 4f + 3 (n={replies}, f={f})"
+    if strategy in ("krum", "multikrum") and replies < 2 * f + 3:
+        return f"Krum needs n >= 2f + 3 (n={replies}, f={f})"
+    return None
+
+
+def check_simulation(settings: RunSettings, num_clients: int) -> None:
+    """Raise :class:`ConfigError` if a simulation of ``num_clients`` clients cannot run these settings.
+
+    Flower's strategies wait for two nodes before a round starts, so one client would wait
+    forever; malicious ids beyond the clients would silently attack (or, for the oracle,
+    leave out) nobody; and a robust rule given fewer replies than it needs would never
+    aggregate (Bulyan) or lose its guarantee (Krum).
+    """
+    if num_clients < 2:
+        raise ConfigError(f"a simulation needs at least 2 clients (Flower's strategies wait for 2); got {num_clients}")
+    outside = sorted(i for i in settings.malicious_ids if i >= num_clients)
+    # With no attack and no oracle the ids name nobody in particular, so they cannot be wrong.
+    if outside and (settings.attack != "none" or settings.exclude_malicious):
+        raise ConfigError(f"malicious partition ids {outside} do not exist with {num_clients} clients")
+    # Flower samples int(n * fraction_train) nodes a round, and at least two.
+    replies = max(int(num_clients * settings.fraction_train), 2)
+    problem = node_count_problem(settings.strategy, replies, settings.assumed_malicious)
+    if problem:
+        raise ConfigError(f"strategy '{settings.strategy}' with assumed-malicious {settings.assumed_malicious} "
+                          f"and {replies} replies a round: {problem}")
+
+
 def parse_run_config(run_config: Mapping[str, Any], *, check_paths: bool = True) -> RunSettings:
     """Check every key of a Flower run config and return typed settings.
 
@@ -254,6 +291,12 @@ def parse_run_config(run_config: Mapping[str, Any], *, check_paths: bool = True)
     settings = RunSettings(**values)
     settings.malicious_ids  # noqa: B018  (parses, raising ConfigError on bad text)
     settings.extreme_factors  # noqa: B018
+    classes = DATASET_CLASSES[settings.dataset]
+    if settings.backdoor_target >= classes:
+        # Out of range, the backdoored clients crash in training, their replies are dropped,
+        # and the attack success rate reads 0: a failed attack that looks like a defended one.
+        raise ConfigError(f"run-config key 'backdoor-target' must be a class of {settings.dataset} "
+                          f"(0..{classes - 1}); got {settings.backdoor_target}")
     if settings.softmerge_example_weights and settings.softmerge_mode != "weight":
         raise ConfigError("run-config key 'softmerge-example-weights' needs softmerge-mode = 'weight'; "
                           f"got softmerge-mode = {settings.softmerge_mode!r}")

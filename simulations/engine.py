@@ -11,12 +11,13 @@ inside three minutes on two cores. Its drawback is that it ignores
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
 from pathlib import Path
 
-from ..simulations.config import RunSettings
+from ..simulations.config import RunSettings, check_simulation
 
 # Flower and Ray read these at import time; nothing here may reach the network.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -38,8 +39,18 @@ def backend_config(num_cpus: int | None = None) -> dict:
 def run_experiment(settings: RunSettings, num_clients: int, log_file: Path | None = None) -> None:
     """Run one federated experiment to completion; raises if the ServerApp failed.
 
-    Results land in ``settings.output_dir`` (see :mod:`softmerge.server.results`).
+    Results land in ``settings.output_dir`` (see :mod:`softmerge.server.results`). Raises
+    :class:`~softmerge.server.output_lock.OutputBusy` at once, before any file is touched,
+    if another run is writing there.
     """
+    from ..server.output_lock import output_lock
+
+    check_simulation(settings, num_clients)
+    with output_lock(Path(settings.output_dir)) if settings.output_dir else contextlib.nullcontext():
+        _simulate(settings, num_clients, log_file)
+
+
+def _simulate(settings: RunSettings, num_clients: int, log_file: Path | None) -> None:
     from flwr.simulation import run_simulation
 
     from ..client.app import make_client_app

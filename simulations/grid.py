@@ -13,6 +13,11 @@ its results copied with ``reused_from`` naming it.
 The *oracle* cell of a setting is FedAvg over the honest clients alone with no attack:
 what a perfect filter would reach.
 
+Several grids may run on one output at once (one per core, say): each cell is locked
+while it runs (:mod:`softmerge.server.output_lock`), and a grid passes over a cell another
+is running. Each writes the tables from the cells it saw; ``--tables-only`` after the last
+one ends writes them from every cell.
+
 Outputs, rewritten after every cell that runs: ``cells.csv`` and ``cells.json`` (one row
 per cell) and ``tables.md`` (final accuracy per attack, worst case over attacks, backdoor
 attack success rate, SoftMerge's weight on malicious candidates). At the end, the PNG plots
@@ -31,7 +36,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import ConfigError, RunSettings, parse_run_config
+from ..server.checkpoint import OPERATIONAL_KEYS
+from ..server.output_lock import OutputBusy, output_lock
+from .config import ConfigError, RunSettings, node_count_problem, parse_run_config
 
 ORACLE = "oracle"
 NO_ATTACK = "none"
@@ -55,11 +62,9 @@ def malicious_ids(num_clients: int, fraction: float) -> list[int]:
 
 
 def not_applicable(cell: Cell, num_clients: int) -> str | None:
-    f = len(malicious_ids(num_clients, cell.fraction))
-    if cell.strategy == "bulyan" and num_clients < 4 * f + 3:
-        return f"Bulyan needs n >= 4f + 3 (n={num_clients}, f={f})"
-    if cell.strategy in ("krum", "multikrum") and num_clients < 2 * f + 3:
-        return f"Krum needs n >= 2f + 3 (n={num_clients}, f={f})"
+    problem = node_count_problem(cell.strategy, num_clients, len(malicious_ids(num_clients, cell.fraction)))
+    if problem:
+        return problem
     if cell.strategy == "fedtrimmedavg" and cell.fraction >= 0.5:
         return "the trimmed mean cannot trim a malicious majority"
     return None
@@ -80,8 +85,6 @@ def cell_settings(base: RunSettings, cell: Cell, num_clients: int, output: Path)
     )
 
 
-# Run-config keys that change how a run is carried out, not what it computes.
-OPERATIONAL_KEYS = frozenset({"output-dir", "resume", "round-timeout", "softmerge-threads"})
 # Keys that only one rule reads: another rule's cell is the same run whatever they say.
 RULE_KEYS = {"softmerge": ("softmerge-",), "fltrust": ("fltrust-",), "fedtrimmedavg": ("trim-beta",),
              "centered-clipping": ("cclip-",)}
@@ -666,10 +669,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from ..server.results import write_json_atomic
-    from .config import to_run_config
-    from .engine import run_experiment
-
     rows, failures = [], 0
     # How many rows the tables on disk hold, so that the final write happens only if rows were added since.
     rows_written = None
@@ -687,33 +686,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.tables_only:
             continue
-        if twin := no_attack_twin(output, cell, to_run_config(cell_settings(base, cell, args.clients, output)),
-                                    args.clients):
-            source, result = twin
-            directory = output / "cells" / cell.key
-            # An interrupted run of this cell is not needed any more.
-            remove_checkpoint(directory)
-            # The twin's results keep the settings it recorded, and say where they came from.
-            write_json_atomic(directory / "results.json", {**result, "reused_from": source})
-            tqdm.write(f"cell {cell.key}: the same run as {source} (no attack, fraction-free rule), reused")
-            rows.append(summarise_cell(cell, result, args.clients, "finished", 0.0))
-        else:
-            settings = cell_settings(base, cell, args.clients, output)
-            unusable = discard_unusable_checkpoint(output / "cells" / cell.key, settings)
-            if unusable:
-                tqdm.write(f"cell {cell.key}: its interrupted run cannot be resumed ({unusable}); starting over")
-            started = time.perf_counter()
-            try:
-                run_experiment(settings, args.clients, log_file=output / "cells" / cell.key / "flower.log")
-                result = load_cell(output, cell)
-                status = result.get("status", "failed") if result else "failed"
-            except Exception as error:  # noqa: BLE001  (one failed cell must not stop the grid)
-                result, status = None, "failed"
-                tqdm.write(f"cell {cell.key} failed: {type(error).__name__}: {error}")
-            seconds = time.perf_counter() - started
-            if status != "finished":
-                failures += 1
-            rows.append(summarise_cell(cell, result, args.clients, status, seconds))
+        try:
+            with output_lock(output / "cells" / cell.key):
+                row, ran = _run_cell(cell, base, args.clients, output)
+        except OutputBusy:
+            # Another grid on this output is running it: its row is that grid's to write.
+            tqdm.write(f"cell {cell.key}: running in another process; passed over")
+            rows.append(summarise_cell(cell, None, args.clients, "running", None))
+            continue
+        rows.append(row)
+        if ran and row["status"] != "finished":
+            failures += 1
         # After every cell that ran, so that the tables are current if the grid is stopped;
         # cells passed over change nothing until the final write below.
         _write_outputs(output, rows, tabled, attacks, fractions, args, base)
@@ -723,6 +706,44 @@ def main(argv: list[str] | None = None) -> int:
     plot_cells(output, cells, args.clients)
     print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
     return 1 if failures else 0
+
+
+def _run_cell(cell: Cell, base: RunSettings, num_clients: int, output: Path) -> tuple[dict, bool]:
+    """Run one unfinished cell, or copy its no-attack twin; returns (its row, whether it ran).
+
+    The caller holds the cell's lock.
+    """
+    from tqdm import tqdm
+
+    from ..server.results import write_json_atomic
+    from .config import to_run_config
+    from .engine import run_experiment
+
+    directory = output / "cells" / cell.key
+    if finished := finished_cell(output, cell):
+        # Another grid on this output finished it while this one was on its way here.
+        return summarise_cell(cell, finished, num_clients, "finished", finished.get("seconds")), False
+    settings = cell_settings(base, cell, num_clients, output)
+    if twin := no_attack_twin(output, cell, to_run_config(settings), num_clients):
+        source, result = twin
+        # An interrupted run of this cell is not needed any more.
+        remove_checkpoint(directory)
+        # The twin's results keep the settings it recorded, and say where they came from.
+        write_json_atomic(directory / "results.json", {**result, "reused_from": source})
+        tqdm.write(f"cell {cell.key}: the same run as {source} (no attack, fraction-free rule), reused")
+        return summarise_cell(cell, result, num_clients, "finished", 0.0), False
+    unusable = discard_unusable_checkpoint(directory, settings)
+    if unusable:
+        tqdm.write(f"cell {cell.key}: its interrupted run cannot be resumed ({unusable}); starting over")
+    started = time.perf_counter()
+    try:
+        run_experiment(settings, num_clients, log_file=directory / "flower.log")
+        result = load_cell(output, cell)
+        status = result.get("status", "failed") if result else "failed"
+    except Exception as error:  # noqa: BLE001  (one failed cell must not stop the grid)
+        result, status = None, "failed"
+        tqdm.write(f"cell {cell.key} failed: {type(error).__name__}: {error}")
+    return summarise_cell(cell, result, num_clients, status, time.perf_counter() - started), True
 
 
 def remove_checkpoint(directory: Path) -> None:
@@ -737,15 +758,18 @@ def discard_unusable_checkpoint(directory: Path, settings: RunSettings) -> str |
     """Delete an unfinished cell's checkpoint that its run cannot resume; returns why, or None.
 
     An interrupted cell resumes from its checkpoint, which the server refuses if it belongs
-    to another run config (an upgrade that adds a run-config key changes every config) or is
-    damaged. The grid owns its cell directories, so it starts such a cell over rather than
+    to another run config (an upgrade that adds a run-config key changes every config), is
+    damaged, or has lost its results.json. The grid owns its cell directories, so it starts such a cell over rather than
     fail it at every attempt.
     """
     from ..server.checkpoint import CheckpointError, config_fingerprint, load_checkpoint
+    from ..server.results import load_results_to_resume
     from .config import to_run_config
 
     try:
-        load_checkpoint(directory, config_fingerprint(to_run_config(settings)))
+        checkpoint = load_checkpoint(directory, config_fingerprint(to_run_config(settings)))
+        if checkpoint is not None:
+            load_results_to_resume(directory, checkpoint.server_round)
     except CheckpointError as error:
         remove_checkpoint(directory)
         # The server's advice (another output-dir, or delete the checkpoint) is what was just done.

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, parse_run_config
+from .config import ConfigError, check_simulation, parse_run_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
             config[key.strip()] = _parse_value(value.strip())
         settings = parse_run_config(config)
-        if args.clients < 1:
-            raise ConfigError(f"--clients must be at least 1, got {args.clients}")
+        check_simulation(settings, args.clients)
     except ConfigError as error:
         print(f"softmerge-run: configuration error: {error}", file=sys.stderr)
         return 2

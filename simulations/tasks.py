@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 DATASETS = ("digits", "fashion-mnist")
+# Known before any data is loaded, so that a run config can be checked against it.
+DATASET_CLASSES = {"digits": 10, "fashion-mnist": 10}
 PARTITIONINGS = ("iid", "dirichlet")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {

@@ -125,6 +125,43 @@ def test_cli_rejects_bad_config_before_any_run(capsys, tmp_path):
     assert "--set takes KEY=VALUE" in capsys.readouterr().err
 
 
+def test_a_backdoor_target_outside_the_classes_is_refused():
+    assert parse_run_config({"backdoor-target": 9}).backdoor_target == 9
+    with pytest.raises(ConfigError, match=r"'backdoor-target' must be a class of digits \(0..9\); got 10"):
+        parse_run_config({"backdoor-target": 10})
+
+
+@pytest.mark.parametrize("clients, config, message", [
+    (1, {}, "at least 2 clients"),
+    (4, {"malicious-partitions": "1,7"}, r"ids \[7\] do not exist with 4 clients"),
+    (10, {"strategy": "bulyan", "assumed-malicious": 3}, r"Bulyan needs n >= 4f \+ 3 \(n=10, f=3\)"),
+    (20, {"strategy": "bulyan", "assumed-malicious": 4, "fraction-train": 0.5},
+     r"10 replies a round: Bulyan needs"),
+    (6, {"strategy": "krum", "assumed-malicious": 2, "malicious-partitions": "0"}, r"Krum needs n >= 2f \+ 3"),
+])
+def test_a_simulation_that_could_not_run_is_refused_before_it_starts(clients, config, message):
+    """One client waited forever for Flower's second; Bulyan on too few replies never aggregated."""
+    from softmerge.simulations.config import check_simulation
+
+    with pytest.raises(ConfigError, match=message):
+        check_simulation(parse_run_config(config), clients)
+
+
+def test_a_simulation_that_can_run_passes_the_check():
+    from softmerge.simulations.config import check_simulation
+
+    check_simulation(parse_run_config({"strategy": "bulyan", "assumed-malicious": 1}), 10)
+    check_simulation(parse_run_config({"strategy": "krum", "assumed-malicious": 3, "malicious-partitions": "0"}), 9)
+    check_simulation(parse_run_config({"malicious-partitions": "1"}), 2)
+
+
+def test_softmerge_run_reports_a_simulation_that_could_not_run(capsys):
+    from softmerge.simulations.run import main
+
+    assert main(["--clients", "1"]) == 2
+    assert "at least 2 clients" in capsys.readouterr().err
+
+
 def test_cli_reports_a_missing_dataset(capsys, tmp_path):
     from softmerge.simulations.cli import main
 

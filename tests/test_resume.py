@@ -86,10 +86,12 @@ def test_a_pending_state_that_names_another_model_is_not_taken(tmp_path):
         load_checkpoint(tmp_path, "abc")
 
 
-def test_fingerprint_ignores_only_the_output_dir():
-    base = {"seed": 0, "output-dir": "a"}
-    assert config_fingerprint(base) == config_fingerprint({"seed": 0, "output-dir": "b"})
-    assert config_fingerprint(base) != config_fingerprint({"seed": 1, "output-dir": "a"})
+def test_fingerprint_ignores_only_how_a_run_is_carried_out():
+    """A run may resume elsewhere, or with a longer round timeout after its clients timed out."""
+    base = {"seed": 0, "output-dir": "a", "round-timeout": 600.0, "softmerge-threads": 1, "resume": True}
+    for key, other in {"output-dir": "b", "round-timeout": 1200.0, "softmerge-threads": 2, "resume": False}.items():
+        assert config_fingerprint(base) == config_fingerprint({**base, key: other})
+    assert config_fingerprint(base) != config_fingerprint({**base, "seed": 1})
 
 
 def _command(output):
@@ -223,3 +225,21 @@ def test_centered_clipping_resumes_from_its_previous_aggregate(tmp_path):
     damaged = clipping()
     damaged.restore_checkpoint_arrays({"applied_update": np.full(3, np.nan)})
     assert damaged.applied_update is None
+
+
+@pytest.mark.parametrize("damage", ["missing", "not json", "no rounds"])
+def test_a_checkpoint_whose_results_are_lost_is_refused_with_a_reason_and_the_grid_starts_it_over(tmp_path, damage):
+    from softmerge.server.results import load_results_to_resume
+    from softmerge.simulations.config import RunSettings, to_run_config
+    from softmerge.simulations.grid import discard_unusable_checkpoint
+
+    settings = RunSettings(output_dir=str(tmp_path))
+    save_checkpoint(tmp_path, 2, {"w": np.ones(2, np.float32)}, config_fingerprint(to_run_config(settings)))
+    if damage == "not json":
+        (tmp_path / "results.json").write_text("{half a fi")
+    elif damage == "no rounds":
+        (tmp_path / "results.json").write_text(json.dumps({"status": "running"}))
+    with pytest.raises(CheckpointError, match="round 2.*delete the checkpoint to start over"):
+        load_results_to_resume(tmp_path, 2)
+    assert "results.json" in discard_unusable_checkpoint(tmp_path, settings)
+    assert not (tmp_path / "checkpoint.json").exists() and not (tmp_path / "checkpoint.npz").exists()
