@@ -9,11 +9,12 @@
 #
 #   bash benchmarks/reference_grid.sh            # everything, in order
 #   bash benchmarks/reference_grid.sh 1 2        # only stages 1 and 2
+#   JOBS=4 bash benchmarks/reference_grid.sh     # four grids at once on one output (softmerge-grid --jobs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SIM=${SIM:-.venv/bin/softmerge-grid}
 OUT=benchmarks/fmnist-grid
-COMMON=(--dataset fashion-mnist --clients 20 --rounds 30 --alpha 0.5 --output "$OUT"
+COMMON=(--dataset fashion-mnist --clients 20 --rounds 30 --alpha 0.5 --output "$OUT" --jobs "${JOBS:-1}"
         --set client-pool-size=12000 --set local-epochs=1 --set batch-size=32 --set learning-rate=0.05
         --set server-gate-size=300 --set server-test-size=2000)
 ATTACKS=none,label-flip,sign-flip,gaussian,scaling,extreme,backdoor,backdoor-replace,layer-stealth,backdoor-evade,alie,ipm-0.1,ipm-100,min-max,min-sum,fang,mimic

@@ -15,8 +15,9 @@ what a perfect filter would reach.
 
 Several grids may run on one output at once (one per core, say): each cell is locked
 while it runs (:mod:`softmerge.server.output_lock`), and a grid passes over a cell another
-is running. Each writes the tables from the cells it saw; ``--tables-only`` after the last
-one ends writes them from every cell.
+is running. ``--jobs N`` starts N such grids as worker processes and, when the last one
+ends, writes the tables and plots from every cell; grids started by hand each write the
+tables from the cells they saw, and ``--tables-only`` after the last one writes them all.
 
 Outputs, rewritten after every cell that runs: ``cells.csv`` and ``cells.json`` (one row
 per cell) and ``tables.md`` (final accuracy per attack, worst case over attacks, backdoor
@@ -609,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="list the cells and exit")
     parser.add_argument("--tables-only", action="store_true",
                         help="run nothing: rebuild cells.json, the tables and the plots from the cells on disk")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="grids to run at once on this output, one process each (a cell is locked while it "
+                        "runs, so each takes the next free one); their logs go to <output>/workers/, and the "
+                        "tables and plots are written from every cell when the last one ends (default 1)")
+    # A worker of --jobs: it runs cells and leaves the plots to the grid that started it.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -642,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
             parse_run_config({"attack": attack})
         if any(not 0 < f < 1 for f in fractions):
             raise ConfigError(f"--fractions must lie in (0, 1), got {fractions}")
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     except (ConfigError, ValueError) as error:
         print(f"softmerge-grid: configuration error: {error}", file=sys.stderr)
         return 2
@@ -664,8 +673,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     output.mkdir(parents=True, exist_ok=True)
-    if not args.tables_only:
-        record_invocation(output / "grid.json", argv if argv is not None else sys.argv[1:], config)
+    given = list(argv if argv is not None else sys.argv[1:])
+    if args.jobs > 1 and not args.tables_only:
+        record_invocation(output / "grid.json", given, config)
+        failed = run_workers(given, args.jobs, output, [c for c in cells if not not_applicable(c, args.clients)])
+        code = main([*given, "--tables-only"])
+        return 1 if failed or code else 0
+    if not args.tables_only and not args.worker:
+        record_invocation(output / "grid.json", given, config)
 
     from tqdm import tqdm
 
@@ -703,9 +718,57 @@ def main(argv: list[str] | None = None) -> int:
         rows_written = len(rows)
     if rows_written != len(rows):
         _write_outputs(output, rows, tabled, attacks, fractions, args, base)
-    plot_cells(output, cells, args.clients)
+    if not args.worker:
+        plot_cells(output, cells, args.clients)
     print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
     return 1 if failures else 0
+
+
+def run_workers(argv: list[str], jobs: int, output: Path, runnable: list[Cell]) -> int:
+    """Run ``jobs`` copies of this grid as worker processes; returns how many of them failed.
+
+    Each worker walks the same cells and runs the first one no other worker holds, so the
+    cells spread over the workers without a scheduler. One progress bar counts the
+    finished cells on disk.
+    """
+    import subprocess
+
+    from tqdm import tqdm
+
+    logs = output / "workers"
+    logs.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "softmerge.simulations.grid", *_without_jobs(argv), "--worker"]
+    workers = []
+    for index in range(jobs):
+        with open(logs / f"{index}.log", "w") as log:
+            workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+    progress = tqdm(total=len(runnable), desc=f"grid ({jobs} jobs)", unit="cell", dynamic_ncols=True)
+    while True:
+        running = [worker for worker in workers if worker.poll() is None]
+        progress.n = sum(finished_cell(output, cell) is not None for cell in runnable)
+        progress.set_postfix_str(f"{len(running)} workers running")
+        progress.refresh()
+        if not running:
+            break
+        time.sleep(5)
+    progress.close()
+    failed = [index for index, worker in enumerate(workers) if worker.returncode != 0]
+    for index in failed:
+        print(f"softmerge-grid: worker {index} ended with {workers[index].returncode}; see {logs / f'{index}.log'}",
+              file=sys.stderr)
+    return len(failed)
+
+
+def _without_jobs(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--jobs":
+            skip = True
+        elif not item.startswith("--jobs="):
+            kept.append(item)
+    return kept
 
 
 def _run_cell(cell: Cell, base: RunSettings, num_clients: int, output: Path) -> tuple[dict, bool]:

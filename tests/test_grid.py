@@ -480,3 +480,21 @@ def test_an_accuracy_plot_changes_when_a_later_seed_finishes(tmp_path):
     finish("fedavg__alie__f0.2__s1", 0.7)
     plot_cells(tmp_path, cells, 10)
     assert figure.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_jobs_split_the_cells_over_workers_and_write_the_tables_from_all(tmp_path, capsys):
+    argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "softmerge,fedavg",
+            "--attacks", "none,sign-flip", "--fractions", "0.25", "--no-oracle", "--output", str(tmp_path),
+            "--jobs", "2"]
+    assert main(argv) == 0
+    rows = {row["key"]: row for row in json.loads((tmp_path / "cells.json").read_text())}
+    assert len(rows) == 4 and all(row["status"] == "finished" for row in rows.values())
+    logs = [(tmp_path / "workers" / f"{index}.log").read_text() for index in range(2)]
+    # Every cell ran once: a worker either ran it, found it finished, or passed over it while the other ran it.
+    assert not any(" failed: " in log for log in logs) and all("0 failed" in log for log in logs)
+    assert (tmp_path / "plots" / "accuracy__sign-flip__f0.25.png").is_file()
+    invocations = json.loads((tmp_path / "grid.json").read_text())["invocations"]
+    assert invocations == [argv]
+    assert main([*argv[:-2], "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
