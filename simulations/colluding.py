@@ -283,6 +283,12 @@ def mimic_target_index(benign: np.ndarray) -> int:
     ``|<v, g_i - mu>|`` for v the top right-singular vector of the centred rows (the
     absolute value because the sign of v is arbitrary). Ties go to the lowest index; with
     identical rows there is no direction and row 0 is chosen.
+
+    The target is chosen again every round, from that round's updates. The authors'
+    attack estimates the direction over a warm-up of rounds and then copies one client
+    for the rest of training, a steadier bias; that variant is not implemented (a
+    reviewer's check, session 26: over 20 rounds of 8 skewed clients this rule picked 5
+    different targets, the published one 1).
     """
     benign = _check_benign(benign)
     centred = benign - benign.mean(axis=0)
