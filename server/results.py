@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..aggregation import GateReport
+from .checkpoint import CheckpointError
 
 CSV_COLUMNS = ("round", "test_accuracy", "test_loss", "backdoor_asr", "round_seconds", "aggregate_seconds",
                "gate_steps", "excluded")
@@ -142,8 +143,6 @@ def load_results_to_resume(directory: str | os.PathLike, done: int) -> dict[str,
     A checkpoint without its results would resume into a results.json missing every round
     before the restart, which tables would read as the whole run.
     """
-    from .checkpoint import CheckpointError
-
     try:
         previous = load_results(directory)
     except (OSError, ValueError) as error:

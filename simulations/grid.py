@@ -743,9 +743,12 @@ def run_workers(argv: list[str], jobs: int, output: Path, runnable: list[Cell]) 
         with open(logs / f"{index}.log", "w") as log:
             workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
     progress = tqdm(total=len(runnable), desc=f"grid ({jobs} jobs)", unit="cell", dynamic_ncols=True)
+    waiting = list(runnable)
     while True:
         running = [worker for worker in workers if worker.poll() is None]
-        progress.n = sum(finished_cell(output, cell) is not None for cell in runnable)
+        # A finished cell stays finished: only the others are read again.
+        waiting = [cell for cell in waiting if finished_cell(output, cell) is None]
+        progress.n = len(runnable) - len(waiting)
         progress.set_postfix_str(f"{len(running)} workers running")
         progress.refresh()
         if not running:
@@ -813,7 +816,8 @@ def remove_checkpoint(directory: Path) -> None:
     """Delete a cell's checkpoint files, if any."""
     from ..server.checkpoint import MODEL_FILE, STATE_FILE
 
-    for name in (STATE_FILE, MODEL_FILE):
+    # With the temporary files of a save that was cut short, which loading would otherwise finish.
+    for name in (STATE_FILE, MODEL_FILE, STATE_FILE + ".tmp", MODEL_FILE + ".tmp"):
         (directory / name).unlink(missing_ok=True)
 
 
