@@ -17,7 +17,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from ..simulations.colluding import is_colluding_attack
-from ..simulations.config import RunSettings, node_count_problem, parse_run_config, task_data, to_run_config
+from ..simulations.config import (RunSettings, node_count_problem, parse_run_config, replies_per_round, task_data,
+                                 to_run_config)
 from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
 from .checkpoint import config_fingerprint, load_checkpoint, restore_rng_state, save_checkpoint
 from .output_lock import output_lock
@@ -87,7 +88,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
             num_nodes = None
     writer.nodes = num_nodes
     if num_nodes:
-        replies = max(int(num_nodes * settings.fraction_train), 2)
+        replies = replies_per_round(settings, num_nodes)
         if problem := node_count_problem(settings.strategy, replies, settings.assumed_malicious):
             # More nodes may still connect; a simulation checked this before it started.
             log(WARNING, "softmerge: %s with %d nodes connected at the start and assumed-malicious %d: %s "

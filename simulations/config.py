@@ -243,6 +243,11 @@ def node_count_problem(strategy: str, replies: int, assumed_malicious: int) -> s
     return None
 
 
+def replies_per_round(settings: RunSettings, num_nodes: int) -> int:
+    """How many nodes a round trains: Flower samples int(n * fraction_train), and at least two."""
+    return max(int(num_nodes * settings.fraction_train), 2)
+
+
 def check_simulation(settings: RunSettings, num_clients: int) -> None:
     """Raise :class:`ConfigError` if a simulation of ``num_clients`` clients cannot run these settings.
 
@@ -257,8 +262,7 @@ def check_simulation(settings: RunSettings, num_clients: int) -> None:
     # With no attack and no oracle the ids name nobody in particular, so they cannot be wrong.
     if outside and (settings.attack != "none" or settings.exclude_malicious):
         raise ConfigError(f"malicious partition ids {outside} do not exist with {num_clients} clients")
-    # Flower samples int(n * fraction_train) nodes a round, and at least two.
-    replies = max(int(num_clients * settings.fraction_train), 2)
+    replies = replies_per_round(settings, num_clients)
     problem = node_count_problem(settings.strategy, replies, settings.assumed_malicious)
     if problem:
         raise ConfigError(f"strategy '{settings.strategy}' with assumed-malicious {settings.assumed_malicious} "
