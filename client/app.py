@@ -21,6 +21,7 @@ from ..simulations.config import (
     RunSettings,
     parse_run_config,
     partition_data,
+    replies_per_round,
     task_data,
     trains_backdoor,
 )
@@ -123,6 +124,9 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
 
     if malicious:
         rank = sorted(settings.malicious_ids).index(partition_id)
+        # Model replacement's gamma is the number of updates the server averages, which is
+        # fewer than the partitions when a round samples (fraction-train < 1).
+        averaged_per_round = float(replies_per_round(settings, num_partitions))
         attack = settings.attack
         if attack == "extreme":
             factors = settings.extreme_factors
@@ -132,11 +136,11 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
             attack, scale = ("scaling", settings.backdoor_boost) if settings.backdoor_boost > 0 else ("none", 1.0)
         elif attack == "backdoor-replace":
             # Bagdasaryan et al.'s model replacement: boost by gamma ~ n so the average becomes the backdoor.
-            attack, scale = "scaling", settings.backdoor_boost or float(num_partitions)
+            attack, scale = "scaling", settings.backdoor_boost or averaged_per_round
         elif attack not in CLIENT_ATTACKS:
             attack, scale = "none", 1.0  # backdoor-evade(-<q>): the harness moves the trained backdoor
         else:
-            scale = settings.attack_scale or float(num_partitions)
+            scale = settings.attack_scale or averaged_per_round
         state = poison_state(attack, global_state, state, scale=scale, std=settings.gaussian_std,
                              generator=torch.Generator().manual_seed(seed))
 

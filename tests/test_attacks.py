@@ -90,20 +90,36 @@ def test_only_a_malicious_client_claims_the_inflated_example_count(partition, at
     assert reply.content["metrics"]["num-examples"] == (10**6 if inflated else true_count)
 
 
-def _trained_reply(attack, partition=3):
+def _trained_reply(attack, partition=3, num_partitions=4, **run_config):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
     from softmerge.client.app import train_reply
     from softmerge.simulations.config import parse_run_config
     from softmerge.simulations.tasks import build_model
 
-    settings = parse_run_config({"attack": attack, "malicious-partitions": "3", "local-epochs": 1})
-    context = Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition, "num-partitions": 4},
+    settings = parse_run_config({"attack": attack, "malicious-partitions": "3", "local-epochs": 1, **run_config})
+    context = Context(run_id=1, node_id=partition + 1,
+                      node_config={"partition-id": partition, "num-partitions": num_partitions},
                       state=RecordDict(), run_config={})
     instruction = Message(RecordDict({"arrays": ArrayRecord(build_model(settings.dataset).state_dict()),
                                       "config": ConfigRecord({"server-round": 1})}),
                           dst_node_id=partition + 1, message_type="train")
     return train_reply(instruction, context, settings).content["arrays"].to_torch_state_dict()
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("attack", "explicit_boost"), [("scaling", "attack-scale"),
+                                                        ("backdoor-replace", "backdoor-boost")])
+def test_model_replacement_boosts_by_the_clients_a_round_averages_not_the_partitions(attack, explicit_boost):
+    # 8 partitions at fraction-train 0.5: Flower averages 4 replies a round, so gamma = 4.
+    sampled = _trained_reply(attack, num_partitions=8, **{"fraction-train": 0.5})
+    by_hand = _trained_reply(attack, num_partitions=8, **{explicit_boost: 4.0})
+    every_partition = _trained_reply(attack, num_partitions=8, **{explicit_boost: 8.0})
+    assert all(torch.allclose(sampled[name], by_hand[name]) for name in by_hand)
+    assert not all(torch.allclose(sampled[name], every_partition[name]) for name in by_hand)
+    # With every client in every round the boost is still the number of partitions.
+    full = _trained_reply(attack, num_partitions=8)
+    assert all(torch.allclose(full[name], every_partition[name]) for name in by_hand)
 
 
 @pytest.mark.usefixtures("task_identity")
