@@ -27,6 +27,10 @@ from .strategies import build_strategy
 
 app = ServerApp()
 
+# The simulation adversary's round-to-round state (mimic-fixed's target) rides in the
+# checkpoint's strategy arrays under this prefix, apart from the strategy's own.
+ADVERSARY_PREFIX = "adversary/"
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
@@ -99,6 +103,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
         from ..simulations.oracle import exclude_partitions
 
         exclude_partitions(strategy, settings.malicious_ids)
+    adversary = None
     if is_colluding_attack(settings.attack):
         # Simulation only: an omniscient adversary rewrites the malicious replies from the
         # benign ones before the defense sees them; the defense is never told who they are.
@@ -111,7 +116,9 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
             # The adaptive attacker holds as much clean data as the server's gate split.
             sample = attacker_sample(task, settings.server_gate_size, settings.seed)
             adaptive["loss_of"] = clean_loss_oracle(build_model(settings.dataset, seed=settings.seed), sample)
-        make_colluding(strategy, settings.attack, settings.malicious_ids, seed=settings.seed, **adaptive)
+        adversary = make_colluding(strategy, settings.attack, settings.malicious_ids, seed=settings.seed, **adaptive)
+        if checkpoint is not None:
+            adversary.restore_checkpoint_arrays(_prefixed(checkpoint.strategy_arrays, ADVERSARY_PREFIX))
     if checkpoint is not None and hasattr(strategy, "load_trust_state") and "trust_record" in checkpoint.state:
         # Node IDs are the record's keys. A deployment's nodes keep theirs; a simulation draws
         # new ones on every start, and the strategy then moves each record to its client's label.
@@ -139,7 +146,9 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
             gate_state = {"gate_log_alpha": report.log_alpha, "gate_candidates": report.candidates} if report else {}
             if getattr(strategy, "trust", False):
                 gate_state["trust_record"] = strategy.trust_state()
-            carried = strategy.checkpoint_arrays() if hasattr(strategy, "checkpoint_arrays") else None
+            carried = dict(strategy.checkpoint_arrays()) if hasattr(strategy, "checkpoint_arrays") else {}
+            if adversary is not None:
+                carried.update({ADVERSARY_PREFIX + name: a for name, a in adversary.checkpoint_arrays().items()})
             save_checkpoint(output, server_round, {k: a.numpy() for k, a in arrays.items()}, fingerprint, gate_state,
                             strategy_arrays=carried)
         return MetricRecord(metrics)
@@ -162,6 +171,11 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
         )
     writer.flush(status="finished")
     return writer
+
+
+def _prefixed(arrays: dict, prefix: str) -> dict:
+    """The entries of ``arrays`` whose names start with ``prefix``, the prefix dropped."""
+    return {name[len(prefix):]: array for name, array in arrays.items() if name.startswith(prefix)}
 
 
 def offset_rounds(strategy: FedAvg, offset: int) -> FedAvg:

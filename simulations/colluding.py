@@ -17,7 +17,11 @@ deviation of the benign rows; ddof=0 keeps sigma defined for a single benign row
 - Fang's trim attack (Fang, Cao, Jia & Gong, USENIX Security 2020, the full-knowledge
   attack on trimmed mean / median), applied to updates (see :func:`fang_trim`).
 - Mimic (Karimireddy, He & Jaggi, ICLR 2022): every malicious client sends the update of
-  one honest client (see :func:`mimic_target_index`).
+  one honest client. ``mimic`` picks that client again every round (see
+  :func:`mimic_target_index`); ``mimic-fixed`` is the authors' attack: it estimates the
+  direction of largest heterogeneity over a warm-up of rounds and then copies the same
+  client for the rest of training (see :class:`FixedMimic`; ``mimic-fixed-<rounds>`` sets
+  the warm-up, default 1 as in the authors' code).
 - Backdoor within the validation loss (``backdoor-evade``; gate-aware, adaptive): the
   malicious clients train the backdoor, and each sends ``mu + gamma * (u - mu)``, its own
   backdoored update ``u`` moved from the benign mean ``mu`` (gamma = 1 is ``u`` as
@@ -61,7 +65,10 @@ DEFAULT_JITTER = 0.01
 
 # Canonical attack names accepted by craft_malicious_updates. "ipm-<eps>" accepts any
 # positive number, and "min-max-<p>" / "min-sum-<p>" name the perturbation in the name.
-COLLUDING_ATTACKS = ("alie", "ipm-0.1", "ipm-100", "min-max", "min-sum", "fang", "mimic")
+COLLUDING_ATTACKS = ("alie", "ipm-0.1", "ipm-100", "min-max", "min-sum", "fang", "mimic", "mimic-fixed")
+# Rounds over which mimic-fixed estimates its direction before it fixes its target: one,
+# the default of the authors' code (a warm-up of one step).
+DEFAULT_MIMIC_WARMUP = 1
 # Attacks that also need the attacker's loss on its own clean data: the harness runs them.
 ADAPTIVE_ATTACKS = ("backdoor-evade",)
 
@@ -306,6 +313,110 @@ def mimic(benign: np.ndarray, num_malicious: int, target: int | str = "pca") -> 
     return _repeat(benign[index], num_malicious)
 
 
+def mimic_power_step(benign: np.ndarray, mean: np.ndarray, direction: np.ndarray) -> np.ndarray | None:
+    """One power step on the benign scatter about ``mean``: ``sum_i <g_i - mean, z> (g_i - mean)``, normalised.
+
+    None when the step vanishes (every row equals ``mean``, or ``z`` is orthogonal to all of
+    them): there is no direction to follow this round.
+    """
+    centred = _check_benign(benign) - mean
+    step = centred.T @ (centred @ direction)
+    norm = np.linalg.norm(step)
+    return step / norm if norm > 0 and np.isfinite(norm) else None
+
+
+class FixedMimic:
+    """The authors' Mimic: the direction of largest heterogeneity over a warm-up, then one client for good.
+
+    Karimireddy, He & Jaggi (ICLR 2022, "Byzantine-robust learning on heterogeneous
+    datasets via bucketing"), their variant with a warm-up of ``warmup`` rounds. In warm-up
+    round t (t = 0, 1, ...), with ``avg`` the mean of that round's benign updates g_i:
+
+    - t = 0: ``mu = avg``; ``z`` is one power step (:func:`mimic_power_step`) from a random
+      Gaussian vector;
+    - t > 0: ``mu <- (t mu + avg) / (t + 1)``; ``z <- (t z + step) / (t + 1)``, normalised,
+      ``step`` the normalised power step from ``z`` about the running ``mu``;
+    - the round's target is the client with the largest ``<g_i, z>``.
+
+    After the warm-up the last target is kept: every malicious client sends that client's
+    update, whatever the updates do. Clients are known by their labels (partition ids),
+    not by row, because the rows of a round come in any order. A round in which the fixed
+    target did not reply (sampling) copies the client with the largest ``<g_i, z>`` instead
+    and keeps the target; the authors' setting has every client in every round.
+    """
+
+    def __init__(self, warmup: int = DEFAULT_MIMIC_WARMUP) -> None:
+        if isinstance(warmup, bool) or not float(warmup).is_integer() or warmup < 1:
+            raise ValueError(f"mimic-fixed's warm-up is a whole number of rounds >= 1; got {warmup!r}")
+        self.warmup = int(warmup)
+        self.rounds_seen = 0
+        self.mean: np.ndarray | None = None
+        self.direction: np.ndarray | None = None
+        self.target: int | None = None
+
+    def choose(self, benign: np.ndarray, labels: list[int], rng: np.random.Generator) -> int:
+        """The row of ``benign`` to copy this round (``labels[i]`` names row i's client)."""
+        benign = _check_benign(benign)
+        if len(labels) != benign.shape[0]:
+            raise ValueError(f"{len(labels)} labels for {benign.shape[0]} benign rows")
+        if self.direction is not None and self.direction.shape[0] != benign.shape[1]:
+            raise ValueError(f"mimic-fixed's direction has {self.direction.shape[0]} coordinates, "
+                             f"the updates {benign.shape[1]}")
+        if self.rounds_seen >= self.warmup:
+            if self.target in labels:
+                return labels.index(self.target)
+            return int(np.argmax(benign @ self.direction))  # the target is absent this round; it stays the target
+        self._learn_direction(benign, rng)
+        self.rounds_seen += 1
+        index = int(np.argmax(benign @ self.direction))
+        self.target = labels[index]
+        return index
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """What a resumed run needs to attack as an uninterrupted one (empty before the first round)."""
+        if self.direction is None:
+            return {}
+        return {"mean": self.mean, "direction": self.direction,
+                "rounds_seen": np.array(self.rounds_seen, dtype=np.int64),
+                "target": np.array(self.target, dtype=np.int64)}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take back :meth:`to_arrays`' output; raises ValueError (and changes nothing) if it is malformed."""
+        if not arrays:
+            return
+        try:
+            mean, direction = np.asarray(arrays["mean"]), np.asarray(arrays["direction"])
+            rounds_seen, target = np.asarray(arrays["rounds_seen"]), np.asarray(arrays["target"])
+        except KeyError as missing:
+            raise ValueError(f"mimic-fixed's saved state lacks {missing}") from None
+        if (mean.ndim != 1 or mean.shape != direction.shape or not np.isfinite(mean).all()
+                or not np.isfinite(direction).all() or not np.isclose(np.linalg.norm(direction), 1.0)):
+            raise ValueError("mimic-fixed's saved mean and direction are not two finite vectors, "
+                             "the direction of unit length")
+        if rounds_seen.shape or target.shape or rounds_seen.dtype.kind != "i" or target.dtype.kind != "i" \
+                or rounds_seen < 1:
+            raise ValueError("mimic-fixed's saved round count and target are not integers (count >= 1)")
+        self.mean, self.direction = mean.astype(np.float64), direction.astype(np.float64)
+        self.rounds_seen, self.target = int(rounds_seen), int(target)
+
+    def _learn_direction(self, benign: np.ndarray, rng: np.random.Generator) -> None:
+        average = benign.mean(axis=0)
+        t = self.rounds_seen
+        if t == 0:
+            self.mean = average
+            start = rng.standard_normal(benign.shape[1])
+            step = mimic_power_step(benign, self.mean, start)
+            self.direction = step if step is not None else start / np.linalg.norm(start)
+            return
+        self.mean = (t * self.mean + average) / (t + 1)
+        step = mimic_power_step(benign, self.mean, self.direction)
+        if step is not None:
+            blended = (t * self.direction + step) / (t + 1)
+            norm = np.linalg.norm(blended)
+            if norm > 0:
+                self.direction = blended / norm
+
+
 # --- jittered Sybils --------------------------------------------------------------------
 
 def jitter_copies(crafted: np.ndarray, benign: np.ndarray, rng: np.random.Generator,
@@ -362,6 +473,7 @@ def largest_scale_within(loss_at: Callable[[float], float], threshold: float, up
 _IPM_NAME = re.compile(r"^ipm(?:-(?P<eps>.+))?$")
 _JITTER_NAME = re.compile(r"^(?P<base>.+?)-jitter(?:-(?P<scale>.+))?$")
 _DEVIATION_NAME = re.compile(r"^(?P<kind>min-max|min-sum)(?:-(?P<p>unit|sign|std))?$")
+_MIMIC_FIXED_NAME = re.compile(r"^mimic-fixed-(?P<rounds>.+)$")
 _EVADE_NAME = re.compile(r"^backdoor-evade(?:-(?P<q>.+))?$")
 
 
@@ -406,8 +518,14 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
         scale = (DEFAULT_JITTER if jitter_match["scale"] is None else
                  _positive_number(jitter_match["scale"], f"attack {name!r}: -jitter-<scale>", "mimic-jitter-0.3"))
         return kind, {**params, "jitter": scale}
-    if name in ("alie", "fang", "mimic"):
+    if name in ("alie", "fang", "mimic", "mimic-fixed"):
         return name, {}
+    warmup_match = _MIMIC_FIXED_NAME.match(name)
+    if warmup_match:
+        rounds = _positive_number(warmup_match["rounds"], f"attack {name!r}: mimic-fixed-<rounds>", "mimic-fixed-5")
+        if not rounds.is_integer():
+            raise ValueError(f"attack {name!r}: mimic-fixed-<rounds> needs a whole number of warm-up rounds")
+        return "mimic-fixed", {"warmup": int(rounds)}
     evade_match = _EVADE_NAME.match(name)
     if evade_match:
         if evade_match["q"] is None:
@@ -430,7 +548,8 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
         params = {"perturbation": deviation_match["p"]} if deviation_match["p"] else {}
         return deviation_match["kind"], params
     raise ValueError(f"unknown colluding attack {name!r}; known: {', '.join(COLLUDING_ATTACKS + ADAPTIVE_ATTACKS)}, "
-                     "ipm-<eps>, min-max-<unit|sign|std>, min-sum-<unit|sign|std>, backdoor-evade-<quantile>, "
+                     "ipm-<eps>, min-max-<unit|sign|std>, min-sum-<unit|sign|std>, mimic-fixed-<warm-up rounds>, "
+                     "backdoor-evade-<quantile>, "
                      "each optionally with -jitter or -jitter-<scale> (e.g. min-sum-jitter, mimic-jitter-0.3)")
 
 
@@ -447,7 +566,9 @@ def craft_malicious_updates(
     Names: ``alie``, ``ipm-<eps>`` (``ipm-0.1``, ``ipm-100``; plain ``ipm`` takes
     ``epsilon=``), ``min-max`` / ``min-sum`` (optionally ``-unit``, ``-sign`` or ``-std``,
     default std; or ``perturbation=``), ``fang`` (needs ``rng``; ``b=``), ``mimic``
-    (``target=``). Keyword ``params`` override what the name implies. Any of them with
+    (``target=``), ``mimic-fixed`` (needs ``rng``, ``tracker=``, the :class:`FixedMimic`
+    that carries its target from round to round, and ``labels=``, the benign rows'
+    client labels). Keyword ``params`` override what the name implies. Any of them with
     ``-jitter`` appended (or ``jitter=<scale>``) goes through :func:`jitter_copies`, which
     needs ``rng``; ``jitter=0`` sends the copies unjittered.
     """
@@ -471,6 +592,17 @@ def craft_malicious_updates(
         if rng is None:
             raise ValueError("the fang attack samples its values: pass a numpy Generator as rng")
         crafted = fang_trim(benign_updates, num_malicious, rng, **params)
+    elif kind == "mimic-fixed":
+        tracker, labels = params.pop("tracker", None), params.pop("labels", None)
+        params.pop("warmup", None)  # the tracker was built with it
+        if tracker is None or labels is None or rng is None:
+            raise ValueError("mimic-fixed chooses its target over rounds: pass tracker=FixedMimic(warmup), "
+                             "labels= (one per benign row) and rng")
+        if params:
+            raise ValueError(f"mimic-fixed takes no {', '.join(sorted(params))}")
+        _check_counts(num_malicious)
+        benign = _check_benign(benign_updates)
+        crafted = _repeat(benign[tracker.choose(benign, list(labels), rng)], num_malicious)
     else:
         crafted = mimic(benign_updates, num_malicious, **params)
     return jitter_copies(crafted, benign_updates, rng, float(jitter)) if jitter else crafted

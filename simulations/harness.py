@@ -55,7 +55,14 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from .colluding import ADAPTIVE_ATTACKS, craft_malicious_updates, largest_scale_within, parse_attack_name
+from .colluding import (
+    ADAPTIVE_ATTACKS,
+    DEFAULT_MIMIC_WARMUP,
+    FixedMimic,
+    craft_malicious_updates,
+    largest_scale_within,
+    parse_attack_name,
+)
 
 KNOWLEDGE = ("full", "partial")
 _MISSING = object()
@@ -127,6 +134,9 @@ class ColludingAdversary:
         self.label_key = label_key
         # What the name implies, overridden by what is passed (craft_malicious_updates merges the same way).
         self.attack_params = {**implied, **attack_params}
+        # mimic-fixed keeps its direction and target from round to round (and in checkpoints).
+        self.mimic_tracker = (FixedMimic(self.attack_params.pop("warmup", DEFAULT_MIMIC_WARMUP))
+                              if kind == "mimic-fixed" else None)
         self.history: dict[int, RoundAttack] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._strategy: Strategy | None = None
@@ -208,11 +218,12 @@ class ColludingAdversary:
         if num_total <= len(targets):
             return skip("every client this round is malicious; there is nothing to deviate from")
         source = honest if self.knowledge == "full" else malicious
-        known = [e[2] for e in source if e[2] is not None and np.isfinite(e[2]).all()]
-        if not known and self.knowledge == "full":
+        usable = [e for e in source if e[2] is not None and np.isfinite(e[2]).all()]
+        if not usable and self.knowledge == "full":
             log(WARNING, "colluding %s round %d: no readable, finite honest update; using the malicious "
                 "clients' own updates (partial knowledge)", self.attack, server_round)
-            known = [e[2] for e in malicious if e[2] is not None and np.isfinite(e[2]).all()]
+            usable = [e for e in malicious if e[2] is not None and np.isfinite(e[2]).all()]
+        known = [e[2] for e in usable]
         if not known:
             return skip("no readable, finite update to compute the attack from")
 
@@ -220,9 +231,11 @@ class ColludingAdversary:
         if self.adaptive:
             crafted, scales = self._moved_own_updates(targets, known, num_total)
         else:
+            tracking = {} if self.mimic_tracker is None else {
+                "tracker": self.mimic_tracker, "labels": [_client_label(key) for key, _, _ in usable]}
             crafted = craft_malicious_updates(
                 self.attack, np.stack(known), len(targets), num_total,
-                rng=np.random.default_rng([self.seed, server_round]), **self.attack_params)
+                rng=np.random.default_rng([self.seed, server_round]), **self.attack_params, **tracking)
         rewritten = list(replies)
         for (_, index, _), update in zip(targets, crafted):
             rewritten[index] = self._with_update(replies[index], update)
@@ -268,6 +281,22 @@ class ColludingAdversary:
             log(INFO, "colluding %s: even the known mean's clean loss is above the bound; it is sent as is",
                 self.attack)
         return crafted, tuple(scales)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint_arrays(self) -> dict[str, np.ndarray]:
+        """What the adversary carries from round to round (mimic-fixed's direction and target), by name."""
+        return {} if self.mimic_tracker is None else self.mimic_tracker.to_arrays()
+
+    def restore_checkpoint_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take back :meth:`checkpoint_arrays`' output; a malformed one is logged, and the attack starts afresh."""
+        if self.mimic_tracker is None or not arrays:
+            return
+        try:
+            self.mimic_tracker.load_arrays(arrays)
+        except ValueError as problem:
+            log(WARNING, "colluding %s: the checkpoint's attack state is unusable (%s); its warm-up starts over",
+                self.attack, problem)
 
     # --- reading and writing replies -----------------------------------------------------
 
@@ -337,6 +366,12 @@ class ColludingAdversary:
                               for name, value in msg.content.items()})
         # Same sender, ids and timestamps as the real reply: only the model differs.
         return Message(content, metadata=copy.deepcopy(msg.metadata))
+
+
+def _client_label(key: tuple) -> int:
+    """A reply's client as one integer: its partition id, or for a reply without one -1 - its node id."""
+    partition, node_id = key
+    return int(partition) if partition != float("inf") else -1 - int(node_id)
 
 
 def _check_evade_params(params: dict) -> None:

@@ -14,6 +14,7 @@ from scipy.stats import norm
 from softmerge.aggregation.merge import duplicate_groups
 from softmerge.simulations import colluding
 from softmerge.simulations.colluding import (
+    FixedMimic,
     alie,
     alie_z,
     craft_malicious_updates,
@@ -23,6 +24,7 @@ from softmerge.simulations.colluding import (
     jitter_copies,
     ipm,
     mimic,
+    mimic_power_step,
     mimic_target_index,
     min_max,
     min_max_criterion,
@@ -208,6 +210,88 @@ def test_mimic_copies_the_benign_update_most_extreme_along_the_top_direction():
     assert any(np.array_equal(updates[0], row) for row in _spread_updates(seed=4))
 
 
+def test_mimic_power_step_by_hand():
+    # Rows (2, 0) and (0, 0): mean (1, 0), centred (1, 0) and (-1, 0). From z = (1, 1)/sqrt(2) the
+    # step is sum_i <c_i, z> c_i = (sqrt(2), 0), normalised (1, 0).
+    benign = np.array([[2.0, 0.0], [0.0, 0.0]])
+    step = mimic_power_step(benign, np.array([1.0, 0.0]), np.array([1.0, 1.0]) / math.sqrt(2))
+    np.testing.assert_allclose(step, [1.0, 0.0])
+    # No scatter along z (every row is the mean): no direction this round.
+    assert mimic_power_step(np.ones((3, 2)), np.ones(2), np.array([1.0, 0.0])) is None
+
+
+def test_fixed_mimic_warm_up_follows_the_authors_running_estimates():
+    rounds = [np.random.default_rng(r).standard_normal((5, 4)) + [r, 0, 0, 0] for r in range(3)]
+    tracker = FixedMimic(warmup=3)
+    picks = [tracker.choose(b, list(range(5)), np.random.default_rng([7, r])) for r, b in enumerate(rounds)]
+    # The same estimates written out: mu a running mean, z a running mean of normalised power steps.
+    mu = rounds[0].mean(axis=0)
+    z = mimic_power_step(rounds[0], mu, np.random.default_rng([7, 0]).standard_normal(4))
+    expected_picks = [int(np.argmax(rounds[0] @ z))]
+    for t in (1, 2):
+        mu = (t * mu + rounds[t].mean(axis=0)) / (t + 1)
+        z = (t * z + mimic_power_step(rounds[t], mu, z)) / (t + 1)
+        z /= np.linalg.norm(z)
+        expected_picks.append(int(np.argmax(rounds[t] @ z)))
+    np.testing.assert_allclose(tracker.mean, mu)
+    np.testing.assert_allclose(tracker.direction, z)
+    assert picks == expected_picks and tracker.target == expected_picks[-1]
+
+
+def test_fixed_mimic_copies_one_client_after_the_warm_up_whatever_the_rows_do():
+    rng = np.random.default_rng(0)
+    skew = rng.standard_normal((8, 50))
+    labels = list(range(10, 18))
+    tracker, per_round = FixedMimic(), []
+    for r in range(12):
+        benign = 0.3 * skew + rng.standard_normal((8, 50))
+        order = rng.permutation(8)  # rows arrive in any order; the target is a client, not a row
+        index = tracker.choose(benign[order], [labels[i] for i in order], np.random.default_rng([0, r]))
+        per_round.append((labels[order[index]], mimic_target_index(benign)))
+        result = craft_malicious_updates("mimic-fixed", benign[order], 2, 10, rng=np.random.default_rng([0, r]),
+                                         tracker=FixedMimic(), labels=[labels[i] for i in order])
+        assert result.shape == (2, 50) and any(np.array_equal(result[0], row) for row in benign)
+    copied = {label for label, _ in per_round}
+    assert copied == {tracker.target}
+    assert len({pick for _, pick in per_round}) > 1  # the per-round rule would have moved
+
+
+def test_fixed_mimic_copies_the_best_match_when_its_target_is_absent_and_keeps_the_target():
+    benign = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    tracker = FixedMimic()
+    first = tracker.choose(benign, [3, 4, 5], np.random.default_rng(0))
+    target = tracker.target
+    assert target == [3, 4, 5][first]
+    others = [label for label in (3, 4, 5) if label != target]
+    without = benign[[i for i, label in enumerate((3, 4, 5)) if label != target]]
+    index = tracker.choose(without, others, np.random.default_rng(1))
+    assert index == int(np.argmax(without @ tracker.direction)) and tracker.target == target
+    assert tracker.choose(benign, [3, 4, 5], np.random.default_rng(2)) == first
+
+
+def test_fixed_mimic_state_round_trips_and_a_malformed_one_changes_nothing():
+    benign = _spread_updates(seed=2, rows=6, dim=5)
+    tracker = FixedMimic(warmup=2)
+    tracker.choose(benign, list(range(6)), np.random.default_rng(0))
+    resumed = FixedMimic(warmup=2)
+    resumed.load_arrays(tracker.to_arrays())
+    second = _spread_updates(seed=3, rows=6, dim=5)
+    assert resumed.choose(second, list(range(6)), np.random.default_rng(1)) == \
+        tracker.choose(second, list(range(6)), np.random.default_rng(1))
+    np.testing.assert_array_equal(resumed.direction, tracker.direction)
+    assert FixedMimic().to_arrays() == {}
+    untouched = FixedMimic()
+    for damaged in ({"mean": np.zeros(5)}, {**tracker.to_arrays(), "direction": np.full(5, np.nan)},
+                    {**tracker.to_arrays(), "target": np.array(1.5)}):
+        with pytest.raises(ValueError, match="mimic-fixed"):
+            untouched.load_arrays(damaged)
+        assert untouched.direction is None and untouched.rounds_seen == 0
+    with pytest.raises(ValueError, match="warm-up"):
+        FixedMimic(warmup=0)
+    with pytest.raises(ValueError, match="tracker"):
+        craft_malicious_updates("mimic-fixed", benign, 2, 8, rng=np.random.default_rng(0))
+
+
 # --- jittered Sybils -------------------------------------------------------------------
 
 def test_jitter_gives_each_copy_its_own_noise_scaled_to_the_benign_spread():
@@ -264,9 +348,11 @@ def test_dispatcher_knows_every_named_attack_and_rejects_others():
     for name in colluding.COLLUDING_ATTACKS + ("ipm-2.5", "min-sum-sign", "min-max-unit", "mimic-jitter",
                                                 "ipm-0.1-jitter", "min-max-sign-jitter"):
         assert is_colluding_attack(name)
-        result = craft_malicious_updates(name, benign, 2, 8, rng=np.random.default_rng(0))
+        tracking = {"tracker": FixedMimic(), "labels": range(len(benign))} if name == "mimic-fixed" else {}
+        result = craft_malicious_updates(name, benign, 2, 8, rng=np.random.default_rng(0), **tracking)
         assert result.shape == (2, 5) and np.isfinite(result).all()
-    for bad in ("krum", "ipm-x", "ipm--1", "min-max-l2", "alie2"):
+    for bad in ("krum", "ipm-x", "ipm--1", "min-max-l2", "alie2", "mimic-fixed-0", "mimic-fixed-2.5",
+                "mimic-fixed-x"):
         assert not is_colluding_attack(bad)
         with pytest.raises(ValueError, match="attack"):
             craft_malicious_updates(bad, benign, 2, 8)
@@ -385,6 +471,39 @@ def test_a_round_without_malicious_replies_passes_everything_through():
     strategy, adversary, _, _, _ = _attacked("alie", replies)
     assert all(a is b for a, b in zip(strategy.seen[1], replies))
     assert adversary.history[1].malicious == ()
+
+
+def test_harness_mimic_fixed_copies_one_client_every_round_and_resumes_from_its_checkpoint(caplog):
+    def play(adversary, server_round):
+        strategy = RecordingFedAvg()
+        adversary.attach(strategy)
+        replies = [make_reply(p + 1, _state(10 * server_round + p, shift=0.3 * p), partition=p) for p in PARTITIONS]
+        list(strategy.configure_train(server_round, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(list(range(1, 7)))))
+        strategy.aggregate_train(server_round, replies)
+        adversary.detach()
+        sent = {m.content["metrics"]["partition-id"]: _model_of(m) for m in replies}
+        seen = {m.content["metrics"]["partition-id"]: _model_of(m) for m in strategy.seen[server_round]}
+        copied = [p for p in PARTITIONS if p not in MALICIOUS
+                  and all(torch.allclose(seen[4][k], sent[p][k]) for k in ("layer.weight", "layer.bias"))]
+        return copied
+
+    straight = ColludingAdversary("mimic-fixed-2", MALICIOUS, seed=3)
+    copied = [play(straight, r) for r in range(1, 6)]
+    assert all(len(c) == 1 for c in copied) and len({c[0] for c in copied[1:]}) == 1
+    target = straight.mimic_tracker.target
+    assert copied[-1] == [target]
+
+    after_two = ColludingAdversary("mimic-fixed-2", MALICIOUS, seed=3)
+    play(after_two, 1), play(after_two, 2)
+    saved = after_two.checkpoint_arrays()
+    resumed = ColludingAdversary("mimic-fixed-2", MALICIOUS, seed=3)
+    resumed.restore_checkpoint_arrays(saved)
+    assert [play(resumed, r) for r in (3, 4, 5)] == copied[2:]
+    # A damaged state is logged and the warm-up starts over rather than the run failing.
+    damaged = ColludingAdversary("mimic-fixed", MALICIOUS, seed=3)
+    damaged.restore_checkpoint_arrays({**saved, "direction": np.zeros(3)})
+    assert damaged.mimic_tracker.rounds_seen == 0 and "starts over" in caplog.text
+    assert ColludingAdversary("alie", MALICIOUS).checkpoint_arrays() == {}
 
 
 def test_attach_keeps_the_strategy_and_detach_restores_it(honest_candidates, digits_task):

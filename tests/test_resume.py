@@ -227,6 +227,42 @@ def test_centered_clipping_resumes_from_its_previous_aggregate(tmp_path):
     assert damaged.applied_update is None
 
 
+@pytest.mark.slow
+def test_a_stateful_colluding_attack_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """mimic-fixed's direction and target are checkpointed with the model, so a resumed run attacks alike."""
+    from softmerge.server import app as server_app
+    from softmerge.simulations.config import parse_run_config
+    from softmerge.simulations.engine import run_experiment
+
+    def settings(name):
+        return parse_run_config({"strategy": "fedavg", "attack": "mimic-fixed-2", "malicious-partitions": "3",
+                                 "num-server-rounds": 3, "output-dir": str(tmp_path / name)})
+
+    run_experiment(settings("straight"), 4, log_file=tmp_path / "straight.log")
+    real_save = server_app.save_checkpoint
+
+    def crash_in_round_two(directory, server_round, *args, **kwargs):
+        if server_round == 2:
+            raise RuntimeError("simulated crash before round 2's checkpoint")
+        real_save(directory, server_round, *args, **kwargs)
+
+    monkeypatch.setattr(server_app, "save_checkpoint", crash_in_round_two)
+    with pytest.raises(RuntimeError):
+        run_experiment(settings("interrupted"), 4, log_file=tmp_path / "crashed.log")
+    monkeypatch.setattr(server_app, "save_checkpoint", real_save)
+    with np.load(tmp_path / "interrupted" / "checkpoint.npz") as saved:
+        assert {"strategy/adversary/direction", "strategy/adversary/target"} <= set(saved.files)
+    assert json.loads((tmp_path / "interrupted" / "checkpoint.json").read_text())["round"] == 1
+
+    run_experiment(settings("interrupted"), 4, log_file=tmp_path / "resumed.log")
+    log_text = (tmp_path / "resumed.log").read_text()
+    assert "resuming from the checkpoint of round 1" in log_text and "starts over" not in log_text
+    with np.load(tmp_path / "straight" / "checkpoint.npz") as a, \
+            np.load(tmp_path / "interrupted" / "checkpoint.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        assert all(np.array_equal(a[name], b[name]) for name in a.files)
+
+
 @pytest.mark.parametrize("damage", ["missing", "not json", "no rounds"])
 def test_a_checkpoint_whose_results_are_lost_is_refused_with_a_reason_and_the_grid_starts_it_over(tmp_path, damage):
     from softmerge.server.results import load_results_to_resume
