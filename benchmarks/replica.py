@@ -86,7 +86,8 @@ from softmerge.aggregation.merge import (build_merge_units, evaluate_state, exam
                                          mirror_statistics, per_example_losses)
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
-from softmerge.simulations.colluding import craft_malicious_updates, is_colluding_attack
+from softmerge.simulations.colluding import (DEFAULT_MIMIC_WARMUP, FixedMimic, craft_malicious_updates,
+                                              is_colluding_attack, parse_attack_name)
 from softmerge.simulations.tasks import (ArraySet, attack_success_rate, build_model, evaluate_model, load_partition,
                                          load_task, poison_with_backdoor, train_model)
 
@@ -152,7 +153,7 @@ def post_merge_weights(report, sizes, rule):
     return weights
 
 
-def client_candidates(global_state, partitions, malicious, attack, round_number, seed):
+def client_candidates(global_state, partitions, malicious, attack, round_number, seed, tracker=None):
     candidates = []
     for pid, data in enumerate(partitions):
         train_set, _ = split_held_out(data)
@@ -170,18 +171,23 @@ def client_candidates(global_state, partitions, malicious, attack, round_number,
             state = poison_state("sign-flip", global_state, state)
         candidates.append(state)
     if attack not in REPLICA_CLIENT_ATTACKS and malicious:
-        collude(candidates, global_state, malicious, attack, round_number, seed)
+        collude(candidates, global_state, malicious, attack, round_number, seed, tracker)
     return candidates
 
 
-def collude(candidates, global_state, malicious, attack, round_number, seed):
-    """Replace the malicious candidates by global + crafted update, as the grid's harness does."""
+def collude(candidates, global_state, malicious, attack, round_number, seed, tracker=None):
+    """Replace the malicious candidates by global + crafted update, as the grid's harness does.
+
+    ``tracker``: mimic-fixed's :class:`FixedMimic`, the same object every round of a run.
+    """
     keys = [k for k, v in global_state.items() if v.dtype.is_floating_point]
     def flat_update(state):
         return np.concatenate([(state[k] - global_state[k]).reshape(-1).double().numpy() for k in keys])
     honest = [p for p in range(len(candidates)) if p not in malicious]
+    tracking = {} if tracker is None else {"tracker": tracker, "labels": honest}
     crafted = craft_malicious_updates(attack, np.stack([flat_update(candidates[p]) for p in honest]),
-                                      len(malicious), len(candidates), rng=np.random.default_rng([seed, round_number]))
+                                      len(malicious), len(candidates), rng=np.random.default_rng([seed, round_number]),
+                                      **tracking)
     for pid, update in zip(sorted(malicious), crafted):
         state, offset = dict(candidates[pid]), 0
         for k in keys:
@@ -274,6 +280,8 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
         # The counts the malicious clients claim: the largest honest count times ``inflate``.
         sizes[sorted(malicious)] = inflate * sizes.max()
     labels = [f"client-{p}" for p in range(CLIENTS)]
+    kind, implied = parse_attack_name(attack) if is_colluding_attack(attack) else (attack, {})
+    tracker = FixedMimic(implied.get("warmup", DEFAULT_MIMIC_WARMUP)) if kind == "mimic-fixed" else None
     accuracies, malicious_weight = [], []
     record: dict[str, tuple[float, float]] = {}
     harm_record: dict[int, tuple[float, float, float]] = {}
@@ -281,7 +289,7 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         # A sleeper's malicious clients train honestly until ``attack_from``, building a record.
         attacking = malicious if round_number >= attack_from else set()
-        candidates = client_candidates(global_state, partitions, attacking, attack, round_number, seed)
+        candidates = client_candidates(global_state, partitions, attacking, attack, round_number, seed, tracker)
         if scores_every and (round_number == 1 or round_number % scores_every == 0):
             print_scores(round_number, model, global_state, candidates, malicious, task)
         if distances_every and (round_number == 1 or round_number % distances_every == 0):

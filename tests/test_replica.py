@@ -29,3 +29,21 @@ def test_closing_a_client_renormalises_the_others(replica):
     weights = np.array([[0.5, 0.25, 0.25], [0.0, 0.5, 0.5]])
     closed = replica.without_malicious(weights, {1})
     assert closed == pytest.approx(np.array([[2 / 3, 0.0, 1 / 3], [0.0, 0.0, 1.0]]))
+
+
+def test_collude_with_mimic_fixed_copies_the_same_honest_client_every_round(replica):
+    from softmerge.simulations.colluding import FixedMimic
+
+    generator = torch.Generator().manual_seed(0)
+    global_state = {"w": torch.zeros(6), "steps": torch.tensor(0)}
+    skew = torch.randn(6, 6, generator=generator)
+    tracker, copied = FixedMimic(), []
+    for round_number in range(1, 5):
+        candidates = [{"w": 0.5 * skew[p] + torch.randn(6, generator=generator), "steps": torch.tensor(1)}
+                      for p in range(6)]
+        honest = [dict(c) for c in candidates]
+        replica.collude(candidates, global_state, {4, 5}, "mimic-fixed", round_number, seed=0, tracker=tracker)
+        matches = [p for p in range(4) if torch.allclose(candidates[4]["w"], honest[p]["w"])]
+        assert len(matches) == 1 and torch.equal(candidates[4]["w"], candidates[5]["w"])
+        copied.append(matches[0])
+    assert copied == [tracker.target] * 4
