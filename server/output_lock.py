@@ -22,6 +22,9 @@ except ImportError:  # not POSIX
     fcntl = None
 
 LOCK_FILE = ".lock"
+# Separate from LOCK_FILE: a run holds that one for its whole length, this one is held for
+# the moment it takes to read, merge and write a directory's shared summary files.
+SHARED_FILES_LOCK = ".shared-files.lock"
 # Resolved directory -> (file descriptor, how many holders in this process).
 _held: dict[Path, tuple[int, int]] = {}
 
@@ -60,3 +63,23 @@ def output_lock(directory: Path) -> Iterator[None]:
             del _held[key]
             if handle >= 0:
                 os.close(handle)  # closing the descriptor releases the flock
+
+
+@contextmanager
+def shared_files_lock(directory: Path) -> Iterator[None]:
+    """Wait for, then hold, the lock under which processes read-merge-write ``directory``'s shared files.
+
+    Two benchmark grids on one output each merge their cells into ``cells.json`` and their
+    command line into ``grid.json``; without it, the one that writes second drops what the
+    first wrote in between. Not re-entrant: do not nest it on one directory.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    handle = os.open(directory / SHARED_FILES_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)

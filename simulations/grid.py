@@ -873,19 +873,32 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
 
 def record_invocation(path: Path, argv: list[str], config: dict) -> None:
     """Add this command line to grid.json's list of those that filled the grid, once each."""
-    invocations: list[list[str]] = []
-    try:
-        previous = json.loads(path.read_text())
-        invocations = previous.get("invocations") or ([previous["argv"]] if previous.get("argv") else [])
-    except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
-        pass
-    if list(argv) not in invocations:
-        invocations.append(list(argv))
-    path.write_text(json.dumps({"base": config, "invocations": invocations}, indent=1))
+    from ..server.output_lock import shared_files_lock
+    from ..server.results import write_json_atomic
+
+    with shared_files_lock(path.parent):
+        invocations: list[list[str]] = []
+        try:
+            previous = json.loads(path.read_text())
+            invocations = previous.get("invocations") or ([previous["argv"]] if previous.get("argv") else [])
+        except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
+            pass
+        if list(argv) not in invocations:
+            invocations.append(list(argv))
+        write_json_atomic(path, {"base": config, "invocations": invocations})
 
 
 def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attacks: list[str],
                    fractions: list[float], args: argparse.Namespace, base: RunSettings) -> None:
+    from ..server.output_lock import shared_files_lock
+
+    # Other grids on this output merge their cells into the same files.
+    with shared_files_lock(output):
+        _merge_and_write_outputs(output, rows, strategies, attacks, fractions, args, base)
+
+
+def _merge_and_write_outputs(output: Path, rows: list[dict], strategies: list[str], attacks: list[str],
+                             fractions: list[float], args: argparse.Namespace, base: RunSettings) -> None:
     # Several invocations may fill one grid (say, the 40% column first): keep every cell,
     # except a finished one whose directory has since been deleted to be run again (after a
     # change to a defense): its old figures no longer describe anything on disk.
@@ -897,6 +910,8 @@ def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attack
         pass
     for row in rows:
         previous = merged.get(row["key"])
+        if row.get("status") != "finished" and previous and previous.get("status") == "finished":
+            continue  # another grid finished it after this one passed over it (or saw it running)
         if row.get("seconds") is None and previous and previous.get("status") == row["status"]:
             # A finished cell passed over again keeps the time it took when it ran.
             row = {**row, "seconds": previous.get("seconds")}

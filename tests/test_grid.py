@@ -1,6 +1,8 @@
 """The benchmark grid: planning, n/a rules, tables, and resuming a finished grid."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -164,6 +166,13 @@ def test_tables_forget_a_finished_cell_whose_directory_was_deleted(tmp_path):
     keys = {r["key"] for r in json.loads((tmp_path / "cells.json").read_text())}
     assert keys == {kept, failed}
     assert "70.0" not in (tmp_path / "tables.md").read_text()
+    # A grid that passed over a cell while another grid ran it writes it as running; the
+    # other grid has since finished it, and its row stays.
+    before = {r["key"]: r for r in json.loads((tmp_path / "cells.json").read_text())}
+    _write_outputs(tmp_path, [row(kept, "running", None)], ["fedavg"], ["alie"], [0.2], Namespace(clients=20),
+                   RunSettings())
+    after = {r["key"]: r for r in json.loads((tmp_path / "cells.json").read_text())}
+    assert after[kept]["status"] == "finished" and after[kept] == before[kept]
 
 
 def test_tables_only_rebuilds_the_tables_from_the_cells_on_disk_and_runs_nothing(tmp_path):
@@ -350,6 +359,17 @@ def test_grid_record_keeps_every_distinct_invocation_and_reads_the_old_format(tm
     record_invocation(path, ["--fractions", "0.4"], {"dataset": "digits"})
     assert json.loads(path.read_text()) == {"base": {"dataset": "digits"},
                                             "invocations": [["--fractions", "0.4"], ["--fractions", "0.2"]]}
+
+
+def test_grids_recording_their_invocations_at_once_lose_none(tmp_path):
+    # Each process appends 40 command lines to one grid.json, read-modify-write each time.
+    path = tmp_path / "grid.json"
+    script = ("import sys; from pathlib import Path; from softmerge.simulations.grid import record_invocation\n"
+              "for i in range(40): record_invocation(Path(sys.argv[1]), [sys.argv[2], str(i)], {})")
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(path), name]) for name in ("a", "b", "c")]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0, 0]
+    recorded = json.loads(path.read_text())["invocations"]
+    assert sorted(map(tuple, recorded)) == sorted((name, str(i)) for name in "abc" for i in range(40))
 
 
 def test_a_no_attack_run_is_reused_across_fractions_only_where_it_is_the_same_run(tmp_path, monkeypatch):
