@@ -293,9 +293,9 @@ def mimic_target_index(benign: np.ndarray) -> int:
 
     The target is chosen again every round, from that round's updates. The authors'
     attack estimates the direction over a warm-up of rounds and then copies one client
-    for the rest of training, a steadier bias; that variant is not implemented (a
-    reviewer's check, session 26: over 20 rounds of 8 skewed clients this rule picked 5
-    different targets, the published one 1).
+    for the rest of training, a steadier bias: that is ``mimic-fixed``
+    (:class:`FixedMimic`; over 20 rounds of 8 skewed clients this rule picked 5 different
+    targets, the published one 1).
     """
     benign = _check_benign(benign)
     centred = benign - benign.mean(axis=0)
@@ -343,6 +343,11 @@ class FixedMimic:
     not by row, because the rows of a round come in any order. A round in which the fixed
     target did not reply (sampling) copies the client with the largest ``<g_i, z>`` instead
     and keeps the target; the authors' setting has every client in every round.
+
+    The warm-up counts the rounds this is called in: in the harness, the rounds in which
+    at least one malicious client was sampled (all of them at ``fraction-train`` 1). Its
+    rows are whatever updates the attacker knows: with partial knowledge, its own, so the
+    target is one of the malicious clients.
     """
 
     def __init__(self, warmup: int = DEFAULT_MIMIC_WARMUP) -> None:
@@ -353,6 +358,7 @@ class FixedMimic:
         self.mean: np.ndarray | None = None
         self.direction: np.ndarray | None = None
         self.target: int | None = None
+        self.last_copied: int | None = None  # whose update the last call chose (for logs)
 
     def choose(self, benign: np.ndarray, labels: list[int], rng: np.random.Generator) -> int:
         """The row of ``benign`` to copy this round (``labels[i]`` names row i's client)."""
@@ -364,12 +370,15 @@ class FixedMimic:
                              f"the updates {benign.shape[1]}")
         if self.rounds_seen >= self.warmup:
             if self.target in labels:
-                return labels.index(self.target)
-            return int(np.argmax(benign @ self.direction))  # the target is absent this round; it stays the target
-        self._learn_direction(benign, rng)
-        self.rounds_seen += 1
-        index = int(np.argmax(benign @ self.direction))
-        self.target = labels[index]
+                index = labels.index(self.target)
+            else:
+                index = int(np.argmax(benign @ self.direction))  # absent this round; it stays the target
+        else:
+            self._learn_direction(benign, rng)
+            self.rounds_seen += 1
+            index = int(np.argmax(benign @ self.direction))
+            self.target = labels[index]
+        self.last_copied = labels[index]
         return index
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -474,6 +483,8 @@ _IPM_NAME = re.compile(r"^ipm(?:-(?P<eps>.+))?$")
 _JITTER_NAME = re.compile(r"^(?P<base>.+?)-jitter(?:-(?P<scale>.+))?$")
 _DEVIATION_NAME = re.compile(r"^(?P<kind>min-max|min-sum)(?:-(?P<p>unit|sign|std))?$")
 _MIMIC_FIXED_NAME = re.compile(r"^mimic-fixed-(?P<rounds>.+)$")
+# One spelling per warm-up ("mimic-fixed-3", not "-03" or "-3.0"): the name keys grid cells.
+_WHOLE_NUMBER = re.compile(r"^[1-9][0-9]*$")
 _EVADE_NAME = re.compile(r"^backdoor-evade(?:-(?P<q>.+))?$")
 
 
@@ -522,10 +533,10 @@ def parse_attack_name(name: str) -> tuple[str, dict]:
         return name, {}
     warmup_match = _MIMIC_FIXED_NAME.match(name)
     if warmup_match:
-        rounds = _positive_number(warmup_match["rounds"], f"attack {name!r}: mimic-fixed-<rounds>", "mimic-fixed-5")
-        if not rounds.is_integer():
-            raise ValueError(f"attack {name!r}: mimic-fixed-<rounds> needs a whole number of warm-up rounds")
-        return "mimic-fixed", {"warmup": int(rounds)}
+        if not _WHOLE_NUMBER.match(warmup_match["rounds"]):
+            raise ValueError(f"attack {name!r}: mimic-fixed-<rounds> needs a whole number of warm-up rounds "
+                             "written without leading zeros or a decimal point, e.g. mimic-fixed-5")
+        return "mimic-fixed", {"warmup": int(warmup_match["rounds"])}
     evade_match = _EVADE_NAME.match(name)
     if evade_match:
         if evade_match["q"] is None:

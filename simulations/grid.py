@@ -38,7 +38,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..server.checkpoint import OPERATIONAL_KEYS
-from ..server.output_lock import OutputBusy, output_lock
+from ..server.output_lock import OutputBusy, output_lock, shared_files_lock
+from ..server.results import write_json_atomic
 from .config import ConfigError, RunSettings, node_count_problem, parse_run_config
 
 ORACLE = "oracle"
@@ -532,8 +533,6 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
         figure.tight_layout()
         figure.savefig(plots / heatmap, dpi=110)
         plt.close(figure)
-    from ..server.results import write_json_atomic
-
     write_json_atomic(plots / PLOTS_MANIFEST, dict(sorted(manifest.items())))
 
 
@@ -781,7 +780,6 @@ def _run_cell(cell: Cell, base: RunSettings, num_clients: int, output: Path) -> 
     """
     from tqdm import tqdm
 
-    from ..server.results import write_json_atomic
     from .config import to_run_config
     from .engine import run_experiment
 
@@ -873,9 +871,6 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
 
 def record_invocation(path: Path, argv: list[str], config: dict) -> None:
     """Add this command line to grid.json's list of those that filled the grid, once each."""
-    from ..server.output_lock import shared_files_lock
-    from ..server.results import write_json_atomic
-
     with shared_files_lock(path.parent):
         invocations: list[list[str]] = []
         try:
@@ -890,8 +885,6 @@ def record_invocation(path: Path, argv: list[str], config: dict) -> None:
 
 def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attacks: list[str],
                    fractions: list[float], args: argparse.Namespace, base: RunSettings) -> None:
-    from ..server.output_lock import shared_files_lock
-
     # Other grids on this output merge their cells into the same files.
     with shared_files_lock(output):
         _merge_and_write_outputs(output, rows, strategies, attacks, fractions, args, base)
@@ -906,8 +899,11 @@ def _merge_and_write_outputs(output: Path, rows: list[dict], strategies: list[st
     try:
         merged = {row["key"]: row for row in json.loads((output / "cells.json").read_text())
                   if row.get("status") != "finished" or _still_finished(output, row)}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except FileNotFoundError:
         pass
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as problem:
+        print(f"softmerge-grid: {output / 'cells.json'} is unreadable ({problem}); it is written again from "
+              "this grid's cells (--tables-only with the other grids' settings lists theirs again)", file=sys.stderr)
     for row in rows:
         previous = merged.get(row["key"])
         if row.get("status") != "finished" and previous and previous.get("status") == "finished":
@@ -923,7 +919,7 @@ def _merge_and_write_outputs(output: Path, rows: list[dict], strategies: list[st
     strategies = _union(strategies, (r["strategy"] for r in rows))
     attacks = _union(attacks, (r["attack"] for r in rows if r["strategy"] != ORACLE))
     fractions = sorted(set(fractions) | {r["fraction"] for r in rows})
-    (output / "cells.json").write_text(json.dumps(rows, indent=1))
+    write_json_atomic(output / "cells.json", rows)  # a kill mid-write must not cost the other grids' rows
     with open(output / "cells.csv", "w", newline="") as handle:
         # Rows written by an older runner may lack a newer column: the header is the union.
         writer = csv.DictWriter(handle, fieldnames=_union([], (key for row in rows for key in row)), restval="")

@@ -77,6 +77,7 @@ class RoundAttack:
     benign_used: int  # updates the attack was computed from
     skipped_reason: str = ""
     scales: tuple[float, ...] = ()  # backdoor-evade: each rewritten reply's gamma, in partition order
+    copied: int | None = None  # mimic-fixed: the partition whose update every malicious reply carries
 
 
 class ColludingAdversary:
@@ -231,8 +232,15 @@ class ColludingAdversary:
         if self.adaptive:
             crafted, scales = self._moved_own_updates(targets, known, num_total)
         else:
-            tracking = {} if self.mimic_tracker is None else {
-                "tracker": self.mimic_tracker, "labels": [_client_label(key) for key, _, _ in usable]}
+            tracking = {}
+            if self.mimic_tracker is not None:
+                # The target is followed by partition id from round to round; a reply without one
+                # cannot be followed, so it is never the one copied.
+                labelled = [e for e in usable if e[0][0] != float("inf")]
+                if not labelled:
+                    return skip("no known update names its partition, so mimic-fixed has no client to follow")
+                known = [e[2] for e in labelled]
+                tracking = {"tracker": self.mimic_tracker, "labels": [int(key[0]) for key, _, _ in labelled]}
             crafted = craft_malicious_updates(
                 self.attack, np.stack(known), len(targets), num_total,
                 rng=np.random.default_rng([self.seed, server_round]), **self.attack_params, **tracking)
@@ -240,10 +248,12 @@ class ColludingAdversary:
         for (_, index, _), update in zip(targets, crafted):
             rewritten[index] = self._with_update(replies[index], update)
         ids = tuple(int(key[0]) for key, _, _ in targets)
-        self.history[server_round] = RoundAttack(len(replies), ids, len(known), scales=scales)
-        log(INFO, "colluding %s round %d: rewrote the replies of partitions %s from %d updates (n=%d, m=%d)%s",
+        copied = None if self.mimic_tracker is None else self.mimic_tracker.last_copied
+        self.history[server_round] = RoundAttack(len(replies), ids, len(known), scales=scales, copied=copied)
+        log(INFO, "colluding %s round %d: rewrote the replies of partitions %s from %d updates (n=%d, m=%d)%s%s",
             self.attack, server_round, list(ids), len(known), num_total, len(targets),
-            f"; scales {[round(gamma, 4) for gamma in scales]}" if scales else "")
+            f"; scales {[round(gamma, 4) for gamma in scales]}" if scales else "",
+            f"; copying partition {copied}" if copied is not None else "")
         return rewritten
 
     def _moved_own_updates(self, targets: list, known: list[np.ndarray],
@@ -366,12 +376,6 @@ class ColludingAdversary:
                               for name, value in msg.content.items()})
         # Same sender, ids and timestamps as the real reply: only the model differs.
         return Message(content, metadata=copy.deepcopy(msg.metadata))
-
-
-def _client_label(key: tuple) -> int:
-    """A reply's client as one integer: its partition id, or for a reply without one -1 - its node id."""
-    partition, node_id = key
-    return int(partition) if partition != float("inf") else -1 - int(node_id)
 
 
 def _check_evade_params(params: dict) -> None:

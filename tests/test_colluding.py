@@ -242,15 +242,17 @@ def test_fixed_mimic_copies_one_client_after_the_warm_up_whatever_the_rows_do():
     rng = np.random.default_rng(0)
     skew = rng.standard_normal((8, 50))
     labels = list(range(10, 18))
-    tracker, per_round = FixedMimic(), []
+    tracker, dispatched, per_round = FixedMimic(), FixedMimic(), []
     for r in range(12):
         benign = 0.3 * skew + rng.standard_normal((8, 50))
         order = rng.permutation(8)  # rows arrive in any order; the target is a client, not a row
         index = tracker.choose(benign[order], [labels[i] for i in order], np.random.default_rng([0, r]))
         per_round.append((labels[order[index]], mimic_target_index(benign)))
+        # The dispatcher with its own tracker, carried over the rounds, sends the same client's update.
         result = craft_malicious_updates("mimic-fixed", benign[order], 2, 10, rng=np.random.default_rng([0, r]),
-                                         tracker=FixedMimic(), labels=[labels[i] for i in order])
-        assert result.shape == (2, 50) and any(np.array_equal(result[0], row) for row in benign)
+                                         tracker=dispatched, labels=[labels[i] for i in order])
+        np.testing.assert_array_equal(result, np.tile(benign[order[index]], (2, 1)))
+        assert tracker.last_copied == dispatched.last_copied == labels[order[index]]
     copied = {label for label, _ in per_round}
     assert copied == {tracker.target}
     assert len({pick for _, pick in per_round}) > 1  # the per-round rule would have moved
@@ -352,7 +354,7 @@ def test_dispatcher_knows_every_named_attack_and_rejects_others():
         result = craft_malicious_updates(name, benign, 2, 8, rng=np.random.default_rng(0), **tracking)
         assert result.shape == (2, 5) and np.isfinite(result).all()
     for bad in ("krum", "ipm-x", "ipm--1", "min-max-l2", "alie2", "mimic-fixed-0", "mimic-fixed-2.5",
-                "mimic-fixed-x"):
+                "mimic-fixed-x", "mimic-fixed-03", "mimic-fixed-3.0"):
         assert not is_colluding_attack(bad)
         with pytest.raises(ValueError, match="attack"):
             craft_malicious_updates(bad, benign, 2, 8)
@@ -492,6 +494,23 @@ def test_harness_mimic_fixed_copies_one_client_every_round_and_resumes_from_its_
     assert all(len(c) == 1 for c in copied) and len({c[0] for c in copied[1:]}) == 1
     target = straight.mimic_tracker.target
     assert copied[-1] == [target]
+    assert [straight.history[r].copied for r in range(1, 6)] == [c[0] for c in copied]
+    assert f"copying partition {target}" in caplog.text
+
+    # Stopped in the middle of a three-round warm-up: the running mean and direction carry over.
+    uninterrupted = ColludingAdversary("mimic-fixed-3", MALICIOUS, seed=3)
+    picks = [play(uninterrupted, r) for r in range(1, 6)]
+    after_one = ColludingAdversary("mimic-fixed-3", MALICIOUS, seed=3)
+    play(after_one, 1)
+    restarted = ColludingAdversary("mimic-fixed-3", MALICIOUS, seed=3)
+    restarted.restore_checkpoint_arrays(after_one.checkpoint_arrays())
+    assert [play(restarted, r) for r in range(2, 6)] == picks[1:]
+    for name in ("mean", "direction"):
+        np.testing.assert_array_equal(getattr(restarted.mimic_tracker, name),
+                                      getattr(uninterrupted.mimic_tracker, name))
+    fresh = ColludingAdversary("mimic-fixed-3", MALICIOUS, seed=3)
+    play(fresh, 2)
+    assert not np.array_equal(fresh.mimic_tracker.direction, uninterrupted.mimic_tracker.direction)
 
     after_two = ColludingAdversary("mimic-fixed-2", MALICIOUS, seed=3)
     play(after_two, 1), play(after_two, 2)
@@ -504,6 +523,25 @@ def test_harness_mimic_fixed_copies_one_client_every_round_and_resumes_from_its_
     damaged.restore_checkpoint_arrays({**saved, "direction": np.zeros(3)})
     assert damaged.mimic_tracker.rounds_seen == 0 and "starts over" in caplog.text
     assert ColludingAdversary("alie", MALICIOUS).checkpoint_arrays() == {}
+
+
+def test_harness_mimic_fixed_never_follows_a_reply_without_a_partition_id():
+    strategy = RecordingFedAvg()
+    adversary = make_colluding(strategy, "mimic-fixed", MALICIOUS, seed=3)
+    # The honest reply most extreme along any direction carries no partition id.
+    replies = [make_reply(p + 1, _state(p, shift=0.1 * p), partition=p) for p in PARTITIONS]
+    replies.append(make_reply(20, _state(50, shift=30.0)))
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(list(range(1, 21)))))
+    # Called directly: FedAvg would refuse replies whose metrics differ in keys.
+    adversary.rewrite(1, replies)
+    assert adversary.history[1].copied in set(PARTITIONS) - MALICIOUS
+    assert adversary.history[1].benign_used == 4
+    # With no labelled honest reply there is no one to follow: the round passes through.
+    only_unlabelled = [make_reply(20, _state(50)), make_reply(21, _state(51))] + \
+        [make_reply(p + 1, _state(p), partition=p) for p in sorted(MALICIOUS)]
+    passed = adversary.rewrite(2, only_unlabelled)
+    assert adversary.history[2].malicious == () and "partition" in adversary.history[2].skipped_reason
+    assert all(a is b for a, b in zip(passed, only_unlabelled))
 
 
 def test_attach_keeps_the_strategy_and_detach_restores_it(honest_candidates, digits_task):

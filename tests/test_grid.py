@@ -142,6 +142,21 @@ def test_grid_runs_through_flower_and_resumes_without_rerunning(tmp_path):
     assert (tmp_path / "plots" / "gates_by_round__ipm-100__f0.25.png").is_file()
 
 
+def test_an_unreadable_cells_file_is_named_and_written_again(tmp_path, capsys):
+    from argparse import Namespace
+
+    from softmerge.simulations.config import RunSettings
+    from softmerge.simulations.grid import _write_outputs
+
+    (tmp_path / "cells.json").write_text('[{"key": "fedavg__alie__f0.2__s0", "stat')  # cut short
+    row = {"key": "fedavg__alie__f0.2__s0", "strategy": "fedavg", "attack": "alie", "fraction": 0.2, "seed": 0,
+           "status": "failed", "final_accuracy": None, "final_backdoor_asr": None, "malicious_weight": None,
+           "seconds": 1.0}
+    _write_outputs(tmp_path, [row], ["fedavg"], ["alie"], [0.2], Namespace(clients=20), RunSettings())
+    assert "cells.json is unreadable" in capsys.readouterr().err
+    assert [r["key"] for r in json.loads((tmp_path / "cells.json").read_text())] == [row["key"]]
+
+
 def test_tables_forget_a_finished_cell_whose_directory_was_deleted(tmp_path):
     # Deleting a cell's directory is how a cell is rerun after a change to a defense; until it
     # has run again, its old figures must not stay in the tables.
