@@ -17,7 +17,7 @@ OUT=benchmarks/fmnist-grid
 COMMON=(--dataset fashion-mnist --clients 20 --rounds 30 --alpha 0.5 --output "$OUT" --jobs "${JOBS:-1}"
         --set client-pool-size=12000 --set local-epochs=1 --set batch-size=32 --set learning-rate=0.05
         --set server-gate-size=300 --set server-test-size=2000)
-ATTACKS=none,label-flip,sign-flip,gaussian,scaling,extreme,backdoor,backdoor-replace,layer-stealth,backdoor-evade,alie,ipm-0.1,ipm-100,min-max,min-sum,fang,mimic
+ATTACKS=none,label-flip,sign-flip,gaussian,scaling,extreme,backdoor,backdoor-replace,layer-stealth,backdoor-evade,alie,ipm-0.1,ipm-100,min-max,min-sum,fang,mimic,mimic-fixed
 # Stages 1 and 2 run these three; stage 3 the rest at the same fractions.
 OTHERS=fedmedian,fedtrimmedavg,krum,multikrum,bulyan,centered-clipping,geomed
 
