@@ -20,7 +20,7 @@ from ..simulations.colluding import is_colluding_attack
 from ..simulations.config import (RunSettings, node_count_problem, parse_run_config, replies_per_round, task_data,
                                  to_run_config)
 from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
-from .checkpoint import config_fingerprint, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import arrays_under, config_fingerprint, load_checkpoint, restore_rng_state, save_checkpoint
 from .output_lock import output_lock
 from .results import ResultsWriter, load_results_to_resume
 from .strategies import build_strategy
@@ -118,7 +118,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
             adaptive["loss_of"] = clean_loss_oracle(build_model(settings.dataset, seed=settings.seed), sample)
         adversary = make_colluding(strategy, settings.attack, settings.malicious_ids, seed=settings.seed, **adaptive)
         if checkpoint is not None:
-            adversary.restore_checkpoint_arrays(_prefixed(checkpoint.strategy_arrays, ADVERSARY_PREFIX))
+            adversary.restore_checkpoint_arrays(arrays_under(checkpoint.strategy_arrays, ADVERSARY_PREFIX))
     if checkpoint is not None and hasattr(strategy, "load_trust_state") and "trust_record" in checkpoint.state:
         # Node IDs are the record's keys. A deployment's nodes keep theirs; a simulation draws
         # new ones on every start, and the strategy then moves each record to its client's label.
@@ -171,11 +171,6 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
         )
     writer.flush(status="finished")
     return writer
-
-
-def _prefixed(arrays: dict, prefix: str) -> dict:
-    """The entries of ``arrays`` whose names start with ``prefix``, the prefix dropped."""
-    return {name[len(prefix):]: array for name, array in arrays.items() if name.startswith(prefix)}
 
 
 def offset_rounds(strategy: FedAvg, offset: int) -> FedAvg:

@@ -92,6 +92,11 @@ def _fsync_write(path: Path, write) -> None:
         os.fsync(handle.fileno())
 
 
+def arrays_under(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The arrays whose names start with ``prefix``, by the rest of their names."""
+    return {name[len(prefix):]: array for name, array in arrays.items() if name.startswith(prefix)}
+
+
 def save_checkpoint(directory: Path, server_round: int, arrays: dict[str, np.ndarray], fingerprint: str,
                     extra: dict[str, Any] | None = None,
                     strategy_arrays: dict[str, np.ndarray] | None = None) -> None:
@@ -180,6 +185,5 @@ def load_checkpoint(directory: Path, fingerprint: str) -> Checkpoint | None:
     with np.load(model_path, allow_pickle=False) as archive:
         stored = {name: archive[name] for name in archive.files}
     arrays = {name: array for name, array in stored.items() if not name.startswith(STRATEGY_PREFIX)}
-    strategy_arrays = {name[len(STRATEGY_PREFIX):]: array for name, array in stored.items()
-                       if name.startswith(STRATEGY_PREFIX)}
-    return Checkpoint(server_round=int(state["round"]), arrays=arrays, state=state, strategy_arrays=strategy_arrays)
+    return Checkpoint(server_round=int(state["round"]), arrays=arrays, state=state,
+                      strategy_arrays=arrays_under(stored, STRATEGY_PREFIX))
