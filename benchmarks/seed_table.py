@@ -18,6 +18,8 @@ same seeds (the accuracy target does not show a backdoor that gets in at little 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -37,6 +39,23 @@ def figures(output: Path, strategy: str, attack: str, fraction: float, seeds: li
         if result is not None:
             found[seed] = summarise_cell(cell, result, clients, "finished", result.get("seconds"))
     return found
+
+
+def attacks_in_grid(output: Path, fraction: float) -> list[str]:
+    """The attacks the grid has a (non-oracle) cell of at ``fraction``, no attack first.
+
+    In the order of the grid's ``cells.json``, which is the order its own tables use; a
+    fixed list here went stale when an attack was added to the grid.
+    """
+    try:
+        rows = json.loads((output / "cells.json").read_text())
+        found = [row["attack"] for row in rows
+                 if row["strategy"] != ORACLE and math.isclose(float(row["fraction"]), fraction)]
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise SystemExit(f"seed_table: cannot list the attacks from {output / 'cells.json'} ({error}); "
+                         "pass --attacks") from error
+    attacks = list(dict.fromkeys(found))
+    return sorted(attacks, key=lambda attack: attack != NO_ATTACK)
 
 
 def _text(values: list[float]) -> str:
@@ -96,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="benchmarks/fmnist-grid", help="the grid's directory")
     parser.add_argument("--fraction", type=float, default=0.4)
     parser.add_argument("--strategies", default="softmerge,fltrust,centered-clipping")
-    parser.add_argument("--attacks", default="none,label-flip,sign-flip,gaussian,scaling,extreme,backdoor,"
-                        "backdoor-replace,layer-stealth,backdoor-evade,alie,ipm-0.1,ipm-100,min-max,min-sum,fang,mimic")
+    parser.add_argument("--attacks", default="",
+                        help="comma-separated; default: every attack the grid has a cell of at this fraction")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--clients", type=int, default=20)
     args = parser.parse_args(argv)
@@ -106,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed_table: no grid cells in {output}", file=sys.stderr)
         return 2
     split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
-    print("\n".join(seed_table(output, args.fraction, split(args.strategies), split(args.attacks),
+    attacks = split(args.attacks) or attacks_in_grid(output, args.fraction)
+    print("\n".join(seed_table(output, args.fraction, split(args.strategies), attacks,
                                [int(s) for s in split(args.seeds)], args.clients)))
     return 0
 

@@ -59,3 +59,18 @@ def test_backdoor_success_is_tabled_for_attacks_with_a_trigger_only(tmp_path, se
     assert table[2] == "| attack | complete seeds | softmerge | fltrust |"
     assert table[4:] == ["| backdoor | 0,1 | 4.0 (±4.0) | 95.0 (±10.0) |"]
     assert not any(line.startswith("| alie |") for line in table)
+
+
+def test_by_default_every_attack_of_the_grid_at_that_fraction_is_tabled(tmp_path, seed_table):
+    rows = [{"strategy": strategy, "attack": attack, "fraction": fraction}
+            for strategy, attack, fraction in (("oracle", "none", 0.4), ("softmerge", "alie", 0.4),
+                                               ("fltrust", "none", 0.4), ("softmerge", "mimic-fixed", 0.4),
+                                               ("fltrust", "alie", 0.4), ("softmerge", "fang", 0.2))]
+    (tmp_path / "cells.json").write_text(json.dumps(rows))
+    assert seed_table.attacks_in_grid(tmp_path, 0.4) == ["none", "alie", "mimic-fixed"]
+
+
+def test_an_unreadable_cell_list_asks_for_the_attacks(tmp_path, seed_table):
+    (tmp_path / "cells.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="pass --attacks"):
+        seed_table.attacks_in_grid(tmp_path, 0.4)
