@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from ..simulations.config import (
     CLIENT_ATTACKS,
     RunSettings,
+    malicious_per_round,
     parse_run_config,
     partition_data,
     replies_per_round,
@@ -135,8 +136,12 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
             # Model replacement boost: global + gamma * (backdoored - global), when asked for.
             attack, scale = ("scaling", settings.backdoor_boost) if settings.backdoor_boost > 0 else ("none", 1.0)
         elif attack == "backdoor-replace":
-            # Bagdasaryan et al.'s model replacement: boost by gamma ~ n so the average becomes the backdoor.
-            attack, scale = "scaling", settings.backdoor_boost or averaged_per_round
+            # Bagdasaryan et al.'s model replacement: the average of n replies becomes the backdoored
+            # model when its senders boost by n altogether, so each of m boosts by n / m (their
+            # gamma = n is one attacker's); every attacker boosting by n would overshoot m-fold
+            # and wreck the model instead of planting the backdoor.
+            scale = settings.backdoor_boost or averaged_per_round / malicious_per_round(settings, num_partitions)
+            attack = "scaling"
         elif attack not in CLIENT_ATTACKS:
             attack, scale = "none", 1.0  # backdoor-evade(-<q>): the harness moves the trained backdoor
         else:

@@ -248,6 +248,11 @@ def replies_per_round(settings: RunSettings, num_nodes: int) -> int:
     return max(int(num_nodes * settings.fraction_train), 2)
 
 
+def malicious_per_round(settings: RunSettings, num_nodes: int) -> float:
+    """How many of a round's replies are malicious, on average over Flower's uniform sampling (at least one)."""
+    return max(1.0, len(settings.malicious_ids) * replies_per_round(settings, num_nodes) / num_nodes)
+
+
 def check_simulation(settings: RunSettings, num_clients: int) -> None:
     """Raise :class:`ConfigError` if a simulation of ``num_clients`` clients cannot run these settings.
 

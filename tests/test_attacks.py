@@ -123,6 +123,28 @@ def test_model_replacement_boosts_by_the_clients_a_round_averages_not_the_partit
 
 
 @pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("malicious", "fraction", "gamma"), [("3", 1.0, 8.0), ("1,3", 1.0, 4.0), ("0,1,2,3", 1.0, 2.0),
+                                                              ("0,1,2,3", 0.5, 2.0), ("1,3", 0.5, 4.0)])
+def test_model_replacement_shares_the_boost_among_the_attackers(malicious, fraction, gamma):
+    # m attackers among the n replies a round averages boost by n / m each, so the average is
+    # the backdoored model itself (Bagdasaryan et al.'s gamma = n is one attacker's). At
+    # fraction-train 0.5, 4 of 8 partitions reply: 2 of them malicious on average with 4 attackers.
+    from softmerge.simulations.config import malicious_per_round, parse_run_config, replies_per_round
+
+    settings = parse_run_config({"malicious-partitions": malicious, "fraction-train": fraction})
+    assert replies_per_round(settings, 8) / malicious_per_round(settings, 8) == gamma
+    boosted = _trained_reply("backdoor-replace", num_partitions=8,
+                             **{"malicious-partitions": malicious, "fraction-train": fraction})
+    by_hand = _trained_reply("backdoor-replace", num_partitions=8, **{"malicious-partitions": malicious,
+                                                                      "backdoor-boost": gamma})
+    assert all(torch.allclose(boosted[name], by_hand[name]) for name in by_hand)
+    # The plain scaling attack still boosts every attacker by n: it means to dominate the average.
+    scaled = _trained_reply("scaling", num_partitions=8, **{"malicious-partitions": malicious})
+    by_n = _trained_reply("scaling", num_partitions=8, **{"malicious-partitions": malicious, "attack-scale": 8.0})
+    assert all(torch.allclose(scaled[name], by_n[name]) for name in by_n)
+
+
+@pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize(("attack", "same_as"), [("backdoor-evade", "backdoor"), ("backdoor-evade-1", "backdoor"),
                                                  ("alie", "none"), ("mimic", "none")])
 def test_a_malicious_client_trains_what_its_attack_needs_and_leaves_the_rest_to_the_harness(attack, same_as):
