@@ -34,7 +34,8 @@ def as_tensor_state(state: Mapping[str, object]) -> dict[str, torch.Tensor]:
         if isinstance(value, torch.Tensor):
             converted[name] = value.detach().cpu()
         elif isinstance(value, np.ndarray):
-            converted[name] = torch.from_numpy(np.ascontiguousarray(value))
+            # ascontiguousarray returns at least one dimension; a 0-d tensor must stay 0-d.
+            converted[name] = torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))
         else:
             raise TypeError(f"{name!r} is a {type(value).__name__}, not an array or tensor")
     return converted

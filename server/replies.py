@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -76,7 +76,9 @@ def _decode_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         value = array.numpy()
         if not isinstance(value, np.ndarray) or value.dtype == object:
             raise ValueError(f"array '{name}' is not numeric")
-        state[name] = torch.from_numpy(np.ascontiguousarray(value))
+        # ascontiguousarray returns at least one dimension: reshape keeps a 0-d tensor (BatchNorm's
+        # num_batches_tracked) 0-d, or every reply would fail the shape check.
+        state[name] = torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))
     return state
 
 
@@ -190,6 +192,33 @@ def sort_key(message: Message) -> tuple:
     return (1, 0, node_label(message))
 
 
+def conformed(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor], server_round: int,
+              rule: str) -> ArrayRecord | None:
+    """``arrays`` in the global model's names, shapes and dtypes; None (logged) if they do not fit.
+
+    Flower's averaging rules return float64 for an integer buffer (BatchNorm's batch count):
+    broadcast as is, every honest reply of the next round would fail the dtype screen. A
+    count is rounded back to its integer type; a missing, extra or reshaped array means the
+    rule built some other model, and the global model is kept.
+    """
+    if set(arrays) != set(reference):
+        log(WARNING, "round %d: %s returned arrays %s, not the model's; keeping the global model",
+            server_round, rule, sorted(set(arrays) ^ set(reference))[:3])
+        return None
+    state = {}
+    for name, expected in reference.items():
+        value = torch.from_numpy(np.ascontiguousarray(arrays[name].numpy()).reshape(arrays[name].shape))
+        if tuple(value.shape) != tuple(expected.shape):
+            log(WARNING, "round %d: %s returned %r with shape %s, expected %s; keeping the global model",
+                server_round, rule, name, tuple(value.shape), tuple(expected.shape))
+            return None
+        if value.dtype != expected.dtype:
+            value = (value.round() if not expected.dtype.is_floating_point and value.dtype.is_floating_point
+                     else value).to(expected.dtype)
+        state[name] = value
+    return ArrayRecord(state)
+
+
 def all_finite(arrays: ArrayRecord) -> bool:
     return all(np.isfinite(array.numpy()).all() for array in arrays.values()
                if np.issubdtype(array.numpy().dtype, np.floating))
@@ -207,6 +236,28 @@ class RoundStartMemory(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
         self._global_state = arrays.to_torch_state_dict()
         return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """FedAvg's metric averaging over the replies that pass the screen; never raises."""
+        return screened_evaluate(server_round, replies, self.weighted_by_key, super().aggregate_evaluate)
+
+
+def screened_evaluate(server_round: int, replies: Iterable[Message], weighted_by_key: str,
+                      aggregate: Callable[[int, list[Message]], MetricRecord | None]) -> MetricRecord | None:
+    """``aggregate`` (a strategy's evaluate-metric averaging) over the screened replies, or None.
+
+    An extra metric key, a list where the others send a number, a zero count or a nan would
+    otherwise raise out of ``Strategy.start`` and end the run over numbers that are only reported.
+    """
+    screened = screen_replies(replies, None, weighted_by_key, with_arrays=False)
+    log_rejections(server_round, "evaluate", screened.rejected)
+    if not screened.messages:
+        return None
+    try:
+        return aggregate(server_round, sorted(screened.messages, key=sort_key))
+    except Exception as error:  # noqa: BLE001  (client metrics are informational only)
+        log(WARNING, "round %d: evaluate metrics not aggregated: %s", server_round, error)
+        return None
 
 
 def harden(strategy: FedAvg) -> FedAvg:
@@ -243,6 +294,8 @@ def harden(strategy: FedAvg) -> FedAvg:
             log(WARNING, "round %d: %s produced non-finite arrays; keeping the global model",
                 server_round, type(strategy).__name__)
             arrays = None
+        if arrays is not None and reference is not None:
+            arrays = conformed(arrays, reference, server_round, type(strategy).__name__)
         if arrays is None:
             if not valid:
                 log(WARNING, "round %d: no valid reply; keeping the global model", server_round)
@@ -255,15 +308,7 @@ def harden(strategy: FedAvg) -> FedAvg:
         return arrays, metrics
 
     def screened_aggregate_evaluate(server_round, replies):
-        screened = screen_replies(replies, None, strategy.weighted_by_key, with_arrays=False)
-        log_rejections(server_round, "evaluate", screened.rejected)
-        if not screened.messages:
-            return None
-        try:
-            return aggregate_evaluate(server_round, sorted(screened.messages, key=sort_key))
-        except Exception as error:  # noqa: BLE001
-            log(WARNING, "round %d: evaluate metrics not aggregated: %s", server_round, error)
-            return None
+        return screened_evaluate(server_round, replies, strategy.weighted_by_key, aggregate_evaluate)
 
     strategy.configure_train = remember_global
     strategy.aggregate_train = screened_aggregate_train

@@ -32,7 +32,6 @@ from .replies import (
     RoundStartMemory,
     aggregate_client_metrics,
     candidate_label,
-    log_rejections,
     screen_replies,
     sort_key,
 )
@@ -166,18 +165,6 @@ class SoftMerge(RoundStartMemory):
         metrics = aggregate_client_metrics(self, [message.content for message in messages], (self.label_key,))
         metrics.update(report_summary(report))
         return ArrayRecord(merged), metrics
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Aggregate evaluation metrics of the replies that pass the screen; never raises."""
-        screened = screen_replies(replies, None, self.weighted_by_key, with_arrays=False)
-        log_rejections(server_round, "evaluate", screened.rejected)
-        if not screened.messages:
-            return None
-        try:
-            return self.evaluate_metrics_aggr_fn([m.content for m in screened.messages], self.weighted_by_key)
-        except Exception as error:  # noqa: BLE001  (client metrics are informational only)
-            log(WARNING, "SoftMerge round %d: evaluate metrics not aggregated: %s", server_round, error)
-            return None
 
     def _record_round(self, report: GateReport, node_of: dict[str, str]) -> None:
         """Add this round's gates to the clients' records (see :mod:`softmerge.aggregation.trust`)."""

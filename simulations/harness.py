@@ -419,7 +419,9 @@ def clean_loss_oracle(model: torch.nn.Module, data) -> Callable[[dict[str, np.nd
     from .tasks import evaluate_model
 
     def loss_of(state: dict[str, np.ndarray]) -> float:
-        model.load_state_dict({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in state.items()})
+        # reshape: ascontiguousarray would give a 0-d buffer (BatchNorm's batch count) a dimension.
+        model.load_state_dict({key: torch.from_numpy(np.ascontiguousarray(value).reshape(np.shape(value)))
+                               for key, value in state.items()})
         return evaluate_model(model, data)[0]
 
     return loss_of
