@@ -150,6 +150,9 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
     return lambda v: None if v in options else f"one of {', '.join(options)}"
 
 
+MAX_SEED = 2**32 - 1
+
+
 def _at_least(low: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= low else f">= {low}"
 
@@ -179,7 +182,8 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "dataset": _choice(DATASETS),
     "partitioning": _choice(PARTITIONINGS),
     "dirichlet_alpha": _open_interval(0, math.inf),
-    "seed": _at_least(0),
+    # Clients seed torch with seed * 1,000,003 + ..., which must fit torch's signed 64 bits.
+    "seed": _closed_interval(0, MAX_SEED),
     "local_epochs": _at_least(1),
     "learning_rate": _open_interval(0, 10),
     "batch_size": _at_least(1),

@@ -77,6 +77,9 @@ def test_pyproject_app_config_is_valid():
         ({"extreme-values": ""}, "extreme-values must list at least one factor"),
         ({"dataset": "fashion-mnist", "dataset-path": "/no/such/dir"}, "'dataset-path' must be an existing directory"),
         ({"num-rounds": 3}, "unknown run-config key(s) ['num-rounds']"),
+        # A larger seed passed the check, then overflowed every client's torch seed: no client ever trained.
+        ({"seed": 10**14}, "'seed' must be in [0, 4294967295]"),
+        ({"seed": -1}, "'seed' must be in [0, 4294967295]"),
     ],
 )
 def test_bad_values_are_named(config, message):
@@ -107,6 +110,16 @@ def test_jittered_colluding_attacks_are_valid_attack_names():
     for bad in ("label-flip-jitter", "min-sum-jitter-jitter"):
         with pytest.raises(ConfigError, match="'attack' must be one of"):
             parse_run_config({"attack": bad})
+
+
+def test_the_largest_seed_still_seeds_every_client():
+    import torch
+
+    from softmerge.client.app import local_seed
+    from softmerge.simulations.config import MAX_SEED
+
+    settings = parse_run_config({"seed": MAX_SEED})
+    torch.manual_seed(local_seed(settings.seed, 10**6, 10**6))  # raises on overflow
 
 
 def test_strings_from_the_command_line_are_coerced():
