@@ -138,8 +138,9 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
         if settings.attack.startswith("backdoor"):
             extra["backdoor_asr"] = attack_success_rate(evaluation_model, task.test, settings.backdoor_target)
             metrics["backdoor-asr"] = extra["backdoor_asr"]
-        if local_round == 0 and done:
-            return MetricRecord(metrics)  # the resumed model was recorded before the restart
+        if local_round == 0 and checkpoint is not None:
+            # The resumed model was recorded before the restart (round 0 too, when the kill came in round 1).
+            return MetricRecord(metrics)
         report = getattr(strategy, "reports", {}).get(server_round)
         writer.record(server_round, accuracy, loss, report, extra=extra)
         if output is not None:

@@ -186,6 +186,23 @@ def test_trust_record_is_checkpointed_per_node(tmp_path):
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_run_killed_in_its_first_round_resumes_with_each_round_recorded_once(tmp_path):
+    from flower_helpers import EchoGrid
+    from softmerge.server.app import run_server
+    from softmerge.simulations.config import parse_run_config
+
+    settings = parse_run_config({"num-server-rounds": 2, "softmerge-steps": 4, "attack": "none",
+                                 "malicious-partitions": "", "output-dir": str(tmp_path / "run")})
+    with pytest.raises(KeyboardInterrupt):
+        run_server(EchoGrid(4, kill_in_train_round=1), settings, num_nodes=4)
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["round"] == 0
+    run_server(EchoGrid(4), settings, num_nodes=4)
+    results = load_results(tmp_path / "run")
+    assert results["status"] == "finished"
+    assert [entry["round"] for entry in results["rounds"]] == [0, 1, 2]
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_centered_clipping_resumes_from_its_previous_aggregate(tmp_path):
     """Its reference point is the last round's aggregate: a resumed run must start from it, not from 0."""
     import torch
