@@ -124,7 +124,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
         # new ones on every start, and the strategy then moves each record to its client's label.
         strategy.load_trust_state(checkpoint.state["trust_record"])
     if checkpoint is not None and hasattr(strategy, "restore_checkpoint_arrays"):
-        strategy.restore_checkpoint_arrays(checkpoint.strategy_arrays)
+        strategy.restore_checkpoint_arrays(checkpoint.strategy_arrays, server_round=done)
     if done:
         offset_rounds(strategy, done)
     evaluation_model = build_model(settings.dataset, seed=settings.seed)

@@ -56,6 +56,8 @@ class _UpdateAggregation(RoundStartMemory):
     """
 
     metric_prefix = "robust"
+    # Whether the rule reads the last applied update (a resumed run must then get it back).
+    uses_applied_update = False
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -119,10 +121,19 @@ class _UpdateAggregation(RoundStartMemory):
         """What a resumed run needs to go on as an uninterrupted one: the last applied update."""
         return {} if self.applied_update is None else {"applied_update": self.applied_update.numpy()}
 
-    def restore_checkpoint_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Take back :meth:`checkpoint_arrays`' output; anything malformed is logged and ignored."""
+    def restore_checkpoint_arrays(self, arrays: dict[str, np.ndarray], server_round: int = 0) -> None:
+        """Take back :meth:`checkpoint_arrays`' output; anything malformed is logged and ignored.
+
+        ``server_round`` is the checkpoint's: after round 1 a rule that starts from the last
+        update (:attr:`uses_applied_update`) and finds none warns, since it starts from 0.
+        """
         update = arrays.get("applied_update")
         if update is None:
+            if server_round >= 1 and self.uses_applied_update:
+                # Checkpoints written before the update was saved carry the same format version.
+                log(WARNING, "%s: the checkpoint of round %d holds no applied update (an older checkpoint?); "
+                    "the next round starts from 0 instead of the last update, unlike an uninterrupted run",
+                    type(self).__name__, server_round)
             return
         if update.ndim != 1 or update.dtype != np.float64 or not np.isfinite(update).all():
             log(WARNING, "%s: the checkpoint's applied update is malformed (%s, %s); starting without it",
@@ -304,6 +315,10 @@ class CenteredClipping(_UpdateAggregation):
     """
 
     metric_prefix = "cclip"
+
+    @property
+    def uses_applied_update(self) -> bool:
+        return self.reference == "previous"
 
     def __init__(self, tau: float = 1.0, iterations: int = 1, reference: str = "previous", **kwargs) -> None:
         super().__init__(**kwargs)

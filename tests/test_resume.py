@@ -244,6 +244,17 @@ def test_centered_clipping_resumes_from_its_previous_aggregate(tmp_path):
     assert damaged.applied_update is None
 
 
+def test_a_checkpoint_without_the_update_centered_clipping_needs_is_named(caplog):
+    """Checkpoints written before the update was saved resume from 0: said, not silent."""
+    from softmerge.server.baselines import CenteredClipping
+
+    CenteredClipping(reference="previous").restore_checkpoint_arrays({}, server_round=0)  # none yet: fine
+    CenteredClipping(reference="zero").restore_checkpoint_arrays({}, server_round=5)  # never reads it
+    assert "holds no applied update" not in caplog.text
+    CenteredClipping(reference="previous").restore_checkpoint_arrays({}, server_round=5)
+    assert "the checkpoint of round 5 holds no applied update" in caplog.text
+
+
 @pytest.mark.slow
 def test_a_stateful_colluding_attack_resumes_where_it_stopped(tmp_path, monkeypatch):
     """mimic-fixed's direction and target are checkpointed with the model, so a resumed run attacks alike."""
