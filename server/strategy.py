@@ -91,8 +91,9 @@ class SoftMerge(RoundStartMemory):
         self.trust_record: dict[str, tuple[float, float]] = {}
         # node ID -> the label its replies carried, so a record can follow its client to a new node ID
         self.trust_labels: dict[str, str] = {}
-        # Set by a restored record until the first round shows whether its nodes came back.
-        self._record_restored = False
+        # After a restore: None until the first round shows whether its nodes came back; then
+        # the restored node IDs whose record no replying node has taken yet (see _follow_restored_record).
+        self._unclaimed: set[str] | None = set()
 
     def summary(self) -> None:
         log(INFO, "\t├──> SoftMerge settings:")
@@ -134,7 +135,7 @@ class SoftMerge(RoundStartMemory):
             labels.append(candidate_label(message, labels, self.label_key))
         # The record is keyed by node ID: a client chooses its label, not its ID.
         nodes = [str(message.metadata.src_node_id) for message in messages]
-        if self._record_restored and nodes:
+        if nodes and (self._unclaimed is None or self._unclaimed):
             self._follow_restored_record(server_round, nodes, labels)
         trust = [trust_of(self.trust_record, node) for node in nodes] if self.trust else None
         # The screen has checked every count (a finite number in (0, MAX_NUM_EXAMPLES]).
@@ -199,7 +200,7 @@ class SoftMerge(RoundStartMemory):
             log(WARNING, "SoftMerge: the checkpoint's trust record is malformed (%s); starting without one", error)
             return
         self.trust_record, self.trust_labels = record, labels
-        self._record_restored = True
+        self._unclaimed = None
 
     def _follow_restored_record(self, server_round: int, nodes: list[str], labels: list[str]) -> None:
         """Re-key a restored trust record when none of its nodes reply: a simulation that resumed.
@@ -211,24 +212,42 @@ class SoftMerge(RoundStartMemory):
         client's label gains nothing a new node lacks, and a label two nodes claim moves to
         neither. While any recorded node still replies (a deployment's keep their IDs),
         the record stays keyed by node ID alone.
+
+        A client that does not reply in the first resumed round (not sampled, timed out)
+        keeps its record under its old node ID, as an absent client keeps it in an
+        uninterrupted run, and takes it in the first later round it replies in; so does a
+        checkpoint taken before then. Only records without a label, which nothing can
+        claim, are dropped.
         """
-        self._record_restored = False
-        restored = set(self.trust_record)
-        if not restored or restored.intersection(nodes):
+        if self._unclaimed is None:
+            restored = set(self.trust_record)
+            if not restored or restored.intersection(nodes):
+                self._unclaimed = set()
+                return
+            unlabelled = restored - set(self.trust_labels)
+            self.trust_record = {node: entry for node, entry in self.trust_record.items() if node not in unlabelled}
+            self._unclaimed = restored - unlabelled
+            log(WARNING, "SoftMerge round %d: none of the %d nodes in the checkpoint's trust record replied (a "
+                "simulation draws new node IDs on every start); records move to the replying nodes by client "
+                "label%s", server_round, len(restored),
+                f", {len(unlabelled)} without a label are dropped" if unlabelled else "")
+        if not self._unclaimed:
             return
-        recorded_by_label = Counter(self.trust_labels.values())
-        node_of_label = {label: node for node, label in self.trust_labels.items() if recorded_by_label[label] == 1}
+        recorded_by_label = Counter(self.trust_labels[node] for node in self._unclaimed)
+        node_of_label = {self.trust_labels[node]: node for node in self._unclaimed
+                         if recorded_by_label[self.trust_labels[node]] == 1}
         claims = Counter(label.partition("@")[0] for label in labels)
-        record = {}
+        moved = 0
         for node, label in zip(nodes, labels):
             old_node = node_of_label.get(label)
-            if old_node is not None and claims[label] == 1:
-                record[node] = self.trust_record[old_node]
-        log(WARNING, "SoftMerge round %d: none of the %d nodes in the checkpoint's trust record replied (a "
-            "simulation draws new node IDs on every start); %d of the %d replying nodes took their client "
-            "label's record, the rest start neutral", server_round, len(restored), len(record), len(nodes))
-        self.trust_record = record
-        self.trust_labels = {node: label for node, label in zip(nodes, labels) if node in record}
+            if old_node is not None and claims[label] == 1 and node not in self.trust_record:
+                self.trust_record[node] = self.trust_record.pop(old_node)
+                self.trust_labels[node] = self.trust_labels.pop(old_node)
+                self._unclaimed.discard(old_node)
+                moved += 1
+        log(WARNING, "SoftMerge round %d: %d of the %d replying nodes took their client label's record, the "
+            "rest start neutral; %d restored records wait for their client", server_round, moved, len(nodes),
+            len(self._unclaimed))
 
     @staticmethod
     def _log_report(server_round: int, report: GateReport) -> None:

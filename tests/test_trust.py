@@ -164,6 +164,29 @@ def test_a_restored_record_follows_its_client_to_new_node_ids_by_label(honest_ca
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_client_absent_from_the_first_resumed_round_keeps_its_record_for_later(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    saved = {"11": [0.0, 1.9, "client-0"], "12": [1.9, 1.9, "client-1"], "13": [1.9, 1.9, "client-2"]}
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True)
+    strategy.load_trust_state(saved)
+
+    def play(server_round, node_ids, partitions):
+        list(strategy.configure_train(server_round, ArrayRecord(model.state_dict()), ConfigRecord(),
+                                      StubGrid(node_ids)))
+        strategy.aggregate_train(server_round, [make_reply(node, locals_[k % len(locals_)], partition=partition)
+                                                for k, (node, partition) in enumerate(zip(node_ids, partitions))])
+
+    # Resumed as a simulation (new node IDs); client-0, the distrusted one, is not sampled first.
+    play(4, [22, 23], (1, 2))
+    assert set(strategy.trust_record) == {"11", "22", "23"}
+    assert strategy.trust_state()["11"] == [0.0, 1.9, "client-0"]  # a checkpoint now keeps it too
+    play(5, [21, 22], (0, 1))
+    report = strategy.reports[5]
+    assert report.trust[report.candidates.index("client-0")] == pytest.approx(trust_of({"c": (0.0, 1.9)}, "c"))
+    assert set(strategy.trust_record) == {"21", "22", "23"}
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_strategy_with_trust_off_keeps_no_record(honest_candidates, digits_task):
     model, locals_ = honest_candidates
     assert SoftMerge(model, digits_task.gate.tensors()).trust  # on unless asked otherwise
