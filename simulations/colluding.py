@@ -187,7 +187,7 @@ def find_gamma(
     that end is still feasible (at most ``max_doublings`` times; a zero perturbation is
     feasible for every gamma, and then the last doubled value is returned). It then
     halves the bracket [feasible, infeasible] until it is narrower than
-    ``tolerance * max(1, gamma)``, and returns the feasible end, so the answer always
+    ``tolerance * gamma`` (at most ``max_halvings`` times), and returns the feasible end, so the answer always
     satisfies the constraint. Shejwalkar & Houmansadr start at 10 and halve the step
     the same way; the bracketing step only lifts their implicit cap of 2 * gamma_init.
     """
@@ -208,7 +208,9 @@ def find_gamma(
     else:
         return low
     for _ in range(max_halvings):
-        if high - low <= tolerance * max(1.0, low):
+        # Relative to gamma: late-round updates are small, and for the unit and sign
+        # perturbations gamma* is then far below 1, where an absolute width fell short of it.
+        if low > 0 and high - low <= tolerance * low:
             break
         middle = 0.5 * (low + high)
         if feasible(middle):
