@@ -182,8 +182,13 @@ def load_checkpoint(directory: Path, fingerprint: str) -> Checkpoint | None:
             "or delete the checkpoint to start over")
     if model_hash is None or model_hash != state.get("model_sha256"):
         raise CheckpointError(f"{model_path} is missing or does not match {state_path}")
+    server_round = state.get("round")
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0 \
+            or not isinstance(state.get("rng"), dict):
+        raise CheckpointError(f"{state_path} lacks a valid round number or random state; delete the checkpoint "
+                              "to start over")
     with np.load(model_path, allow_pickle=False) as archive:
         stored = {name: archive[name] for name in archive.files}
     arrays = {name: array for name, array in stored.items() if not name.startswith(STRATEGY_PREFIX)}
-    return Checkpoint(server_round=int(state["round"]), arrays=arrays, state=state,
+    return Checkpoint(server_round=server_round, arrays=arrays, state=state,
                       strategy_arrays=arrays_under(stored, STRATEGY_PREFIX))

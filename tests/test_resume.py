@@ -49,6 +49,18 @@ def test_checkpoint_of_another_config_or_damaged_is_refused(tmp_path):
         load_checkpoint(tmp_path, "abc")
 
 
+@pytest.mark.parametrize("edit", [{"round": None}, {"round": -1}, {"round": "3"}, {"rng": None}])
+def test_a_hand_damaged_checkpoint_state_is_refused_with_a_reason(tmp_path, edit):
+    save_checkpoint(tmp_path, 2, {"w": np.ones(2, np.float32)}, "abc")
+    path = tmp_path / "checkpoint.json"
+    state = json.loads(path.read_text())
+    for key, value in edit.items():
+        state.pop(key) if value is None else state.update({key: value})
+    path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="lacks a valid round number or random state"):
+        load_checkpoint(tmp_path, "abc")
+
+
 @pytest.mark.parametrize("renames_done", [0, 1])
 def test_a_save_killed_between_or_before_its_renames_leaves_a_checkpoint_that_loads(tmp_path, monkeypatch,
                                                                                     renames_done):
