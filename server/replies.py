@@ -205,9 +205,9 @@ def conformed(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor], server
         log(WARNING, "round %d: %s returned arrays %s, not the model's; keeping the global model",
             server_round, rule, sorted(set(arrays) ^ set(reference))[:3])
         return None
-    state = {}
+    decoded, state = _decode_state(arrays), {}
     for name, expected in reference.items():
-        value = torch.from_numpy(np.ascontiguousarray(arrays[name].numpy()).reshape(arrays[name].shape))
+        value = decoded[name]
         if tuple(value.shape) != tuple(expected.shape):
             log(WARNING, "round %d: %s returned %r with shape %s, expected %s; keeping the global model",
                 server_round, rule, name, tuple(value.shape), tuple(expected.shape))
