@@ -83,8 +83,20 @@ def cell_settings(base: RunSettings, cell: Cell, num_clients: int, output: Path)
         base, strategy=strategy, attack=attack, seed=cell.seed,
         malicious_partitions=",".join(str(i) for i in attackers),
         assumed_malicious=len(attackers), exclude_malicious=cell.strategy == ORACLE,
+        trim_beta=trim_beta_for(base.trim_beta, len(attackers), num_clients),
         output_dir=str(output / "cells" / cell.key),
     )
+
+
+def trim_beta_for(configured: float, num_malicious: int, num_clients: int) -> float:
+    """The trimmed mean's beta for a cell: at least the malicious share, as Krum is told the true f.
+
+    Trimming fewer than f per side leaves attackers in every coordinate's mean, which
+    measures a misconfigured rule rather than the trimmed mean. A share of one half or
+    more cannot be trimmed (the cell is n/a), so the configured value stands there.
+    """
+    share = num_malicious / num_clients if num_clients else 0.0
+    return max(configured, share) if share < 0.5 else configured
 
 
 # Keys that only one rule reads: another rule's cell is the same run whatever they say.
@@ -98,16 +110,17 @@ LEGACY_VALUES = {"softmerge-example-weights": False, "attack-claimed-examples": 
 
 # The keys in which two cells that differ only in the malicious fraction differ.
 FRACTION_KEYS = frozenset({"malicious-partitions", "assumed-malicious"})
-# Rules told how many clients are malicious (f): their no-attack run still depends on the fraction.
-FRACTION_AWARE_RULES = frozenset({"krum", "multikrum", "bulyan"})
+# Rules told how many clients are malicious (f, or the trimmed mean's beta, see
+# trim_beta_for): their no-attack run still depends on the fraction.
+FRACTION_AWARE_RULES = frozenset({"krum", "multikrum", "bulyan", "fedtrimmedavg"})
 
 
 def fraction_free(cell: Cell) -> bool:
     """Whether the cell's run is the same at every malicious fraction.
 
     With no attack the "malicious" clients train honestly and claim their true counts, and
-    only the Krum family reads the assumed count; the oracle drops the malicious clients, so
-    its run is the fraction's own.
+    only the Krum family (the assumed count) and the trimmed mean (its beta) read the
+    fraction; the oracle drops the malicious clients, so its run is the fraction's own.
     """
     return cell.attack == NO_ATTACK and cell.strategy != ORACLE and cell.strategy not in FRACTION_AWARE_RULES
 

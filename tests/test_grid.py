@@ -20,6 +20,24 @@ def test_plan_and_rules_that_cannot_run():
     assert not_applicable(Cell("softmerge", "alie", 0.8, 0), 20) is None
 
 
+def test_the_trimmed_mean_trims_at_least_the_malicious_share(tmp_path):
+    # As Krum is told the true f: a trimmed mean left at beta 0.2 against 8 attackers of 20
+    # averages 4 of them into every coordinate, which measures a misconfigured rule.
+    from softmerge.simulations.config import parse_run_config
+    from softmerge.simulations.grid import cell_settings, fraction_free, trim_beta_for
+
+    settings = parse_run_config({"dataset": "digits", "trim-beta": 0.2})
+    beta = {f: cell_settings(settings, Cell("fedtrimmedavg", "alie", f, 0), 20, tmp_path).trim_beta
+            for f in (0.1, 0.2, 0.4)}
+    assert beta == {0.1: 0.2, 0.2: 0.2, 0.4: 0.4}
+    assert trim_beta_for(0.45, 8, 20) == 0.45  # a larger configured beta stands
+    assert trim_beta_for(0.2, 12, 20) == 0.2  # a majority cannot be trimmed: the cell is n/a
+    assert not_applicable(Cell("fedtrimmedavg", "alie", 0.6, 0), 20)
+    # Its no-attack run now depends on the fraction, so it is not shared across fractions.
+    assert not fraction_free(Cell("fedtrimmedavg", "none", 0.4, 0))
+    assert fraction_free(Cell("fedavg", "none", 0.4, 0))
+
+
 def test_tables_show_oracle_worst_case_and_na(tmp_path):
     rows = [
         {"strategy": "softmerge", "attack": "none", "fraction": 0.2, "status": "finished", "final_accuracy": 0.9,
