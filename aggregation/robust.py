@@ -35,7 +35,7 @@ squares of larger float64 values does not, so every rule first divides its input
 one power of two near their largest magnitude (exact in binary floating point), works
 in float64, and multiplies the result back. Each result is a convex combination of the
 inputs (geometric median), a sum of steps of length at most tau (centered clipping) or
-a vector of norm ||g_0|| (FLTrust), so finite inputs give finite outputs.
+a vector of norm at most ||g_0|| (FLTrust), so finite inputs give finite outputs.
 """
 
 from __future__ import annotations
@@ -95,16 +95,44 @@ def flatten_state(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> to
 def flatten_updates(
     reference: Mapping[str, torch.Tensor],
     states: Sequence[Mapping[str, torch.Tensor]],
+    names: Sequence[str] | None = None,
 ) -> tuple[list[str], torch.Tensor]:
     """Updates (state - reference) of the floating-point tensors as a (K, d) float64 matrix.
 
     Integer tensors (BatchNorm's batch counter) have no meaningful update and are left
-    out; :func:`apply_update` copies them from the reference.
+    out; :func:`apply_update` copies them from the reference. ``names`` narrows the
+    tensors further (default: every floating tensor).
     """
-    names = floating_names(reference)
+    names = floating_names(reference) if names is None else list(names)
     base = flatten_state(reference, names)
     rows = [flatten_state(state, names) - base for state in states]
     return names, torch.stack(rows) if rows else torch.zeros(0, base.numel(), dtype=torch.float64)
+
+
+def median_statistics(
+    reference: Mapping[str, torch.Tensor],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    names: Sequence[str],
+) -> dict[str, torch.Tensor]:
+    """The coordinate-wise (lower) median of the clients' running statistics ``names``.
+
+    Running statistics (BatchNorm's mean and variance) are not trained parameters, and a
+    rule that rescales or extrapolates updates (FLTrust's norm scaling, centered clipping's
+    carried-over reference) can move them where no client put them: a variance below 0
+    makes every output NaN while every tensor is finite. The lower median is some client's
+    value in each coordinate, so the result stays within the clients' range (a variance
+    stays >= 0) and a malicious minority cannot move it out of the honest clients'. With
+    no state the reference's values are kept.
+    """
+    result = {}
+    for name in names:
+        tensor = reference[name]
+        if not states:
+            result[name] = tensor.detach().clone()
+            continue
+        stacked = torch.stack([torch.as_tensor(state[name]).detach().to(torch.float64) for state in states])
+        result[name] = stacked.median(dim=0).values.to(tensor.dtype)
+    return result
 
 
 def apply_update(

@@ -9,7 +9,11 @@ Each is a thin subclass of Flower's ``FedAvg`` that overrides ``aggregate_train`
 2. the rest become updates x_i = client model - global model (floating tensors only);
 3. a rule of :mod:`softmerge.aggregation.robust` aggregates them;
 4. the new global model is global + aggregate, with the global model's names, shapes
-   and dtypes. Integer tensors (BatchNorm's batch counter) stay as they were.
+   and dtypes. Integer tensors (BatchNorm's batch counter) stay as they were. Running
+   statistics named by ``statistics`` (BatchNorm's mean and variance; FLTrust finds
+   them in its model, :func:`running_statistics` lists them for the others) are not
+   passed to the rule: they become the coordinate-wise median of the clients' values,
+   so a rescaling rule cannot make a variance negative.
 
 A round with no usable reply, or whose aggregate would not be finite in the model's
 dtypes, keeps the global model. Client input never raises.
@@ -38,12 +42,19 @@ from ..aggregation.robust import (
     fltrust,
     fltrust_server_model,
     geometric_median,
+    median_statistics,
 )
 from .replies import RoundStartMemory, aggregate_client_metrics, candidate_label, screen_replies, sort_key
 
 # A client may report its partition id; it only names the client in logs and scores.
 LABEL_KEY = "partition-id"
 CC_REFERENCES = ("previous", "zero")
+
+
+def running_statistics(model: nn.Module) -> list[str]:
+    """The state-dict names of ``model``'s floating buffers: running statistics, not parameters."""
+    state = model.state_dict()
+    return [name for name, buffer in model.named_buffers() if name in state and buffer.is_floating_point()]
 
 
 class _UpdateAggregation(RoundStartMemory):
@@ -59,8 +70,10 @@ class _UpdateAggregation(RoundStartMemory):
     # Whether the rule reads the last applied update (a resumed run must then get it back).
     uses_applied_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, statistics: Iterable[str] = (), **kwargs) -> None:
         super().__init__(**kwargs)
+        # Floating tensors that are running statistics: the median of the clients', not the rule's.
+        self.statistics = frozenset(statistics)
         self.excluded: dict[int, list[Exclusion]] = {}
         self.client_scores: dict[int, dict[str, float]] = {}
         # The update last added to the global model (float64, flattened); None before any.
@@ -79,7 +92,7 @@ class _UpdateAggregation(RoundStartMemory):
             return None, None
         global_state = self._global_state
         positions, states, labels, contents, excluded = self._valid_replies(list(replies), global_state)
-        names, updates = flatten_updates(global_state, states)
+        names, updates = flatten_updates(global_state, states, self.update_names(global_state))
         # Finite float64 models can still differ by more than float64 holds.
         overflowing = [i for i in range(len(states)) if not bool(torch.isfinite(updates[i]).all())]
         if overflowing:
@@ -105,6 +118,7 @@ class _UpdateAggregation(RoundStartMemory):
         self.client_scores[server_round] = dict(zip(labels, (float(s) for s in scores), strict=True))
         metrics.update(extra)
         new_state = apply_update(global_state, aggregate, names)
+        new_state.update(median_statistics(global_state, states, [n for n in global_state if n in self.statistics]))
         if not all(bool(torch.isfinite(t).all()) for t in new_state.values() if t.dtype.is_floating_point):
             log(WARNING, "%s round %d: the aggregate overflows the model's dtypes; keeping the global model",
                 name, server_round)
@@ -116,6 +130,10 @@ class _UpdateAggregation(RoundStartMemory):
         log(INFO, "%s round %d: %d clients aggregated, %d excluded; %s", name, server_round, len(states),
             len(excluded), ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
         return ArrayRecord(new_state), metrics
+
+    def update_names(self, reference: dict[str, torch.Tensor]) -> list[str]:
+        """The tensors the rule aggregates as updates: the floating ones that are not running statistics."""
+        return [name for name in floating_names(reference) if name not in self.statistics]
 
     def checkpoint_arrays(self) -> dict[str, np.ndarray]:
         """What a resumed run needs to go on as an uninterrupted one: the last applied update."""
@@ -212,6 +230,9 @@ class FLTrust(_UpdateAggregation):
         the last three (docs/benchmarks.md).
     seed : int
         The server training of round r is seeded with ``seed + r``.
+    statistics : Iterable[str] (default: the model's floating buffers)
+        Running statistics, merged as the clients' coordinate-wise median rather than
+        rescaled with the updates (see the module docstring).
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, record keys).
     """
@@ -230,6 +251,7 @@ class FLTrust(_UpdateAggregation):
         match_client_steps: bool = False,
         **kwargs,
     ) -> None:
+        kwargs.setdefault("statistics", running_statistics(model))
         super().__init__(**kwargs)
         inputs, targets = root_data
         if len(targets) == 0 or len(inputs) != len(targets):
@@ -273,7 +295,7 @@ class FLTrust(_UpdateAggregation):
         trained, server_loss = fltrust_server_model(
             self.model, global_state, self.root_data, epochs=self.epochs, learning_rate=self.learning_rate,
             batch_size=self.batch_size, momentum=self.momentum, seed=self.seed + server_round, steps=steps)
-        names = floating_names(global_state)
+        names = self.update_names(global_state)
         server_update = flatten_state(trained, names) - flatten_state(global_state, names)
         if not bool(torch.isfinite(server_update).all()):
             log(WARNING, "FLTrust round %d: the server update is not finite; keeping the global model", server_round)
@@ -310,6 +332,10 @@ class CenteredClipping(_UpdateAggregation):
         L; the paper finds one iteration enough when the reference is good.
     reference : str (default: "previous")
         ``"previous"`` or ``"zero"``.
+    statistics : Iterable[str] (default: none)
+        Running statistics (:func:`running_statistics` of the model), merged as the
+        clients' coordinate-wise median rather than clipped: carried over from the last
+        round's update, a BatchNorm variance could otherwise go below 0.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -368,6 +394,9 @@ class GeometricMedian(_UpdateAggregation):
     weighted : bool (default: True)
         Weight by the reported number of examples. Clients report that number
         themselves, so a malicious client can inflate it; ``False`` ignores it.
+    statistics : Iterable[str] (default: none)
+        Running statistics (:func:`running_statistics` of the model), merged as the
+        clients' coordinate-wise median.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig
 from ..simulations.config import RunSettings
-from .baselines import CenteredClipping, FLTrust, GeometricMedian
+from .baselines import CenteredClipping, FLTrust, GeometricMedian, running_statistics
 from .replies import harden
 from .strategy import SoftMerge
 
@@ -87,9 +87,10 @@ def build_strategy(
                        batch_size=settings.batch_size, momentum=0.9, seed=settings.seed,
                        match_client_steps=settings.fltrust_match_client_steps, **common)
     if name == "centered-clipping":
-        return CenteredClipping(tau=settings.cclip_tau, iterations=settings.cclip_iterations, **common)
+        return CenteredClipping(tau=settings.cclip_tau, iterations=settings.cclip_iterations,
+                                statistics=running_statistics(model), **common)
     if name == "geomed":
-        return GeometricMedian(**common)
+        return GeometricMedian(statistics=running_statistics(model), **common)
     return harden(_flower_strategy(name, settings, common, num_nodes))
 
 

@@ -46,13 +46,16 @@ def _strategies():
     }
 
 
-def _train_reply(instruction: Message, seed: int) -> Message:
-    """What a client sends: a locally trained copy's whole state dict, buffers included."""
+def _train_reply(instruction: Message, seed: int, scale: float = 1.0, learning_rate: float = 0.1) -> Message:
+    """What a client sends: a locally trained copy's whole state dict, buffers included.
+
+    ``scale`` sets the spread of its inputs: a small one moves running_var from 1 towards 0.
+    """
     model = batchnorm_model()
     model.load_state_dict(instruction.content["arrays"].to_torch_state_dict())
     generator = torch.Generator().manual_seed(seed)
-    inputs, targets = torch.randn(16, 3, generator=generator), torch.arange(16) % 2
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = scale * torch.randn(16, 3, generator=generator), torch.arange(16) % 2
+    optimiser = torch.optim.SGD(model.parameters(), lr=learning_rate)
     model.train()
     for _ in range(2):
         optimiser.zero_grad()
@@ -109,3 +112,37 @@ def test_an_odd_evaluate_reply_is_screened_out_not_raised(name, odd):
     # Nothing valid: no metrics, and still no exception.
     assert strategy.aggregate_evaluate(1, [_evaluate_reply(node, {"eval-loss": 0.5, "num-examples": 0})
                                            for node in (1, 2)]) is None
+
+
+@pytest.mark.parametrize("name", ["fltrust", "centered-clipping", "geomed"])
+def test_running_statistics_stay_within_the_clients_values(name):
+    # FLTrust rescales each update to the server update's norm (a factor above 1 here), and
+    # centered clipping carries last round's update over: applied to running_var, either
+    # drove it below 0, and the broadcast model output NaN though every tensor was finite.
+    from softmerge.server.baselines import running_statistics
+
+    statistics = running_statistics(batchnorm_model())
+    assert statistics == ["1.running_mean", "1.running_var"]
+    root = (0.05 * torch.randn(64, 3, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 2)
+    strategy = {
+        "fltrust": lambda: FLTrust(batchnorm_model(), root, epochs=4, learning_rate=0.5, batch_size=8,
+                                   fraction_evaluate=0.0),
+        "centered-clipping": lambda: CenteredClipping(tau=0.05, statistics=statistics, fraction_evaluate=0.0),
+        "geomed": lambda: GeometricMedian(statistics=statistics, fraction_evaluate=0.0),
+    }[name]()
+    arrays = ArrayRecord(batchnorm_model().state_dict())
+    for server_round in (1, 2, 3, 4):
+        instructions = list(strategy.configure_train(server_round, arrays, ConfigRecord(), StubGrid(NODES)))
+        replies = [_train_reply(message, 10 * server_round + k, scale=0.05, learning_rate=0.05)
+                   for k, message in enumerate(instructions)]
+        sent = [reply.content["arrays"].to_torch_state_dict() for reply in replies]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        state = arrays.to_torch_state_dict()
+        for key in statistics:
+            values = torch.stack([client[key] for client in sent])
+            assert bool(((state[key] >= values.min(dim=0).values) & (state[key] <= values.max(dim=0).values)).all())
+        assert bool((state["1.running_var"] >= 0).all())
+        model = batchnorm_model()
+        model.load_state_dict(state)
+        model.eval()
+        assert bool(torch.isfinite(model(root[0])).all()), server_round

@@ -535,3 +535,16 @@ def test_strategy_constructors_reject_bad_settings(federation, digits_task):
         CenteredClipping(reference="median")
     with pytest.raises(ValueError):
         GeometricMedian(nu=0.0)
+
+
+def test_median_statistics_take_each_coordinate_from_some_client():
+    from softmerge.aggregation.robust import median_statistics
+
+    reference = {"var": torch.ones(3), "weight": torch.zeros(2)}
+    states = [{"var": torch.tensor([0.1, 5.0, 0.2])}, {"var": torch.tensor([0.3, 0.4, -1e30])},
+              {"var": torch.tensor([0.2, 0.5, 0.3])}, {"var": torch.tensor([9.0, 0.6, 0.25])}]
+    merged = median_statistics(reference, states, ["var"])
+    # The lower median of four: the second smallest value in each coordinate.
+    assert torch.equal(merged["var"], torch.tensor([0.2, 0.5, 0.2]))
+    assert merged["var"].dtype == torch.float32 and set(merged) == {"var"}
+    assert torch.equal(median_statistics(reference, [], ["var"])["var"], reference["var"])

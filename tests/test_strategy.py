@@ -103,3 +103,19 @@ def test_multikrum_averages_n_minus_f_of_each_rounds_replies_whatever_the_count_
     assert merged([0.0, 1.0, 2.0, 4.0, 100.0]) == pytest.approx(1.75)
     # Four replies: m = 3, not the 4 a count fixed at start would keep (the outlier among them).
     assert merged([0.0, 1.0, 2.0, 100.0]) == pytest.approx(1.0)
+
+
+def test_every_configured_strategy_builds_and_the_update_rules_know_the_running_statistics():
+    from softmerge.server.baselines import _UpdateAggregation
+    from softmerge.server.strategies import build_strategy
+    from softmerge.simulations.config import STRATEGIES, parse_run_config
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    gate = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+    for name in STRATEGIES:
+        settings = parse_run_config({"strategy": name, "assumed-malicious": 0})
+        strategy = build_strategy(settings, model, gate, num_nodes=10)
+        if isinstance(strategy, _UpdateAggregation):
+            # BatchNorm's mean and variance are merged as the clients' median, not by the rule.
+            assert strategy.statistics == {"1.running_mean", "1.running_var"}, name
+            assert "1.running_var" not in strategy.update_names(model.state_dict())
