@@ -9,15 +9,20 @@ reply's shape gives an attacker away.
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from collections.abc import Mapping
+from logging import WARNING
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from ..simulations.config import (
     CLIENT_ATTACKS,
+    ConfigError,
     RunSettings,
     malicious_per_round,
     parse_run_config,
@@ -42,9 +47,34 @@ torch.set_num_threads(1)
 app = ClientApp()
 
 
+def node_partition(node_config: Mapping[str, object]) -> tuple[int, int]:
+    """(partition id, number of partitions) from the node config, or a ConfigError that names the keys.
+
+    A SuperNode started without them (``flower-supernode --node-config
+    "partition-id=0 num-partitions=2"``) would otherwise fail with a bare ``KeyError``.
+    """
+    values = []
+    for key in ("partition-id", "num-partitions"):
+        value = node_config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"node config '{key}' is {'missing' if value is None else repr(value)}: start the "
+                              "node with --node-config \"partition-id=<id> num-partitions=<n>\"")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not number.is_integer():
+            raise ConfigError(f"node config '{key}' must be an integer, got {value!r}")
+        values.append(int(number))
+    partition_id, num_partitions = values
+    if num_partitions < 1 or not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"node config needs 0 <= partition-id < num-partitions, got partition-id={partition_id} "
+                          f"num-partitions={num_partitions}")
+    return partition_id, num_partitions
+
+
 def _local_data(settings: RunSettings, context: Context) -> tuple[int, int, ArraySet, ArraySet]:
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    partition_id, num_partitions = node_partition(context.node_config)
     data = partition_data(settings, partition_id, num_partitions)
     return partition_id, num_partitions, *split_held_out(data)
 
@@ -93,7 +123,11 @@ def simulated_failure(settings: RunSettings, seed: int) -> str | None:
 def train_reply(msg: Message, context: Context, settings: RunSettings) -> Message:
     """Train on this node's partition; a malicious node then poisons what it sends."""
     partition_id, num_partitions, train_set, _ = _local_data(settings, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
+    config = msg.content["config"] if "config" in msg.content.config_records else {}
+    if "server-round" not in config:
+        # Flower's strategies always send it; without it every round would reuse one seed.
+        log(WARNING, "train message without config 'server-round': round 0's seed is used for local training")
+    server_round = int(config.get("server-round", 0))
     seed = local_seed(settings.seed, server_round, partition_id)
     failure = simulated_failure(settings, seed)
     if failure == "raise":

@@ -155,3 +155,45 @@ def test_a_malicious_client_trains_what_its_attack_needs_and_leaves_the_rest_to_
     if same_as == "backdoor":
         honest = _trained_reply("none")
         assert not all(torch.equal(reply[name], honest[name]) for name in honest)
+
+
+@pytest.mark.parametrize(("node_config", "message"), [
+    ({}, "'partition-id' is missing"),
+    ({"partition-id": 0}, "'num-partitions' is missing"),
+    ({"partition-id": "a", "num-partitions": 4}, "must be an integer"),
+    ({"partition-id": 1.5, "num-partitions": 4}, "must be an integer"),
+    ({"partition-id": 4, "num-partitions": 4}, "0 <= partition-id < num-partitions"),
+    ({"partition-id": True, "num-partitions": 4}, "'partition-id' is True"),
+])
+def test_a_node_without_a_usable_partition_gets_a_config_error_naming_the_key(node_config, message):
+    from softmerge.client.app import node_partition
+    from softmerge.simulations.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        node_partition(node_config)
+
+
+def test_a_node_partition_from_the_command_line_is_read_as_integers():
+    from softmerge.client.app import node_partition
+
+    assert node_partition({"partition-id": "2", "num-partitions": 5}) == (2, 5)
+    assert node_partition({"partition-id": 0, "num-partitions": 1.0}) == (0, 1)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_train_message_without_its_round_is_trained_and_logged(caplog):
+    from flwr.app import ArrayRecord, Context, Message, RecordDict
+
+    from softmerge.client.app import train_reply
+    from softmerge.simulations.config import parse_run_config
+    from softmerge.simulations.tasks import build_model
+
+    settings = parse_run_config({"local-epochs": 1})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 4},
+                      state=RecordDict(), run_config={})
+    instruction = Message(RecordDict({"arrays": ArrayRecord(build_model(settings.dataset).state_dict())}),
+                          dst_node_id=1, message_type="train")
+    with caplog.at_level("WARNING"):
+        reply = train_reply(instruction, context, settings)
+    assert reply.content["metrics"]["num-examples"] > 0
+    assert "without config 'server-round'" in caplog.text
