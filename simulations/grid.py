@@ -40,7 +40,7 @@ from pathlib import Path
 from ..server.checkpoint import OPERATIONAL_KEYS
 from ..server.output_lock import OutputBusy, output_lock, shared_files_lock
 from ..server.results import write_json_atomic
-from .config import ConfigError, RunSettings, node_count_problem, parse_run_config
+from .config import ConfigError, RunSettings, node_count_problem, parse_run_config, replies_per_round
 
 ORACLE = "oracle"
 NO_ATTACK = "none"
@@ -63,8 +63,10 @@ def malicious_ids(num_clients: int, fraction: float) -> list[int]:
     return list(range(int(round(fraction * num_clients))))
 
 
-def not_applicable(cell: Cell, num_clients: int) -> str | None:
-    problem = node_count_problem(cell.strategy, num_clients, len(malicious_ids(num_clients, cell.fraction)))
+def not_applicable(cell: Cell, num_clients: int, replies: int | None = None) -> str | None:
+    """Why the cell's rule cannot run, or None. ``replies``: a round's replies (default every client)."""
+    problem = node_count_problem(cell.strategy, num_clients if replies is None else replies,
+                                 len(malicious_ids(num_clients, cell.fraction)))
     if problem:
         return problem
     if cell.strategy == "fedtrimmedavg" and cell.fraction >= 0.5:
@@ -668,10 +670,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     output = Path(args.output)
+    # A rule's n is a round's replies: with fraction-train < 1, fewer than the clients.
+    replies = replies_per_round(base, args.clients)
     cells = plan_cells(strategies, attacks, fractions, seeds, oracle=not args.no_oracle)
     if args.plan:
         for cell in cells:
-            print(cell.key, not_applicable(cell, args.clients) or "")
+            print(cell.key, not_applicable(cell, args.clients, replies) or "")
         print(f"{len(cells)} cells")
         return 0
     stale = stale_cells(output, cells, base, args.clients)
@@ -688,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     given = list(argv if argv is not None else sys.argv[1:])
     if args.jobs > 1 and not args.tables_only:
         record_invocation(output / "grid.json", given, config)
-        failed = run_workers(given, args.jobs, output, [c for c in cells if not not_applicable(c, args.clients)])
+        runnable = [c for c in cells if not not_applicable(c, args.clients, replies)]
+        failed = run_workers(given, args.jobs, output, runnable)
         code = main([*given, "--tables-only"])
         return 1 if failed or code else 0
     if not args.tables_only and not args.worker:
@@ -703,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(cells, desc="grid", unit="cell", dynamic_ncols=True)
     for cell in progress:
         progress.set_postfix_str(cell.key)
-        reason = not_applicable(cell, args.clients)
+        reason = not_applicable(cell, args.clients, replies)
         existing = finished_cell(output, cell)
         if reason:
             rows.append(summarise_cell(cell, None, args.clients, "n/a", None))
@@ -867,7 +872,7 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
     stale = []
     for cell in cells:
         existing = finished_cell(output, cell)
-        if not_applicable(cell, num_clients) or not existing:
+        if not_applicable(cell, num_clients, replies_per_round(base, num_clients)) or not existing:
             continue
         recorded = existing.get("settings")
         if not isinstance(recorded, dict):

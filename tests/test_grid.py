@@ -551,3 +551,13 @@ def test_jobs_split_the_cells_over_workers_and_write_the_tables_from_all(tmp_pat
     assert invocations == [argv]
     assert main([*argv[:-2], "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_a_rule_is_na_by_a_rounds_replies_not_the_client_count(capsys, tmp_path):
+    # Krum needs n >= 2f + 3: 20 clients with f = 4 can run it, but not 10 replies a round.
+    assert not_applicable(Cell("krum", "alie", 0.2, 0), 20) is None
+    assert "2f + 3" in not_applicable(Cell("krum", "alie", 0.2, 0), 20, replies=10)
+    argv = ["--dataset", "digits", "--clients", "20", "--rounds", "1", "--strategies", "krum", "--attacks", "alie",
+            "--fractions", "0.2", "--no-oracle", "--plan", "--output", str(tmp_path), "--set", "fraction-train=0.5"]
+    assert main(argv) == 0
+    assert "krum__alie__f0.2__s0 Krum needs n >= 2f + 3 (n=10, f=4)" in capsys.readouterr().out
