@@ -65,6 +65,9 @@ from .colluding import (
 )
 
 KNOWLEDGE = ("full", "partial")
+# Attacks that deviate by the known updates' spread (sigma, or their pairwise distances):
+# from one known update they have nothing to deviate by.
+SPREAD_ATTACKS = frozenset({"alie", "min-max", "min-sum"})
 _MISSING = object()
 
 
@@ -125,6 +128,7 @@ class ColludingAdversary:
             raise ValueError(f"{attack} keeps its replies' loss on the attacker's clean data in check: "
                              "pass loss_of")
         self.adaptive = kind in ADAPTIVE_ATTACKS
+        self.kind = kind
         self.loss_of = loss_of
         if self.adaptive:
             _check_evade_params({**implied, **attack_params})
@@ -228,6 +232,9 @@ class ColludingAdversary:
         if not known:
             return skip("no readable, finite update to compute the attack from")
 
+        if len(known) == 1 and self.kind in SPREAD_ATTACKS:
+            log(WARNING, "colluding %s round %d: one known update, so its spread is 0 and the crafted update "
+                "is that update unchanged: the attack sends an honest update this round", self.attack, server_round)
         scales: tuple[float, ...] = ()
         if self.adaptive:
             crafted, scales = self._moved_own_updates(targets, known, num_total)

@@ -453,6 +453,19 @@ def test_partial_knowledge_uses_only_the_malicious_clients_own_updates():
     np.testing.assert_allclose(_flat_update(received, GLOBAL), -0.1 * np.mean(own, axis=0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("attack", "warned"), [("alie", True), ("min-sum", True), ("ipm-0.1", False)])
+def test_an_attack_with_one_known_update_to_spread_from_says_it_sends_it_unchanged(attack, warned, caplog):
+    # Partial knowledge with one attacker replying: sigma and every pairwise distance are 0.
+    replies = [reply for reply in _round_replies() if reply.has_error()
+               or reply.content["metrics"]["partition-id"] != 5]
+    with caplog.at_level("WARNING"):
+        strategy, _, sent, _, _ = _attacked(attack, replies=replies, knowledge="partial")
+    assert ("one known update" in caplog.text) == warned
+    if warned:
+        own = _flat_update(_model_of(sent[4]), GLOBAL)
+        np.testing.assert_allclose(_flat_update(_model_of(strategy.seen[1][4]), GLOBAL), own, rtol=1e-5, atol=1e-6)
+
+
 def test_harness_is_reproducible_whatever_order_the_replies_arrive_in():
     replies = _round_replies()
     shuffled = list(replies)
