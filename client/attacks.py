@@ -48,7 +48,7 @@ def poison_state(
     poisoned = {}
     for name, trained in trained_state.items():
         untouched = attack in ("none", "label-flip", "backdoor") or (
-            attack == "layer-stealth" and not name.startswith(target_prefix + "."))
+            attack == "layer-stealth" and not _in_module(name, target_prefix))
         if not trained.dtype.is_floating_point or untouched:
             poisoned[name] = trained.clone()
             continue
@@ -72,6 +72,11 @@ def poison_state(
 
 
 def last_layer_prefix(state: Mapping[str, torch.Tensor]) -> str:
-    """Module prefix of the last floating-point tensor: the output layer."""
+    """Module prefix of the last floating-point tensor: the output layer ("" for the top-level module)."""
     floating = [name for name, tensor in state.items() if tensor.dtype.is_floating_point]
-    return floating[-1].rsplit(".", 1)[0] if floating else ""
+    return floating[-1].rpartition(".")[0] if floating else ""
+
+
+def _in_module(name: str, prefix: str) -> bool:
+    """Whether tensor ``name`` belongs to the module ``prefix`` ("" is the top level's own tensors)."""
+    return name.startswith(prefix + ".") if prefix else "." not in name

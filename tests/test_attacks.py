@@ -45,6 +45,13 @@ def test_layer_stealth_poisons_only_the_output_layer():
     sent = poison_state("layer-stealth", global_state, trained, scale=5.0)
     assert torch.equal(sent["fc1.weight"], trained["fc1.weight"]) and torch.equal(sent["fc1.bias"], trained["fc1.bias"])
     assert sent["fc2.weight"].tolist() == [[-5.0, -5.0]]
+    # A model whose own tensors come last (a bare nn.Linear): they are the output layer.
+    top_level = {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)}
+    sent = poison_state("layer-stealth", top_level, {k: v + 1.0 for k, v in top_level.items()}, scale=5.0)
+    assert sent["weight"].tolist() == [[-5.0, -5.0]] and sent["bias"].tolist() == [-5.0]
+    nested = {"head.weight": torch.zeros(1), "weight": torch.zeros(1)}
+    sent = poison_state("layer-stealth", nested, {k: v + 1.0 for k, v in nested.items()}, scale=5.0)
+    assert sent["head.weight"].tolist() == [1.0] and sent["weight"].tolist() == [-5.0]
 
 
 def test_backdoor_trigger_relabels_a_fraction_and_is_measurable(digits_task):
