@@ -63,6 +63,19 @@ def malicious_ids(num_clients: int, fraction: float) -> list[int]:
     return list(range(int(round(fraction * num_clients))))
 
 
+def check_fraction(fraction: float, num_clients: int) -> None:
+    """A ConfigError unless ``fraction`` of ``num_clients`` is a whole number of clients, at least one.
+
+    The tables are labelled by the fraction: 0.45 of 10 clients would run 4 attackers (as
+    0.4 does) under a 45% label, and 0.04 of 20 would run none under an attack's name.
+    """
+    count = fraction * num_clients
+    if round(count) < 1 or abs(count - round(count)) > 1e-9:
+        whole = ", ".join(f"{k / num_clients:g}" for k in range(1, min(num_clients, 5)))
+        raise ConfigError(f"--fractions: {fraction:g} of {num_clients} clients is {count:g} clients; give a "
+                          f"multiple of 1/{num_clients} (e.g. {whole}, ...)")
+
+
 def not_applicable(cell: Cell, num_clients: int, replies: int | None = None) -> str | None:
     """Why the cell's rule cannot run, or None. ``replies``: a round's replies (default every client)."""
     problem = node_count_problem(cell.strategy, num_clients if replies is None else replies,
@@ -663,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
             parse_run_config({"attack": attack})
         if any(not 0 < f < 1 for f in fractions):
             raise ConfigError(f"--fractions must lie in (0, 1), got {fractions}")
+        for fraction in fractions:
+            check_fraction(fraction, args.clients)
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     except (ConfigError, ValueError) as error:

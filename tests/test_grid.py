@@ -561,3 +561,13 @@ def test_a_rule_is_na_by_a_rounds_replies_not_the_client_count(capsys, tmp_path)
             "--fractions", "0.2", "--no-oracle", "--plan", "--output", str(tmp_path), "--set", "fraction-train=0.5"]
     assert main(argv) == 0
     assert "krum__alie__f0.2__s0 Krum needs n >= 2f + 3 (n=10, f=4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("fraction", "clients"), [(0.45, 10), (0.04, 20), (0.25, 10)])
+def test_a_fraction_that_is_not_a_whole_number_of_clients_is_refused(fraction, clients, capsys, tmp_path):
+    # round() would run 4 attackers under a 45% label, none under an attack's name, 2 under 25%.
+    argv = ["--dataset", "digits", "--clients", str(clients), "--rounds", "1", "--strategies", "fedavg",
+            "--attacks", "sign-flip", "--fractions", str(fraction), "--plan", "--output", str(tmp_path)]
+    assert main(argv) == 2
+    assert "multiple of 1/" in capsys.readouterr().err
+    assert main([*argv[:-5], "--fractions", "0.3", "--plan", "--output", str(tmp_path)]) == 0
