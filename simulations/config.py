@@ -261,8 +261,8 @@ def check_simulation(settings: RunSettings, num_clients: int) -> None:
     """Raise :class:`ConfigError` if a simulation of ``num_clients`` clients cannot run these settings.
 
     Flower's strategies wait for two nodes before a round starts, so one client would wait
-    forever; malicious ids beyond the clients would silently attack (or, for the oracle,
-    leave out) nobody; and a robust rule given fewer replies than it needs would never
+    forever; malicious ids beyond the clients, or none at all, would silently attack (or,
+    for the oracle, leave out) nobody; and a robust rule given fewer replies than it needs would never
     aggregate (Bulyan) or lose its guarantee (Krum).
     """
     if num_clients < 2:
@@ -271,6 +271,9 @@ def check_simulation(settings: RunSettings, num_clients: int) -> None:
     # With no attack and no oracle the ids name nobody in particular, so they cannot be wrong.
     if outside and (settings.attack != "none" or settings.exclude_malicious):
         raise ConfigError(f"malicious partition ids {outside} do not exist with {num_clients} clients")
+    if settings.attack != "none" and not settings.malicious_ids:
+        raise ConfigError(f"attack '{settings.attack}' with no malicious partition would run unattacked: set "
+                          "malicious-partitions (or attack='none')")
     replies = replies_per_round(settings, num_clients)
     problem = node_count_problem(settings.strategy, replies, settings.assumed_malicious)
     if problem:

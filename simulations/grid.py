@@ -63,6 +63,14 @@ def malicious_ids(num_clients: int, fraction: float) -> list[int]:
     return list(range(int(round(fraction * num_clients))))
 
 
+# Run-config keys that each cell sets itself (cell_settings), with the option that sets them.
+CELL_KEYS = {"seed": "--seeds", "strategy": "--strategies", "attack": "--attacks",
+             "malicious-partitions": "--fractions (the first f*n partitions attack)",
+             "assumed-malicious": "--fractions (rules are told the true count)",
+             "exclude-malicious": "the oracle, which every grid adds unless --no-oracle",
+             "output-dir": "--output"}
+
+
 def check_fraction(fraction: float, num_clients: int) -> None:
     """A ConfigError unless ``fraction`` of ``num_clients`` is a whole number of clients, at least one.
 
@@ -664,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
                   "partitioning": "dirichlet"}
         for item in args.set:
             key, _, value = item.partition("=")
+            if key.strip() in CELL_KEYS:
+                raise ConfigError(f"--set {key.strip()}: the grid sets it per cell; use {CELL_KEYS[key.strip()]}")
             config[key.strip()] = _parse_value(value.strip())
         base = parse_run_config(config)
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]

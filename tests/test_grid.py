@@ -571,3 +571,13 @@ def test_a_fraction_that_is_not_a_whole_number_of_clients_is_refused(fraction, c
     assert main(argv) == 2
     assert "multiple of 1/" in capsys.readouterr().err
     assert main([*argv[:-5], "--fractions", "0.3", "--plan", "--output", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize(("key", "option"), [("seed", "--seeds"), ("attack", "--attacks"),
+                                             ("output-dir", "--output"), ("malicious-partitions", "--fractions")])
+def test_a_key_the_grid_sets_per_cell_is_refused_in_set(key, option, capsys, tmp_path):
+    # The cell would overwrite it: --set seed=7 ran seed 0 without a word.
+    argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "fedavg", "--attacks", "none",
+            "--fractions", "0.25", "--plan", "--output", str(tmp_path), "--set", f"{key}=1"]
+    assert main(argv) == 2
+    assert f"--set {key}: the grid sets it per cell; use {option}" in capsys.readouterr().err
