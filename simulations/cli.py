@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"softmerge-sim: cannot write to --output {output}: {error}", file=sys.stderr)
+        return 2
     print(f"softmerge-sim: {base.dataset}, {args.clients} clients, malicious {sorted(base.malicious_ids)} "
           f"({base.attack}: {base.extreme_values if base.attack == 'extreme' else ''}), "
           f"{base.num_server_rounds} rounds")

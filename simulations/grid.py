@@ -713,7 +713,11 @@ def main(argv: list[str] | None = None) -> int:
         print("Give this grid its own --output, or delete those cells' directories to run them again.",
               file=sys.stderr)
         return 2
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"softmerge-grid: cannot write to --output {output}: {error}", file=sys.stderr)
+        return 2
     given = list(argv if argv is not None else sys.argv[1:])
     if args.jobs > 1 and not args.tables_only:
         record_invocation(output / "grid.json", given, config)

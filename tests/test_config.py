@@ -183,3 +183,12 @@ def test_cli_reports_a_missing_dataset(capsys, tmp_path):
     code = main(["--dataset", "fashion-mnist", "--set", f"dataset-path={tmp_path}", "--output", str(tmp_path / "o")])
     assert code == 2
     assert "Fashion-MNIST file train-images-idx3-ubyte[.gz] not found" in capsys.readouterr().err
+
+
+def test_cli_reports_an_output_it_cannot_create(capsys, tmp_path):
+    from softmerge.simulations.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert main(["--rounds", "1", "--output", str(blocker / "demo")]) == 2
+    assert "softmerge-sim: cannot write to --output" in capsys.readouterr().err

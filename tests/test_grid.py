@@ -581,3 +581,12 @@ def test_a_key_the_grid_sets_per_cell_is_refused_in_set(key, option, capsys, tmp
             "--fractions", "0.25", "--plan", "--output", str(tmp_path), "--set", f"{key}=1"]
     assert main(argv) == 2
     assert f"--set {key}: the grid sets it per cell; use {option}" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_created_is_one_line_not_a_traceback(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "fedavg", "--attacks", "none",
+            "--fractions", "0.25", "--output", str(blocker / "grid")]
+    assert main(argv) == 2
+    assert "softmerge-grid: cannot write to --output" in capsys.readouterr().err
