@@ -141,14 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"softmerge-sim: cannot write to --output {output}: {error}", file=sys.stderr)
         return 2
+    if base.resume and (refused := _checkpoint_problems(base, output)):
+        # Before any run starts (each takes a Flower start-up) or summary.json is rewritten.
+        print("softmerge-sim: " + "; ".join(refused) + ". Give this job its own --output, or set resume=false.",
+              file=sys.stderr)
+        return 2
     print(f"softmerge-sim: {base.dataset}, {args.clients} clients, malicious {sorted(base.malicious_ids)} "
           f"({base.attack}: {base.extreme_values if base.attack == 'extreme' else ''}), "
           f"{base.num_server_rounds} rounds")
     results: dict[str, dict] = {}
     failures = []
     for name, strategy, attacked in RUNS:
-        settings = replace(base, strategy=strategy, attack=base.attack if attacked else "none",
-                           output_dir=str(output / name))
+        settings = _run_settings(base, output, strategy, attacked, name)
         started = time.perf_counter()
         try:
             run_experiment(settings, args.clients, log_file=output / f"{name}.log")
@@ -190,6 +194,25 @@ def main(argv: list[str] | None = None) -> int:
         print("softmerge-sim: failed runs:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _run_settings(base: RunSettings, output: Path, strategy: str, attacked: bool, name: str) -> RunSettings:
+    return replace(base, strategy=strategy, attack=base.attack if attacked else "none", output_dir=str(output / name))
+
+
+def _checkpoint_problems(base: RunSettings, output: Path) -> list[str]:
+    """Why a run's checkpoint under ``output`` cannot be resumed with these settings (another config, damage)."""
+    from ..server.checkpoint import CheckpointError, config_fingerprint, load_checkpoint
+    from .config import to_run_config
+
+    problems = []
+    for name, strategy, attacked in RUNS:
+        settings = _run_settings(base, output, strategy, attacked, name)
+        try:
+            load_checkpoint(Path(settings.output_dir), config_fingerprint(to_run_config(settings)))
+        except CheckpointError as error:
+            problems.append(f"{name}: {error}")
+    return problems
 
 
 if __name__ == "__main__":

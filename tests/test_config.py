@@ -192,3 +192,17 @@ def test_cli_reports_an_output_it_cannot_create(capsys, tmp_path):
     blocker.write_text("not a directory")
     assert main(["--rounds", "1", "--output", str(blocker / "demo")]) == 2
     assert "softmerge-sim: cannot write to --output" in capsys.readouterr().err
+
+
+def test_cli_refuses_another_configs_checkpoint_before_running_or_rewriting_the_summary(capsys, tmp_path):
+    import numpy as np
+
+    from softmerge.server.checkpoint import save_checkpoint
+    from softmerge.simulations.cli import main
+
+    save_checkpoint(tmp_path / "softmerge-attack", 1, {"w": np.ones(2, np.float32)}, "another config's fingerprint")
+    (tmp_path / "summary.json").write_text('{"runs": {"earlier": {}}}')
+    assert main(["--rounds", "1", "--output", str(tmp_path)]) == 2
+    assert "softmerge-attack:" in capsys.readouterr().err
+    assert (tmp_path / "summary.json").read_text() == '{"runs": {"earlier": {}}}'
+    assert not (tmp_path / "fedavg-clean").exists()  # nothing ran
