@@ -7,11 +7,13 @@ the test split, for every strategy alike.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
@@ -30,6 +32,54 @@ app = ServerApp()
 # The simulation adversary's round-to-round state (mimic-fixed's target) rides in the
 # checkpoint's strategy arrays under this prefix, apart from the strategy's own.
 ADVERSARY_PREFIX = "adversary/"
+# How often a round waiting for replies looks at the stop signal, in seconds.
+STOP_POLL_SECONDS = 0.1
+
+
+class RunStopped(RuntimeError):
+    """The run was stopped from outside (the simulation runtime ended) before it finished."""
+
+
+class StoppableGrid:
+    """A Grid whose rounds give up as soon as ``stop`` is set, instead of waiting out the timeout.
+
+    Why: in a simulation the ServerApp runs in a thread beside Flower's simulation runtime.
+    A Ctrl-C or SIGTERM in the main thread ends the runtime, but the server thread would go
+    on: wait out ``round-timeout`` for replies that never come, record and checkpoint each
+    empty round, and mark the run finished, which a grid then skips for good. Each
+    ``send_and_receive`` runs Flower's own in a daemon thread and returns its replies, or
+    raises :class:`RunStopped` once ``stop`` is set. Everything else goes to ``grid``.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event) -> None:
+        self._grid, self._stop = grid, stop
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def check(self) -> None:
+        if self._stop.is_set():
+            raise RunStopped("the simulation runtime stopped; the run ends without finishing")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        self.check()
+        outcome: dict[str, object] = {}
+        done = threading.Event()
+
+        def exchange() -> None:
+            try:
+                outcome["replies"] = list(self._grid.send_and_receive(messages, timeout=timeout))
+            except BaseException as error:  # noqa: BLE001  (re-raised in the server's thread below)
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        threading.Thread(target=exchange, name="softmerge-round", daemon=True).start()
+        while not done.wait(STOP_POLL_SECONDS):
+            self.check()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["replies"]
 
 
 @app.main()
@@ -37,17 +87,19 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, parse_run_config(context.run_config))
 
 
-def make_server_app(settings: RunSettings, num_nodes: int | None = None) -> ServerApp:
+def make_server_app(settings: RunSettings, num_nodes: int | None = None,
+                    stop: threading.Event | None = None) -> ServerApp:
     """A ServerApp bound to fixed settings, for in-process simulations that set no run config.
 
-    ``num_nodes``, the simulation's node count, is passed on to :func:`run_server`.
+    ``num_nodes``, the simulation's node count, and ``stop`` are passed on to :func:`run_server`.
     """
     bound = ServerApp()
-    bound.main()(lambda grid, context: run_server(grid, settings, num_nodes=num_nodes))
+    bound.main()(lambda grid, context: run_server(grid, settings, num_nodes=num_nodes, stop=stop))
     return bound
 
 
-def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) -> ResultsWriter:
+def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None,
+               stop: threading.Event | None = None) -> ResultsWriter:
     """Run one federated experiment on ``grid``; returns the per-round results.
 
     With an ``output-dir``, every round is checkpointed there, and a run restarted with
@@ -56,8 +108,12 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
     simulation does); otherwise the nodes connected at the start are counted. The count is
     recorded in ``results.json`` (MultiKrum sizes its selection from each round's replies).
     A second run on the same ``output-dir`` while this one runs raises
-    :class:`~softmerge.server.output_lock.OutputBusy`.
+    :class:`~softmerge.server.output_lock.OutputBusy`. Once ``stop`` (if given) is set, the
+    run raises :class:`RunStopped` at once: no further round is recorded or checkpointed,
+    and it is not marked finished, so a restart resumes after its last real round.
     """
+    if stop is not None:
+        grid = StoppableGrid(grid, stop)
     if not settings.output_dir:
         return _run_server(grid, settings, num_nodes)
     with output_lock(Path(settings.output_dir)):
@@ -65,6 +121,7 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None) 
 
 
 def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> ResultsWriter:
+    stoppable = grid if isinstance(grid, StoppableGrid) else None
     task = task_data(settings)
     model = build_model(settings.dataset, seed=settings.seed)
     gate_split = task.gate.tensors()
@@ -130,6 +187,8 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
     evaluation_model = build_model(settings.dataset, seed=settings.seed)
 
     def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if stoppable is not None:
+            stoppable.check()  # a round the runtime did not serve is not recorded
         server_round = local_round + done
         evaluation_model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate_model(evaluation_model, task.test)
@@ -170,6 +229,8 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
             train_config=ConfigRecord({"seed": settings.seed}),
             evaluate_fn=evaluate_fn,
         )
+    if stoppable is not None:
+        stoppable.check()
     writer.flush(status="finished")
     return writer
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -68,15 +69,21 @@ def _simulate(settings: RunSettings, num_clients: int, log_file: Path | None) ->
         saved_levels = [h.level for h in console_handlers]
         for console in console_handlers:
             console.setLevel(logging.ERROR)
+    # Set when the runtime ends abnormally (Ctrl-C, SIGTERM, a crash): the ServerApp's thread
+    # then stops at once instead of waiting out its rounds and marking the run finished.
+    stop = threading.Event()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_simulation(
-                server_app=make_server_app(settings, num_nodes=num_clients),
+                server_app=make_server_app(settings, num_nodes=num_clients, stop=stop),
                 client_app=make_client_app(settings),
                 num_supernodes=num_clients,
                 backend_config=backend_config(),
             )
+    except BaseException:
+        stop.set()
+        raise
     finally:
         if handler is not None:
             flwr_logger.removeHandler(handler)

@@ -215,6 +215,52 @@ def test_a_run_killed_in_its_first_round_resumes_with_each_round_recorded_once(t
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_run_whose_runtime_stops_mid_round_ends_at_once_unfinished_and_resumes(tmp_path):
+    # In a simulation a Ctrl-C ends Flower's runtime in the main thread while the ServerApp's
+    # thread waits for replies: it must not wait out the round, record it, or mark the run
+    # finished (a grid skips a finished cell for good).
+    import threading
+
+    from flower_helpers import EchoGrid
+    from softmerge.server.app import RunStopped, run_server
+    from softmerge.simulations.config import parse_run_config
+
+    class StoppedInRound2(EchoGrid):
+        """Serves train round 1, then the runtime dies: round 2's replies never come."""
+
+        def __init__(self, stop):
+            super().__init__(4)
+            self.stop, self.release, self.waited_out = stop, threading.Event(), False
+
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type.startswith("train") and self.train_rounds == 1:
+                self.stop.set()
+                self.release.wait()  # Flower's wait for replies that never come
+                self.waited_out = True
+                return []
+            return super().send_and_receive(messages, timeout=timeout)
+
+    settings = parse_run_config({"num-server-rounds": 3, "softmerge-steps": 4, "attack": "none",
+                                 "malicious-partitions": "", "output-dir": str(tmp_path / "run"),
+                                 "round-timeout": 600})
+    stop = threading.Event()
+    grid = StoppedInRound2(stop)
+    with pytest.raises(RunStopped):
+        run_server(grid, settings, num_nodes=4, stop=stop)
+    assert not grid.waited_out  # it stopped while the round still waited for its replies
+    grid.release.set()
+    results = load_results(tmp_path / "run")
+    assert results["status"] != "finished"
+    assert [entry["round"] for entry in results["rounds"]] == [0, 1]
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["round"] == 1
+    run_server(EchoGrid(4), settings, num_nodes=4, stop=threading.Event())
+    results = load_results(tmp_path / "run")
+    assert results["status"] == "finished"
+    assert [entry["round"] for entry in results["rounds"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_centered_clipping_resumes_from_its_previous_aggregate(tmp_path):
     """Its reference point is the last round's aggregate: a resumed run must start from it, not from 0."""
     import torch
@@ -301,6 +347,53 @@ def test_a_stateful_colluding_attack_resumes_where_it_stopped(tmp_path, monkeypa
             np.load(tmp_path / "interrupted" / "checkpoint.npz") as b:
         assert sorted(a.files) == sorted(b.files)
         assert all(np.array_equal(a[name], b[name]) for name in a.files)
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_during_a_simulation_leaves_it_unfinished_and_resumable(tmp_path, monkeypatch):
+    """The interrupt ends Flower's runtime; the ServerApp's thread must end too, not wait out its rounds."""
+    import os
+    import signal
+    import threading
+
+    from softmerge.server import app as server_app
+    from softmerge.simulations.config import parse_run_config
+    from softmerge.simulations.engine import run_experiment
+
+    settings = parse_run_config({"strategy": "fedavg", "attack": "none", "malicious-partitions": "",
+                                 "num-server-rounds": 2, "round-timeout": 600, "output-dir": str(tmp_path / "run")})
+    real_save, real_app = server_app.save_checkpoint, server_app.make_server_app
+    stops = []
+
+    def remembering_stop(*args, stop=None, **kwargs):
+        stops.append(stop)
+        return real_app(*args, stop=stop, **kwargs)
+
+    def interrupt_after_round_one(directory, server_round, *args, **kwargs):
+        real_save(directory, server_round, *args, **kwargs)
+        if server_round == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # a terminal's Ctrl-C
+            # Round 2 goes out only once the main thread has taken the interrupt, so the run
+            # cannot finish first however the threads are scheduled.
+            stops[0].wait(timeout=300)
+
+    monkeypatch.setattr(server_app, "make_server_app", remembering_stop)
+    monkeypatch.setattr(server_app, "save_checkpoint", interrupt_after_round_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(settings, 4, log_file=tmp_path / "interrupted.log")
+    monkeypatch.setattr(server_app, "save_checkpoint", real_save)
+    assert stops[0].is_set()
+    servers = [t for t in threading.enumerate() if "server_th" in t.name]
+    for thread in servers:
+        thread.join(timeout=120)  # it stops at once; before the fix it waited out round 2 (600 s)
+    assert not any(thread.is_alive() for thread in servers)
+    results = load_results(tmp_path / "run")
+    assert results["status"] != "finished"
+    assert [entry["round"] for entry in results["rounds"]] == [0, 1]
+    run_experiment(settings, 4, log_file=tmp_path / "resumed.log")
+    results = load_results(tmp_path / "run")
+    assert results["status"] == "finished"
+    assert [entry["round"] for entry in results["rounds"]] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("damage", ["missing", "not json", "no rounds"])
