@@ -193,6 +193,16 @@ def fltrust(updates: ArrayLike, server_update: ArrayLike) -> FLTrustResult:
     return FLTrustResult(direction * server_norm_scaled * scale, trust)
 
 
+def server_steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """SGD steps of one pass of :func:`fltrust_server_model` over ``num_examples``.
+
+    A one-example remainder batch is skipped (it breaks BatchNorm in training mode) unless
+    it is the only batch.
+    """
+    full, remainder = divmod(num_examples, batch_size)
+    return full + (1 if remainder >= 2 or (remainder == 1 and full == 0) else 0)
+
+
 def fltrust_server_model(
     model: nn.Module,
     global_state: Mapping[str, torch.Tensor],

@@ -43,6 +43,7 @@ from ..aggregation.robust import (
     fltrust_server_model,
     geometric_median,
     median_statistics,
+    server_steps_per_epoch,
 )
 from .replies import RoundStartMemory, aggregate_client_metrics, candidate_label, screen_replies, sort_key
 
@@ -307,7 +308,7 @@ class FLTrust(_UpdateAggregation):
             "fltrust-server-update-norm": _finite_norm(server_update),
             "fltrust-server-loss": server_loss if math.isfinite(server_loss) else -1.0,
             "fltrust-server-steps": steps if steps is not None
-            else self.epochs * math.ceil(len(self.root_data[1]) / self.batch_size),
+            else self.epochs * server_steps_per_epoch(len(self.root_data[1]), self.batch_size),
         }
         return aggregate, trust.tolist(), extra
 

@@ -548,3 +548,17 @@ def test_median_statistics_take_each_coordinate_from_some_client():
     assert torch.equal(merged["var"], torch.tensor([0.2, 0.5, 0.2]))
     assert merged["var"].dtype == torch.float32 and set(merged) == {"var"}
     assert torch.equal(median_statistics(reference, [], ["var"])["var"], reference["var"])
+
+
+@pytest.mark.parametrize(("examples", "batch", "steps"), [(300, 32, 10), (33, 32, 1), (34, 32, 2), (1, 32, 1),
+                                                         (64, 32, 2)])
+def test_server_steps_per_epoch_counts_the_batches_the_server_model_trains_on(examples, batch, steps):
+    from softmerge.aggregation.robust import fltrust_server_model, server_steps_per_epoch
+
+    assert server_steps_per_epoch(examples, batch) == steps
+    model = torch.nn.Linear(2, 2)
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    data = (torch.randn(examples, 2, generator=torch.Generator().manual_seed(0)), torch.arange(examples) % 2)
+    fltrust_server_model(model, model.state_dict(), data, epochs=1, batch_size=batch)
+    assert len(calls) == steps
