@@ -25,6 +25,7 @@ from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
 from .checkpoint import arrays_under, config_fingerprint, load_checkpoint, restore_rng_state, save_checkpoint
 from .output_lock import output_lock
 from .results import ResultsWriter, load_results_to_resume
+from .baselines import running_statistics
 from .strategies import build_strategy
 
 app = ServerApp()
@@ -173,7 +174,8 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
             # The adaptive attacker holds as much clean data as the server's gate split.
             sample = attacker_sample(task, settings.server_gate_size, settings.seed)
             adaptive["loss_of"] = clean_loss_oracle(build_model(settings.dataset, seed=settings.seed), sample)
-        adversary = make_colluding(strategy, settings.attack, settings.malicious_ids, seed=settings.seed, **adaptive)
+        adversary = make_colluding(strategy, settings.attack, settings.malicious_ids, seed=settings.seed,
+                                   statistics=running_statistics(model), **adaptive)
         if checkpoint is not None:
             adversary.restore_checkpoint_arrays(arrays_under(checkpoint.strategy_arrays, ADVERSARY_PREFIX))
     if checkpoint is not None and hasattr(strategy, "load_trust_state") and "trust_record" in checkpoint.state:

@@ -119,6 +119,7 @@ class ColludingAdversary:
         knowledge: str = "full",
         label_key: str = "partition-id",
         loss_of: Callable[[dict[str, np.ndarray]], float] | None = None,
+        statistics: Iterable[str] = (),
         **attack_params,
     ) -> None:
         kind, implied = parse_attack_name(attack)  # fails now, naming the known attacks, rather than in round 1
@@ -137,6 +138,9 @@ class ColludingAdversary:
         self.seed = int(seed)
         self.knowledge = knowledge
         self.label_key = label_key
+        # Running statistics (BatchNorm's): not parameters, so not crafted; each malicious
+        # reply keeps its own, as the baselines merge them apart (server.baselines).
+        self.statistics = frozenset(statistics)
         # What the name implies, overridden by what is passed (craft_malicious_updates merges the same way).
         self.attack_params = {**implied, **attack_params}
         # mimic-fixed keeps its direction and target from round to round (and in checkpoints).
@@ -325,7 +329,8 @@ class ColludingAdversary:
         return None
 
     def _floating_keys(self) -> list[str]:
-        return [key for key, value in self._global.items() if np.issubdtype(value.dtype, np.floating)]
+        return [key for key, value in self._global.items()
+                if np.issubdtype(value.dtype, np.floating) and key not in self.statistics]
 
     def _update_of(self, msg: Message) -> np.ndarray | None:
         """The reply's floating arrays minus the global model's, flattened in the global key order.
@@ -356,7 +361,7 @@ class ColludingAdversary:
         return offsets
 
     def _state_of(self, update: np.ndarray) -> dict[str, np.ndarray]:
-        """The model state global + update, in the global model's dtypes (integer buffers as they are)."""
+        """The model state global + update, in the global model's dtypes (buffers as they are)."""
         offsets = self._offsets()
         state = {}
         for key, array in self._global.items():
@@ -373,7 +378,7 @@ class ColludingAdversary:
         arrays = {}
         for key, array in record.items():
             if key not in offsets:
-                arrays[key] = array  # integer buffers stay as the client sent them
+                arrays[key] = array  # integer buffers and running statistics stay as the client sent them
                 continue
             low, high = offsets[key]
             original = array.numpy()

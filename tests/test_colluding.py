@@ -466,6 +466,27 @@ def test_an_attack_with_one_known_update_to_spread_from_says_it_sends_it_unchang
         np.testing.assert_allclose(_flat_update(_model_of(strategy.seen[1][4]), GLOBAL), own, rtol=1e-5, atol=1e-6)
 
 
+def test_running_statistics_are_not_crafted_each_malicious_reply_keeps_its_own():
+    # IPM-100 on a BatchNorm variance would send -100 times the honest mean change: below 0.
+    def with_statistics(seed, shift=0.0):
+        state = _state(seed, shift)
+        state["norm.running_var"] = torch.full((3,), 1.0 - 0.1 * shift)
+        return state
+
+    global_state = with_statistics(100)
+    strategy = RecordingFedAvg()
+    make_colluding(strategy, "ipm-100", MALICIOUS, seed=3, statistics=["norm.running_var"])
+    list(strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), StubGrid(list(range(1, 10)))))
+    sent = [make_reply(p + 1, with_statistics(p, shift=0.1 * p), partition=p) for p in PARTITIONS]
+    strategy.aggregate_train(1, sent)
+    honest = [_flat_update(_model_of(sent[p]), global_state) for p in PARTITIONS if p not in MALICIOUS]
+    for position in sorted(MALICIOUS):
+        received, original = _model_of(strategy.seen[1][position]), _model_of(sent[position])
+        assert torch.equal(received["norm.running_var"], original["norm.running_var"])
+        np.testing.assert_allclose(_flat_update(received, global_state), -100.0 * np.mean(honest, axis=0),
+                                   rtol=1e-5, atol=1e-4)
+
+
 def test_harness_is_reproducible_whatever_order_the_replies_arrive_in():
     replies = _round_replies()
     shuffled = list(replies)
