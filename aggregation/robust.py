@@ -67,7 +67,12 @@ class CenteredClippingResult(NamedTuple):
 
 
 class GeometricMedianResult(NamedTuple):
-    """The smoothed geometric median, each point's final Weiszfeld weight share, and how the iteration ended."""
+    """The smoothed geometric median, each point's weight in it, and how the iteration ended.
+
+    ``weights`` are the last Weiszfeld step's shares, so ``median == weights @ points``
+    exactly: they come from the distances to the iterate before the median, not to the
+    median itself (the two differ by at most the stopping tolerance).
+    """
 
     median: torch.Tensor
     weights: torch.Tensor

@@ -899,9 +899,10 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
     from .config import to_run_config
 
     stale = []
+    replies = replies_per_round(base, num_clients)
     for cell in cells:
         existing = finished_cell(output, cell)
-        if not_applicable(cell, num_clients, replies_per_round(base, num_clients)) or not existing:
+        if not_applicable(cell, num_clients, replies) or not existing:
             continue
         recorded = existing.get("settings")
         if not isinstance(recorded, dict):

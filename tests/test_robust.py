@@ -220,6 +220,17 @@ def test_geometric_median_stays_with_the_cluster_despite_a_1e30_outlier():
         assert float(result.weights[-1]) < 1e-2
 
 
+def test_geometric_median_weights_rebuild_the_median_they_describe():
+    # The reported weights are the shares that form the returned point (the last step's), a
+    # convex combination of the points, with scaling undone.
+    points = np.random.default_rng(3).normal(size=(7, 5)) * 1e4
+    points[-1] *= 1e6
+    result = geometric_median(points, weights=[1, 2, 1, 1, 3, 1, 1], max_iter=7)
+    assert float(result.weights.sum()) == pytest.approx(1.0)
+    assert bool((result.weights >= 0).all())
+    _close(result.weights @ torch.as_tensor(points), result.median.tolist(), tol=1e-6 * float(result.median.norm()))
+
+
 def test_geometric_median_is_not_fooled_by_a_start_on_a_data_point():
     cluster = np.random.default_rng(1).normal(scale=0.1, size=(6, 4))
     direction = np.array([0.5, -1.0, 2.0, 0.3])
