@@ -93,14 +93,17 @@ def make_server_app(settings: RunSettings, num_nodes: int | None = None,
     """A ServerApp bound to fixed settings, for in-process simulations that set no run config.
 
     ``num_nodes``, the simulation's node count, and ``stop`` are passed on to :func:`run_server`.
+    Its clients are the simulation's own ClientApps, so their labels can be believed: a
+    resumed simulation's new node IDs take their clients' trust records (``follow_labels``).
     """
     bound = ServerApp()
-    bound.main()(lambda grid, context: run_server(grid, settings, num_nodes=num_nodes, stop=stop))
+    bound.main()(lambda grid, context: run_server(grid, settings, num_nodes=num_nodes, stop=stop,
+                                                  follow_labels=True))
     return bound
 
 
 def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None,
-               stop: threading.Event | None = None) -> ResultsWriter:
+               stop: threading.Event | None = None, follow_labels: bool = False) -> ResultsWriter:
     """Run one federated experiment on ``grid``; returns the per-round results.
 
     With an ``output-dir``, every round is checkpointed there, and a run restarted with
@@ -112,16 +115,18 @@ def run_server(grid: Grid, settings: RunSettings, num_nodes: int | None = None,
     :class:`~softmerge.server.output_lock.OutputBusy`. Once ``stop`` (if given) is set, the
     run raises :class:`RunStopped` at once: no further round is recorded or checkpointed,
     and it is not marked finished, so a restart resumes after its last real round.
+    ``follow_labels`` lets SoftMerge's restored trust records follow the clients' labels to
+    new node IDs; only for clients whose labels can be believed (see :class:`SoftMerge`).
     """
     if stop is not None:
         grid = StoppableGrid(grid, stop)
     if not settings.output_dir:
-        return _run_server(grid, settings, num_nodes)
+        return _run_server(grid, settings, num_nodes, follow_labels)
     with output_lock(Path(settings.output_dir)):
-        return _run_server(grid, settings, num_nodes)
+        return _run_server(grid, settings, num_nodes, follow_labels)
 
 
-def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> ResultsWriter:
+def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow_labels: bool) -> ResultsWriter:
     stoppable = grid if isinstance(grid, StoppableGrid) else None
     task = task_data(settings)
     model = build_model(settings.dataset, seed=settings.seed)
@@ -156,7 +161,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None) -> Res
             log(WARNING, "softmerge: %s with %d nodes connected at the start and assumed-malicious %d: %s "
                 "(rounds with fewer replies do not get the rule's guarantee; Bulyan keeps the global model)",
                 settings.strategy, num_nodes, settings.assumed_malicious, problem)
-    strategy = build_strategy(settings, model, gate_split, num_nodes=num_nodes)
+    strategy = build_strategy(settings, model, gate_split, num_nodes=num_nodes, follow_labels=follow_labels)
     if settings.exclude_malicious:
         from ..simulations.oracle import exclude_partitions
 

@@ -62,6 +62,7 @@ def build_strategy(
     gate_split: tuple[torch.Tensor, torch.Tensor],
     on_report: Callable[[int, GateReport], None] | None = None,
     num_nodes: int | None = None,
+    follow_labels: bool = False,
 ) -> FedAvg:
     """The strategy named by ``settings.strategy``, with the run's sampling settings.
 
@@ -71,6 +72,7 @@ def build_strategy(
 
     MultiKrum selects n - f of each round's n replies, as Blanchard et al. do
     (:class:`RoundSizedMultiKrum`); ``num_nodes``, if known, only fills in its start-up log.
+    ``follow_labels`` goes to :class:`SoftMerge` (an in-process simulation's own clients only).
     """
     common = dict(
         fraction_train=settings.fraction_train,
@@ -80,7 +82,8 @@ def build_strategy(
     name = settings.strategy
     if name == "softmerge":
         return SoftMerge(model, gate_split, merge_config_from(settings), on_report=on_report,
-                         trust=settings.softmerge_trust, trust_memory=settings.softmerge_trust_memory, **common)
+                         trust=settings.softmerge_trust, trust_memory=settings.softmerge_trust_memory,
+                         follow_labels=follow_labels, **common)
     if name == "fltrust":
         # The server model trains on the root set the way clients train (Cao et al. 2021).
         return FLTrust(model, gate_split, epochs=settings.local_epochs, learning_rate=settings.learning_rate,

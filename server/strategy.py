@@ -61,6 +61,17 @@ class SoftMerge(RoundStartMemory):
         False judges every round on its own.
     trust_memory : float (default: 0.9)
         Discount of a client's record per round it is gated (1 never forgets).
+    follow_labels : bool (default: False)
+        When none of the nodes in a restored record reply (every node ID changed), move
+        each record to the one node whose replies now carry its label. Only for callers
+        whose clients' labels can be believed: an in-process simulation, whose ClientApps
+        are its own and draw new node IDs on every start (``softmerge-sim`` and the grid
+        set it). A label is a client's claim, and a record with trust of at least
+        ``merge_config.mirror_trusted`` spares its holder the mirror test, so in a
+        deployment (where a SuperLink restarted without its database hands out new node
+        IDs) following labels would let a malicious node take an absent honest client's
+        record. Off, such records stay with their old node IDs and the new nodes start
+        neutral.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, record keys).
     """
@@ -74,6 +85,7 @@ class SoftMerge(RoundStartMemory):
         on_report: Callable[[int, GateReport], None] | None = None,
         trust: bool = True,
         trust_memory: float = 0.9,
+        follow_labels: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -87,6 +99,7 @@ class SoftMerge(RoundStartMemory):
             raise ValueError(f"trust_memory must be in [0, 1], got {trust_memory!r}")
         self.trust = trust
         self.trust_memory = trust_memory
+        self.follow_labels = follow_labels
         # node ID (as text, for JSON checkpoints) -> (discounted rounds open, discounted rounds gated)
         self.trust_record: dict[str, tuple[float, float]] = {}
         # node ID -> the label its replies carried, so a record can follow its client to a new node ID
@@ -135,8 +148,10 @@ class SoftMerge(RoundStartMemory):
             labels.append(candidate_label(message, labels, self.label_key))
         # The record is keyed by node ID: a client chooses its label, not its ID.
         nodes = [str(message.metadata.src_node_id) for message in messages]
-        if nodes and (self._unclaimed is None or self._unclaimed):
+        if nodes and self.follow_labels and (self._unclaimed is None or self._unclaimed):
             self._follow_restored_record(server_round, nodes, labels)
+        elif nodes and self._unclaimed is None:
+            self._note_restored_record(server_round, nodes)
         trust = [trust_of(self.trust_record, node) for node in nodes] if self.trust else None
         # The screen has checked every count (a finite number in (0, MAX_NUM_EXAMPLES]).
         examples = [_example_count(message, self.weighted_by_key) for message in messages]
@@ -206,12 +221,11 @@ class SoftMerge(RoundStartMemory):
         """Re-key a restored trust record when none of its nodes reply: a simulation that resumed.
 
         A simulation draws new node IDs every time it starts; its clients keep their labels.
-        A record moves to the one node that now replies with its label. The label is the
-        client's claim, and that is safe here only because trust never raises a start above
-        a newcomer's (:func:`~softmerge.aggregation.trust.trust_bound`): claiming another
-        client's label gains nothing a new node lacks, and a label two nodes claim moves to
-        neither. While any recorded node still replies (a deployment's keep their IDs),
-        the record stays keyed by node ID alone.
+        A record moves to the one node that now replies with its label, and a label two
+        nodes claim moves to neither. The label is the client's claim, and a trusted record
+        spares its holder the mirror test, so this runs only with ``follow_labels`` (an
+        in-process simulation, whose clients are its own). While any recorded node still
+        replies, the record stays keyed by node ID alone.
 
         A client that does not reply in the first resumed round (not sampled, timed out)
         keeps its record under its old node ID, as an absent client keeps it in an
@@ -248,6 +262,16 @@ class SoftMerge(RoundStartMemory):
         log(WARNING, "SoftMerge round %d: %d of the %d replying nodes took their client label's record, the "
             "rest start neutral; %d restored records wait for their client", server_round, moved, len(nodes),
             len(self._unclaimed))
+
+    def _note_restored_record(self, server_round: int, nodes: list[str]) -> None:
+        """Without ``follow_labels``: say once that no node of a restored record replied."""
+        restored = set(self.trust_record)
+        self._unclaimed = set()
+        if restored and not restored.intersection(nodes):
+            log(WARNING, "SoftMerge round %d: none of the %d nodes in the checkpoint's trust record replied (new "
+                "node IDs, e.g. a SuperLink restarted without its database); the records stay with their node "
+                "IDs and the replying nodes start neutral (a client's label is not proof of who it is)",
+                server_round, len(restored))
 
     @staticmethod
     def _log_report(server_round: int, report: GateReport) -> None:

@@ -130,8 +130,9 @@ def test_a_restored_record_follows_its_client_to_new_node_ids_by_label(honest_ca
     model, locals_ = honest_candidates
     saved = {"11": [0.0, 1.9, "client-0"], "12": [1.9, 1.9, "client-1"]}
 
-    def first_round(state, node_ids, partitions=(0, 1)):
-        strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True)
+    def first_round(state, node_ids, partitions=(0, 1), follow_labels=True):
+        strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True,
+                             follow_labels=follow_labels)
         strategy.load_trust_state(state)
         list(strategy.configure_train(4, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(node_ids)))
         strategy.aggregate_train(4, [make_reply(node, locals_[k], partition=partition)
@@ -157,6 +158,16 @@ def test_a_restored_record_follows_its_client_to_new_node_ids_by_label(honest_ca
     contested = first_round(saved, [21, 22], partitions=(0, 0))
     assert contested.reports[4].trust == [pytest.approx(0.5)] * 3  # both clients neutral, and the keep candidate
 
+    # Where labels cannot be believed (a deployment, the default), a node that claims the
+    # trusted client-1's label does not take its record, and with it the mirror-test pass.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        claimed = first_round(saved, [21, 22], partitions=(1, 0), follow_labels=False)
+    assert "the records stay with their node IDs and the replying nodes start neutral" in caplog.text
+    assert claimed.reports[4].trust == [pytest.approx(0.5)] * 3
+    assert claimed.trust_state()["12"] == saved["12"] and claimed.trust_state()["11"] == saved["11"]
+    assert SoftMerge(model, digits_task.gate.tensors()).follow_labels is False
+
     # A checkpoint written before records carried labels: new IDs start over.
     unlabelled = first_round({node: entry[:2] for node, entry in saved.items()}, [21, 22])
     assert unlabelled.reports[4].trust == [pytest.approx(0.5)] * 3
@@ -167,7 +178,7 @@ def test_a_restored_record_follows_its_client_to_new_node_ids_by_label(honest_ca
 def test_a_client_absent_from_the_first_resumed_round_keeps_its_record_for_later(honest_candidates, digits_task):
     model, locals_ = honest_candidates
     saved = {"11": [0.0, 1.9, "client-0"], "12": [1.9, 1.9, "client-1"], "13": [1.9, 1.9, "client-2"]}
-    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True)
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True, follow_labels=True)
     strategy.load_trust_state(saved)
 
     def play(server_round, node_ids, partitions):
