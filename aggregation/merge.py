@@ -88,8 +88,9 @@ gates as senders; a client that resends the global model joins the keep candidat
 the same (:func:`near_duplicate_clusters`) are grouped too, and gated as their mean: a
 little noise on each copy does not make it a model of its own.
 
-Trust over rounds (opt-in). A caller that keeps each client's gate record across rounds
-(:mod:`softmerge.aggregation.trust`; the Flower strategy does, with ``trust=True``) passes
+Trust over rounds (when the caller passes it; the Flower strategy does by default). A caller
+that keeps each client's gate record across rounds (:mod:`softmerge.aggregation.trust`; the
+Flower strategy, with ``trust=True``, its default) passes
 a trust per candidate, and a candidate below 1/2 starts at most at
 ``init_log_alpha + trust_strength * logit(trust)``. The warm-start ceiling stays at its own
 evidence, so learning may re-open it that far.

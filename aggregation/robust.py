@@ -32,8 +32,9 @@ see :func:`geometric_median`).
 
 Numerics. Norms of float32 updates scaled by 1e30 still fit in float64, but a sum of
 squares of larger float64 values does not, so every rule first divides its inputs by
-one power of two near their largest magnitude (exact in binary floating point), works
-in float64, and multiplies the result back. Each result is a convex combination of the
+powers of two near their largest magnitude (one for all of them; FLTrust one per update
+and one for g_0), which is exact in binary floating point, works in float64, and
+multiplies the result back. Each result is a convex combination of the
 inputs (geometric median), a sum of steps of length at most tau (centered clipping) or
 a vector of norm at most ||g_0|| (FLTrust), so finite inputs give finite outputs.
 """

@@ -1,11 +1,14 @@
 """Robust baselines Flower lacks, as Message-API strategies: FLTrust, centered clipping, geometric median.
 
-Each is a thin subclass of Flower's ``FedAvg`` that overrides ``aggregate_train`` only
-(and ``configure_train``, to remember the model the round started from, which
-``aggregate_train`` is not given). Per round:
+Each is a thin subclass of Flower's ``FedAvg`` whose rule is its ``aggregate_train``
+(``configure_train`` only remembers the model the round started from, which
+``aggregate_train`` is not given, and ``aggregate_evaluate`` screens evaluation replies;
+see :class:`~softmerge.server.replies.RoundStartMemory`). Per round:
 
-1. replies with an error, unreadable content, or arrays that are non-finite or do not
-   match the global model are excluded with a logged reason;
+1. replies that :func:`~softmerge.server.replies.screen_replies` rejects (an error,
+   unreadable content, a missing or non-finite example count or metric, arrays that are
+   non-finite or do not match the global model) are excluded with a logged reason, and so
+   are updates (model - global) that overflow float64;
 2. the rest become updates x_i = client model - global model (floating tensors only);
 3. a rule of :mod:`softmerge.aggregation.robust` aggregates them;
 4. the new global model is global + aggregate, with the global model's names, shapes

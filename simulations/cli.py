@@ -7,8 +7,9 @@ On the same seeds it runs three experiments through Flower's simulation engine:
 3. SoftMerge under the attack,
 
 then prints per-round test accuracy side by side and SoftMerge's final gate table
-(client x layer), and writes results, a CSV and a plot to the output directory. It exits
-non-zero if any run fails or ends without all its rounds.
+(client x merge unit; one unit, the whole model, by default), and writes results, a CSV
+and a plot to the output directory. It exits non-zero if any run fails or ends without all
+its rounds.
 """
 
 from __future__ import annotations
