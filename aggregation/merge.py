@@ -479,7 +479,10 @@ def build_merge_units(model: nn.Module, units: str | Sequence[str] = "layer") ->
     """Group the model's parameters and buffers into merge units.
 
     Buffers (BatchNorm statistics and the like) belong to the unit of their module, so
-    they follow that module's weights.
+    they follow that module's weights. With name patterns, each tensor goes to the first
+    pattern that matches it and the unmatched ones form a last unit, ``rest``; a pattern
+    that takes no tensor (a typo, or one that earlier patterns already covered) raises
+    ValueError instead of leaving its tensors silently to ``rest``.
     """
     names = list(model.state_dict().keys())
     if units == "model":
@@ -496,9 +499,11 @@ def build_merge_units(model: nn.Module, units: str | Sequence[str] = "layer") ->
     result = []
     for pattern in units:
         members = [n for n in remaining if fnmatch.fnmatchcase(n, pattern)]
-        if members:
-            result.append(MergeUnit(pattern, tuple(members)))
-            remaining = [n for n in remaining if n not in members]
+        if not members:
+            raise ValueError(f"merge-unit pattern {pattern!r} matches no tensor of the model that an earlier "
+                             f"pattern has not taken; the model's tensors are {names}")
+        result.append(MergeUnit(pattern, tuple(members)))
+        remaining = [n for n in remaining if n not in members]
     if remaining:
         result.append(MergeUnit("rest", tuple(remaining)))
     return result

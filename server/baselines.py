@@ -178,7 +178,8 @@ class _UpdateAggregation(RoundStartMemory):
         return None
 
     def _valid_replies(self, replies: list[Message], reference: dict[str, torch.Tensor]):
-        screened = screen_replies(replies, reference, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key)
+        screened = screen_replies(replies, reference, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key,
+                                  sent=self._sent_train)
         excluded = list(screened.rejected)
         positions, states, labels, contents = [], [], [], []
         # Replies arrive in completion order; a fixed order makes float sums reproducible.

@@ -4,7 +4,9 @@ A deployed server receives replies from clients it does not control. Flower's Fe
 raises on inconsistent replies and ends the run; here every reply is checked on its own
 and a bad one is excluded with a per-client reason, so the rest of the round proceeds:
 
-- a reply that carries an error, or no content;
+- a reply that carries an error, or no content (an error the SuperLink sends for a node that
+  stopped answering names the node the instruction went to, when the caller passes the
+  round's sent messages);
 - (train) not exactly one ArrayRecord, arrays that cannot be decoded, a missing or extra
   array, a wrong shape or dtype, a non-finite value;
 - not exactly one MetricRecord, a missing, non-numeric, non-positive, non-finite or absurd
@@ -29,6 +31,7 @@ from logging import WARNING
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
@@ -48,11 +51,35 @@ class ScreenedReplies:
     rejected: list[Exclusion] = field(default_factory=list)
 
 
-def node_label(message: Message) -> str:
+def node_label(message: Message, sent_to: Mapping[str, int] | None = None) -> str:
+    """``node-<id>`` of the reply's sender.
+
+    When a node stops answering, the SuperLink itself replies in its place (Flower's
+    "Node Unavailable" error, sent from the SuperLink's own node ID): with ``sent_to``
+    (:func:`recipients` of the round's instructions) the label names the node the
+    instruction went to, so a log of failures says which node failed.
+    """
     try:
-        return f"node-{message.metadata.src_node_id}"
+        source = message.metadata.src_node_id
+        if source == SUPERLINK_NODE_ID and sent_to:
+            instead = sent_to.get(message.metadata.reply_to_message_id)
+            if instead is not None:
+                return f"node-{instead} (no answer; reply from the SuperLink)"
+        return f"node-{source}"
     except Exception:  # noqa: BLE001  (a reply without metadata still gets a label)
         return "node-?"
+
+
+def recipients(sent: Iterable[Message]) -> dict[str, int]:
+    """Message ID -> destination node of instructions the grid has pushed (it sets their IDs)."""
+    found = {}
+    for message in sent:
+        try:
+            if message.metadata.message_id:
+                found[message.metadata.message_id] = message.metadata.dst_node_id
+        except Exception:  # noqa: BLE001  (only labels depend on it)
+            continue
+    return found
 
 
 def _metric_problem(metrics: MetricRecord, weighted_by_key: str) -> str | None:
@@ -88,12 +115,18 @@ def screen_replies(
     weighted_by_key: str = "num-examples",
     with_arrays: bool = True,
     arrayrecord_key: str = "arrays",
+    sent: Iterable[Message] = (),
 ) -> ScreenedReplies:
-    """Check every reply on its own; ``reference`` is the global model's state (train only)."""
+    """Check every reply on its own; ``reference`` is the global model's state (train only).
+
+    ``sent``, the round's instructions as pushed, lets an error reply from the SuperLink
+    itself be labelled with the node it stands for (see :func:`node_label`).
+    """
     screened = ScreenedReplies()
     candidates: list[tuple[Message, dict[str, torch.Tensor] | None, tuple]] = []
+    sent_to = recipients(sent)
     for position, message in enumerate(replies):
-        label = node_label(message)
+        label = node_label(message, sent_to)
         try:
             problem, state, signature = _check_one(message, reference, weighted_by_key, with_arrays,
                                                    arrayrecord_key)
@@ -232,24 +265,35 @@ class RoundStartMemory(FedAvg):
     """
 
     _global_state: dict[str, torch.Tensor] | None = None
+    # The round's instructions: the grid sets their message IDs when it pushes them, which
+    # lets a reply the SuperLink sends for a silent node be labelled with that node.
+    _sent_train: list[Message] = []
+    _sent_evaluate: list[Message] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
         self._global_state = arrays.to_torch_state_dict()
-        return super().configure_train(server_round, arrays, config, grid)
+        self._sent_train = list(super().configure_train(server_round, arrays, config, grid))
+        return self._sent_train
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config, grid):
+        self._sent_evaluate = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return self._sent_evaluate
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """FedAvg's metric averaging over the replies that pass the screen; never raises."""
-        return screened_evaluate(server_round, replies, self.weighted_by_key, super().aggregate_evaluate)
+        return screened_evaluate(server_round, replies, self.weighted_by_key, super().aggregate_evaluate,
+                                 sent=self._sent_evaluate)
 
 
 def screened_evaluate(server_round: int, replies: Iterable[Message], weighted_by_key: str,
-                      aggregate: Callable[[int, list[Message]], MetricRecord | None]) -> MetricRecord | None:
+                      aggregate: Callable[[int, list[Message]], MetricRecord | None],
+                      sent: Iterable[Message] = ()) -> MetricRecord | None:
     """``aggregate`` (a strategy's evaluate-metric averaging) over the screened replies, or None.
 
     An extra metric key, a list where the others send a number, a zero count or a nan would
     otherwise raise out of ``Strategy.start`` and end the run over numbers that are only reported.
     """
-    screened = screen_replies(replies, None, weighted_by_key, with_arrays=False)
+    screened = screen_replies(replies, None, weighted_by_key, with_arrays=False, sent=sent)
     log_rejections(server_round, "evaluate", screened.rejected)
     if not screened.messages:
         return None
@@ -267,19 +311,26 @@ def harden(strategy: FedAvg) -> FedAvg:
     the bound methods hardens the instance without changing Flower's classes.
     """
     configure_train = strategy.configure_train
+    configure_evaluate = strategy.configure_evaluate
     aggregate_train = strategy.aggregate_train
     aggregate_evaluate = strategy.aggregate_evaluate
     current: dict[str, ArrayRecord] = {}
+    sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
 
     def remember_global(server_round, arrays, config, grid):
         current["arrays"] = arrays
-        return configure_train(server_round, arrays, config, grid)
+        sent["train"] = list(configure_train(server_round, arrays, config, grid))
+        return sent["train"]
+
+    def remember_evaluate(server_round, arrays, config, grid):
+        sent["evaluate"] = list(configure_evaluate(server_round, arrays, config, grid))
+        return sent["evaluate"]
 
     def screened_aggregate_train(server_round, replies):
         global_arrays = current.get("arrays")
         reference = global_arrays.to_torch_state_dict() if global_arrays is not None else None
         screened = screen_replies(replies, reference, strategy.weighted_by_key,
-                                  arrayrecord_key=strategy.arrayrecord_key)
+                                  arrayrecord_key=strategy.arrayrecord_key, sent=sent["train"])
         log_rejections(server_round, "train", screened.rejected)
         valid = sorted(screened.messages, key=sort_key)
         arrays, metrics = None, None
@@ -308,9 +359,11 @@ def harden(strategy: FedAvg) -> FedAvg:
         return arrays, metrics
 
     def screened_aggregate_evaluate(server_round, replies):
-        return screened_evaluate(server_round, replies, strategy.weighted_by_key, aggregate_evaluate)
+        return screened_evaluate(server_round, replies, strategy.weighted_by_key, aggregate_evaluate,
+                                 sent=sent["evaluate"])
 
     strategy.configure_train = remember_global
+    strategy.configure_evaluate = remember_evaluate
     strategy.aggregate_train = screened_aggregate_train
     strategy.aggregate_evaluate = screened_aggregate_evaluate
     return strategy

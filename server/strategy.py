@@ -26,7 +26,7 @@ from flwr.supercore import log
 from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig, soft_merge
-from ..aggregation.merge import KEEP_LABEL, stack_in_place
+from ..aggregation.merge import KEEP_LABEL, build_merge_units, stack_in_place
 from ..aggregation.trust import relative_openness, trust_of, update_record
 from .replies import (
     RoundStartMemory,
@@ -92,6 +92,8 @@ class SoftMerge(RoundStartMemory):
         self.model = model
         self.validation = validation
         self.merge_config = merge_config or SoftMergeConfig()
+        # A unit pattern that matches no tensor raises here, not in the first round's merge.
+        build_merge_units(model, self.merge_config.units)
         self.label_key = label_key
         self.on_report = on_report
         self.reports: dict[int, GateReport] = {}
@@ -136,7 +138,8 @@ class SoftMerge(RoundStartMemory):
         hostile reply is excluded with a reason and never raises.
         """
         keep = self._global_state if self._global_state is not None else self.model.state_dict()
-        screened = screen_replies(replies, keep, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key)
+        screened = screen_replies(replies, keep, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key,
+                                  sent=self._sent_train)
         # Replies arrive in completion order; sorting makes the gate noise, and so the
         # merge, reproducible for a given seed.
         order = sorted(range(len(screened.messages)), key=lambda i: sort_key(screened.messages[i]))

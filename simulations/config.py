@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..aggregation.merge import KEEP_MODES, MERGE_MODES, UNIT_KINDS
+from ..aggregation.merge import KEEP_MODES, MERGE_MODES, UNIT_KINDS, build_merge_units
 from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_adaptive_attack, is_colluding_attack
 from .tasks import DATASET_CLASSES, DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
 
@@ -316,6 +316,8 @@ def parse_run_config(run_config: Mapping[str, Any], *, check_paths: bool = True)
     if settings.softmerge_example_weights and settings.softmerge_mode != "weight":
         raise ConfigError("run-config key 'softmerge-example-weights' needs softmerge-mode = 'weight'; "
                           f"got softmerge-mode = {settings.softmerge_mode!r}")
+    if settings.softmerge_units not in UNIT_KINDS:
+        _check_unit_patterns(settings)
     if check_paths and settings.dataset == "fashion-mnist" and settings.dataset_path:
         from pathlib import Path
 
@@ -323,6 +325,24 @@ def parse_run_config(run_config: Mapping[str, Any], *, check_paths: bool = True)
             raise ConfigError("run-config key 'dataset-path' must be an existing directory; "
                               f"got {settings.dataset_path!r}")
     return settings
+
+
+def _check_unit_patterns(settings: RunSettings) -> None:
+    """A ConfigError unless every softmerge-units pattern takes a tensor of the task's model.
+
+    Checked here, before any training, because the merge would otherwise stop the run in
+    its first round (a typo such as 'fc_2.*' for 'fc2.*').
+    """
+    import torch
+
+    from .tasks import build_model
+
+    with torch.random.fork_rng():  # building the model seeds torch; parsing must not
+        model = build_model(settings.dataset)
+    try:
+        build_merge_units(model, [pattern.strip() for pattern in settings.softmerge_units.split(",")])
+    except ValueError as error:
+        raise ConfigError(f"run-config key 'softmerge-units': {error}") from None
 
 
 def _coerce(key: str, value: Any, expected: type) -> Any:

@@ -44,6 +44,9 @@ def test_pyproject_app_config_is_valid():
         ({"fraction-evaluate": 1.5}, "'fraction-evaluate' must be in [0, 1]"),
         ({"softmerge-mode": "mean"}, "'softmerge-mode' must be one of weight, select, sum"),
         ({"softmerge-units": ""}, "'softmerge-units' must be one of model, layer, tensor"),
+        # A typo would otherwise leave its tensors to the catch-all unit without a word.
+        ({"softmerge-units": "fc1.*, fc_2.*"}, "'softmerge-units': merge-unit pattern 'fc_2.*' matches no tensor"),
+        ({"softmerge-units": "fc*, fc2.*"}, "'softmerge-units': merge-unit pattern 'fc2.*' matches no tensor"),
         ({"softmerge-steps": -1}, "'softmerge-steps' must be >= 0"),
         ({"softmerge-keep": "maybe"}, "'softmerge-keep' must be true or false"),
         ({"softmerge-tolerance": -0.1}, "'softmerge-tolerance' must be >= 0"),

@@ -165,3 +165,34 @@ def test_one_list_valued_metric_costs_only_its_own_reply(name):
     arrays, metrics = strategy.aggregate_train(1, messages)
     assert metrics.get("softmerge-excluded", metrics.get("replies-excluded")) == 1
     assert not all(torch.equal(arrays.to_torch_state_dict()[k], GLOBAL[k]) for k in GLOBAL)
+
+
+@pytest.mark.parametrize("name", list(_strategies()))
+def test_a_node_that_stops_answering_is_named_not_the_superlink(name, caplog):
+    """When a node dies mid-round, the SuperLink answers for it from its own node ID (1): the
+    exclusion must name the node the instruction went to, or every failure reads 'node-1'."""
+    from uuid import uuid4
+
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_ins_message
+
+    strategy = _strategies()[name]()
+    sent = list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(range(11, 16))))
+    for instruction in sent:
+        instruction.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grid does when it pushes
+    replies = []
+    for instruction in sent:
+        node = instruction.metadata.dst_node_id
+        if node == 15:
+            replies.append(create_message_error_unavailable_ins_message(instruction.metadata.message_id, run_id=0))
+            continue
+        state = {k: (v + 0.01 * node).numpy().copy() for k, v in GLOBAL.items()}
+        metrics = MetricRecord({"train-loss": 0.3, "num-examples": 10})
+        replies.append(Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}),
+                                           "metrics": metrics}), reply_to=instruction))
+    with caplog.at_level("WARNING"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics.get("softmerge-excluded", metrics.get("replies-excluded")) == 1
+    assert "excluded node-15 (no answer; reply from the SuperLink)" in caplog.text
+    assert "node-1:" not in caplog.text and "node-1 " not in caplog.text
+    if name == "softmerge":
+        assert [e.label for e in strategy.reports[1].excluded] == ["node-15 (no answer; reply from the SuperLink)"]

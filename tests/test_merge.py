@@ -51,6 +51,16 @@ def test_model_tensor_and_pattern_units():
     units = build_merge_units(net, ["fc.*", "head.*"])
     assert [u.name for u in units] == ["fc.*", "head.*", "rest"]
     assert all(name.startswith("bn.") for name in units[2].tensor_names)
+    # A pattern that takes nothing is an error, not a silent whole-model "rest" unit.
+    with pytest.raises(ValueError, match="'hed.*' matches no tensor"):
+        build_merge_units(net, ["fc.*", "hed.*"])
+    with pytest.raises(ValueError, match="'fc.weight' matches no tensor"):
+        build_merge_units(net, ["fc.*", "fc.weight"])
+
+    from softmerge.server.strategy import SoftMerge
+
+    with pytest.raises(ValueError, match="'hed.*' matches no tensor"):
+        SoftMerge(net, (torch.zeros(1, 4), torch.zeros(1, dtype=torch.long)), SoftMergeConfig(units=["hed.*"]))
 
 
 def test_weight_mode_is_convex_and_closed_units_fall_back():
