@@ -127,8 +127,8 @@ def run_loopback(app_dir: Path, num_nodes: int = 3, rounds: int = 3, kill_node: 
     report: dict = {"workdir": str(workdir), "port": port, "killed_node": kill_node}
     started = time.monotonic()
     try:
+        # No --database: the SuperLink keeps its state in memory, as the README's commands run it.
         deployment.start("superlink", ["flower-superlink", "--insecure", "--port", str(port),
-                                       "--database", ":flwr-in-memory-state:",
                                        "--disable-runtime-dependency-installation"])
         if not _wait_for_port(port, 60):
             raise RuntimeError("the SuperLink did not open its port within 60 s")
