@@ -35,12 +35,10 @@ class RoundSizedMultiKrum(MultiKrum):
 
 
 def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
-    units = settings.softmerge_units
-    if units not in ("model", "layer", "tensor"):
-        units = [pattern.strip() for pattern in units.split(",")]
     return SoftMergeConfig(
-        units=units, mode=settings.softmerge_mode, steps=settings.softmerge_steps, lr=settings.softmerge_lr,
-        l0_lambda=settings.softmerge_l0, batch_size=settings.softmerge_batch_size, seed=settings.seed,
+        units=settings.merge_units, mode=settings.softmerge_mode, steps=settings.softmerge_steps,
+        lr=settings.softmerge_lr, l0_lambda=settings.softmerge_l0, batch_size=settings.softmerge_batch_size,
+        seed=settings.seed,
         include_keep=settings.softmerge_keep, keep_mode=settings.softmerge_keep_mode,
         tolerance=settings.softmerge_tolerance,
         threads=settings.softmerge_threads, max_candidates=settings.softmerge_max_candidates,

@@ -109,6 +109,13 @@ class RunSettings:
     def extreme_factors(self) -> tuple[float, ...]:
         return parse_extreme_values(self.extreme_values)
 
+    @property
+    def merge_units(self) -> str | list[str]:
+        """``softmerge-units`` as SoftMergeConfig takes it: a unit kind, or the list of name patterns."""
+        if self.softmerge_units in UNIT_KINDS:
+            return self.softmerge_units
+        return [pattern.strip() for pattern in self.softmerge_units.split(",")]
+
 
 def task_data(settings: RunSettings) -> TaskData:
     """The run's dataset, split into the server's gate and test splits and the client pool."""
@@ -340,7 +347,7 @@ def _check_unit_patterns(settings: RunSettings) -> None:
     with torch.random.fork_rng():  # building the model seeds torch; parsing must not
         model = build_model(settings.dataset)
     try:
-        build_merge_units(model, [pattern.strip() for pattern in settings.softmerge_units.split(",")])
+        build_merge_units(model, settings.merge_units)
     except ValueError as error:
         raise ConfigError(f"run-config key 'softmerge-units': {error}") from None
 
