@@ -151,10 +151,8 @@ class SoftMerge(RoundStartMemory):
             labels.append(candidate_label(message, labels, self.label_key))
         # The record is keyed by node ID: a client chooses its label, not its ID.
         nodes = [str(message.metadata.src_node_id) for message in messages]
-        if nodes and self.follow_labels and (self._unclaimed is None or self._unclaimed):
+        if nodes and (self._unclaimed is None or self._unclaimed):
             self._follow_restored_record(server_round, nodes, labels)
-        elif nodes and self._unclaimed is None:
-            self._note_restored_record(server_round, nodes)
         trust = [trust_of(self.trust_record, node) for node in nodes] if self.trust else None
         # The screen has checked every count (a finite number in (0, MAX_NUM_EXAMPLES]).
         examples = [_example_count(message, self.weighted_by_key) for message in messages]
@@ -226,8 +224,9 @@ class SoftMerge(RoundStartMemory):
         A simulation draws new node IDs every time it starts; its clients keep their labels.
         A record moves to the one node that now replies with its label, and a label two
         nodes claim moves to neither. The label is the client's claim, and a trusted record
-        spares its holder the mirror test, so this runs only with ``follow_labels`` (an
-        in-process simulation, whose clients are its own). While any recorded node still
+        spares its holder the mirror test, so records move only with ``follow_labels`` (an
+        in-process simulation, whose clients are its own); without it they stay with their
+        old node IDs and the replying nodes start neutral. While any recorded node still
         replies, the record stays keyed by node ID alone.
 
         A client that does not reply in the first resumed round (not sampled, timed out)
@@ -240,6 +239,13 @@ class SoftMerge(RoundStartMemory):
             restored = set(self.trust_record)
             if not restored or restored.intersection(nodes):
                 self._unclaimed = set()
+                return
+            if not self.follow_labels:
+                self._unclaimed = set()
+                log(WARNING, "SoftMerge round %d: none of the %d nodes in the checkpoint's trust record replied "
+                    "(new node IDs, e.g. a SuperLink restarted without its database); the records stay with their "
+                    "node IDs and the replying nodes start neutral (a client's label is not proof of who it is)",
+                    server_round, len(restored))
                 return
             unlabelled = restored - set(self.trust_labels)
             self.trust_record = {node: entry for node, entry in self.trust_record.items() if node not in unlabelled}
@@ -265,16 +271,6 @@ class SoftMerge(RoundStartMemory):
         log(WARNING, "SoftMerge round %d: %d of the %d replying nodes took their client label's record, the "
             "rest start neutral; %d restored records wait for their client", server_round, moved, len(nodes),
             len(self._unclaimed))
-
-    def _note_restored_record(self, server_round: int, nodes: list[str]) -> None:
-        """Without ``follow_labels``: say once that no node of a restored record replied."""
-        restored = set(self.trust_record)
-        self._unclaimed = set()
-        if restored and not restored.intersection(nodes):
-            log(WARNING, "SoftMerge round %d: none of the %d nodes in the checkpoint's trust record replied (new "
-                "node IDs, e.g. a SuperLink restarted without its database); the records stay with their node "
-                "IDs and the replying nodes start neutral (a client's label is not proof of who it is)",
-                server_round, len(restored))
 
     @staticmethod
     def _log_report(server_round: int, report: GateReport) -> None:
