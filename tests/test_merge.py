@@ -587,3 +587,26 @@ def test_gate_learning_adam_is_torch_adam_step_for_step():
         reference.step()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     assert not torch.equal(ours.detach(), start)
+
+
+@pytest.mark.parametrize("dataset, shape, count", [("fashion-mnist", (1, 28, 28), 300), ("digits", (64,), 200)])
+def test_scoring_passes_in_chunks_give_the_losses_of_one_pass(dataset, shape, count):
+    # The merge's own-loss and mirror passes run in chunks for speed (SCORING_CHUNK_VALUES);
+    # the gates start from these losses, so chunking must not move them by a single bit.
+    from softmerge.aggregation.merge import SCORING_CHUNK_VALUES
+    from softmerge.simulations.tasks import build_model
+
+    model = build_model(dataset)
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.rand((count, *shape), generator=generator)
+    targets = torch.randint(0, 10, (count,), generator=generator)
+    state = _perturbed(model, 0.05, seed=1)
+    whole = per_example_losses(model, state, inputs, targets, batch_size=count)
+    chunked = per_example_losses(model, state, inputs, targets)
+    assert whole.shape == (count,) and whole.dtype == torch.float64
+    assert torch.equal(chunked, whole)
+    if math.prod(shape) * count > SCORING_CHUNK_VALUES:
+        # The image split really is chunked (else this test would prove nothing about chunks).
+        assert SCORING_CHUNK_VALUES // math.prod(shape) < count
+    for size in (64, 128):
+        assert torch.equal(per_example_losses(model, state, inputs, targets, batch_size=size), whole)
