@@ -27,6 +27,12 @@ class Exclusion:
     reason: str
 
 
+def running_statistics(model: torch.nn.Module) -> list[str]:
+    """The state-dict names of ``model``'s floating buffers: running statistics, not parameters."""
+    state = model.state_dict()
+    return [name for name, buffer in model.named_buffers() if name in state and buffer.is_floating_point()]
+
+
 def as_tensor_state(state: Mapping[str, object]) -> dict[str, torch.Tensor]:
     """Convert a mapping of numpy arrays or tensors to CPU tensors, without copying."""
     converted = {}

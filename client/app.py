@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
+from ..aggregation.candidates import running_statistics
 from ..simulations.config import (
     CLIENT_ATTACKS,
     ConfigError,
@@ -181,7 +182,7 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
         else:
             scale = settings.attack_scale or averaged_per_round
         state = poison_state(attack, global_state, state, scale=scale, std=settings.gaussian_std,
-                             generator=torch.Generator().manual_seed(seed))
+                             generator=torch.Generator().manual_seed(seed), statistics=running_statistics(model))
 
     claimed = len(train_set)
     if partition_id in settings.malicious_ids and settings.attack != "none" and settings.attack_claimed_examples:

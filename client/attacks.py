@@ -2,7 +2,10 @@
 
 Each attack rewrites the state a malicious client sends, given the global model it
 received and the model it trained honestly. An *update* is ``trained - global``. Only
-floating-point tensors are attacked; integer buffers are sent as trained.
+parameters are attacked; integer buffers and running statistics (a BatchNorm's mean and
+variance, named by ``statistics``) are sent as trained, as the colluding harness leaves
+them: a sign-flipped or noised variance goes negative and the model's outputs NaN, which
+any screen rejects, so attacking them would only make the attack easier to catch.
 
 - sign-flip: send ``global - update``.
 - gaussian: send ``global + N(0, std^2)``.
@@ -22,7 +25,7 @@ backdoor may be boosted by model replacement: ``scaling`` applied to the backdoo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import torch
@@ -41,13 +44,18 @@ def poison_state(
     std: float = 1.0,
     generator: torch.Generator | None = None,
     target_prefix: str | None = None,
+    statistics: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """The state a malicious client sends instead of ``trained_state``."""
+    """The state a malicious client sends instead of ``trained_state``.
+
+    ``statistics``: the names of running statistics (:func:`running_statistics` of the
+    model), sent as trained.
+    """
     if attack == "layer-stealth" and target_prefix is None:
-        target_prefix = last_layer_prefix(trained_state)
+        target_prefix = last_layer_prefix(trained_state, statistics)
     poisoned = {}
     for name, trained in trained_state.items():
-        untouched = attack in ("none", "label-flip", "backdoor") or (
+        untouched = attack in ("none", "label-flip", "backdoor") or name in statistics or (
             attack == "layer-stealth" and not _in_module(name, target_prefix))
         if not trained.dtype.is_floating_point or untouched:
             poisoned[name] = trained.clone()
@@ -71,9 +79,12 @@ def poison_state(
     return poisoned
 
 
-def last_layer_prefix(state: Mapping[str, torch.Tensor]) -> str:
-    """Module prefix of the last floating-point tensor: the output layer ("" for the top-level module)."""
-    floating = [name for name, tensor in state.items() if tensor.dtype.is_floating_point]
+def last_layer_prefix(state: Mapping[str, torch.Tensor], statistics: Collection[str] = ()) -> str:
+    """Module prefix of the last floating-point tensor that is not a running statistic (``statistics``).
+
+    That is the output layer ("" for the top-level module).
+    """
+    floating = [name for name, tensor in state.items() if tensor.dtype.is_floating_point and name not in statistics]
     return floating[-1].rpartition(".")[0] if floating else ""
 
 

@@ -48,17 +48,12 @@ from ..aggregation.robust import (
     median_statistics,
     server_steps_per_epoch,
 )
+from ..aggregation.candidates import running_statistics
 from .replies import RoundStartMemory, aggregate_client_metrics, candidate_label, screen_replies, sort_key
 
 # A client may report its partition id; it only names the client in logs and scores.
 LABEL_KEY = "partition-id"
 CC_REFERENCES = ("previous", "zero")
-
-
-def running_statistics(model: nn.Module) -> list[str]:
-    """The state-dict names of ``model``'s floating buffers: running statistics, not parameters."""
-    state = model.state_dict()
-    return [name for name, buffer in model.named_buffers() if name in state and buffer.is_floating_point()]
 
 
 class _UpdateAggregation(RoundStartMemory):

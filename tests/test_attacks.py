@@ -204,3 +204,38 @@ def test_a_train_message_without_its_round_is_trained_and_logged(caplog):
         reply = train_reply(instruction, context, settings)
     assert reply.content["metrics"]["num-examples"] > 0
     assert "without config 'server-round'" in caplog.text
+
+
+@pytest.mark.parametrize("attack", ["sign-flip", "gaussian", "scaling", "layer-stealth"])
+def test_running_statistics_are_sent_as_trained_and_the_model_stays_finite(attack):
+    # A sign-flipped or noised running variance goes negative and the model's outputs NaN;
+    # any screen would then reject the reply, so the attack must leave the statistics alone.
+    from torch import nn
+
+    from softmerge.aggregation.candidates import running_statistics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3), nn.BatchNorm1d(3))
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(torch.randn(16, 4) * 3 + 1).sum().backward()
+        optimizer.step()
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    statistics = running_statistics(model)
+    assert set(statistics) == {"1.running_mean", "1.running_var", "4.running_mean", "4.running_var"}
+
+    sent = poison_state(attack, global_state, trained, scale=20.0, std=5.0,
+                        generator=torch.Generator().manual_seed(1), statistics=statistics)
+    for name in statistics:
+        assert torch.equal(sent[name], trained[name]), name
+    # The attack still reaches the parameters (layer-stealth: the last layer's).
+    attacked = "4.weight" if attack == "layer-stealth" else "0.weight"
+    assert not torch.equal(sent[attacked], trained[attacked])
+    if attack == "layer-stealth":
+        assert torch.equal(sent["0.weight"], trained["0.weight"])
+    model.load_state_dict(sent)
+    model.eval()
+    assert torch.isfinite(model(torch.randn(8, 4))).all()
