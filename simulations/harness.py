@@ -59,6 +59,7 @@ from .colluding import (
     ADAPTIVE_ATTACKS,
     DEFAULT_MIMIC_WARMUP,
     FixedMimic,
+    alie_z,
     craft_malicious_updates,
     largest_scale_within,
     parse_attack_name,
@@ -143,6 +144,7 @@ class ColludingAdversary:
         self.statistics = frozenset(statistics)
         # What the name implies, overridden by what is passed (craft_malicious_updates merges the same way).
         self.attack_params = {**implied, **attack_params}
+        self._warned_alie: set[tuple[int, int]] = set()
         # mimic-fixed keeps its direction and target from round to round (and in checkpoints).
         self.mimic_tracker = (FixedMimic(self.attack_params.pop("warmup", DEFAULT_MIMIC_WARMUP))
                               if kind == "mimic-fixed" else None)
@@ -239,6 +241,16 @@ class ColludingAdversary:
         if len(known) == 1 and self.kind in SPREAD_ATTACKS:
             log(WARNING, "colluding %s round %d: one known update, so its spread is 0 and the crafted update "
                 "is that update unchanged: the attack sends an honest update this round", self.attack, server_round)
+        if self.kind == "alie" and "z" not in self.attack_params:
+            z = alie_z(len(targets), num_total)
+            if z <= 0 and (len(targets), num_total) not in self._warned_alie:
+                self._warned_alie.add((len(targets), num_total))
+                # DESIGN's z is 0 at m = 2 of an even n (10 clients at 20%) and at m = 1 of an odd n,
+                # below 0 at m = 1 of an even n: at 0 the replies are exactly the honest mean, and a
+                # table would count a non-attack as survived.
+                log(WARNING, "colluding alie: with n=%d replies and m=%d malicious, z = Phi^-1((n-m-s)/(n-m)) "
+                    "= %.3f: the crafted update mu + z*sigma is %s at this setting", num_total, len(targets), z,
+                    "the honest mean, no attack" if z == 0 else "on the other side of the mean from the usual ALIE")
         scales: tuple[float, ...] = ()
         if self.adaptive:
             crafted, scales = self._moved_own_updates(targets, known, num_total)

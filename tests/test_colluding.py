@@ -466,6 +466,26 @@ def test_an_attack_with_one_known_update_to_spread_from_says_it_sends_it_unchang
         np.testing.assert_allclose(_flat_update(_model_of(strategy.seen[1][4]), GLOBAL), own, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("malicious", [{4, 5}, {3, 4, 5}])
+def test_alie_says_so_when_its_z_makes_the_crafted_update_the_honest_mean(malicious, caplog):
+    # Six replies with content: z = Phi^-1((n-m-s)/(n-m)) is exactly 0 for m = 2 and 0.43 for m = 3.
+    strategy = RecordingFedAvg()
+    make_colluding(strategy, "alie", malicious, seed=3)
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(list(range(1, 10)))))
+    sent = _round_replies()
+    with caplog.at_level("WARNING"):
+        strategy.aggregate_train(1, sent)
+        strategy.aggregate_train(2, sent)
+    honest = [_flat_update(_model_of(sent[p]), GLOBAL) for p in PARTITIONS if p not in malicious]
+    crafted = _flat_update(_model_of(strategy.seen[1][max(malicious)]), GLOBAL)
+    if len(malicious) == 2:
+        assert caplog.text.count("the honest mean, no attack") == 1  # once, not every round
+        np.testing.assert_allclose(crafted, np.mean(honest, axis=0), rtol=1e-5, atol=1e-6)
+    else:
+        assert "colluding alie" not in caplog.text
+        assert not np.allclose(crafted, np.mean(honest, axis=0), rtol=1e-5, atol=1e-6)
+
+
 def test_running_statistics_are_not_crafted_each_malicious_reply_keeps_its_own():
     # IPM-100 on a BatchNorm variance would send -100 times the honest mean change: below 0.
     def with_statistics(seed, shift=0.0):
