@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from softmerge.simulations.grid import NO_ATTACK, ORACLE, Cell, finished_cell, summarise_cell
+from softmerge.simulations.grid import NO_ATTACK, ORACLE, Cell, finished_cell, format_percent, summarise_cell
 
 STATISTICS = (("final_accuracy", "final"), ("last10_accuracy", "last 10"))
 
@@ -59,8 +59,9 @@ def attacks_in_grid(output: Path, fraction: float) -> list[str]:
 
 
 def _text(values: list[float]) -> str:
-    mean = 100 * statistics.fmean(values)
-    return f"{mean:.1f}" + (f" (±{100 * (max(values) - min(values)):.1f})" if len(values) > 1 else "")
+    # Rounded as the grid's tables round (half up on the exact decimal).
+    return format_percent(statistics.fmean(values)) + (
+        f" (±{format_percent(max(values) - min(values))})" if len(values) > 1 else "")
 
 
 def seed_table(output: Path, fraction: float, strategies: list[str], attacks: list[str], seeds: list[int],
@@ -91,17 +92,23 @@ def seed_table(output: Path, fraction: float, strategies: list[str], attacks: li
                     mean = statistics.fmean(values)
                     worst[name][field].append(mean)
                     reference = statistics.fmean(oracle[seed][field] for seed in complete)
-                    close[name][field] += round(100 * mean, 1) >= round(100 * reference, 1) - 1.0
+                    # Unrounded, as the grid's summary compares (1e-9: means of 1/2000 steps).
+                    close[name][field] += mean >= reference - 0.01 - 1e-9
         lines.append(f"| {attack} | {','.join(map(str, complete))} | " + " | ".join(cells) + " |")
         success = [[rows[s][seed]["final_backdoor_asr"] for seed in complete] for s in strategies]
         if any(value is not None for values in success for value in values):
             backdoor_lines.append(f"| {attack} | {','.join(map(str, complete))} | " + " | ".join(
                 "-" if any(v is None for v in values) else _text(values) for values in success) + " |")
+    attacked = sum(attack != NO_ATTACK for attack in attacks)
+    # An attack without a complete seed is not in the worst case: say so rather than let it look whole.
+    partial = (f"; partial: {attacked - complete_attacks} of the {attacked} attacks have no complete seed"
+               if complete_attacks < attacked else "")
     lines += ["", f"| defense | worst case, {' | worst case, '.join(label for _, label in STATISTICS)} |",
               "|---|" + "---|" * len(STATISTICS)]
     for strategy in strategies:
         lines.append(f"| {strategy} | " + " | ".join(
-            f"{100 * min(worst[strategy][field]):.1f} ({close[strategy][field]}/{complete_attacks} within oracle - 1)"
+            f"{format_percent(min(worst[strategy][field]))} ({close[strategy][field]}/{complete_attacks} "
+            f"within oracle - 1{partial})"
             if worst[strategy][field] else "-" for field, _ in STATISTICS) + " |")
     if backdoor_lines:
         lines += ["", "Backdoor success rate (%), final round, lower is better:", "",
@@ -125,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed_table: no grid cells in {output}", file=sys.stderr)
         return 2
     split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
-    attacks = split(args.attacks) or attacks_in_grid(output, args.fraction)
+    known = attacks_in_grid(output, args.fraction)
+    attacks = split(args.attacks) or known
+    unknown = [attack for attack in attacks if attack not in known]
+    if unknown:
+        print(f"seed_table: the grid has no cell of {', '.join(unknown)} at {args.fraction:.0%} "
+              f"(it has {', '.join(known)})", file=sys.stderr)
+        return 2
     print("\n".join(seed_table(output, args.fraction, split(args.strategies), attacks,
                                [int(s) for s in split(args.seeds)], args.clients)))
     return 0

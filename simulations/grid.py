@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from ..server.checkpoint import OPERATIONAL_KEYS
@@ -78,7 +79,9 @@ def check_fraction(fraction: float, num_clients: int) -> None:
     0.4 does) under a 45% label, and 0.04 of 20 would run none under an attack's name.
     """
     count = fraction * num_clients
-    if round(count) < 1 or abs(count - round(count)) > 1e-9:
+    # A fraction written to six significant digits (1/3 as 0.333333, as the message below
+    # prints them) is that many clients; 0.45 of 10 is not.
+    if round(count) < 1 or abs(count - round(count)) > 1e-6 * num_clients + 1e-9:
         whole = ", ".join(f"{k / num_clients:g}" for k in range(1, min(num_clients, 5)))
         raise ConfigError(f"--fractions: {fraction:g} of {num_clients} clients is {count:g} clients; give a "
                           f"multiple of 1/{num_clients} (e.g. {whole}, ...)")
@@ -309,8 +312,13 @@ def _spread(values: list[float]) -> float | None:
     return statistics.pstdev(values) if len(values) > 1 else None
 
 
-def _fmt(value: float | None, scale: float = 100.0, digits: int = 1) -> str:
-    return "-" if value is None else f"{value * scale:.{digits}f}"
+def format_percent(value: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    # Half up on the decimal the value stands for: accuracies are multiples of 1/2000 and
+    # their means land on exact halves (83.35), which a binary float puts on either side.
+    exact = Decimal(repr(round(value * scale, 9)))
+    return str(exact.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
 
 
 def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fractions: list[float],
@@ -328,12 +336,18 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
         if any(r["status"] == "n/a" for r in found):
             return "n/a"
         values = finished_values(strategy, attack, fraction, field)
+        failed = sum(r["status"] == "failed" for r in found)
         if not values:
-            return "-" if not any(r["status"] == "failed" for r in found) else "failed"
-        mean = _mean(values)
-        text = _fmt(mean)
-        return text + (f" (±{_fmt(max(values) - min(values), digits=1)}, {len(values)} seeds)"
-                       if len(values) > 1 else "")
+            return "failed" if failed else "-"
+        # A failed seed is named: the mean of the others alone could hide the bad one.
+        notes = ([f"±{format_percent(max(values) - min(values))}, {len(values)} seeds"] if len(values) > 1 else []) + (
+            [f"{failed} failed"] if failed else [])
+        return format_percent(_mean(values)) + (f" ({'; '.join(notes)})" if notes else "")
+
+    def any_failed(strategy: str, fraction: float, among: list[str]) -> bool:
+        return any(r["status"] == "failed" for a in among for r in by_key.get((strategy, a, fraction), []))
+
+    attacked = [a for a in attacks if a != NO_ATTACK]
 
     lines = [header, ""]
     defenses = [s for s in strategies if s != ORACLE]
@@ -343,18 +357,19 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
     for fraction in fractions:
         for field, title in accuracy_tables:
             lines += [f"### {title}, {fraction:.0%} malicious", ""]
-            lines.append("| defense | " + " | ".join(attacks) + " | worst case |")
+            lines.append("| defense | " + " | ".join(attacks) + " | worst attack |")
             lines.append("|---|" + "---|" * (len(attacks) + 1))
             oracle = cell_text(ORACLE, NO_ATTACK, fraction, field)
             lines.append("| **oracle** (FedAvg, honest clients only) | " + " | ".join(oracle for _ in attacks)
                          + f" | {oracle} |")
             for strategy in defenses:
                 texts = [cell_text(strategy, attack, fraction, field) for attack in attacks]
-                numbers = [_mean(found) for attack in attacks
+                # Over the attacks, as the summary: no attack is not a case of one.
+                numbers = [_mean(found) for attack in attacked
                            if (found := finished_values(strategy, attack, fraction, field))]
-                complete = len(numbers) == len(attacks)
+                complete = len(numbers) == len(attacked) and not any_failed(strategy, fraction, attacked)
                 if numbers:
-                    worst = _fmt(min(numbers)) + ("" if complete else " (partial)")
+                    worst = format_percent(min(numbers)) + ("" if complete else " (partial)")
                 else:
                     worst = "n/a" if all(t == "n/a" for t in texts) else "-"
                 lines.append(f"| {strategy} | " + " | ".join(texts) + f" | {worst} |")
@@ -385,8 +400,9 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
 
     A cell reads "worst (k/n)": the lowest accuracy over the n attacks whose cells have
     finished (a cell's figure is the mean over its seeds), and how many of them are within 1
-    point of the oracle's figure for the same statistic and fraction, as printed. "partial"
-    follows when an attack that can run at that fraction has no finished cell yet, "failed"
+    point of the oracle's figure for the same statistic and fraction, compared unrounded.
+    "partial" follows when an attack that can run at that fraction has no finished cell yet
+    or one of its seeds failed, "failed"
     stands alone when only failed cells are there. "[1-2 seeds; oracle 3]" follows when the
     figures stand on more than one seed or on unequal numbers of them (the defense's attacks
     among themselves, or against the oracle's), which a grid still running its extra seeds
@@ -400,9 +416,6 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
 
     def value(strategy: str, attack: str, fraction: float, field: str) -> float | None:
         return _mean([r.get(field) for r in rows(strategy, attack, fraction) if r["status"] == "finished"])
-
-    def printed(fraction_value: float) -> float:
-        return round(fraction_value * 100, 1)
 
     def missing_text(strategy: str, fraction: float, among: list[str]) -> str:
         here = [r for a in among for r in rows(strategy, a, fraction)]
@@ -429,7 +442,7 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
              "", f"| defense | statistic | {columns} |", "|---|---|" + "---|" * len(fractions)]
     for field, label in SUMMARY_STATISTICS:
         oracle = [value(ORACLE, NO_ATTACK, f, field) for f in fractions]
-        lines.append(f"| **oracle** | {label} | " + " | ".join(_fmt(v) for v in oracle) + " |")
+        lines.append(f"| **oracle** | {label} | " + " | ".join(format_percent(v) for v in oracle) + " |")
     for strategy in defenses:
         for field, label in SUMMARY_STATISTICS:
             texts = []
@@ -441,11 +454,13 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
                     continue
                 applicable = [a for a in attacked
                               if not any(r["status"] == "n/a" for r in rows(strategy, a, fraction))]
-                text = _fmt(min(found))
+                text = format_percent(min(found))
                 if oracle is not None:
-                    close = sum(printed(v) >= printed(oracle) - 1.0 for v in found)
+                    # 1e-9: a point is 0.01 of accuracy, and means of 1/2000 steps are not exact floats.
+                    close = sum(v >= oracle - 0.01 - 1e-9 for v in found)
                     text += f" ({close}/{len(found)})"
-                texts.append(text + (" partial" if len(found) < len(applicable) else "")
+                failed = any(r["status"] == "failed" for a in attacked for r in rows(strategy, a, fraction))
+                texts.append(text + (" partial" if len(found) < len(applicable) or failed else "")
                              + seeds_text(strategy, fraction, attacked))
             lines.append(f"| {strategy} | {label} | " + " | ".join(texts) + " |")
     lines += ["", f"### Round-to-round spread: standard deviation of test accuracy (points) over the last "
@@ -456,7 +471,7 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
         texts = []
         for fraction in fractions:
             spreads = [v for a in among if (v := value(strategy, a, fraction, "spread10_accuracy")) is not None]
-            texts.append(_fmt(statistics.median(spreads), digits=2) if spreads
+            texts.append(format_percent(statistics.median(spreads), digits=2) if spreads
                          else missing_text(strategy, fraction, among))
         name = "**oracle**" if strategy == ORACLE else strategy
         lines.append(f"| {name} | " + " | ".join(texts) + " |")
@@ -630,7 +645,10 @@ def _plot_weights_by_round(numbers: list[int], weights: list[list[float]], label
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softmerge-grid", description=__doc__.split("\n\n")[0])
+    # No prefix abbreviations: a worker's command line is this one without --jobs, and "--job 2"
+    # passed through to it would make every worker start workers of its own.
+    parser = argparse.ArgumentParser(prog="softmerge-grid", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
@@ -703,7 +721,11 @@ def main(argv: list[str] | None = None) -> int:
             print(cell.key, not_applicable(cell, args.clients, replies) or "")
         print(f"{len(cells)} cells")
         return 0
-    stale = stale_cells(output, cells, base, args.clients)
+    # Cells another invocation finished on this output go into the same tables: they must have
+    # run with this grid's settings too, not only the cells it plans.
+    planned = {cell.key for cell in cells}
+    stale = stale_cells(output, cells + [c for c in recorded_cells(output) if c.key not in planned], base,
+                        args.clients)
     if stale:
         print(f"softmerge-grid: {len(stale)} finished cell(s) in {output} ran with other settings than "
               "this grid's, so they cannot be reused or mixed into its tables:", file=sys.stderr)
@@ -719,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"softmerge-grid: cannot write to --output {output}: {error}", file=sys.stderr)
         return 2
     given = list(argv if argv is not None else sys.argv[1:])
-    if args.jobs > 1 and not args.tables_only:
+    if args.jobs > 1 and not args.tables_only and not args.worker:
         record_invocation(output / "grid.json", given, config)
         runnable = [c for c in cells if not not_applicable(c, args.clients, replies)]
         failed = run_workers(given, args.jobs, output, runnable)
@@ -989,6 +1011,18 @@ def _resummarised(output: Path, row: dict, num_clients: int) -> dict:
     if result is None:
         return row
     return {**row, **summarise_cell(cell, result, num_clients, "finished", row.get("seconds"))}
+
+
+def recorded_cells(output: Path) -> list[Cell]:
+    """The finished cells of ``output``'s cells.json (those earlier grids on it put in its tables)."""
+    try:
+        rows = json.loads((output / "cells.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    if not isinstance(rows, list):
+        return []
+    return [cell for row in rows if isinstance(row, dict) and row.get("status") == "finished"
+            and (cell := _row_cell(row)) is not None]
 
 
 def _row_cell(row: dict) -> Cell | None:
