@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from ..aggregation.candidates import running_statistics
 from ..simulations.colluding import is_colluding_attack
 from ..simulations.config import (RunSettings, node_count_problem, parse_run_config, replies_per_round, task_data,
                                  to_run_config)
@@ -25,7 +26,6 @@ from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
 from .checkpoint import arrays_under, config_fingerprint, load_checkpoint, restore_rng_state, save_checkpoint
 from .output_lock import output_lock
 from .results import ResultsWriter, load_results_to_resume
-from .baselines import running_statistics
 from .strategies import build_strategy
 
 app = ServerApp()

@@ -35,7 +35,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 from torch import nn
 
-from ..aggregation.candidates import Exclusion
+from ..aggregation.candidates import Exclusion, running_statistics
 from ..aggregation.robust import (
     apply_update,
     centered_clipping,
@@ -48,7 +48,6 @@ from ..aggregation.robust import (
     median_statistics,
     server_steps_per_epoch,
 )
-from ..aggregation.candidates import running_statistics
 from .replies import RoundStartMemory, aggregate_client_metrics, candidate_label, screen_replies, sort_key
 
 # A client may report its partition id; it only names the client in logs and scores.

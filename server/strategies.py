@@ -10,8 +10,9 @@ from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Kr
 from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig
+from ..aggregation.candidates import running_statistics
 from ..simulations.config import RunSettings
-from .baselines import CenteredClipping, FLTrust, GeometricMedian, running_statistics
+from .baselines import CenteredClipping, FLTrust, GeometricMedian
 from .replies import harden
 from .strategy import SoftMerge
 

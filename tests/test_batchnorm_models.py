@@ -119,7 +119,7 @@ def test_running_statistics_stay_within_the_clients_values(name):
     # FLTrust rescales each update to the server update's norm (a factor above 1 here), and
     # centered clipping carries last round's update over: applied to running_var, either
     # drove it below 0, and the broadcast model output NaN though every tensor was finite.
-    from softmerge.server.baselines import running_statistics
+    from softmerge.aggregation.candidates import running_statistics
 
     statistics = running_statistics(batchnorm_model())
     assert statistics == ["1.running_mean", "1.running_var"]
