@@ -344,9 +344,6 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
             [f"{failed} failed"] if failed else [])
         return format_percent(_mean(values)) + (f" ({'; '.join(notes)})" if notes else "")
 
-    def any_failed(strategy: str, fraction: float, among: list[str]) -> bool:
-        return any(r["status"] == "failed" for a in among for r in by_key.get((strategy, a, fraction), []))
-
     attacked = [a for a in attacks if a != NO_ATTACK]
 
     lines = [header, ""]
@@ -367,7 +364,7 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
                 # Over the attacks, as the summary: no attack is not a case of one.
                 numbers = [_mean(found) for attack in attacked
                            if (found := finished_values(strategy, attack, fraction, field))]
-                complete = len(numbers) == len(attacked) and not any_failed(strategy, fraction, attacked)
+                complete = len(numbers) == len(attacked) and not any_failed(by_key, strategy, fraction, attacked)
                 if numbers:
                     worst = format_percent(min(numbers)) + ("" if complete else " (partial)")
                 else:
@@ -392,6 +389,11 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
                                                          for a in attacks) + " |")
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def any_failed(by_key: dict[tuple, list[dict]], strategy: str, fraction: float, attacks: list[str]) -> bool:
+    """Whether a seed of ``strategy`` under one of ``attacks`` at ``fraction`` failed."""
+    return any(r["status"] == "failed" for a in attacks for r in by_key.get((strategy, a, fraction), []))
 
 
 def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks: list[str],
@@ -459,8 +461,8 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
                     # 1e-9: a point is 0.01 of accuracy, and means of 1/2000 steps are not exact floats.
                     close = sum(v >= oracle - 0.01 - 1e-9 for v in found)
                     text += f" ({close}/{len(found)})"
-                failed = any(r["status"] == "failed" for a in attacked for r in rows(strategy, a, fraction))
-                texts.append(text + (" partial" if len(found) < len(applicable) or failed else "")
+                partial = len(found) < len(applicable) or any_failed(by_key, strategy, fraction, attacked)
+                texts.append(text + (" partial" if partial else "")
                              + seeds_text(strategy, fraction, attacked))
             lines.append(f"| {strategy} | {label} | " + " | ".join(texts) + " |")
     lines += ["", f"### Round-to-round spread: standard deviation of test accuracy (points) over the last "
