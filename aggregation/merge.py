@@ -144,16 +144,18 @@ KEEP_LABEL = "keep"
 # of examples: a forward pass of two batches every ``check_every`` steps costs a few percent.
 PROBE_BATCHES = 2
 # The scoring passes (every candidate's and mirror image's per-example losses) take the
-# gate split in equal chunks of at most this many input values: 167 Fashion-MNIST images,
-# so the 300-image split goes as two of 150. Whole, it sends SmallCNN through 15 MB
-# activations that glibc may hand back to the system after a pass and page-fault afresh on
-# the next; chunks this size reuse freed blocks. A merge of 100 SmallCNN candidates scored
-# in 8.7 against 12.4 s (43 against 61 ms a pass, one thread); one of 20, where glibc kept
-# the blocks anyway, in 1.8 s either way (docs/performance.md, "Session 31"). With this
-# torch build the per-example losses are bit-identical to one pass's for chunks of 8 or
-# more images (not 1, 2 or 7); a split is only cut when it has more than 167 images, so no
-# chunk has fewer than 84. The digits split (200 x 64 values) stays whole.
+# gate split in the fewest chunks of at most this many input values (but at least
+# MIN_SCORING_CHUNK examples), cut as evenly as they go: 167 Fashion-MNIST images, so the
+# 300-image split goes as two of 150. Whole, it sends SmallCNN through 15 MB activations
+# that glibc may hand back to the system after a pass and page-fault afresh on the next;
+# chunks this size reuse freed blocks. A merge of 100 SmallCNN candidates scored in 8.7
+# against 12.4 s (43 against 61 ms a pass, one thread); one of 20, where glibc kept the
+# blocks anyway, in 1.8 s either way (docs/performance.md, "Session 31"). The per-example
+# losses of the 300-image split are bit-identical to one pass's with this torch build for
+# chunks of 8 to 256 images, not for chunks of 1 or 2, which even cuts never make. The
+# digits split (200 x 64 values) stays whole.
 SCORING_CHUNK_VALUES = 1 << 17
+MIN_SCORING_CHUNK = 64
 # torch intra-op threads during a merge (0: leave torch's setting). One, on this 2-core
 # machine: a second OpenMP thread gains little on a memory-bound contraction, and as soon as
 # anything else runs (Ray workers, another experiment) it makes a gate step several times
@@ -864,22 +866,23 @@ def per_example_losses(model: nn.Module, state: Mapping[str, torch.Tensor], inpu
                        targets: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """The cross-entropy of each example under ``model`` with ``state`` swapped in (float64).
 
-    ``batch_size`` examples go through at a time; by default the fewest equal chunks of at
-    most ``SCORING_CHUNK_VALUES`` input values each.
+    ``batch_size`` examples go through at a time; by default the split goes in the fewest
+    chunks of at most ``SCORING_CHUNK_VALUES`` input values (at least ``MIN_SCORING_CHUNK``
+    examples), cut as evenly as they go.
     """
+    if len(targets) == 0:
+        return torch.zeros(0, dtype=torch.float64)
     if batch_size is None:
-        batch_size = _equal_chunk(len(inputs), SCORING_CHUNK_VALUES // max(1, inputs[0].numel()) if len(inputs) else 1)
-    with torch.no_grad():
-        losses = [nn.functional.cross_entropy(functional_call(model, dict(state), (inputs[start:start + batch_size],)),
-                                              targets[start:start + batch_size], reduction="none").double()
+        per_chunk = max(MIN_SCORING_CHUNK, SCORING_CHUNK_VALUES // max(1, inputs[0].numel()))
+        chunks = math.ceil(len(targets) / per_chunk)
+        pieces = list(zip(inputs.tensor_split(chunks), targets.tensor_split(chunks)))
+    else:
+        pieces = [(inputs[start:start + batch_size], targets[start:start + batch_size])
                   for start in range(0, len(targets), batch_size)]
-    return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
-
-
-def _equal_chunk(count: int, limit: int) -> int:
-    """The size of the fewest equal chunks of at most ``limit`` (at least 1) that ``count`` items split into."""
-    chunks = math.ceil(count / max(1, limit))
-    return math.ceil(count / chunks) if chunks else 1
+    with torch.no_grad():
+        losses = [nn.functional.cross_entropy(functional_call(model, dict(state), (x,)), y, reduction="none").double()
+                  for x, y in pieces]
+    return torch.cat(losses)
 
 
 def _mean_loss(losses: torch.Tensor) -> float:

@@ -132,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed_table: no grid cells in {output}", file=sys.stderr)
         return 2
     split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
-    known = attacks_in_grid(output, args.fraction)
-    attacks = split(args.attacks) or known
+    attacks = split(args.attacks)
+    try:
+        known = attacks_in_grid(output, args.fraction)
+    except SystemExit:
+        if not attacks:
+            raise
+        known = attacks  # no readable cells.json to check the given names against
+    attacks = attacks or known
     unknown = [attack for attack in attacks if attack not in known]
     if unknown:
         print(f"seed_table: the grid has no cell of {', '.join(unknown)} at {args.fraction:.0%} "

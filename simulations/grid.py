@@ -151,6 +151,12 @@ def fraction_free(cell: Cell) -> bool:
     return cell.attack == NO_ATTACK and cell.strategy != ORACLE and cell.strategy not in FRACTION_AWARE_RULES
 
 
+# Keys a resumed run may change (server/checkpoint.py's OPERATIONAL_KEYS) that still move a
+# merge's last bits: the merge's thread count (1 and 2 threads part from round 4 on,
+# docs/performance.md "Session 31"), so the cells of one table must share it.
+SHARED_IN_A_TABLE = frozenset({"softmerge-threads"})
+
+
 def settings_mismatch(recorded: dict, expected: dict, ignored: frozenset[str] = frozenset()) -> dict[str, tuple]:
     """The run-config keys on which a finished cell's recorded settings differ from this grid's.
 
@@ -163,7 +169,7 @@ def settings_mismatch(recorded: dict, expected: dict, ignored: frozenset[str] = 
     foreign = tuple(prefix for rule, prefixes in RULE_KEYS.items() if rule != strategy for prefix in prefixes)
     differences = {}
     for key, value in expected.items():
-        if key in OPERATIONAL_KEYS or key in ignored or key.startswith(foreign):
+        if key in OPERATIONAL_KEYS - SHARED_IN_A_TABLE or key in ignored or key.startswith(foreign):
             continue
         if key not in recorded:
             if key in LEGACY_VALUES and value != LEGACY_VALUES[key]:
@@ -315,6 +321,8 @@ def _spread(values: list[float]) -> float | None:
 def format_percent(value: float | None, scale: float = 100.0, digits: int = 1) -> str:
     if value is None:
         return "-"
+    if not math.isfinite(value * scale) or abs(value * scale) >= 1e15:
+        return f"{value * scale:.{digits}f}"
     # Half up on the decimal the value stands for: accuracies are multiples of 1/2000 and
     # their means land on exact halves (83.35), which a binary float puts on either side.
     exact = Decimal(repr(round(value * scale, 9)))
@@ -726,8 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     # Cells another invocation finished on this output go into the same tables: they must have
     # run with this grid's settings too, not only the cells it plans.
     planned = {cell.key for cell in cells}
-    stale = stale_cells(output, cells + [c for c in recorded_cells(output) if c.key not in planned], base,
-                        args.clients)
+    stale = stale_cells(output, cells, base, args.clients,
+                        recorded=[c for c in recorded_cells(output) if c.key not in planned])
     if stale:
         print(f"softmerge-grid: {len(stale)} finished cell(s) in {output} ran with other settings than "
               "this grid's, so they cannot be reused or mixed into its tables:", file=sys.stderr)
@@ -872,6 +880,8 @@ def _run_cell(cell: Cell, base: RunSettings, num_clients: int, output: Path) -> 
         tqdm.write(f"cell {cell.key}: its interrupted run cannot be resumed ({unusable}); starting over")
     started = time.perf_counter()
     try:
+        # A failed cell keeps its directory (with whatever log it wrote), and with it its row.
+        directory.mkdir(parents=True, exist_ok=True)
         run_experiment(settings, num_clients, log_file=directory / "flower.log")
         result = load_cell(output, cell)
         status = result.get("status", "failed") if result else "failed"
@@ -913,20 +923,23 @@ def discard_unusable_checkpoint(directory: Path, settings: RunSettings) -> str |
     return None
 
 
-def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients: int) -> list[tuple[str, dict]]:
+def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients: int,
+                recorded: list[Cell] = ()) -> list[tuple[str, dict]]:
     """The finished cells on disk whose recorded settings are not the run this grid would make.
 
     The cell key names strategy, attack, fraction and seed only; everything else (a changed
     ``--set``, another dataset, round or client count) would otherwise pass a stale cell off
-    as done.
+    as done. ``cells`` are this grid's (one that cannot run here is not held against it);
+    ``recorded``, the finished cells other grids put in this output's tables, are checked
+    even where this grid could not run them (another client count, say).
     """
     from .config import to_run_config
 
     stale = []
     replies = replies_per_round(base, num_clients)
-    for cell in cells:
+    for cell in [*cells, *recorded]:
         existing = finished_cell(output, cell)
-        if not_applicable(cell, num_clients, replies) or not existing:
+        if not existing or (cell in cells and not_applicable(cell, num_clients, replies)):
             continue
         recorded = existing.get("settings")
         if not isinstance(recorded, dict):
@@ -970,7 +983,7 @@ def _merge_and_write_outputs(output: Path, rows: list[dict], strategies: list[st
     merged: dict[str, dict] = {}
     try:
         merged = {row["key"]: row for row in json.loads((output / "cells.json").read_text())
-                  if row.get("status") != "finished" or _still_finished(output, row)}
+                  if _still_there(output, row)}
     except FileNotFoundError:
         pass
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as problem:
@@ -1019,12 +1032,12 @@ def recorded_cells(output: Path) -> list[Cell]:
     """The finished cells of ``output``'s cells.json (those earlier grids on it put in its tables)."""
     try:
         rows = json.loads((output / "cells.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, not JSON, not text: the tables are written afresh
         return []
     if not isinstance(rows, list):
         return []
     return [cell for row in rows if isinstance(row, dict) and row.get("status") == "finished"
-            and (cell := _row_cell(row)) is not None]
+            and (cell := _row_cell(row)) is not None and 0 < cell.fraction < 1]
 
 
 def _row_cell(row: dict) -> Cell | None:
@@ -1034,6 +1047,19 @@ def _row_cell(row: dict) -> Cell | None:
     except (KeyError, TypeError, ValueError):
         return None
     return cell if cell.key == row.get("key") else None
+
+
+def _still_there(output: Path, row: dict) -> bool:
+    """Whether a cells.json row still describes something on disk.
+
+    A finished cell must still be finished, a failed one still have its directory: deleting
+    a cell's directory (to run it again, or to drop a seed) takes its row with it.
+    """
+    if row.get("status") == "finished":
+        return _still_finished(output, row)
+    if row.get("status") == "failed":
+        return (output / "cells" / str(row.get("key"))).is_dir()
+    return True
 
 
 def _still_finished(output: Path, row: dict) -> bool:

@@ -250,7 +250,8 @@ class ColludingAdversary:
                 # table would count a non-attack as survived.
                 log(WARNING, "colluding alie: with n=%d replies and m=%d malicious, z = Phi^-1((n-m-s)/(n-m)) "
                     "= %.3f: the crafted update mu + z*sigma is %s at this setting", num_total, len(targets), z,
-                    "the honest mean, no attack" if z == 0 else "on the other side of the mean from the usual ALIE")
+                    "the mean of the known updates, no deviation" if z == 0
+                    else "on the other side of the mean from the usual ALIE")
         scales: tuple[float, ...] = ()
         if self.adaptive:
             crafted, scales = self._moved_own_updates(targets, known, num_total)

@@ -239,3 +239,20 @@ def test_running_statistics_are_sent_as_trained_and_the_model_stays_finite(attac
     model.load_state_dict(sent)
     model.eval()
     assert torch.isfinite(model(torch.randn(8, 4))).all()
+
+
+def test_layer_stealth_targets_the_last_layer_with_weights_not_a_trailing_buffer_only_norm():
+    from torch import nn
+
+    from softmerge.aggregation.candidates import running_statistics
+    from softmerge.client.attacks import last_layer_prefix
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.BatchNorm1d(3, affine=False))
+    state = model.state_dict()
+    assert last_layer_prefix(state) == "3"  # its running statistics are its only tensors
+    assert last_layer_prefix(state, running_statistics(model)) == "2"
+    trained = {k: v + 1.0 if v.is_floating_point() else v for k, v in state.items()}
+    sent = poison_state("layer-stealth", state, trained, scale=5.0, statistics=running_statistics(model))
+    assert torch.allclose(sent["2.weight"], state["2.weight"] - 5.0, atol=1e-5)
+    assert torch.equal(sent["0.weight"], trained["0.weight"])
+    assert torch.equal(sent["3.running_var"], trained["3.running_var"])

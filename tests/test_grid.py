@@ -176,6 +176,64 @@ def test_grid_refuses_to_mix_in_cells_another_invocation_ran_with_other_settings
     assert "fedavg__none__f0.2__s0: num-server-rounds: 1 there, 2 here" in capsys.readouterr().err
 
 
+def test_a_failed_row_stays_while_its_directory_does_and_goes_with_it(tmp_path):
+    from softmerge.simulations.config import parse_run_config
+
+    settings = parse_run_config({"dataset": "digits", "num-server-rounds": 1, "partitioning": "dirichlet"})
+    _finished_cell(tmp_path, Cell("fedavg", "sign-flip", 0.2, 0), settings)
+    (tmp_path / "cells" / "fedavg__sign-flip__f0.2__s1").mkdir(parents=True)
+    failed = {**_summary_row("fedavg", "sign-flip", 0.2, None, status="failed", seed=1),
+              "key": "fedavg__sign-flip__f0.2__s1"}
+    finished = {**_summary_row("fedavg", "sign-flip", 0.2, 0.6), "key": "fedavg__sign-flip__f0.2__s0"}
+    (tmp_path / "cells.json").write_text(json.dumps([finished, failed]))
+    argv = ["--dataset", "digits", "--clients", "10", "--rounds", "1", "--strategies", "fedavg", "--attacks",
+            "sign-flip", "--fractions", "0.2", "--no-oracle", "--output", str(tmp_path), "--tables-only"]
+    assert main(argv) == 0
+    assert "| fedavg | 60.0 (1 failed) | 60.0 (partial) |" in (tmp_path / "tables.md").read_text()
+    # Dropping the seed (deleting its directory) takes the failure out of the tables.
+    (tmp_path / "cells" / "fedavg__sign-flip__f0.2__s1").rmdir()
+    assert main(argv) == 0
+    assert "| fedavg | 60.0 | 60.0 |" in (tmp_path / "tables.md").read_text()
+    assert [row["key"] for row in json.loads((tmp_path / "cells.json").read_text())] == ["fedavg__sign-flip__f0.2__s0"]
+
+
+def test_the_merge_thread_count_is_a_setting_the_cells_of_one_output_share(tmp_path, capsys):
+    # A resume may change it (it is operational there), but it moves a merge's last bits.
+    from softmerge.simulations.config import parse_run_config
+
+    settings = parse_run_config({"dataset": "digits", "num-server-rounds": 1, "partitioning": "dirichlet"})
+    _finished_cell(tmp_path, Cell("softmerge", "none", 0.2, 0), settings)
+    argv = ["--dataset", "digits", "--clients", "10", "--rounds", "1", "--strategies", "softmerge", "--attacks",
+            "none", "--fractions", "0.2", "--no-oracle", "--output", str(tmp_path), "--tables-only"]
+    assert main(argv) == 0
+    assert main(argv + ["--set", "softmerge-threads=2"]) == 2
+    assert "softmerge-threads: 1 there, 2 here" in capsys.readouterr().err
+
+
+def test_a_recorded_cell_this_grid_could_not_run_is_still_checked(tmp_path, capsys):
+    # Krum at 40% of 20 clients, recorded by another grid; this one has 10 clients, where
+    # Krum cannot run at 40%, yet the tables would still show the old row.
+    from softmerge.simulations.config import parse_run_config
+
+    settings = parse_run_config({"dataset": "digits", "num-server-rounds": 1, "partitioning": "dirichlet"})
+    _finished_cell(tmp_path, Cell("krum", "sign-flip", 0.4, 0), settings)
+    path = tmp_path / "cells" / "krum__sign-flip__f0.4__s0" / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "nodes": 20}))
+    row = {**_summary_row("krum", "sign-flip", 0.4, 0.6), "key": "krum__sign-flip__f0.4__s0"}
+    (tmp_path / "cells.json").write_text(json.dumps([row]))
+    argv = ["--dataset", "digits", "--clients", "10", "--rounds", "1", "--strategies", "fedavg", "--attacks",
+            "none", "--fractions", "0.2", "--no-oracle", "--output", str(tmp_path), "--tables-only"]
+    assert main(argv) == 2
+    assert "krum__sign-flip__f0.4__s0: clients: 20 there, 10 here" in capsys.readouterr().err
+
+
+def test_figures_that_are_not_accuracies_still_print():
+    from softmerge.simulations.grid import format_percent
+
+    assert format_percent(float("nan")) == "nan" and format_percent(float("inf")) == "inf"
+    assert format_percent(1e30) == f"{1e32:.1f}"
+
+
 def test_grid_takes_no_abbreviated_options(capsys, tmp_path):
     # A worker's command line is the grid's without --jobs; "--job 2" would reach it and spawn more workers.
     with pytest.raises(SystemExit):
@@ -240,6 +298,7 @@ def test_tables_forget_a_finished_cell_whose_directory_was_deleted(tmp_path):
     kept, deleted, failed = "fedavg__alie__f0.2__s0", "softmerge__alie__f0.2__s0", "fltrust__alie__f0.2__s0"
     (tmp_path / "cells" / kept).mkdir(parents=True)
     (tmp_path / "cells" / kept / "results.json").write_text('{"status": "finished"}')
+    (tmp_path / "cells" / failed).mkdir()  # a failed run leaves its directory (its log), and keeps its row
     (tmp_path / "cells.json").write_text(json.dumps([row(kept, "finished", 0.8), row(deleted, "finished", 0.7),
                                                      row(failed, "failed", None)]))
     _write_outputs(tmp_path, [], ["softmerge", "fedavg", "fltrust"], ["alie"], [0.2], Namespace(clients=20),

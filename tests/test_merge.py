@@ -610,3 +610,27 @@ def test_scoring_passes_in_chunks_give_the_losses_of_one_pass(dataset, shape, co
         assert SCORING_CHUNK_VALUES // math.prod(shape) < count
     for size in (64, 128):
         assert torch.equal(per_example_losses(model, state, inputs, targets, batch_size=size), whole)
+
+
+def test_scoring_chunks_are_cut_evenly_and_never_below_the_minimum(monkeypatch):
+    # Inputs too large for the value budget still go MIN_SCORING_CHUNK at a time (not one by
+    # one), and the last chunk is never a sliver: slivers are where the losses' last bits move.
+    from softmerge.aggregation import merge as merge_module
+    from softmerge.simulations.tasks import build_model
+
+    model = build_model("digits")
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = torch.rand((200, 64), generator=generator), torch.randint(0, 10, (200,), generator=generator)
+    whole = per_example_losses(model, model.state_dict(), inputs, targets, batch_size=200)
+    monkeypatch.setattr(merge_module, "SCORING_CHUNK_VALUES", 100)  # under one example's 64 x 2
+    sizes.clear()
+    assert torch.equal(per_example_losses(model, model.state_dict(), inputs, targets), whole)
+    assert sizes == [50, 50, 50, 50]  # four chunks of at most 64, evenly cut
+    monkeypatch.setattr(merge_module, "SCORING_CHUNK_VALUES", 64 * 67)  # 67 a chunk: 200 = 67 + 67 + 66
+    sizes.clear()
+    assert torch.equal(per_example_losses(model, model.state_dict(), inputs, targets), whole)
+    assert sizes == [67, 67, 66]
+    handle.remove()
+    assert per_example_losses(model, model.state_dict(), inputs[:0], targets[:0]).shape == (0,)

@@ -76,3 +76,18 @@ def test_an_unreadable_cell_list_asks_for_the_attacks(tmp_path, seed_table):
     (tmp_path / "cells.json").write_text("{not json")
     with pytest.raises(SystemExit, match="pass --attacks"):
         seed_table.attacks_in_grid(tmp_path, 0.4)
+
+
+def test_an_attack_the_grid_has_no_cell_of_is_refused_not_dropped(tmp_path, seed_table, capsys):
+    flat = [0.1] + [0.8] * 12
+    _cell(tmp_path, "oracle__none__f0.4__s0", flat)
+    _cell(tmp_path, "softmerge__sign-flip__f0.4__s0", flat)
+    argv = ["--output", str(tmp_path), "--fraction", "0.4", "--strategies", "softmerge", "--seeds", "0"]
+    # Without cells.json the given names cannot be checked, and are taken as given.
+    assert seed_table.main(argv + ["--attacks", "sign-flip"]) == 0
+    (tmp_path / "cells.json").write_text(json.dumps([
+        {"strategy": "softmerge", "attack": "sign-flip", "fraction": 0.4}]))
+    capsys.readouterr()
+    assert seed_table.main(argv + ["--attacks", "sign-flp"]) == 2
+    assert "no cell of sign-flp at 40%" in capsys.readouterr().err
+    assert seed_table.main(argv + ["--attacks", "sign-flip"]) == 0
