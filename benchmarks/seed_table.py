@@ -24,7 +24,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from softmerge.simulations.grid import NO_ATTACK, ORACLE, Cell, finished_cell, format_percent, summarise_cell
+from softmerge.simulations.grid import (NO_ATTACK, ORACLE, Cell, finished_cell, format_percent, summarise_cell,
+                                         within_a_point)
 
 STATISTICS = (("final_accuracy", "final"), ("last10_accuracy", "last 10"))
 
@@ -92,8 +93,7 @@ def seed_table(output: Path, fraction: float, strategies: list[str], attacks: li
                     mean = statistics.fmean(values)
                     worst[name][field].append(mean)
                     reference = statistics.fmean(oracle[seed][field] for seed in complete)
-                    # Unrounded, as the grid's summary compares (1e-9: means of 1/2000 steps).
-                    close[name][field] += mean >= reference - 0.01 - 1e-9
+                    close[name][field] += within_a_point(mean, reference)
         lines.append(f"| {attack} | {','.join(map(str, complete))} | " + " | ".join(cells) + " |")
         success = [[rows[s][seed]["final_backdoor_asr"] for seed in complete] for s in strategies]
         if any(value is not None for values in success for value in values):

@@ -399,6 +399,14 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
     path.write_text("\n".join(lines))
 
 
+def within_a_point(accuracy: float, oracle: float) -> bool:
+    """Whether ``accuracy`` is at least ``oracle`` - 1 point, unrounded (accuracies as fractions).
+
+    1e-9: means of accuracies in 1/2000 steps are not exact floats.
+    """
+    return accuracy >= oracle - 0.01 - 1e-9
+
+
 def any_failed(by_key: dict[tuple, list[dict]], strategy: str, fraction: float, attacks: list[str]) -> bool:
     """Whether a seed of ``strategy`` under one of ``attacks`` at ``fraction`` failed."""
     return any(r["status"] == "failed" for a in attacks for r in by_key.get((strategy, a, fraction), []))
@@ -466,8 +474,7 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
                               if not any(r["status"] == "n/a" for r in rows(strategy, a, fraction))]
                 text = format_percent(min(found))
                 if oracle is not None:
-                    # 1e-9: a point is 0.01 of accuracy, and means of 1/2000 steps are not exact floats.
-                    close = sum(v >= oracle - 0.01 - 1e-9 for v in found)
+                    close = sum(within_a_point(v, oracle) for v in found)
                     text += f" ({close}/{len(found)})"
                 partial = len(found) < len(applicable) or any_failed(by_key, strategy, fraction, attacked)
                 texts.append(text + (" partial" if partial else "")
@@ -937,9 +944,9 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
 
     stale = []
     replies = replies_per_round(base, num_clients)
-    for cell in [*cells, *recorded]:
+    for cell, planned in [*((cell, True) for cell in cells), *((cell, False) for cell in recorded)]:
         existing = finished_cell(output, cell)
-        if not existing or (cell in cells and not_applicable(cell, num_clients, replies)):
+        if not existing or (planned and not_applicable(cell, num_clients, replies)):
             continue
         recorded = existing.get("settings")
         if not isinstance(recorded, dict):
