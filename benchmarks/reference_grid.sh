@@ -37,9 +37,12 @@ stage() {
     # Beyond the minimum: more seeds at 60%, where one seed's final round is too noisy to
     # read a one-point target from (docs/benchmarks.md, "Session 16").
     6) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust --attacks "$ATTACKS" --fractions 0.6 --seeds 1,2 ;;
+    # A second seed at 80%, where seed 0's oracle and seed 1's differ by four points
+    # (docs/benchmarks.md, "Session 31"): SoftMerge and the baselines of stage 4 on one seed.
+    7) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust,fedavg --attacks "$ATTACKS" --fractions 0.8 --seeds 1 ;;
   esac
 }
 
-for s in "${@:-1 2 3 4 5 6}"; do
+for s in "${@:-1 2 3 4 5 6 7}"; do
   for one in $s; do stage "$one"; done
 done

@@ -761,9 +761,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs > 1 and not args.tables_only and not args.worker:
         record_invocation(output / "grid.json", given, config)
         runnable = [c for c in cells if not not_applicable(c, args.clients, replies)]
-        failed = run_workers(given, args.jobs, output, runnable)
+        failed_workers, unfinished = run_workers(given, args.jobs, output, runnable)
         code = main([*given, "--tables-only"])
-        return 1 if failed or code else 0
+        # The tables pass runs nothing, so only here is it known which cells did not finish.
+        print(f"softmerge-grid: {len(runnable) - len(unfinished)} of {len(runnable)} runnable cells finished, "
+              f"{len(unfinished)} not (failed, stopped, or run by another grid)"
+              + (f": {', '.join(cell.key for cell in unfinished[:5])}{' ...' if len(unfinished) > 5 else ''}"
+                 if unfinished else "")
+              + (f"; {failed_workers} of {args.jobs} workers failed" if failed_workers else ""))
+        return 1 if failed_workers or unfinished or code else 0
     if not args.tables_only and not args.worker:
         record_invocation(output / "grid.json", given, config)
 
@@ -805,12 +811,18 @@ def main(argv: list[str] | None = None) -> int:
         _write_outputs(output, rows, tabled, attacks, fractions, args, base)
     if not args.worker:
         plot_cells(output, cells, args.clients)
-    print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
+    if args.tables_only:
+        print(f"softmerge-grid: tables of {len(rows)} cells, none run here; tables: {output / 'tables.md'}")
+    else:
+        print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
     return 1 if failures else 0
 
 
-def run_workers(argv: list[str], jobs: int, output: Path, runnable: list[Cell]) -> int:
-    """Run ``jobs`` copies of this grid as worker processes; returns how many of them failed.
+def run_workers(argv: list[str], jobs: int, output: Path, runnable: list[Cell]) -> tuple[int, list[Cell]]:
+    """Run ``jobs`` copies of this grid as worker processes.
+
+    Returns how many workers failed and the runnable cells still not finished when the
+    last one ended (a failed cell, or one another grid held).
 
     Each worker walks the same cells and runs the first one no other worker holds, so the
     cells spread over the workers without a scheduler. One progress bar counts the
@@ -844,7 +856,7 @@ def run_workers(argv: list[str], jobs: int, output: Path, runnable: list[Cell]) 
     for index in failed:
         print(f"softmerge-grid: worker {index} ended with {workers[index].returncode}; see {logs / f'{index}.log'}",
               file=sys.stderr)
-    return len(failed)
+    return len(failed), waiting
 
 
 def _without_jobs(argv: list[str]) -> list[str]:

@@ -660,6 +660,28 @@ def test_jobs_split_the_cells_over_workers_and_write_the_tables_from_all(tmp_pat
     assert "--jobs must be at least 1" in capsys.readouterr().err
 
 
+def test_jobs_report_the_cells_their_workers_did_not_finish(tmp_path, capsys, monkeypatch):
+    import softmerge.simulations.grid as grid
+
+    # The tables pass after the workers runs nothing: its own count of failures is always 0,
+    # so the grid's last word must come from the cells left unfinished.
+    def one_worker_failed(argv, jobs, output, runnable):
+        return 1, runnable[:1]
+
+    monkeypatch.setattr(grid, "run_workers", one_worker_failed)
+    argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "fedavg",
+            "--attacks", "none,sign-flip", "--fractions", "0.25", "--no-oracle", "--output", str(tmp_path),
+            "--jobs", "2"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "none run here" in out and "0 failed" not in out
+    assert ("1 of 2 runnable cells finished, 1 not (failed, stopped, or run by another grid): "
+            "fedavg__none__f0.25__s0; 1 of 2 workers failed") in out
+    monkeypatch.setattr(grid, "run_workers", lambda argv, jobs, output, runnable: (0, []))
+    assert main(argv) == 0
+    assert "2 of 2 runnable cells finished, 0 not" in capsys.readouterr().out
+
+
 def test_a_rule_is_na_by_a_rounds_replies_not_the_client_count(capsys, tmp_path):
     # Krum needs n >= 2f + 3: 20 clients with f = 4 can run it, but not 10 replies a round.
     assert not_applicable(Cell("krum", "alie", 0.2, 0), 20) is None
