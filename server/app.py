@@ -25,6 +25,7 @@ from ..simulations.config import (RunSettings, node_count_problem, parse_run_con
 from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
 from .checkpoint import arrays_under, config_fingerprint, load_checkpoint, restore_rng_state, save_checkpoint
 from .output_lock import output_lock
+from .replies import decode_state
 from .results import ResultsWriter, load_results_to_resume
 from .strategies import build_strategy
 
@@ -197,7 +198,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
         if stoppable is not None:
             stoppable.check()  # a round the runtime did not serve is not recorded
         server_round = local_round + done
-        evaluation_model.load_state_dict(arrays.to_torch_state_dict())
+        evaluation_model.load_state_dict(decode_state(arrays))
         loss, accuracy = evaluate_model(evaluation_model, task.test)
         metrics = {"test-acc": accuracy, "test-loss": loss}
         extra = {}

@@ -22,6 +22,8 @@ or returns no or non-finite arrays, the round keeps the previous global model.
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -97,10 +99,51 @@ def _metric_problem(metrics: MetricRecord, weighted_by_key: str) -> str | None:
     return None
 
 
-def _decode_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+# What np.save writes first: the magic string, format version 1.0, the header's length.
+NPY_V1_PREFIX = b"\x93NUMPY\x01\x00"
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
+    """dtype and shape of a version-1.0 ``.npy`` header of numbers in C order; else None.
+
+    Cached by the header's bytes: every reply of a round repeats the global model's headers,
+    and parsing one (a Python literal) costs more than copying a small layer's values.
+    """
+    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(header[len(NPY_V1_PREFIX):]))
+    if fortran_order or dtype.kind not in "biuf" or dtype.itemsize == 0:
+        return None
+    return dtype, shape
+
+
+def _array_values(array) -> np.ndarray:
+    """``array.numpy()`` (Flower's ``np.load``, no pickles), its header parsed once per layout.
+
+    Anything but a plain version-1.0 ``.npy`` of C-ordered numbers goes through Flower's
+    own decoding, so an unusual or hostile reply gets exactly its errors.
+    """
+    data = array.data
+    if array.stype == "numpy.ndarray" and isinstance(data, bytes) and data.startswith(NPY_V1_PREFIX):
+        end = len(NPY_V1_PREFIX) + 2 + int.from_bytes(data[len(NPY_V1_PREFIX):len(NPY_V1_PREFIX) + 2], "little")
+        try:
+            layout = _npy_layout(data[:end])
+        except Exception:  # noqa: BLE001  (np.load below raises what it raises for this header)
+            layout = None
+        if layout is not None:
+            dtype, shape = layout
+            count = math.prod(shape)
+            if len(data) - end >= count * dtype.itemsize:
+                # A copy, as np.load makes: the values must not alias the message's bytes.
+                return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape).copy()
+    return array.numpy()
+
+
+def decode_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """``arrays`` as a state dict of tensors (what ``ArrayRecord.to_torch_state_dict`` gives), decoded
+    faster; raises on an array that is not numeric or cannot be decoded."""
     state = {}
     for name, array in arrays.items():
-        value = array.numpy()
+        value = _array_values(array)
         if not isinstance(value, np.ndarray) or value.dtype == object:
             raise ValueError(f"array '{name}' is not numeric")
         # ascontiguousarray returns at least one dimension: reshape keeps a 0-d tensor (BatchNorm's
@@ -179,7 +222,7 @@ def _check_one(message: Message, reference, weighted_by_key: str, with_arrays: b
         return f"expected one ArrayRecord, got {len(array_records)}", None, None
     if array_records[0][0] != arrayrecord_key:
         return f"ArrayRecord is named '{array_records[0][0]}', expected '{arrayrecord_key}'", None, None
-    state = _decode_state(array_records[0][1])
+    state = decode_state(array_records[0][1])
     if reference is not None:
         problem = candidate_problem(reference, state)
         if problem is not None:
@@ -238,7 +281,7 @@ def conformed(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor], server
         log(WARNING, "round %d: %s returned arrays %s, not the model's; keeping the global model",
             server_round, rule, sorted(set(arrays) ^ set(reference))[:3])
         return None
-    decoded, state = _decode_state(arrays), {}
+    decoded, state = decode_state(arrays), {}
     for name, expected in reference.items():
         value = decoded[name]
         if tuple(value.shape) != tuple(expected.shape):
@@ -253,8 +296,8 @@ def conformed(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor], server
 
 
 def all_finite(arrays: ArrayRecord) -> bool:
-    return all(np.isfinite(array.numpy()).all() for array in arrays.values()
-               if np.issubdtype(array.numpy().dtype, np.floating))
+    values = (_array_values(array) for array in arrays.values())
+    return all(np.isfinite(value).all() for value in values if np.issubdtype(value.dtype, np.floating))
 
 
 class RoundStartMemory(FedAvg):
@@ -271,7 +314,7 @@ class RoundStartMemory(FedAvg):
     _sent_evaluate: list[Message] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
-        self._global_state = arrays.to_torch_state_dict()
+        self._global_state = decode_state(arrays)
         self._sent_train = list(super().configure_train(server_round, arrays, config, grid))
         return self._sent_train
 
@@ -328,7 +371,7 @@ def harden(strategy: FedAvg) -> FedAvg:
 
     def screened_aggregate_train(server_round, replies):
         global_arrays = current.get("arrays")
-        reference = global_arrays.to_torch_state_dict() if global_arrays is not None else None
+        reference = decode_state(global_arrays) if global_arrays is not None else None
         screened = screen_replies(replies, reference, strategy.weighted_by_key,
                                   arrayrecord_key=strategy.arrayrecord_key, sent=sent["train"])
         log_rejections(server_round, "train", screened.rejected)

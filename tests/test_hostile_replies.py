@@ -43,7 +43,7 @@ GATE = (torch.randn(16, 3, generator=torch.Generator().manual_seed(0)), torch.ar
 VALUES = st.sampled_from([math.nan, math.inf, -math.inf, 1e38, -1e38, 3e38, 0.0, 1e-45])
 BROKEN_KINDS = ["error", "empty", "no-metrics", "missing-array", "extra-array", "shape", "dtype", "value",
                 "num-examples", "metric-keys", "two-array-records", "renamed-record", "non-numeric-array",
-                "nan-metric", "metric-shape"]
+                "nan-metric", "metric-shape", "truncated-npy", "garbled-npy-header"]
 
 
 @st.composite
@@ -89,6 +89,12 @@ def replies(draw):
         if kind == "non-numeric-array":
             arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
             arrays[name] = Array(dtype="object", shape=(1,), stype=Array(np.zeros(1)).stype, data=b"\x00garbage")
+        elif kind in ("truncated-npy", "garbled-npy-header"):
+            arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()})
+            good = arrays[name]
+            cut = len(good.data) - draw(st.integers(1, 4)) if kind == "truncated-npy" else 10
+            data = good.data[:cut] + (b"{'descr': ?" + b" " * 100 if kind == "garbled-npy-header" else b"")
+            arrays[name] = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=data)
         else:
             arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()})
         records = {"arrays": arrays, "metrics": MetricRecord(metrics)}
@@ -196,3 +202,40 @@ def test_a_node_that_stops_answering_is_named_not_the_superlink(name, caplog):
     assert "node-1:" not in caplog.text and "node-1 " not in caplog.text
     if name == "softmerge":
         assert [e.label for e in strategy.reports[1].excluded] == ["node-15 (no answer; reply from the SuperLink)"]
+
+
+@pytest.mark.parametrize("value", [
+    np.arange(12, dtype=np.float32).reshape(3, 4), np.array(2.5), np.zeros((0, 3), np.float32),
+    np.arange(6, dtype=">f8").reshape(2, 3), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+    np.array([True, False]), np.arange(4, dtype=np.int64), np.array(["ab"]), np.zeros(2, np.complex64),
+])
+def test_a_reply_array_decodes_as_flowers_np_load_does(value):
+    from softmerge.server.replies import _array_values
+
+    array = Array(value)
+    decoded, flowers = _array_values(array), array.numpy()
+    assert decoded.dtype == flowers.dtype and decoded.shape == flowers.shape
+    assert np.array_equal(decoded, flowers) and decoded.flags.c_contiguous == flowers.flags.c_contiguous
+    # A copy, as np.load returns: the merge may write into it, and must not into the message.
+    assert decoded.flags.writeable and not np.shares_memory(decoded, np.frombuffer(array.data, np.uint8))
+
+
+def _npy(header: bytes, payload: bytes) -> bytes:
+    """A version-1.0 .npy file with the given header text."""
+    return b"\x93NUMPY\x01\x00" + len(header + b"\n").to_bytes(2, "little") + header + b"\n" + payload
+
+
+@pytest.mark.parametrize("data", [
+    Array(np.ones(4, np.float32)).data[:-3],  # the values cut short
+    _npy(b"{'descr': ?", bytes(16)),  # a header that is no literal
+    Array(np.ones(4, np.float32)).data[:10],  # no header at all
+    _npy(b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }", bytes(8)),  # pickled objects
+])
+def test_a_broken_reply_array_fails_as_flowers_np_load_fails(data):
+    from softmerge.server.replies import _array_values
+
+    array = Array(dtype="float32", shape=(4,), stype=Array(np.zeros(1)).stype, data=data)
+    with pytest.raises(Exception) as flowers:
+        array.numpy()
+    with pytest.raises(type(flowers.value)):
+        _array_values(array)
