@@ -23,7 +23,8 @@ from ..simulations.colluding import is_colluding_attack
 from ..simulations.config import (RunSettings, node_count_problem, parse_run_config, replies_per_round, task_data,
                                  to_run_config)
 from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
-from .checkpoint import arrays_under, config_fingerprint, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (CheckpointError, arrays_under, config_fingerprint, load_checkpoint, restore_rng_state,
+                         save_checkpoint)
 from .output_lock import output_lock
 from .replies import decode_state
 from .results import ResultsWriter, load_results_to_resume
@@ -40,6 +41,32 @@ STOP_POLL_SECONDS = 0.1
 
 class RunStopped(RuntimeError):
     """The run was stopped from outside (the simulation runtime ended) before it finished."""
+
+
+class NoClientUpdates(RuntimeError):
+    """Every round of the run ended without one client reply the strategy could use."""
+
+
+def count_used_replies(strategy: FedAvg) -> dict[str, int]:
+    """Count, in place, the rounds ``strategy`` aggregates and the client replies it used in them.
+
+    The strategies report the replies that passed the screen as ``replies-used``; a run in
+    which that stays 0 (clients that all fail: a data setting they cannot load, a node
+    config they lack) only ever re-broadcast the initial model and must not be taken for
+    a result.
+    """
+    counts = {"rounds": 0, "replies": 0}
+    aggregate_train = strategy.aggregate_train
+
+    def counted(server_round, replies):
+        arrays, metrics = aggregate_train(server_round, replies)
+        counts["rounds"] += 1
+        used = metrics.get("replies-used", 0) if metrics is not None else 0
+        counts["replies"] += int(used) if isinstance(used, int) else 0
+        return arrays, metrics
+
+    strategy.aggregate_train = counted
+    return counts
 
 
 class StoppableGrid:
@@ -136,7 +163,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
     run_config = to_run_config(settings)
     fingerprint = config_fingerprint(run_config)
     writer = ResultsWriter(output, run_config)
-    checkpoint = load_checkpoint(output, fingerprint) if output is not None and settings.resume else None
+    checkpoint = load_checkpoint(output, fingerprint, run_config) if output is not None and settings.resume else None
     done = 0
     if checkpoint is not None:
         done = checkpoint.server_round
@@ -147,6 +174,15 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             log(WARNING, "softmerge: this run's earlier rounds ran under other versions (%s), now %s; "
                 "results.json keeps both", writer.earlier_software[-1], writer.software)
 
+    recorded_nodes = checkpoint.state.get("nodes") if checkpoint is not None else None
+    recorded_nodes = recorded_nodes if isinstance(recorded_nodes, int) and not isinstance(recorded_nodes, bool) \
+        else None
+    if num_nodes is not None and recorded_nodes is not None and num_nodes != recorded_nodes:
+        # A simulation's client count shapes its partitions: resuming with another one would
+        # continue a different experiment under the same results.
+        raise CheckpointError(f"{output} holds a checkpoint of a run with {recorded_nodes} clients, this run has "
+                              f"{num_nodes}; resume with {recorded_nodes}, use another output-dir, or set "
+                              "resume=false to start over")
     if num_nodes is None:
         # In a simulation the nodes may not have registered yet (an empty list): told the
         # count, a simulation does not depend on that race.
@@ -154,6 +190,11 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             num_nodes = len(list(grid.get_node_ids())) or None
         except Exception:  # noqa: BLE001  (a grid that cannot list nodes yet just leaves n unknown)
             num_nodes = None
+        if recorded_nodes is not None and num_nodes != recorded_nodes:
+            # A deployment's nodes come and go; results.json keeps the count the run started with.
+            log(WARNING, "softmerge: the checkpoint's run started with %d nodes, %s are connected now",
+                recorded_nodes, num_nodes if num_nodes is not None else "none")
+            num_nodes = recorded_nodes
     writer.nodes = num_nodes
     if num_nodes:
         replies = replies_per_round(settings, num_nodes)
@@ -192,6 +233,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
         strategy.restore_checkpoint_arrays(checkpoint.strategy_arrays, server_round=done)
     if done:
         offset_rounds(strategy, done)
+    used = count_used_replies(strategy)
     evaluation_model = build_model(settings.dataset, seed=settings.seed)
 
     def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -207,6 +249,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             metrics["backdoor-asr"] = extra["backdoor_asr"]
         if local_round == 0 and checkpoint is not None:
             # The resumed model was recorded before the restart (round 0 too, when the kill came in round 1).
+            writer.restart_clock()
             return MetricRecord(metrics)
         report = getattr(strategy, "reports", {}).get(server_round)
         writer.record(server_round, accuracy, loss, report, extra=extra)
@@ -217,8 +260,8 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             carried = dict(strategy.checkpoint_arrays()) if hasattr(strategy, "checkpoint_arrays") else {}
             if adversary is not None:
                 carried.update({ADVERSARY_PREFIX + name: a for name, a in adversary.checkpoint_arrays().items()})
-            save_checkpoint(output, server_round, {k: a.numpy() for k, a in arrays.items()}, fingerprint, gate_state,
-                            strategy_arrays=carried)
+            save_checkpoint(output, server_round, {k: a.numpy() for k, a in arrays.items()}, fingerprint,
+                            {**gate_state, "nodes": writer.nodes}, strategy_arrays=carried, run_config=run_config)
         return MetricRecord(metrics)
 
     log(INFO, "softmerge: %s on %s, %d rounds; gate split %d, test split %d", settings.strategy, settings.dataset,
@@ -239,6 +282,12 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
         )
     if stoppable is not None:
         stoppable.check()
+    if used["rounds"] and not used["replies"]:
+        writer.flush(status="failed")
+        raise NoClientUpdates(
+            f"none of the {used['rounds']} rounds got a client reply it could use, so the model was never "
+            "trained: the log names each excluded reply and why (a client that failed to load its data or "
+            "lacks its node config replies with an error)")
     writer.flush(status="finished")
     return writer
 

@@ -106,6 +106,9 @@ class _UpdateAggregation(RoundStartMemory):
         metrics = self._aggregate_client_metrics(contents)
         metrics[f"{self.metric_prefix}-clients"] = len(states)
         metrics[f"{self.metric_prefix}-excluded"] = len(excluded)
+        # As the hardened Flower strategies report them (see :func:`softmerge.server.replies.harden`).
+        metrics["replies-excluded"] = len(excluded)
+        metrics["replies-used"] = len(states)
         unchanged = ArrayRecord({key: tensor.clone() for key, tensor in global_state.items()})
         self.client_scores[server_round] = {}
         if not states:

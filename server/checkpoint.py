@@ -53,10 +53,23 @@ class Checkpoint:
 OPERATIONAL_KEYS = frozenset({"output-dir", "resume", "round-timeout", "softmerge-threads"})
 
 
+def shaping_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that shape the run, in JSON form (where results go, or how long a round may wait, do not)."""
+    return json.loads(json.dumps({k: v for k, v in sorted(run_config.items()) if k not in OPERATIONAL_KEYS},
+                                 sort_keys=True, default=str))
+
+
 def config_fingerprint(run_config: dict[str, Any]) -> str:
-    """Hash of the settings that shape the run (where results go, or how long a round may wait, do not)."""
-    relevant = {k: v for k, v in sorted(run_config.items()) if k not in OPERATIONAL_KEYS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+    """Hash of :func:`shaping_config`: two runs may share a checkpoint only if it is the same."""
+    return hashlib.sha256(json.dumps(shaping_config(run_config), sort_keys=True).encode()).hexdigest()
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any], shown: int = 4) -> str:
+    """The keys on which a checkpoint's recorded config and this run's differ, as ``key: was there, is here``."""
+    unset = "(unset)"
+    keys = sorted(key for key in set(stored) | set(current) if stored.get(key, unset) != current.get(key, unset))
+    listed = [f"{key}: {stored.get(key, unset)!r} there, {current.get(key, unset)!r} here" for key in keys]
+    return "; ".join(listed[:shown]) + (f"; and {len(listed) - shown} more" if len(listed) > shown else "")
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -99,7 +112,10 @@ def arrays_under(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.nda
 
 def save_checkpoint(directory: Path, server_round: int, arrays: dict[str, np.ndarray], fingerprint: str,
                     extra: dict[str, Any] | None = None,
-                    strategy_arrays: dict[str, np.ndarray] | None = None) -> None:
+                    strategy_arrays: dict[str, np.ndarray] | None = None,
+                    run_config: dict[str, Any] | None = None) -> None:
+    """Write round ``server_round``'s checkpoint; ``run_config``, if given, is recorded so that a
+    refused resume can name the keys that differ."""
     directory.mkdir(parents=True, exist_ok=True)
     model_tmp = directory / (MODEL_FILE + ".tmp")
     stored = {**arrays, **{STRATEGY_PREFIX + name: array for name, array in (strategy_arrays or {}).items()}}
@@ -108,6 +124,7 @@ def save_checkpoint(directory: Path, server_round: int, arrays: dict[str, np.nda
         "format": FORMAT_VERSION,
         "round": server_round,
         "config": fingerprint,
+        **({"config_values": shaping_config(run_config)} if run_config is not None else {}),
         "model_sha256": _sha256(model_tmp),
         "rng": capture_rng_state(),
         **(extra or {}),
@@ -159,11 +176,13 @@ def _finish_interrupted_save(directory: Path, model_hash: str | None) -> dict[st
     return state
 
 
-def load_checkpoint(directory: Path, fingerprint: str) -> Checkpoint | None:
+def load_checkpoint(directory: Path, fingerprint: str, run_config: dict[str, Any] | None = None) -> Checkpoint | None:
     """The checkpoint in ``directory``, or None if there is none.
 
     Raises :class:`CheckpointError` if it belongs to another config or is damaged, rather
-    than silently starting over or resuming the wrong run.
+    than silently starting over or resuming the wrong run. With ``run_config`` (this run's,
+    whose fingerprint is ``fingerprint``) the error names the keys that differ, when the
+    checkpoint recorded its own.
     """
     state_path, model_path = directory / STATE_FILE, directory / MODEL_FILE
     model_hash = _sha256(model_path) if model_path.is_file() else None
@@ -176,19 +195,33 @@ def load_checkpoint(directory: Path, fingerprint: str) -> Checkpoint | None:
         return None
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{state_path} has format {state.get('format')}, expected {FORMAT_VERSION}")
-    if state.get("config") != fingerprint:
-        raise CheckpointError(
-            f"{directory} holds a checkpoint of a run with a different config; use another output-dir "
-            "or delete the checkpoint to start over")
+    start_over = f"delete {state_path.name} and {model_path.name}, or set resume=false, to start over"
     if model_hash is None or model_hash != state.get("model_sha256"):
-        raise CheckpointError(f"{model_path} is missing or does not match {state_path}")
+        raise CheckpointError(f"{model_path} is missing or does not match {state_path}; {start_over}")
+    if state.get("config") != fingerprint:
+        stored = state.get("config_values")
+        differing = (config_differences(stored, shaping_config(run_config))
+                     if isinstance(stored, dict) and run_config is not None else "")
+        raise CheckpointError(
+            f"{directory} holds a checkpoint of a run with a different config"
+            f"{f' ({differing})' if differing else ''}; resume it with that run's config, use another "
+            f"output-dir, or {start_over}")
     server_round = state.get("round")
     if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0 \
-            or not isinstance(state.get("rng"), dict):
-        raise CheckpointError(f"{state_path} lacks a valid round number or random state; delete the checkpoint "
-                              "to start over")
+            or not _is_rng_state(state.get("rng")):
+        raise CheckpointError(f"{state_path} lacks a valid round number or random state; {start_over}")
     with np.load(model_path, allow_pickle=False) as archive:
         stored = {name: archive[name] for name in archive.files}
     arrays = {name: array for name, array in stored.items() if not name.startswith(STRATEGY_PREFIX)}
     return Checkpoint(server_round=server_round, arrays=arrays, state=state,
                       strategy_arrays=arrays_under(stored, STRATEGY_PREFIX))
+
+
+def _is_rng_state(state: object) -> bool:
+    """Whether ``state`` has the shape :func:`capture_rng_state` writes (checked before anything is restored)."""
+    if not isinstance(state, dict):
+        return False
+    python, numpy_state, torch_state = state.get("python"), state.get("numpy"), state.get("torch")
+    return (isinstance(python, list) and len(python) == 3 and isinstance(python[1], list)
+            and isinstance(numpy_state, list) and len(numpy_state) == 5 and isinstance(numpy_state[1], list)
+            and isinstance(torch_state, list) and len(torch_state) > 0)

@@ -98,6 +98,10 @@ class ResultsWriter:
         self.flush()
         return entry
 
+    def restart_clock(self) -> None:
+        """Time the next round from now: a resumed run's start-up is not part of its first round."""
+        self._last_time = time.perf_counter()
+
     def resume(self, previous: dict[str, Any], done: int) -> None:
         """Continue ``previous`` (a loaded results.json) after its round ``done``.
 

@@ -181,6 +181,9 @@ class SoftMerge(RoundStartMemory):
 
         metrics = aggregate_client_metrics(self, [message.content for message in messages], (self.label_key,))
         metrics.update(report_summary(report))
+        # As the hardened baselines report them (see :func:`softmerge.server.replies.harden`).
+        metrics["replies-excluded"] = len(screened.rejected)
+        metrics["replies-used"] = len(messages)
         return ArrayRecord(merged), metrics
 
     def _record_round(self, report: GateReport, node_of: dict[str, str]) -> None:

@@ -210,7 +210,8 @@ def _checkpoint_problems(base: RunSettings, output: Path) -> list[str]:
     for name, strategy, attacked in RUNS:
         settings = _run_settings(base, output, strategy, attacked, name)
         try:
-            load_checkpoint(Path(settings.output_dir), config_fingerprint(to_run_config(settings)))
+            run_config = to_run_config(settings)
+            load_checkpoint(Path(settings.output_dir), config_fingerprint(run_config), run_config)
         except CheckpointError as error:
             problems.append(f"{name}: {error}")
     return problems

@@ -15,7 +15,8 @@ from typing import Any
 
 from ..aggregation.merge import KEEP_MODES, MERGE_MODES, UNIT_KINDS, build_merge_units
 from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_adaptive_attack, is_colluding_attack
-from .tasks import DATASET_CLASSES, DATASETS, PARTITIONINGS, ArraySet, TaskData, load_partition, load_task
+from .tasks import (DATASET_CLASSES, DATASETS, MIN_PARTITION_SIZE, PARTITIONINGS, ArraySet, TaskData, load_partition,
+                    load_task)
 
 STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fltrust",
               "centered-clipping", "geomed")
@@ -281,6 +282,9 @@ def check_simulation(settings: RunSettings, num_clients: int) -> None:
     if settings.attack != "none" and not settings.malicious_ids:
         raise ConfigError(f"attack '{settings.attack}' with no malicious partition would run unattacked: set "
                           "malicious-partitions (or attack='none')")
+    if settings.client_pool_size and settings.client_pool_size < MIN_PARTITION_SIZE * num_clients:
+        raise ConfigError(f"client-pool-size {settings.client_pool_size} is too small for {num_clients} clients of at "
+                          f"least {MIN_PARTITION_SIZE} examples each")
     replies = replies_per_round(settings, num_clients)
     problem = node_count_problem(settings.strategy, replies, settings.assumed_malicious)
     if problem:

@@ -18,6 +18,7 @@ import functools
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +79,13 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def read_idx(path: Path) -> np.ndarray:
     """Read one idx file (optionally gzipped) into a numpy array."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError, zlib.error) as error:
+        # A cut-off download or a damaged package: name the file, not just the codec's complaint.
+        raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}); reinstall Debian's "
+                         "'dataset-fashion-mnist', or set dataset-path to a directory of intact idx files") from error
     if len(data) < 4:
         raise ValueError(f"{path} is too short to be an idx file")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
@@ -164,6 +170,11 @@ def attacker_sample(task: TaskData, size: int, seed: int) -> ArraySet:
     return ArraySet(task.pool.x[chosen], task.pool.y[chosen])
 
 
+# The fewest examples a client may hold; Flower's Dirichlet partitioner redraws until every
+# client has this many.
+MIN_PARTITION_SIZE = 2
+
+
 @functools.lru_cache(maxsize=8)
 def _partitioner(name: str, gate_size: int, test_size: int, seed: int, path: str, pool_size: int,
                  partitioning: str, num_partitions: int, alpha: float):
@@ -176,7 +187,7 @@ def _partitioner(name: str, gate_size: int, test_size: int, seed: int, path: str
     elif partitioning == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions, partition_by="label", alpha=alpha,
-            min_partition_size=2, self_balancing=False, seed=seed,
+            min_partition_size=MIN_PARTITION_SIZE, self_balancing=False, seed=seed,
         )
     else:
         raise ValueError(f"unknown partitioning {partitioning!r}; choose one of {PARTITIONINGS}")
@@ -192,9 +203,20 @@ def load_partition(name: str, partition_id: int, num_partitions: int, *, partiti
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     task = load_task(name, gate_size, test_size, seed, path, pool_size)
+    if len(task.pool) < MIN_PARTITION_SIZE * num_partitions:
+        raise ValueError(f"the client pool holds {len(task.pool)} {name} examples (client-pool-size={pool_size}, "
+                         f"0 = all that the gate and test splits leave), too few for {num_partitions} clients of at "
+                         f"least {MIN_PARTITION_SIZE}")
     partitioner = _partitioner(name, gate_size, test_size, seed, path, pool_size, partitioning, num_partitions,
                                float(alpha))
-    indices = np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64)
+    try:
+        indices = np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64)
+    except ValueError as error:
+        # Flower's Dirichlet partitioner gives up after ten draws with a client below the minimum.
+        raise ValueError(f"no {partitioning} split of the {len(task.pool)} pool examples into {num_partitions} "
+                         f"clients of at least {MIN_PARTITION_SIZE} each (dirichlet-alpha={alpha}, "
+                         f"client-pool-size={pool_size}): raise client-pool-size or dirichlet-alpha, or use fewer "
+                         f"clients ({error})") from error
     return ArraySet(task.pool.x[indices], task.pool.y[indices])
 
 

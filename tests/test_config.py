@@ -155,6 +155,7 @@ def test_a_backdoor_target_outside_the_classes_is_refused():
      r"10 replies a round: Bulyan needs"),
     (6, {"strategy": "krum", "assumed-malicious": 2, "malicious-partitions": "0"}, r"Krum needs n >= 2f \+ 3"),
     (4, {"attack": "sign-flip", "malicious-partitions": ""}, "no malicious partition would run unattacked"),
+    (10, {"client-pool-size": 5}, "client-pool-size 5 is too small for 10 clients of at least 2 examples"),
 ])
 def test_a_simulation_that_could_not_run_is_refused_before_it_starts(clients, config, message):
     """One client waited forever for Flower's second; Bulyan on too few replies never aggregated."""
@@ -170,6 +171,7 @@ def test_a_simulation_that_can_run_passes_the_check():
     check_simulation(parse_run_config({"strategy": "bulyan", "assumed-malicious": 1}), 10)
     check_simulation(parse_run_config({"strategy": "krum", "assumed-malicious": 3, "malicious-partitions": "0"}), 9)
     check_simulation(parse_run_config({"malicious-partitions": "1"}), 2)
+    check_simulation(parse_run_config({"client-pool-size": 20}), 10)
     check_simulation(parse_run_config({"attack": "none", "malicious-partitions": ""}), 2)
 
 

@@ -49,7 +49,23 @@ def test_checkpoint_of_another_config_or_damaged_is_refused(tmp_path):
         load_checkpoint(tmp_path, "abc")
 
 
-@pytest.mark.parametrize("edit", [{"round": None}, {"round": -1}, {"round": "3"}, {"rng": None}])
+def test_a_refused_resume_names_the_keys_that_differ_and_how_to_start_over(tmp_path):
+    ran = {"dataset": "digits", "softmerge-steps": 100, "seed": 0, "output-dir": "a"}
+    save_checkpoint(tmp_path, 1, {"w": np.ones(2, np.float32)}, config_fingerprint(ran), run_config=ran)
+    now = {**ran, "softmerge-steps": 50, "seed": 1, "output-dir": "b"}  # the output is not part of the run
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(tmp_path, config_fingerprint(now), now)
+    message = str(refused.value)
+    assert "seed: 0 there, 1 here; softmerge-steps: 100 there, 50 here)" in message
+    assert "output-dir" not in message.split(";")[0] and "resume=false" in message
+    # The model file gone: that is what the error says, not the config.
+    (tmp_path / "checkpoint.npz").unlink()
+    with pytest.raises(CheckpointError, match="checkpoint.npz is missing"):
+        load_checkpoint(tmp_path, config_fingerprint(now), now)
+
+
+@pytest.mark.parametrize("edit", [{"round": None}, {"round": -1}, {"round": "3"}, {"rng": None},
+                                  {"rng": {"python": [3, [1], None], "torch": [1]}}, {"rng": {"numpy": 5}}])
 def test_a_hand_damaged_checkpoint_state_is_refused_with_a_reason(tmp_path, edit):
     save_checkpoint(tmp_path, 2, {"w": np.ones(2, np.float32)}, "abc")
     path = tmp_path / "checkpoint.json"
@@ -197,16 +213,25 @@ def test_trust_record_is_checkpointed_per_node(tmp_path):
     assert len(gates["trust"]) == len(gates["candidates"])
 
 
-@pytest.mark.usefixtures("task_identity")
-def test_a_run_killed_in_its_first_round_resumes_with_each_round_recorded_once(tmp_path):
+def _run_killed_in_round(tmp_path, kill_in_train_round: int, rounds: int):
+    """A SoftMerge run of four EchoGrid nodes into ``tmp_path / "run"``, killed as that train round is sent."""
     from flower_helpers import EchoGrid
     from softmerge.server.app import run_server
     from softmerge.simulations.config import parse_run_config
 
-    settings = parse_run_config({"num-server-rounds": 2, "softmerge-steps": 4, "attack": "none",
+    settings = parse_run_config({"num-server-rounds": rounds, "softmerge-steps": 4, "attack": "none",
                                  "malicious-partitions": "", "output-dir": str(tmp_path / "run")})
     with pytest.raises(KeyboardInterrupt):
-        run_server(EchoGrid(4, kill_in_train_round=1), settings, num_nodes=4)
+        run_server(EchoGrid(4, kill_in_train_round=kill_in_train_round), settings, num_nodes=4)
+    return settings
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_run_killed_in_its_first_round_resumes_with_each_round_recorded_once(tmp_path):
+    from flower_helpers import EchoGrid
+    from softmerge.server.app import run_server
+
+    settings = _run_killed_in_round(tmp_path, 1, rounds=2)
     assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["round"] == 0
     run_server(EchoGrid(4), settings, num_nodes=4)
     results = load_results(tmp_path / "run")
@@ -414,3 +439,66 @@ def test_a_checkpoint_whose_results_are_lost_is_refused_with_a_reason_and_the_gr
     (tmp_path / "checkpoint.json.tmp").write_text("{}")
     assert "results.json" in discard_unusable_checkpoint(tmp_path, settings)
     assert not any(tmp_path.glob("checkpoint.*"))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_simulation_resumed_with_another_client_count_is_refused(tmp_path):
+    from flower_helpers import EchoGrid
+    from softmerge.server.app import run_server
+
+    settings = _run_killed_in_round(tmp_path, 2, rounds=3)
+    with pytest.raises(CheckpointError, match="run with 4 clients, this run has 6; resume with 4"):
+        run_server(EchoGrid(6), settings, num_nodes=6)
+    # A deployment does not know its count in advance: the run's own is kept, with a warning.
+    run_server(EchoGrid(6), settings)
+    results = load_results(tmp_path / "run")
+    assert results["status"] == "finished" and results["nodes"] == 4
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_first_round_after_a_resume_is_timed_from_the_restart_not_the_start_up(tmp_path, monkeypatch):
+    import softmerge.server.app as app
+    import softmerge.server.results as results
+    from flower_helpers import EchoGrid
+
+    settings = _run_killed_in_round(tmp_path, 2, rounds=3)
+
+    # A clock that jumps an hour while the restarted server loads its checkpoint (a slow start-up).
+    real_clock, jumped = time.perf_counter, {"by": 0.0}
+    monkeypatch.setattr(results.time, "perf_counter", lambda: real_clock() + jumped["by"])
+    load = app.load_checkpoint
+
+    def slow_start_up(*args, **kwargs):
+        jumped["by"] = 3600.0
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(app, "load_checkpoint", slow_start_up)
+    app.run_server(EchoGrid(4), settings, num_nodes=4)
+    rounds = {entry["round"]: entry["round_seconds"] for entry in load_results(tmp_path / "run")["rounds"]}
+    assert sorted(rounds) == [0, 1, 2, 3] and rounds[2] < 3600.0
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("strategy", ["softmerge", "fedavg", "fltrust"])
+def test_a_run_in_which_no_client_reply_was_usable_fails_instead_of_finishing(tmp_path, strategy):
+    from flwr.app import Error, Message
+
+    from flower_helpers import EchoGrid
+    from softmerge.server.app import NoClientUpdates, run_server
+    from softmerge.simulations.config import parse_run_config
+
+    class FailingClients(EchoGrid):
+        """Every client fails to load its data, as with a client pool too small for them."""
+
+        def send_and_receive(self, messages, timeout=None):
+            return [Message(Error(code=1, reason="ValueError: the client pool holds 5 digits examples"),
+                            reply_to=message) for message in messages]
+
+    config = {"strategy": strategy, "num-server-rounds": 2, "softmerge-steps": 4, "attack": "none",
+              "malicious-partitions": ""}
+    with pytest.raises(NoClientUpdates, match="none of the 2 rounds got a client reply it could use"):
+        run_server(FailingClients(4), parse_run_config({**config, "output-dir": str(tmp_path / "failed")}),
+                   num_nodes=4)
+    assert load_results(tmp_path / "failed")["status"] == "failed"
+    run_server(EchoGrid(4), parse_run_config({**config, "output-dir": str(tmp_path / "ok")}), num_nodes=4)
+    assert load_results(tmp_path / "ok")["status"] == "finished"

@@ -88,3 +88,22 @@ def test_corrupt_idx_file_is_rejected(tmp_path):
     path.write_bytes(struct.pack(">HBB", 0, 0x08, 1) + struct.pack(">I", 100) + b"\x00" * 10)
     with pytest.raises(ValueError, match="header says"):
         read_idx(path)
+
+
+def test_a_cut_off_gzipped_idx_file_is_named_in_the_error(tmp_path):
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    whole = gzip.compress(struct.pack(">HBB", 0, 0x08, 1) + struct.pack(">I", 1000) + bytes(1000))
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz cannot be read .*EOFError.*dataset-path"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize(("partitioning", "pool", "clients", "says"), [
+    ("iid", 5, 10, "holds 5 digits examples .* too few for 10 clients of at least 2"),
+    ("dirichlet", 40, 10, "no dirichlet split of the 40 pool examples into 10 clients .*dirichlet-alpha=0.05"),
+])
+def test_a_client_pool_too_small_for_its_clients_says_which_setting(partitioning, pool, clients, says):
+    # Before, a client failed deep in the datasets library (an IndexError, or the partitioner's
+    # "max number of attempts"), and every reply of the run was an error.
+    with pytest.raises(ValueError, match=says):
+        load_partition("digits", 0, clients, partitioning=partitioning, alpha=0.05, pool_size=pool)
