@@ -23,8 +23,8 @@ from ..simulations.colluding import is_colluding_attack
 from ..simulations.config import (RunSettings, node_count_problem, parse_run_config, replies_per_round, task_data,
                                  to_run_config)
 from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
-from .checkpoint import (CheckpointError, arrays_under, config_fingerprint, load_checkpoint, restore_rng_state,
-                         save_checkpoint)
+from .checkpoint import (arrays_under, check_node_count, config_fingerprint, load_checkpoint, recorded_nodes,
+                         restore_rng_state, save_checkpoint)
 from .output_lock import output_lock
 from .replies import decode_state
 from .results import ResultsWriter, load_results_to_resume
@@ -174,15 +174,9 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             log(WARNING, "softmerge: this run's earlier rounds ran under other versions (%s), now %s; "
                 "results.json keeps both", writer.earlier_software[-1], writer.software)
 
-    recorded_nodes = checkpoint.state.get("nodes") if checkpoint is not None else None
-    recorded_nodes = recorded_nodes if isinstance(recorded_nodes, int) and not isinstance(recorded_nodes, bool) \
-        else None
-    if num_nodes is not None and recorded_nodes is not None and num_nodes != recorded_nodes:
-        # A simulation's client count shapes its partitions: resuming with another one would
-        # continue a different experiment under the same results.
-        raise CheckpointError(f"{output} holds a checkpoint of a run with {recorded_nodes} clients, this run has "
-                              f"{num_nodes}; resume with {recorded_nodes}, use another output-dir, or set "
-                              "resume=false to start over")
+    started_with = recorded_nodes(checkpoint) if checkpoint is not None else None
+    if num_nodes is not None and checkpoint is not None:
+        check_node_count(checkpoint, num_nodes, output)
     if num_nodes is None:
         # In a simulation the nodes may not have registered yet (an empty list): told the
         # count, a simulation does not depend on that race.
@@ -190,11 +184,11 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             num_nodes = len(list(grid.get_node_ids())) or None
         except Exception:  # noqa: BLE001  (a grid that cannot list nodes yet just leaves n unknown)
             num_nodes = None
-        if recorded_nodes is not None and num_nodes != recorded_nodes:
+        if started_with is not None and num_nodes != started_with:
             # A deployment's nodes come and go; results.json keeps the count the run started with.
             log(WARNING, "softmerge: the checkpoint's run started with %d nodes, %s are connected now",
-                recorded_nodes, num_nodes if num_nodes is not None else "none")
-            num_nodes = recorded_nodes
+                started_with, num_nodes if num_nodes is not None else "none")
+            num_nodes = started_with
     writer.nodes = num_nodes
     if num_nodes:
         replies = replies_per_round(settings, num_nodes)
@@ -234,6 +228,10 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
     if done:
         offset_rounds(strategy, done)
     used = count_used_replies(strategy)
+    # Replies used over the whole run, this process's and the checkpointed rounds' (None: a
+    # checkpoint written before the count was kept, whose rounds may have trained).
+    earlier_used = checkpoint.state.get("replies_used", None) if checkpoint is not None else 0
+    earlier_used = earlier_used if isinstance(earlier_used, int) and not isinstance(earlier_used, bool) else None
     evaluation_model = build_model(settings.dataset, seed=settings.seed)
 
     def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -261,7 +259,9 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             if adversary is not None:
                 carried.update({ADVERSARY_PREFIX + name: a for name, a in adversary.checkpoint_arrays().items()})
             save_checkpoint(output, server_round, {k: a.numpy() for k, a in arrays.items()}, fingerprint,
-                            {**gate_state, "nodes": writer.nodes}, strategy_arrays=carried, run_config=run_config)
+                            {**gate_state, "nodes": writer.nodes,
+                             "replies_used": None if earlier_used is None else earlier_used + used["replies"]},
+                            strategy_arrays=carried, run_config=run_config)
         return MetricRecord(metrics)
 
     log(INFO, "softmerge: %s on %s, %d rounds; gate split %d, test split %d", settings.strategy, settings.dataset,
@@ -282,10 +282,12 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
         )
     if stoppable is not None:
         stoppable.check()
-    if used["rounds"] and not used["replies"]:
+    rounds = done + used["rounds"]
+    if rounds and earlier_used is not None and not earlier_used + used["replies"]:
+        # Also when a rerun resumes such a run with no rounds left: it is still untrained.
         writer.flush(status="failed")
         raise NoClientUpdates(
-            f"none of the {used['rounds']} rounds got a client reply it could use, so the model was never "
+            f"none of the {rounds} rounds got a client reply it could use, so the model was never "
             "trained: the log names each excluded reply and why (a client that failed to load its data or "
             "lacks its node config replies with an error)")
     writer.flush(status="finished")

@@ -225,3 +225,22 @@ def _is_rng_state(state: object) -> bool:
     return (isinstance(python, list) and len(python) == 3 and isinstance(python[1], list)
             and isinstance(numpy_state, list) and len(numpy_state) == 5 and isinstance(numpy_state[1], list)
             and isinstance(torch_state, list) and len(torch_state) > 0)
+
+
+def recorded_nodes(checkpoint: Checkpoint) -> int | None:
+    """The node count the checkpointed run started with, if it recorded one."""
+    nodes = checkpoint.state.get("nodes")
+    return nodes if isinstance(nodes, int) and not isinstance(nodes, bool) else None
+
+
+def check_node_count(checkpoint: Checkpoint, num_nodes: int, directory: Path) -> None:
+    """Raise :class:`CheckpointError` if a simulation of ``num_nodes`` clients would resume a run of another count.
+
+    A simulation's client count shapes its partitions: resuming with another one would
+    continue a different experiment under the same results.
+    """
+    recorded = recorded_nodes(checkpoint)
+    if recorded is not None and recorded != num_nodes:
+        raise CheckpointError(f"{directory} holds a checkpoint of a run with {recorded} clients, this run has "
+                              f"{num_nodes}; resume with {recorded}, use another output-dir, or set resume=false "
+                              "to start over")

@@ -111,7 +111,8 @@ def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
     and parsing one (a Python literal) costs more than copying a small layer's values.
     """
     shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(header[len(NPY_V1_PREFIX):]))
-    if fortran_order or dtype.kind not in "biuf" or dtype.itemsize == 0:
+    # numpy's header parser lets negative dimensions through; np.load then refuses them.
+    if fortran_order or dtype.kind not in "biuf" or dtype.itemsize == 0 or any(size < 0 for size in shape):
         return None
     return dtype, shape
 

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"softmerge-sim: cannot write to --output {output}: {error}", file=sys.stderr)
         return 2
-    if base.resume and (refused := _checkpoint_problems(base, output)):
+    if base.resume and (refused := _checkpoint_problems(base, output, args.clients)):
         # Before any run starts (each takes a Flower start-up) or summary.json is rewritten.
         print("softmerge-sim: " + "; ".join(refused) + ". Give this job its own --output, or set resume=false.",
               file=sys.stderr)
@@ -201,9 +201,10 @@ def _run_settings(base: RunSettings, output: Path, strategy: str, attacked: bool
     return replace(base, strategy=strategy, attack=base.attack if attacked else "none", output_dir=str(output / name))
 
 
-def _checkpoint_problems(base: RunSettings, output: Path) -> list[str]:
-    """Why a run's checkpoint under ``output`` cannot be resumed with these settings (another config, damage)."""
-    from ..server.checkpoint import CheckpointError, config_fingerprint, load_checkpoint
+def _checkpoint_problems(base: RunSettings, output: Path, clients: int) -> list[str]:
+    """Why a run's checkpoint under ``output`` cannot be resumed with these settings (another config or
+    client count, damage)."""
+    from ..server.checkpoint import CheckpointError, check_node_count, config_fingerprint, load_checkpoint
     from .config import to_run_config
 
     problems = []
@@ -211,7 +212,9 @@ def _checkpoint_problems(base: RunSettings, output: Path) -> list[str]:
         settings = _run_settings(base, output, strategy, attacked, name)
         try:
             run_config = to_run_config(settings)
-            load_checkpoint(Path(settings.output_dir), config_fingerprint(run_config), run_config)
+            checkpoint = load_checkpoint(Path(settings.output_dir), config_fingerprint(run_config), run_config)
+            if checkpoint is not None:
+                check_node_count(checkpoint, clients, Path(settings.output_dir))
         except CheckpointError as error:
             problems.append(f"{name}: {error}")
     return problems

@@ -211,3 +211,21 @@ def test_cli_refuses_another_configs_checkpoint_before_running_or_rewriting_the_
     assert "softmerge-attack:" in capsys.readouterr().err
     assert (tmp_path / "summary.json").read_text() == '{"runs": {"earlier": {}}}'
     assert not (tmp_path / "fedavg-clean").exists()  # nothing ran
+
+
+def test_cli_refuses_a_checkpoint_of_another_client_count_before_running(capsys, tmp_path):
+    import numpy as np
+
+    from softmerge.server.checkpoint import config_fingerprint, save_checkpoint
+    from softmerge.simulations.cli import RUNS, _run_settings, main
+    from softmerge.simulations.config import parse_run_config, to_run_config
+
+    # The checkpoint softmerge-sim --rounds 1 itself would write for its first run, had it had 10 clients.
+    base = parse_run_config({"num-server-rounds": 1})
+    name, strategy, attacked = RUNS[0]
+    settings = _run_settings(base, tmp_path, strategy, attacked, name)
+    save_checkpoint(tmp_path / name, 1, {"w": np.ones(2, np.float32)}, config_fingerprint(to_run_config(settings)),
+                    {"nodes": 10})
+    assert main(["--rounds", "1", "--clients", "12", "--output", str(tmp_path)]) == 2
+    assert "a run with 10 clients, this run has 12" in capsys.readouterr().err
+    assert not (tmp_path / RUNS[1][0]).exists()  # nothing ran

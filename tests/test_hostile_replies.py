@@ -230,6 +230,9 @@ def _npy(header: bytes, payload: bytes) -> bytes:
     _npy(b"{'descr': ?", bytes(16)),  # a header that is no literal
     Array(np.ones(4, np.float32)).data[:10],  # no header at all
     _npy(b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }", bytes(8)),  # pickled objects
+    # Negative dimensions: frombuffer's count -1 reads whatever is there, and reshape fills one in.
+    _npy(b"{'descr': '<f4', 'fortran_order': False, 'shape': (-1,), }", bytes(16)),
+    _npy(b"{'descr': '<f4', 'fortran_order': False, 'shape': (2, -2), }", bytes(16)),
 ])
 def test_a_broken_reply_array_fails_as_flowers_np_load_fails(data):
     from softmerge.server.replies import _array_values

@@ -496,9 +496,17 @@ def test_a_run_in_which_no_client_reply_was_usable_fails_instead_of_finishing(tm
 
     config = {"strategy": strategy, "num-server-rounds": 2, "softmerge-steps": 4, "attack": "none",
               "malicious-partitions": ""}
+    failed = parse_run_config({**config, "output-dir": str(tmp_path / "failed")})
     with pytest.raises(NoClientUpdates, match="none of the 2 rounds got a client reply it could use"):
-        run_server(FailingClients(4), parse_run_config({**config, "output-dir": str(tmp_path / "failed")}),
-                   num_nodes=4)
+        run_server(FailingClients(4), failed, num_nodes=4)
     assert load_results(tmp_path / "failed")["status"] == "failed"
-    run_server(EchoGrid(4), parse_run_config({**config, "output-dir": str(tmp_path / "ok")}), num_nodes=4)
-    assert load_results(tmp_path / "ok")["status"] == "finished"
+    # Run again, it resumes with no round left: still untrained, still failed.
+    with pytest.raises(NoClientUpdates, match="none of the 2 rounds"):
+        run_server(EchoGrid(4), failed, num_nodes=4)
+    assert load_results(tmp_path / "failed")["status"] == "failed"
+    # Rounds that trained before a restart count: failing clients afterwards do not undo them.
+    resumed = parse_run_config({**config, "num-server-rounds": 3, "output-dir": str(tmp_path / "resumed")})
+    with pytest.raises(KeyboardInterrupt):
+        run_server(EchoGrid(4, kill_in_train_round=3), resumed, num_nodes=4)
+    run_server(FailingClients(4), resumed, num_nodes=4)
+    assert load_results(tmp_path / "resumed")["status"] == "finished"
