@@ -32,7 +32,7 @@ from logging import WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
@@ -117,7 +117,7 @@ def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
     return dtype, shape
 
 
-def _array_values(array) -> np.ndarray:
+def _array_values(array: Array) -> np.ndarray:
     """``array.numpy()`` (Flower's ``np.load``, no pickles), its header parsed once per layout.
 
     Anything but a plain version-1.0 ``.npy`` of C-ordered numbers goes through Flower's
