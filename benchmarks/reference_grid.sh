@@ -42,9 +42,11 @@ stage() {
     7) "$SIM" "${COMMON[@]}" --strategies softmerge,fltrust,fedavg --attacks "$ATTACKS" --fractions 0.8 --seeds 1 ;;
     # A third seed at 80%, SoftMerge first (its last-10 sign-flip miss of two seeds is 1.1).
     8) "$SIM" "${COMMON[@]}" --strategies softmerge --attacks "$ATTACKS" --fractions 0.8 --seeds 2 ;;
+    # The baselines of stage 4 on seed 2 at 80%, for the three-seed comparison.
+    9) "$SIM" "${COMMON[@]}" --strategies fltrust,fedavg --attacks "$ATTACKS" --fractions 0.8 --seeds 2 ;;
   esac
 }
 
-for s in "${@:-1 2 3 4 5 6 7 8}"; do
+for s in "${@:-1 2 3 4 5 6 7 8 9}"; do
   for one in $s; do stage "$one"; done
 done
