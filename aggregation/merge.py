@@ -321,7 +321,8 @@ class SoftMergeConfig:
             merge they made predicted a constant (gate-split loss ln 10, accuracy 10%),
             and gate learning did not move them from there. Over the 3,330 merges of the
             reference grid, ordinary rounds raised the gate-split loss by at most 0.09
-            nats; those failures by 0.4 to 1.8 (docs/benchmarks.md, "Session 9"). 0 turns it off.
+            nats; those failures by 0.4 to 1.8 (docs/benchmarks.md, "Session 9"). 0 turns
+            the check off, ``beat_constant``'s bar included.
         example_weights: the gates select and the clients' example counts weigh (mode
             ``"weight"`` only; see :func:`example_count_weights`): after gate learning,
             the candidates whose gate is above 1/2 are merged with weights proportional
@@ -330,6 +331,23 @@ class SoftMergeConfig:
             a median client's weight. Needs the counts (``soft_merge(..., examples=)``);
             without them the gate weights are used. The no-harm check judges the
             reweighted merge.
+        beat_constant: the no-harm check also rejects a merge whose gate-split
+            cross-entropy is not below that of the best input-blind model, one that
+            predicts the split's label frequencies for every input (their entropy;
+            :func:`constant_prediction_loss`). Such a merge has learned nothing about its
+            inputs, however close its loss is to the keep model's, and when the keep model
+            is itself that uninformed (an untrained initial model, whose loss is about
+            ln C), the margin above it lets it through: at 80% malicious, seed 2, the
+            first round's sign-flipped updates, which stay near the initialisation,
+            outscored the honest one-epoch specialists and merged into a network with
+            dead units (gate-split loss 2.301 against the keep model's 2.301 and the
+            label entropy's 2.281) that the honest clients could not train out of; the run
+            stayed at chance for 30 rounds (docs/benchmarks.md, "Session 33"). The retry
+            from closed client gates opens the candidates whose updates lower the loss at
+            the keep model. If no start beats the bar, the first merge within the margin
+            stands, as without this option (a task that no round can yet lift above chance
+            on the gate split still trains). On by default; ignored when the split holds
+            fewer than two classes (a constant is then perfect) or ``harm_margin`` is 0.
     """
 
     units: str | Sequence[str] = "model"
@@ -362,6 +380,7 @@ class SoftMergeConfig:
     trust_strength: float = 2.0
     harm_margin: float = 0.25
     example_weights: bool = False
+    beat_constant: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.units, str):
@@ -407,6 +426,7 @@ class SoftMergeConfig:
         _require(_finite(self.harm_margin) and self.harm_margin >= 0, "harm_margin must be a finite number >= 0")
         _require(isinstance(self.example_weights, bool), "example_weights must be a bool")
         _require(not self.example_weights or self.mode == "weight", "example_weights needs mode 'weight'")
+        _require(isinstance(self.beat_constant, bool), "beat_constant must be a bool")
 
 
 @dataclass(frozen=True)
@@ -430,7 +450,9 @@ class GateReport:
     member reports the group's gate and an equal share of its weight. ``trust`` is each
     candidate's trust over past rounds (its group's, for identical candidates) when the
     caller passed one, else empty. ``rejected_loss`` is the gate-split loss of a first
-    merge that the no-harm check rejected (``SoftMergeConfig.harm_margin``), else None;
+    merge that the no-harm check rejected (``SoftMergeConfig.harm_margin`` and
+    ``beat_constant``), else None; ``constant_loss`` is the input-blind bar the check
+    held merges to (None when ``beat_constant`` is off or the split has one class);
     gates, weights and ``*_after`` then describe the last of the ``attempts`` (see
     ``SoftMergeConfig.keep_mode`` and ``harm_margin`` for their order). ``harm_fallback``
     is True when the keep model was returned instead (every attempt failed the check, or
@@ -457,6 +479,7 @@ class GateReport:
     duplicates: list[list[str]] = field(default_factory=list)
     trust: list[float] = field(default_factory=list)
     rejected_loss: float | None = None
+    constant_loss: float | None = None
     harm_fallback: bool = False
     attempts: int = 1
     steps: int = 0
@@ -885,6 +908,20 @@ def per_example_losses(model: nn.Module, state: Mapping[str, torch.Tensor], inpu
     return torch.cat(losses)
 
 
+def constant_prediction_loss(targets: torch.Tensor) -> float | None:
+    """The cross-entropy of the best input-blind model on these targets, or None for one class.
+
+    A model that predicts the same distribution p for every input scores
+    -sum_c f_c log p_c, least at p = f, the label frequencies: their entropy
+    H(f) = -sum_c f_c log f_c. With fewer than two classes H is 0, and no bar is set.
+    """
+    counts = torch.unique(targets, return_counts=True)[1].double()
+    if len(counts) < 2:
+        return None
+    frequencies = counts / counts.sum()
+    return float(-(frequencies * frequencies.log()).sum())
+
+
 def _mean_loss(losses: torch.Tensor) -> float:
     """Mean of per-example losses; +inf rather than NaN when it is not finite, so that it ranks."""
     mean = float(losses.mean()) if len(losses) else 0.0
@@ -1235,8 +1272,13 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 built = {name: tensor.detach().clone() for name, tensor in built.items()}
             return (parameter.detach(), taken, missed, built) + evaluate_state(model, built, inputs, targets)
 
-        def harmful(loss: float) -> bool:
+        constant_loss = constant_prediction_loss(targets) if config.beat_constant else None
+
+        def over_margin(loss: float) -> bool:
             return bool(config.harm_margin) and not loss <= loss_before + config.harm_margin
+
+        def uninformed(loss: float) -> bool:
+            return bool(config.harm_margin) and constant_loss is not None and not loss < constant_loss
 
         # The starts tried in turn until a merge passes the no-harm check.
         plan = [(start, ceiling)]
@@ -1260,14 +1302,25 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             retry_start[:, client_columns] = retry_start[:, client_columns].clamp(max=LOG_ALPHA_CLOSED)
             plan.append((retry_start, ceiling))
         rejected_loss, harm_fallback, steps, skipped, attempts = None, True, 0, 0, 0
+        # The first merge within the margin that only failed to beat the label frequencies,
+        # with the rejected loss before it: if no start does better, the margin alone decides,
+        # as without the constant bar, so a task no round can yet beat chance on still trains.
+        within_margin = None
         for first, cap in plan:
-            log_alpha, taken, missed, merged, loss_after, accuracy_after = attempt(first, cap)
+            outcome = attempt(first, cap)
+            log_alpha, taken, missed, merged, loss_after, accuracy_after = outcome
             steps, skipped, attempts = steps + taken, skipped + missed, attempts + 1
-            if not harmful(loss_after):
+            if not over_margin(loss_after) and not uninformed(loss_after):
                 harm_fallback = False
                 break
+            if within_margin is None and not over_margin(loss_after):
+                within_margin = (outcome, rejected_loss)
             if rejected_loss is None:
                 rejected_loss = loss_after
+        else:
+            if within_margin is not None:
+                (log_alpha, _, _, merged, loss_after, accuracy_after), rejected_loss = within_margin
+                harm_fallback = False
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
             weights = _final_weights(log_alpha, gates, config.mode, gated_keep, group_examples)
@@ -1302,6 +1355,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         duplicates=[[gated_labels[k] for k in group] for group in groups if len(group) > 1],
         trust=[group_trust[int(group_of[k])] for k in range(len(states))] if trust is not None else [],
         rejected_loss=rejected_loss,
+        constant_loss=constant_loss,
         attempts=attempts,
         harm_fallback=harm_fallback,
         steps=steps,

@@ -44,9 +44,13 @@ stage() {
     8) "$SIM" "${COMMON[@]}" --strategies softmerge --attacks "$ATTACKS" --fractions 0.8 --seeds 2 ;;
     # The baselines of stage 4 on seed 2 at 80%, for the three-seed comparison.
     9) "$SIM" "${COMMON[@]}" --strategies fltrust,fedavg --attacks "$ATTACKS" --fractions 0.8 --seeds 2 ;;
+    # SoftMerge at 80% on seeds 1 and 2 again after the label-frequency bar (session 33): the
+    # 15 cells in which a merge did not beat it were moved to fmnist-grid-before-constant-bar;
+    # the rest are the same runs and are skipped as finished.
+    10) "$SIM" "${COMMON[@]}" --strategies softmerge --attacks "$ATTACKS" --fractions 0.8 --seeds 1,2 ;;
   esac
 }
 
-for s in "${@:-1 2 3 4 5 6 7 8 9}"; do
+for s in "${@:-1 2 3 4 5 6 7 8 9 10}"; do
   for one in $s; do stage "$one"; done
 done

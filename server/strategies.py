@@ -52,6 +52,7 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         merge_duplicates=settings.softmerge_merge_duplicates,
         near_duplicate_tolerance=settings.softmerge_near_duplicates, trust_strength=settings.softmerge_trust_strength,
         harm_margin=settings.softmerge_harm_margin, example_weights=settings.softmerge_example_weights,
+        beat_constant=settings.softmerge_beat_constant,
     )
 
 

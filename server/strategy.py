@@ -122,6 +122,8 @@ class SoftMerge(RoundStartMemory):
             cfg.mirror_test, cfg.mirror_confidence, cfg.merge_duplicates, cfg.near_duplicate_tolerance)
         log(INFO, "\t│\t├── example-count weights over the selected (capped at their median): %s",
             cfg.example_weights)
+        log(INFO, "\t│\t├── no-harm check: margin %g nats | must beat the label frequencies: %s", cfg.harm_margin,
+            cfg.beat_constant)
         log(INFO, "\t│\t├── trust over rounds: %s (strength %g, memory %g)", self.trust, cfg.trust_strength,
             self.trust_memory)
         log(INFO, "\t│\t└── gate split: %d examples", len(self.validation[1]))
@@ -275,8 +277,7 @@ class SoftMerge(RoundStartMemory):
             "rest start neutral; %d restored records wait for their client", server_round, moved, len(nodes),
             len(self._unclaimed))
 
-    @staticmethod
-    def _log_report(server_round: int, report: GateReport) -> None:
+    def _log_report(self, server_round: int, report: GateReport) -> None:
         log(INFO, "SoftMerge round %d: %d candidates, %d excluded, %d steps (%d skipped) in %.2fs; "
             "gate-split accuracy %.3f -> %.3f", server_round, len(report.candidates), len(report.excluded),
             report.steps, report.skipped_steps, report.seconds, report.accuracy_before, report.accuracy_after)
@@ -291,8 +292,12 @@ class SoftMerge(RoundStartMemory):
         if report.rejected_loss is not None:
             outcome = ("kept the global model" if report.harm_fallback else
                        f"learned again from closed client gates: {report.loss_after:.3f}")
-            log(WARNING, "SoftMerge round %d: the merge's gate-split loss %.3f is more than the no-harm margin above "
-                "the global model's %.3f; %s", server_round, report.rejected_loss, report.loss_before, outcome)
+            if report.rejected_loss <= report.loss_before + self.merge_config.harm_margin:
+                bar = f"is no better than predicting the gate split's label frequencies ({report.constant_loss:.3f})"
+            else:
+                bar = f"is more than the no-harm margin above the global model's {report.loss_before:.3f}"
+            log(WARNING, "SoftMerge round %d: the merge's gate-split loss %.3f %s; %s", server_round,
+                report.rejected_loss, bar, outcome)
         if report.fallback_units:
             log(WARNING, "SoftMerge round %d: every gate closed in %s; kept the previous global model there",
                 server_round, report.fallback_units)

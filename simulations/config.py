@@ -96,6 +96,7 @@ class RunSettings:
     softmerge_trust_memory: float = 0.9
     softmerge_harm_margin: float = 0.25
     softmerge_example_weights: bool = False
+    softmerge_beat_constant: bool = True
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
