@@ -139,6 +139,11 @@ MERGE_MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
 KEEP_MODES = ("candidate", "anchor")
 LOG_ALPHA_MIN = -10.0
+# The starts a soft merge tries in turn until one passes the no-harm check (GateReport.start).
+CLIENTS_START, KEEP_START, CLOSED_START = "the clients alone", "the keep model as a candidate", "closed client gates"
+# Merge losses are float32 means, the label entropy a float64 sum: a model that predicts the
+# label frequencies exactly can land a few 1e-7 nats under the entropy.
+CONSTANT_BAR_SLACK = 1e-5
 KEEP_LABEL = "keep"
 # The convergence check scores the deterministic gates on at most this many gate batches
 # of examples: a forward pass of two batches every ``check_every`` steps costs a few percent.
@@ -334,20 +339,21 @@ class SoftMergeConfig:
         beat_constant: the no-harm check also rejects a merge whose gate-split
             cross-entropy is not below that of the best input-blind model, one that
             predicts the split's label frequencies for every input (their entropy;
-            :func:`constant_prediction_loss`). Such a merge has learned nothing about its
-            inputs, however close its loss is to the keep model's, and when the keep model
+            :func:`constant_prediction_loss`). Such a merge scores no better than a model
+            that ignores its inputs, however close its loss is to the keep model's, and when the keep model
             is itself that uninformed (an untrained initial model, whose loss is about
             ln C), the margin above it lets it through: at 80% malicious, seed 2, the
             first round's sign-flipped updates, which stay near the initialisation,
-            outscored the honest one-epoch specialists and merged into a network with
-            dead units (gate-split loss 2.301 against the keep model's 2.301 and the
-            label entropy's 2.281) that the honest clients could not train out of; the run
-            stayed at chance for 30 rounds (docs/benchmarks.md, "Session 33"). The retry
+            outscored the honest one-epoch specialists and merged into a model at chance
+            (gate-split loss 2.301 against the keep model's 2.301 and the label
+            entropy's 2.281), and the run stayed at chance for 30 rounds (docs/benchmarks.md, "Session 33"). The retry
             from closed client gates opens the candidates whose updates lower the loss at
-            the keep model. If no start beats the bar, the first merge within the margin
-            stands, as without this option (a task that no round can yet lift above chance
-            on the gate split still trains). On by default; ignored when the split holds
-            fewer than two classes (a constant is then perfect) or ``harm_margin`` is 0.
+            the keep model. If no start beats the bar: a keep model that beats it is
+            returned; one that does not (a task that no round can yet lift above chance on
+            the gate split) is replaced by the first merge within the margin, as without
+            this option, so that training goes on (``GateReport.uninformed``). On by
+            default; ignored when the split holds fewer than two classes (a constant is
+            then perfect) or ``harm_margin`` is 0.
     """
 
     units: str | Sequence[str] = "model"
@@ -451,15 +457,18 @@ class GateReport:
     candidate's trust over past rounds (its group's, for identical candidates) when the
     caller passed one, else empty. ``rejected_loss`` is the gate-split loss of a first
     merge that the no-harm check rejected (``SoftMergeConfig.harm_margin`` and
-    ``beat_constant``), else None; ``constant_loss`` is the input-blind bar the check
-    held merges to (None when ``beat_constant`` is off or the split has one class);
-    gates, weights and ``*_after`` then describe the last of the ``attempts`` (see
-    ``SoftMergeConfig.keep_mode`` and ``harm_margin`` for their order). ``harm_fallback``
-    is True when the keep model was returned instead (every attempt failed the check, or
-    there was no keep candidate to learn again from):
-    ``weights`` are then all on the keep candidate (shared with clients that resent it
-    unchanged; all 0 without a keep candidate), ``*_after`` equal ``*_before``, and
-    ``gates`` and ``log_alpha`` are the last attempt's. ``seconds`` is the whole merge's
+    ``beat_constant``), else None; ``constant_loss`` is the label-frequency bar the check
+    held merges to (None when ``beat_constant`` or the check is off, or the split has one
+    class). Gates, weights and ``*_after`` describe the merge from the start named in
+    ``start`` (``CLIENTS_START``, ``KEEP_START`` or ``CLOSED_START``), the one that
+    passed the check, of ``attempts`` tried in turn (see ``SoftMergeConfig.keep_mode``
+    and ``harm_margin`` for their order). ``uninformed`` is True when no start beat the
+    label-frequency bar and the keep model did not either, so the first merge within the
+    margin stands (``start`` names it). ``harm_fallback`` is True when the keep model was
+    returned instead (every attempt failed the check, or there was no keep candidate to
+    learn again from): ``weights`` are then all on the keep candidate (shared with clients
+    that resent it unchanged; all 0 without a keep candidate), ``*_after`` equal
+    ``*_before``, and ``gates``, ``log_alpha`` and ``start`` are the last attempt's. ``seconds`` is the whole merge's
     wall-clock time, ``gate_seconds`` the part spent learning gates (every attempt's
     steps and convergence checks), so that a step's cost is measured, not inferred.
     """
@@ -480,6 +489,8 @@ class GateReport:
     trust: list[float] = field(default_factory=list)
     rejected_loss: float | None = None
     constant_loss: float | None = None
+    uninformed: bool = False
+    start: str = ""
     harm_fallback: bool = False
     attempts: int = 1
     steps: int = 0
@@ -1272,16 +1283,16 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 built = {name: tensor.detach().clone() for name, tensor in built.items()}
             return (parameter.detach(), taken, missed, built) + evaluate_state(model, built, inputs, targets)
 
-        constant_loss = constant_prediction_loss(targets) if config.beat_constant else None
+        constant_loss = constant_prediction_loss(targets) if config.beat_constant and config.harm_margin else None
 
         def over_margin(loss: float) -> bool:
             return bool(config.harm_margin) and not loss <= loss_before + config.harm_margin
 
         def uninformed(loss: float) -> bool:
-            return bool(config.harm_margin) and constant_loss is not None and not loss < constant_loss
+            return constant_loss is not None and not loss < constant_loss - CONSTANT_BAR_SLACK
 
         # The starts tried in turn until a merge passes the no-harm check.
-        plan = [(start, ceiling)]
+        plan = [(KEEP_START if gated_keep is not None else CLIENTS_START, start, ceiling)]
         if gated_keep is not None:
             if config.keep_mode == "anchor":
                 # First the clients alone: the keep gate starts below the floor and is
@@ -1292,7 +1303,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 alone[:, gated_keep] = LOG_ALPHA_MIN
                 if alone_ceiling is not None:
                     alone_ceiling[:, gated_keep] = LOG_ALPHA_MIN
-                plan.insert(0, (alone, alone_ceiling))
+                plan.insert(0, (CLIENTS_START, alone, alone_ceiling))
             # Last, learning again from the keep model's side: every client gate starts at
             # the closed threshold, where a sampled gate is still open 31% of the time, so
             # the gradient can open the candidates that help, starting from a merge that is
@@ -1300,27 +1311,29 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             retry_start = start.clone()
             client_columns = [g for g in range(retry_start.shape[1]) if g != gated_keep]
             retry_start[:, client_columns] = retry_start[:, client_columns].clamp(max=LOG_ALPHA_CLOSED)
-            plan.append((retry_start, ceiling))
+            plan.append((CLOSED_START, retry_start, ceiling))
         rejected_loss, harm_fallback, steps, skipped, attempts = None, True, 0, 0, 0
+        chosen_start, stood_uninformed = plan[-1][0], False
         # The first merge within the margin that only failed to beat the label frequencies,
-        # with the rejected loss before it: if no start does better, the margin alone decides,
-        # as without the constant bar, so a task no round can yet beat chance on still trains.
+        # and its start: if no start does better and the keep model does not beat them
+        # either, it stands, as without the bar, so a task that no round can yet lift above
+        # chance still trains. A keep model that beats them is kept instead.
         within_margin = None
-        for first, cap in plan:
+        for name, first, cap in plan:
             outcome = attempt(first, cap)
             log_alpha, taken, missed, merged, loss_after, accuracy_after = outcome
             steps, skipped, attempts = steps + taken, skipped + missed, attempts + 1
             if not over_margin(loss_after) and not uninformed(loss_after):
-                harm_fallback = False
+                harm_fallback, chosen_start = False, name
                 break
             if within_margin is None and not over_margin(loss_after):
-                within_margin = (outcome, rejected_loss)
+                within_margin = (outcome, name)
             if rejected_loss is None:
                 rejected_loss = loss_after
         else:
-            if within_margin is not None:
-                (log_alpha, _, _, merged, loss_after, accuracy_after), rejected_loss = within_margin
-                harm_fallback = False
+            if within_margin is not None and uninformed(loss_before):
+                (log_alpha, _, _, merged, loss_after, accuracy_after), chosen_start = within_margin
+                harm_fallback, stood_uninformed = False, True
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
             weights = _final_weights(log_alpha, gates, config.mode, gated_keep, group_examples)
@@ -1356,6 +1369,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         trust=[group_trust[int(group_of[k])] for k in range(len(states))] if trust is not None else [],
         rejected_loss=rejected_loss,
         constant_loss=constant_loss,
+        uninformed=stood_uninformed,
+        start=chosen_start,
         attempts=attempts,
         harm_fallback=harm_fallback,
         steps=steps,

@@ -123,7 +123,7 @@ class SoftMerge(RoundStartMemory):
         log(INFO, "\t│\t├── example-count weights over the selected (capped at their median): %s",
             cfg.example_weights)
         log(INFO, "\t│\t├── no-harm check: margin %g nats | must beat the label frequencies: %s", cfg.harm_margin,
-            cfg.beat_constant)
+            cfg.beat_constant and bool(cfg.harm_margin))
         log(INFO, "\t│\t├── trust over rounds: %s (strength %g, memory %g)", self.trust, cfg.trust_strength,
             self.trust_memory)
         log(INFO, "\t│\t└── gate split: %d examples", len(self.validation[1]))
@@ -167,8 +167,9 @@ class SoftMerge(RoundStartMemory):
                                     examples=examples)
         del states, keep_view
         # A round whose first merge failed the no-harm check is not evidence about the
-        # clients: the failure is the optimisation's, and the last retry starts every client closed.
-        if self.trust and report.rejected_loss is None:
+        # clients: the failure is the optimisation's, and the last retry starts every client
+        # closed. Nor is one whose merge did no better than the label frequencies.
+        if self.trust and report.rejected_loss is None and not report.uninformed:
             self._record_round(report, dict(zip(labels, nodes)))
         report.excluded = screened.rejected + report.excluded
         if not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point):
@@ -290,8 +291,13 @@ class SoftMerge(RoundStartMemory):
             log(WARNING, "SoftMerge round %d: identical or near-identical replies from %s share one gate",
                 server_round, group)
         if report.rejected_loss is not None:
-            outcome = ("kept the global model" if report.harm_fallback else
-                       f"learned again from closed client gates: {report.loss_after:.3f}")
+            if report.harm_fallback:
+                outcome = "kept the global model"
+            elif report.uninformed:
+                outcome = (f"no start beat them, nor does the global model ({report.loss_before:.3f}): the merge "
+                           f"from {report.start} stands ({report.loss_after:.3f})")
+            else:
+                outcome = f"took the merge learned from {report.start}: {report.loss_after:.3f}"
             if report.rejected_loss <= report.loss_before + self.merge_config.harm_margin:
                 bar = f"is no better than predicting the gate split's label frequencies ({report.constant_loss:.3f})"
             else:
@@ -327,5 +333,6 @@ def report_summary(report: GateReport) -> dict[str, float | int]:
         "softmerge-fallback-units": len(report.fallback_units),
         "softmerge-rejected": int(report.rejected_loss is not None),
         "softmerge-harm-fallback": int(report.harm_fallback),
+        "softmerge-uninformed": int(report.uninformed),
         "softmerge-attempts": report.attempts,
     }

@@ -15,7 +15,7 @@ from torch import nn
 
 import softmerge.aggregation.merge as merge_module
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.merge import constant_prediction_loss
+from softmerge.aggregation.merge import CLIENTS_START, CLOSED_START, constant_prediction_loss
 from softmerge.server.strategy import SoftMerge
 
 from flower_helpers import StubGrid, make_reply
@@ -66,7 +66,8 @@ def test_a_merge_no_better_than_the_label_frequencies_is_learned_again(monkeypat
     assert report.constant_loss == pytest.approx(math.log(2))
     assert report.loss_before == pytest.approx(math.log(2))
     assert report.rejected_loss == pytest.approx(math.log(2))
-    assert report.attempts == 3 and not report.harm_fallback
+    assert report.attempts == 3 and not report.harm_fallback and not report.uninformed
+    assert report.start == CLOSED_START
     assert all(torch.equal(merged[name], INFORMED[name]) for name in INFORMED)
     assert report.loss_after < math.log(2) and report.weights == [[1.0, 0.0, 0.0]]
 
@@ -81,7 +82,7 @@ def test_without_the_bar_the_uninformed_merge_stands(monkeypatch):
         assert all(torch.equal(merged[name], torch.zeros_like(tensor)) for name, tensor in INFORMED.items())
 
 
-def test_when_no_start_beats_the_bar_the_first_merge_within_the_margin_stands(monkeypatch):
+def test_when_no_start_beats_the_bar_a_keep_model_that_does_is_kept(monkeypatch):
     # The keep model is a little informed; every attempt merges the two clients to the
     # uninformed mean, within the margin above the keep model's loss.
     monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
@@ -90,9 +91,25 @@ def test_when_no_start_beats_the_bar_the_first_merge_within_the_margin_stands(mo
     merged, report = soft_merge(model, [INFORMED, FLIPPED], GATE, SoftMergeConfig(warm_start=False))
 
     assert report.loss_before < math.log(2) < report.loss_before + 0.25
-    assert report.attempts == 3 and report.rejected_loss is None and not report.harm_fallback
-    assert all(torch.equal(merged[name], torch.zeros_like(tensor)) for name, tensor in INFORMED.items())
-    assert report.loss_after == pytest.approx(math.log(2)) and report.weights == [[0.5, 0.5, 0.0]]
+    assert report.attempts == 3 and report.rejected_loss == pytest.approx(math.log(2))
+    assert report.harm_fallback and not report.uninformed
+    assert all(torch.equal(merged[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_when_neither_a_start_nor_the_keep_model_beats_the_bar_the_first_merge_within_the_margin_stands(
+        monkeypatch):
+    # Every attempt merges both clients: a little flipped on the whole, within the margin
+    # above the uninformed keep model, and no better than the label frequencies.
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
+    overshoot = {name: -1.1 * tensor for name, tensor in INFORMED.items()}
+
+    merged, report = soft_merge(_linear(), [INFORMED, overshoot], GATE, SoftMergeConfig(warm_start=False))
+
+    assert math.log(2) < report.loss_after < math.log(2) + 0.25
+    assert report.attempts == 3 and report.uninformed and not report.harm_fallback
+    assert report.start == CLIENTS_START and report.rejected_loss == pytest.approx(report.loss_after)
+    assert all(torch.allclose(merged[name], -0.05 * tensor) for name, tensor in INFORMED.items())
+    assert report.weights == [[0.5, 0.5, 0.0]]
 
 
 def test_a_merge_over_the_margin_still_falls_back_to_the_keep_model(monkeypatch):
@@ -118,9 +135,38 @@ def test_the_strategy_says_which_bar_a_merge_failed_and_keeps_no_record_of_the_r
         arrays, metrics = strategy.aggregate_train(1, replies)
 
     assert "no better than predicting the gate split's label frequencies (0.693)" in caplog.text
-    assert "learned again from closed client gates" in caplog.text
+    assert "took the merge learned from closed client gates" in caplog.text
     assert metrics["softmerge-rejected"] == 1 and metrics["softmerge-attempts"] == 3
     merged = arrays.to_torch_state_dict()
     assert all(torch.equal(merged[name], INFORMED[name]) for name in INFORMED)
     # The first merge failed the check: the round says nothing about the clients.
     assert strategy.trust_record == {}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_strategy_warns_when_the_first_merge_stands_uninformed_and_keeps_no_record_of_the_round(
+        monkeypatch, caplog):
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
+    model = _linear()
+    strategy = SoftMerge(model, GATE, SoftMergeConfig(warm_start=False), trust=True)
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([1, 2])))
+    overshoot = {name: -1.1 * tensor for name, tensor in INFORMED.items()}
+    replies = [make_reply(node, state, partition=node) for node, state in ((1, INFORMED), (2, overshoot))]
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, metrics = strategy.aggregate_train(1, replies)
+
+    assert "nor does the global model (0.693): the merge from the clients alone stands" in caplog.text
+    assert metrics["softmerge-uninformed"] == 1 and metrics["softmerge-harm-fallback"] == 0
+    assert strategy.trust_record == {}
+
+
+def test_a_model_that_predicts_the_label_frequencies_exactly_does_not_beat_them(monkeypatch):
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0]]))
+    targets = torch.tensor([1, 1, 1, 0, 1, 1, 0, 1])
+    frequencies = {"weight": torch.zeros(2, 2), "bias": torch.log(torch.tensor([0.25, 0.75]))}
+
+    _, report = soft_merge(_linear(), [frequencies], (torch.randn(8, 2), targets), SoftMergeConfig(warm_start=False))
+
+    assert report.loss_after == pytest.approx(report.constant_loss, abs=1e-6)
+    assert report.uninformed and report.attempts == 3

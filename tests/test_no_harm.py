@@ -166,7 +166,7 @@ def test_the_strategy_warns_and_records_trust_only_from_a_merge_that_passed(
         assert "kept the global model" in caplog.text
         assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
     else:
-        assert "learned again from closed client gates" in caplog.text
+        assert "took the merge learned from closed client gates" in caplog.text
         assert metrics["softmerge-keep-weight"] == pytest.approx(0.5)
     # The retry starts every client closed: which ones it reopens says little about the rest.
     assert strategy.trust_record == {}
