@@ -204,7 +204,7 @@ def test_gate_learning_stops_when_the_objective_is_flat():
     # candidates share one gate, leaving nothing to learn; this checks the stop from an open start.)
     _, shared = soft_merge(model, [same] * 4, validation, SoftMergeConfig(steps=200), keep=same)
     assert shared.steps == 0 and shared.duplicates == [["keep"] + [f"candidate-{i}" for i in range(4)]]
-    # (On random labels no merge beats the label frequencies: without beat_constant off, the
+    # (On random labels no merge beats the label frequencies; with beat_constant on, the
     # no-harm check would learn twice more.)
     config = SoftMergeConfig(steps=200, check_every=10, patience=2, l0_lambda=0.0, mirror_test=False,
                              merge_duplicates=False, beat_constant=False)
