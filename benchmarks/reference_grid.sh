@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reference robustness grid of docs/benchmarks.md: Fashion-MNIST (Debian's
-# dataset-fashion-mnist), 20 clients, Dirichlet alpha=0.5, 30 rounds.
+# dataset-fashion-mnist), 20 clients, Dirichlet alpha=0.5 (stage 11: 0.1), 30 rounds.
 #
 # Resumable: a finished cell (benchmarks/fmnist-grid/cells/<key>/results.json with status
 # "finished") is never run again, so this script can be re-run, or stopped and re-run, at
@@ -48,9 +48,13 @@ stage() {
     # 15 cells in which a merge did not beat it were moved to fmnist-grid-before-constant-bar;
     # the rest are the same runs and are skipped as finished.
     10) "$SIM" "${COMMON[@]}" --strategies softmerge --attacks "$ATTACKS" --fractions 0.8 --seeds 1,2 ;;
+    # Beyond the minimum: stronger heterogeneity (alpha 0.1; session 34), 40% malicious, seed 0,
+    # SoftMerge, FLTrust and FedAvg against a cross-section of the attacks (the last --alpha wins).
+    11) "$SIM" "${COMMON[@]}" --alpha 0.1 --strategies softmerge,fltrust,fedavg \
+          --attacks none,sign-flip,label-flip,alie,ipm-100,min-max,backdoor --fractions 0.4 ;;
   esac
 }
 
-for s in "${@:-1 2 3 4 5 6 7 8 9 10}"; do
+for s in "${@:-1 2 3 4 5 6 7 8 9 10 11}"; do
   for one in $s; do stage "$one"; done
 done

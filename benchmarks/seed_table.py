@@ -24,26 +24,26 @@ import statistics
 import sys
 from pathlib import Path
 
-from softmerge.simulations.grid import (NO_ATTACK, ORACLE, Cell, finished_cell, format_percent, summarise_cell,
-                                         within_a_point)
+from softmerge.simulations.grid import (DEFAULT_ALPHA, NO_ATTACK, ORACLE, Cell, finished_cell, format_percent,
+                                         row_alpha, summarise_cell, within_a_point)
 
 STATISTICS = (("final_accuracy", "final"), ("last10_accuracy", "last 10"))
 
 
 def figures(output: Path, strategy: str, attack: str, fraction: float, seeds: list[int],
-            clients: int) -> dict[int, dict]:
+            clients: int, alpha: float = DEFAULT_ALPHA) -> dict[int, dict]:
     """The finished seeds of one cell: seed -> its summary row."""
     found = {}
     for seed in seeds:
-        cell = Cell(strategy, attack, fraction, seed)
+        cell = Cell(strategy, attack, fraction, seed, alpha)
         result = finished_cell(output, cell)
         if result is not None:
             found[seed] = summarise_cell(cell, result, clients, "finished", result.get("seconds"))
     return found
 
 
-def attacks_in_grid(output: Path, fraction: float) -> list[str]:
-    """The attacks the grid has a (non-oracle) cell of at ``fraction``, no attack first.
+def attacks_in_grid(output: Path, fraction: float, alpha: float = DEFAULT_ALPHA) -> list[str]:
+    """The attacks the grid has a (non-oracle) cell of at ``fraction`` and ``alpha``, no attack first.
 
     In the order of the grid's ``cells.json``, which is the order its own tables use; a
     fixed list here went stale when an attack was added to the grid.
@@ -51,7 +51,8 @@ def attacks_in_grid(output: Path, fraction: float) -> list[str]:
     try:
         rows = json.loads((output / "cells.json").read_text())
         found = [row["attack"] for row in rows
-                 if row["strategy"] != ORACLE and math.isclose(float(row["fraction"]), fraction)]
+                 if row["strategy"] != ORACLE and math.isclose(float(row["fraction"]), fraction)
+                 and row_alpha(row) == alpha]
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise SystemExit(f"seed_table: cannot list the attacks from {output / 'cells.json'} ({error}); "
                          "pass --attacks") from error
@@ -66,8 +67,8 @@ def _text(values: list[float]) -> str:
 
 
 def seed_table(output: Path, fraction: float, strategies: list[str], attacks: list[str], seeds: list[int],
-               clients: int) -> list[str]:
-    oracle = figures(output, ORACLE, NO_ATTACK, fraction, seeds, clients)
+               clients: int, alpha: float = DEFAULT_ALPHA) -> list[str]:
+    oracle = figures(output, ORACLE, NO_ATTACK, fraction, seeds, clients, alpha)
     header = " | ".join(f"{name} {label}" for name in [ORACLE, *strategies] for _, label in STATISTICS)
     lines = [f"| attack | complete seeds | {header} |", "|---|---|" + "---|" * (2 * (1 + len(strategies)))]
     worst: dict[str, dict[str, list[float]]] = {s: {field: [] for field, _ in STATISTICS} for s in strategies}
@@ -75,7 +76,7 @@ def seed_table(output: Path, fraction: float, strategies: list[str], attacks: li
     complete_attacks = 0
     backdoor_lines = []
     for attack in attacks:
-        rows = {s: figures(output, s, attack, fraction, seeds, clients) for s in strategies}
+        rows = {s: figures(output, s, attack, fraction, seeds, clients, alpha) for s in strategies}
         complete = [seed for seed in seeds if seed in oracle and all(seed in rows[s] for s in strategies)]
         if not complete:
             lines.append(f"| {attack} | none | " + " | ".join("-" for _ in range(2 * (1 + len(strategies)))) + " |")
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated; default: every attack the grid has a cell of at this fraction")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="the cells' Dirichlet alpha")
     args = parser.parse_args(argv)
     output = Path(args.output)
     if not (output / "cells").is_dir():
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
     attacks = split(args.attacks)
     try:
-        known = attacks_in_grid(output, args.fraction)
+        known = attacks_in_grid(output, args.fraction, args.alpha)
     except SystemExit:
         if not attacks:
             raise
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(it has {', '.join(known)})", file=sys.stderr)
         return 2
     print("\n".join(seed_table(output, args.fraction, split(args.strategies), attacks,
-                               [int(s) for s in split(args.seeds)], args.clients)))
+                               [int(s) for s in split(args.seeds)], args.clients, args.alpha)))
     return 0
 
 

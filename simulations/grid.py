@@ -1,10 +1,11 @@
 """softmerge-grid: the robustness benchmark grid, resumable, through Flower's simulation engine.
 
-The grid is strategy x attack x malicious fraction x seed, at one dataset, client count
-and Dirichlet alpha. Every cell is one federated run with its own results directory
-(``cells/<key>/results.json``); a cell whose results say ``finished`` is never run
-again, so an interrupted grid continues where it stopped. Cells a rule cannot run (Bulyan
-needs n >= 4f + 3) are recorded as ``n/a``, not dropped.
+The grid is strategy x attack x malicious fraction x Dirichlet alpha x seed, at one
+dataset and client count. Every cell is one federated run with its own results directory
+(``cells/<key>/results.json``, the key ``<strategy>__<attack>__f<fraction>__s<seed>``,
+then ``__a<alpha>`` unless alpha is the default 0.5); a cell whose results say
+``finished`` is never run again, so an interrupted grid continues where it stopped.
+Cells a rule cannot run (Bulyan needs n >= 4f + 3) are recorded as ``n/a``, not dropped.
 
 With no attack, a rule that is not told the malicious count makes the same run at every
 fraction (to the last digit): the first such cell run is reused for the other fractions,
@@ -20,8 +21,8 @@ ends, writes the tables and plots from every cell; grids started by hand each wr
 tables from the cells they saw, and ``--tables-only`` after the last one writes them all.
 
 Outputs, rewritten after every cell that runs: ``cells.csv`` and ``cells.json`` (one row
-per cell) and ``tables.md`` (final accuracy per attack, worst case over attacks, backdoor
-attack success rate, SoftMerge's weight on malicious candidates). At the end, the PNG plots
+per cell) and ``tables.md`` (per alpha: final accuracy per attack, worst case over attacks,
+backdoor attack success rate, SoftMerge's weight on malicious candidates). At the end, the PNG plots
 (accuracy against round per defense, SoftMerge gate heatmaps) whose data changed.
 """
 
@@ -45,6 +46,9 @@ from .config import ConfigError, RunSettings, node_count_problem, parse_run_conf
 
 ORACLE = "oracle"
 NO_ATTACK = "none"
+# Cells at the run config's default alpha leave it out of their key, as every cell did
+# before alpha became a dimension of the grid: those cells keep their names.
+DEFAULT_ALPHA = RunSettings.dirichlet_alpha
 
 
 @dataclass(frozen=True)
@@ -53,10 +57,34 @@ class Cell:
     attack: str
     fraction: float
     seed: int
+    alpha: float = DEFAULT_ALPHA
 
     @property
     def key(self) -> str:
-        return f"{self.strategy}__{self.attack}__f{self.fraction:g}__s{self.seed}"
+        return f"{self.strategy}__{self.attack}__f{self.fraction:g}__s{self.seed}{alpha_suffix(self.alpha)}"
+
+
+def alpha_suffix(alpha: float) -> str:
+    """What a cell key or plot file name adds for ``alpha``: nothing at the default."""
+    return "" if alpha == DEFAULT_ALPHA else f"__a{alpha:g}"
+
+
+def alpha_title(alpha: float) -> str:
+    """What a figure's title adds for ``alpha``: nothing at the default."""
+    return "" if alpha == DEFAULT_ALPHA else f", alpha {alpha:g}"
+
+
+def key_fraction(key: str) -> float:
+    """The malicious fraction a cell key names (ValueError if it names none).
+
+    Read from the end: an attack name may hold "__" or start with "f" ("fang").
+    """
+    parts = key.split("__")
+    if len(parts) > 4 and parts[-1].startswith("a"):
+        parts = parts[:-1]
+    if len(parts) < 4 or not parts[-2].startswith("f"):
+        raise ValueError(f"not a cell key: {key!r}")
+    return float(parts[-2][1:])
 
 
 def malicious_ids(num_clients: int, fraction: float) -> list[int]:
@@ -65,7 +93,7 @@ def malicious_ids(num_clients: int, fraction: float) -> list[int]:
 
 
 # Run-config keys that each cell sets itself (cell_settings), with the option that sets them.
-CELL_KEYS = {"seed": "--seeds", "strategy": "--strategies", "attack": "--attacks",
+CELL_KEYS = {"seed": "--seeds", "strategy": "--strategies", "attack": "--attacks", "dirichlet-alpha": "--alpha",
              "malicious-partitions": "--fractions (the first f*n partitions attack)",
              "assumed-malicious": "--fractions (rules are told the true count)",
              "exclude-malicious": "the oracle, which every grid adds unless --no-oracle",
@@ -106,7 +134,7 @@ def cell_settings(base: RunSettings, cell: Cell, num_clients: int, output: Path)
     else:
         strategy, attack = cell.strategy, cell.attack
     return replace(
-        base, strategy=strategy, attack=attack, seed=cell.seed,
+        base, strategy=strategy, attack=attack, seed=cell.seed, dirichlet_alpha=cell.alpha,
         malicious_partitions=",".join(str(i) for i in attackers),
         assumed_malicious=len(attackers), exclude_malicious=cell.strategy == ORACLE,
         trim_beta=trim_beta_for(base.trim_beta, len(attackers), num_clients),
@@ -201,9 +229,8 @@ def same_clients(result: dict, key: str, num_clients: int) -> bool:
         return result["nodes"] == num_clients
     recorded = (result.get("settings") or {}).get("malicious-partitions")
     try:
-        # The key ends "__f<fraction>__s<seed>" (an attack name may hold "__f" too: "fang").
-        fraction = float(key.split("__")[-2].removeprefix("f"))
-    except (IndexError, ValueError):
+        fraction = key_fraction(key)
+    except ValueError:
         return False
     return recorded == ",".join(str(i) for i in malicious_ids(num_clients, fraction))
 
@@ -218,7 +245,7 @@ def no_attack_twin(output: Path, cell: Cell, expected: dict, num_clients: int) -
     """
     if not fraction_free(cell):
         return None
-    pattern = f"{cell.strategy}__{NO_ATTACK}__f*__s{cell.seed}"
+    pattern = f"{cell.strategy}__{NO_ATTACK}__f*__s{cell.seed}{alpha_suffix(cell.alpha)}"
     for directory in sorted((output / "cells").glob(pattern)):
         try:
             twin = json.loads((directory / "results.json").read_text())
@@ -270,8 +297,8 @@ SUMMARY_STATISTICS = (("final_accuracy", "final round"), ("last3_accuracy", f"me
 
 def summarise_cell(cell: Cell, result: dict | None, num_clients: int, status: str, seconds: float | None) -> dict:
     row: dict = {"key": cell.key, "strategy": cell.strategy, "attack": cell.attack, "fraction": cell.fraction,
-                 "seed": cell.seed, "status": status, "final_accuracy": None, "last3_accuracy": None,
-                 "last10_accuracy": None, "spread10_accuracy": None, "final_backdoor_asr": None,
+                 "alpha": cell.alpha, "seed": cell.seed, "status": status, "final_accuracy": None,
+                 "last3_accuracy": None, "last10_accuracy": None, "spread10_accuracy": None, "final_backdoor_asr": None,
                  "malicious_weight": None, "seconds": seconds}
     if not result or not result.get("rounds"):
         return row
@@ -329,8 +356,20 @@ def format_percent(value: float | None, scale: float = 100.0, digits: int = 1) -
     return str(exact.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
 
 
+def row_alpha(row: dict) -> float:
+    """A cells.json row's alpha; rows written before alpha was a dimension are at the default."""
+    return float(row.get("alpha", DEFAULT_ALPHA))
+
+
 def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fractions: list[float],
                  path: Path, header: str) -> None:
+    """Write ``path``: the tables of ``rows`` (one alpha) under ``header``."""
+    path.write_text("\n".join(table_lines(rows, strategies, attacks, fractions, header)))
+
+
+def table_lines(rows: list[dict], strategies: list[str], attacks: list[str], fractions: list[float],
+                header: str) -> list[str]:
+    """Markdown lines of every table of ``rows``, which must share one alpha."""
     by_key: dict[tuple, list[dict]] = {}
     for row in rows:
         by_key.setdefault((row["strategy"], row["attack"], row["fraction"]), []).append(row)
@@ -396,7 +435,7 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
             lines.append(f"| {fraction:.0%} | " + " | ".join(cell_text("softmerge", a, fraction, "malicious_weight")
                                                          for a in attacks) + " |")
         lines.append("")
-    path.write_text("\n".join(lines))
+    return lines
 
 
 def within_a_point(accuracy: float, oracle: float) -> bool:
@@ -528,11 +567,11 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
     results = {cell.key: finished_cell(output, cell) for cell in shown}
     # Only (round, accuracy) of each cell is kept: the results of every seed of the
     # reference grid, gates included, would be gigabytes.
-    curves: dict[tuple[str, str, float], dict[int, dict[int, float]]] = {}
+    curves: dict[tuple[str, str, float, float], dict[int, dict[int, float]]] = {}
     for cell in cells:
         result = results.get(cell.key) if cell.key in results else finished_cell(output, cell)
         if result:
-            curves.setdefault((cell.strategy, cell.attack, cell.fraction), {})[cell.seed] = {
+            curves.setdefault((cell.strategy, cell.attack, cell.fraction, cell.alpha), {})[cell.seed] = {
                 r["round"]: r["test_accuracy"] for r in result["rounds"] if "test_accuracy" in r}
 
     def unchanged(name: str, data: object) -> bool:
@@ -546,11 +585,11 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
         (plots / name).unlink(missing_ok=True)
         manifest.pop(name, None)
 
-    for attack, fraction in sorted({(c.attack, c.fraction) for c in cells if c.strategy != ORACLE}):
-        name = f"accuracy__{attack}__f{fraction:g}.png"
+    for attack, fraction, alpha in sorted({(c.attack, c.fraction, c.alpha) for c in cells if c.strategy != ORACLE}):
+        name = f"accuracy__{attack}__f{fraction:g}{alpha_suffix(alpha)}.png"
         lines = []
         for strategy in _union([], (c.strategy for c in cells)):
-            by_seed = curves.get((strategy, NO_ATTACK if strategy == ORACLE else attack, fraction))
+            by_seed = curves.get((strategy, NO_ATTACK if strategy == ORACLE else attack, fraction, alpha))
             if by_seed:
                 lines.append((strategy, *seed_band(list(by_seed.values()))))
         if not lines:
@@ -564,7 +603,8 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
             drawn = axis.plot(numbers, mean, label=label, linestyle="--" if strategy == ORACLE else "-")
             if seeds > 1:
                 axis.fill_between(numbers, low, high, color=drawn[0].get_color(), alpha=0.15, linewidth=0)
-        axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=f"{attack}, {fraction:.0%} malicious")
+        axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1),
+                 title=f"{attack}, {fraction:.0%} malicious{alpha_title(alpha)}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
         figure.tight_layout()
@@ -573,8 +613,8 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
     for cell in shown:
         result = results[cell.key]
         gates = result["rounds"][-1].get("gates") if result and result.get("rounds") else None
-        heatmap = f"gates__{cell.attack}__f{cell.fraction:g}.png"
-        by_round = f"gates_by_round__{cell.attack}__f{cell.fraction:g}.png"
+        heatmap = f"gates__{cell.attack}__f{cell.fraction:g}{alpha_suffix(cell.alpha)}.png"
+        by_round = f"gates_by_round__{cell.attack}__f{cell.fraction:g}{alpha_suffix(cell.alpha)}.png"
         if not gates or not gates.get("units"):
             # A cell deleted to be rerun, or still running: its old heatmaps would show
             # another configuration's gates as this one's.
@@ -595,8 +635,8 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
         image = axis.imshow(weights, cmap="viridis", aspect="auto", vmin=0)
         axis.set_xticks(range(len(gates["units"])), gates["units"], rotation=45, ha="right", fontsize=7)
         axis.set_yticks(range(len(labels)), labels, fontsize=7)
-        axis.set_title(f"SoftMerge weights, {cell.attack} {cell.fraction:.0%}, seed {cell.seed} (* malicious)",
-                       fontsize=8)
+        axis.set_title(f"SoftMerge weights, {cell.attack} {cell.fraction:.0%}{alpha_title(cell.alpha)}, "
+                       f"seed {cell.seed} (* malicious)", fontsize=8)
         figure.colorbar(image, ax=axis)
         figure.tight_layout()
         figure.savefig(plots / heatmap, dpi=110)
@@ -653,8 +693,8 @@ def _plot_weights_by_round(numbers: list[int], weights: list[list[float]], label
     axis.set_xticks(range(len(numbers)), numbers, fontsize=6)
     axis.set_yticks(range(len(labels)), labels, fontsize=7)
     axis.set_xlabel("round", fontsize=7)
-    axis.set_title(f"SoftMerge weight per round (mean over units), {cell.attack} {cell.fraction:.0%}, "
-                   f"seed {cell.seed} (* malicious)", fontsize=8)
+    axis.set_title(f"SoftMerge weight per round (mean over units), {cell.attack} {cell.fraction:.0%}"
+                   f"{alpha_title(cell.alpha)}, seed {cell.seed} (* malicious)", fontsize=8)
     figure.colorbar(image, ax=axis)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -669,7 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (partitioning=dirichlet)")
+    parser.add_argument("--alpha", default=f"{DEFAULT_ALPHA:g}",
+                        help="Dirichlet alpha of the clients' partitions, one or a comma-separated list: a "
+                        "dimension of the grid like --fractions (partitioning=dirichlet)")
     parser.add_argument("--strategies", default="softmerge,fedavg,fedmedian,fedtrimmedavg,krum,multikrum,bulyan")
     parser.add_argument("--attacks", default="none,sign-flip,extreme")
     parser.add_argument("--fractions", default="0.2,0.4")
@@ -690,12 +732,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_cells(strategies: list[str], attacks: list[str], fractions: list[float], seeds: list[int],
-               oracle: bool) -> list[Cell]:
+               oracle: bool, alphas: list[float] = (DEFAULT_ALPHA,)) -> list[Cell]:
     # The oracle of each setting first: every other cell is read against it.
-    cells = [Cell(ORACLE, NO_ATTACK, f, seed) for seed in seeds for f in fractions] if oracle else []
-    cells += [Cell(s, a, f, seed) for seed in seeds for f in fractions for a in attacks for s in strategies
-              if s != ORACLE]
+    cells = ([Cell(ORACLE, NO_ATTACK, f, seed, alpha) for seed in seeds for alpha in alphas for f in fractions]
+             if oracle else [])
+    cells += [Cell(s, a, f, seed, alpha) for seed in seeds for alpha in alphas for f in fractions for a in attacks
+              for s in strategies if s != ORACLE]
     return cells
+
+
+def parse_alphas(text: str) -> list[float]:
+    """``--alpha``'s values, in the order given, once each; a ConfigError unless there is one and each is > 0."""
+    alphas = []
+    for item in (part.strip() for part in str(text).split(",") if part.strip()):
+        try:
+            alpha = float(item)
+        except ValueError:
+            raise ConfigError(f"--alpha: {item!r} is not a number") from None
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ConfigError(f"--alpha: a Dirichlet alpha must be a finite number > 0, got {item!r}")
+        if alpha not in alphas:
+            alphas.append(alpha)
+    if not alphas:
+        raise ConfigError("--alpha: give at least one Dirichlet alpha")
+    return alphas
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -703,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        config = {"dataset": args.dataset, "num-server-rounds": args.rounds, "dirichlet-alpha": args.alpha,
+        alphas = parse_alphas(args.alpha)
+        config = {"dataset": args.dataset, "num-server-rounds": args.rounds, "dirichlet-alpha": alphas[0],
                   "partitioning": "dirichlet"}
         for item in args.set:
             key, _, value = item.partition("=")
@@ -730,9 +791,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     output = Path(args.output)
+    # grid.json's base: the settings every cell shares, alpha (a list when the grid spans several) included.
+    recorded_config = config if len(alphas) == 1 else {**config, "dirichlet-alpha": alphas}
     # A rule's n is a round's replies: with fraction-train < 1, fewer than the clients.
     replies = replies_per_round(base, args.clients)
-    cells = plan_cells(strategies, attacks, fractions, seeds, oracle=not args.no_oracle)
+    cells = plan_cells(strategies, attacks, fractions, seeds, oracle=not args.no_oracle, alphas=alphas)
     if args.plan:
         for cell in cells:
             print(cell.key, not_applicable(cell, args.clients, replies) or "")
@@ -759,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     given = list(argv if argv is not None else sys.argv[1:])
     if args.jobs > 1 and not args.tables_only and not args.worker:
-        record_invocation(output / "grid.json", given, config)
+        record_invocation(output / "grid.json", given, recorded_config)
         runnable = [c for c in cells if not not_applicable(c, args.clients, replies)]
         failed_workers, unfinished = run_workers(given, args.jobs, output, runnable)
         code = main([*given, "--tables-only"])
@@ -771,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; {failed_workers} of {args.jobs} workers failed" if failed_workers else ""))
         return 1 if failed_workers or unfinished or code else 0
     if not args.tables_only and not args.worker:
-        record_invocation(output / "grid.json", given, config)
+        record_invocation(output / "grid.json", given, recorded_config)
 
     from tqdm import tqdm
 
@@ -805,10 +868,10 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
         # After every cell that ran, so that the tables are current if the grid is stopped;
         # cells passed over change nothing until the final write below.
-        _write_outputs(output, rows, tabled, attacks, fractions, args, base)
+        _write_outputs(output, rows, tabled, attacks, fractions, args, base, alphas)
         rows_written = len(rows)
     if rows_written != len(rows):
-        _write_outputs(output, rows, tabled, attacks, fractions, args, base)
+        _write_outputs(output, rows, tabled, attacks, fractions, args, base, alphas)
     if not args.worker:
         plot_cells(output, cells, args.clients)
     if args.tables_only:
@@ -988,14 +1051,16 @@ def record_invocation(path: Path, argv: list[str], config: dict) -> None:
 
 
 def _write_outputs(output: Path, rows: list[dict], strategies: list[str], attacks: list[str],
-                   fractions: list[float], args: argparse.Namespace, base: RunSettings) -> None:
+                   fractions: list[float], args: argparse.Namespace, base: RunSettings,
+                   alphas: list[float] = (DEFAULT_ALPHA,)) -> None:
     # Other grids on this output merge their cells into the same files.
     with shared_files_lock(output):
-        _merge_and_write_outputs(output, rows, strategies, attacks, fractions, args, base)
+        _merge_and_write_outputs(output, rows, strategies, attacks, fractions, args, base, alphas)
 
 
 def _merge_and_write_outputs(output: Path, rows: list[dict], strategies: list[str], attacks: list[str],
-                             fractions: list[float], args: argparse.Namespace, base: RunSettings) -> None:
+                             fractions: list[float], args: argparse.Namespace, base: RunSettings,
+                             alphas: list[float]) -> None:
     # Several invocations may fill one grid (say, the 40% column first): keep every cell,
     # except a finished one whose directory has since been deleted to be run again (after a
     # change to a defense): its old figures no longer describe anything on disk.
@@ -1022,16 +1087,21 @@ def _merge_and_write_outputs(output: Path, rows: list[dict], strategies: list[st
     rows = list(merged.values())
     strategies = _union(strategies, (r["strategy"] for r in rows))
     attacks = _union(attacks, (r["attack"] for r in rows if r["strategy"] != ORACLE))
-    fractions = sorted(set(fractions) | {r["fraction"] for r in rows})
     write_json_atomic(output / "cells.json", rows)  # a kill mid-write must not cost the other grids' rows
     with open(output / "cells.csv", "w", newline="") as handle:
         # Rows written by an older runner may lack a newer column: the header is the union.
         writer = csv.DictWriter(handle, fieldnames=_union([], (key for row in rows for key in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
-    header = (f"## {base.dataset}, {args.clients} clients, {base.partitioning} (alpha={base.dirichlet_alpha}), "
-              f"{base.num_server_rounds} rounds")
-    write_tables(rows, strategies, attacks, fractions, output / "tables.md", header)
+    lines = []
+    # One set of tables per alpha, each with every fraction this grid or an earlier one ran at it.
+    for alpha in sorted({row_alpha(r) for r in rows} | set(alphas)):
+        these = [r for r in rows if row_alpha(r) == alpha]
+        at_alpha = sorted((set(fractions) if alpha in alphas else set()) | {r["fraction"] for r in these})
+        header = (f"## {base.dataset}, {args.clients} clients, {base.partitioning} (alpha={alpha}), "
+                  f"{base.num_server_rounds} rounds")
+        lines += table_lines(these, strategies, attacks, at_alpha, header)
+    (output / "tables.md").write_text("\n".join(lines))
 
 
 def _resummarised(output: Path, row: dict, num_clients: int) -> dict:
@@ -1062,7 +1132,7 @@ def recorded_cells(output: Path) -> list[Cell]:
 def _row_cell(row: dict) -> Cell | None:
     """The cell a cells.json row describes; None for a row without those columns or another key."""
     try:
-        cell = Cell(row["strategy"], row["attack"], float(row["fraction"]), int(row["seed"]))
+        cell = Cell(row["strategy"], row["attack"], float(row["fraction"]), int(row["seed"]), row_alpha(row))
     except (KeyError, TypeError, ValueError):
         return None
     return cell if cell.key == row.get("key") else None

@@ -713,7 +713,8 @@ def test_a_fraction_given_as_the_refusal_prints_it_is_taken(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("key", "option"), [("seed", "--seeds"), ("attack", "--attacks"),
-                                             ("output-dir", "--output"), ("malicious-partitions", "--fractions")])
+                                             ("output-dir", "--output"), ("malicious-partitions", "--fractions"),
+                                             ("dirichlet-alpha", "--alpha")])
 def test_a_key_the_grid_sets_per_cell_is_refused_in_set(key, option, capsys, tmp_path):
     # The cell would overwrite it: --set seed=7 ran seed 0 without a word.
     argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "fedavg", "--attacks", "none",
@@ -729,3 +730,62 @@ def test_an_output_that_cannot_be_created_is_one_line_not_a_traceback(capsys, tm
             "--fractions", "0.25", "--output", str(blocker / "grid")]
     assert main(argv) == 2
     assert "softmerge-grid: cannot write to --output" in capsys.readouterr().err
+
+
+def test_alpha_is_a_dimension_of_the_grid_that_keeps_the_default_alphas_cell_names(tmp_path):
+    from softmerge.simulations.config import parse_run_config
+    from softmerge.simulations.grid import _row_cell, cell_settings, key_fraction
+
+    cells = plan_cells(["softmerge"], ["none", "fang"], [0.2, 0.4], [0], oracle=True, alphas=[0.1, 0.5])
+    assert len(cells) == 2 * (2 + 2 * 2)
+    keys = {cell.key for cell in cells}
+    # The reference grid's cells (alpha 0.5) keep their names; another alpha is named.
+    assert {"oracle__none__f0.2__s0", "softmerge__fang__f0.4__s0", "oracle__none__f0.2__s0__a0.1",
+            "softmerge__fang__f0.4__s0__a0.1"} <= keys
+    assert Cell("softmerge", "fang", 0.4, 0) == Cell("softmerge", "fang", 0.4, 0, 0.5)
+    assert key_fraction("softmerge__fang__f0.4__s0__a0.1") == key_fraction("softmerge__fang__f0.4__s0") == 0.4
+    with pytest.raises(ValueError):
+        key_fraction("softmerge__fang")
+    settings = parse_run_config({"dataset": "digits"})
+    assert cell_settings(settings, Cell("fedavg", "none", 0.2, 0, 0.1), 10, tmp_path).dirichlet_alpha == 0.1
+    assert cell_settings(settings, Cell("fedavg", "none", 0.2, 0), 10, tmp_path).dirichlet_alpha == 0.5
+    row = summarise_cell(Cell("fedavg", "none", 0.2, 3, 0.1), None, 10, "finished", None)
+    assert row["alpha"] == 0.1 and _row_cell(row) == Cell("fedavg", "none", 0.2, 3, 0.1)
+    old_row = {key: value for key, value in summarise_cell(Cell("fedavg", "none", 0.2, 3), None, 10, "finished",
+                                                           None).items() if key != "alpha"}
+    assert _row_cell(old_row) == Cell("fedavg", "none", 0.2, 3)  # written before alpha was a column
+
+
+@pytest.mark.parametrize("alpha", ["0", "-1", "x", "inf", ","])
+def test_an_alpha_that_is_not_a_positive_number_is_refused(alpha, capsys, tmp_path):
+    argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "fedavg", "--attacks", "none",
+            "--fractions", "0.25", "--plan", "--output", str(tmp_path), "--alpha", alpha]
+    assert main(argv) == 2
+    assert "--alpha:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_grid_over_two_alphas_runs_each_partitioning_and_tables_them_apart(tmp_path):
+    argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "fedavg", "--attacks", "none",
+            "--fractions", "0.25", "--output", str(tmp_path), "--alpha", "0.05,0.5"]
+    assert main(argv) == 0
+    rows = {row["key"]: row for row in json.loads((tmp_path / "cells.json").read_text())}
+    assert set(rows) == {"fedavg__none__f0.25__s0", "fedavg__none__f0.25__s0__a0.05", "oracle__none__f0.25__s0",
+                         "oracle__none__f0.25__s0__a0.05"}
+    assert all(row["status"] == "finished" for row in rows.values())
+    results = {key: json.loads((tmp_path / "cells" / key / "results.json").read_text()) for key in rows}
+    assert results["fedavg__none__f0.25__s0__a0.05"]["settings"]["dirichlet-alpha"] == 0.05
+    assert results["fedavg__none__f0.25__s0"]["settings"]["dirichlet-alpha"] == 0.5
+    # Each alpha is its own partitioning of the clients' data, so its own run.
+    assert results["fedavg__none__f0.25__s0__a0.05"]["rounds"] != results["fedavg__none__f0.25__s0"]["rounds"]
+    tables = (tmp_path / "tables.md").read_text()
+    assert tables.index("(alpha=0.05)") < tables.index("(alpha=0.5)")
+    assert tables.count("### Final test accuracy (%), 25% malicious") == 2
+    assert (tmp_path / "plots" / "accuracy__none__f0.25__a0.05.png").is_file()
+    assert (tmp_path / "plots" / "accuracy__none__f0.25.png").is_file()
+    assert json.loads((tmp_path / "grid.json").read_text())["base"]["dirichlet-alpha"] == [0.05, 0.5]
+    stamp = (tmp_path / "cells" / "fedavg__none__f0.25__s0__a0.05" / "results.json").stat().st_mtime_ns
+    # A later grid at one alpha on the same output runs nothing again and keeps the other's tables.
+    assert main([*argv[:-2], "--alpha", "0.5"]) == 0
+    assert (tmp_path / "cells" / "fedavg__none__f0.25__s0__a0.05" / "results.json").stat().st_mtime_ns == stamp
+    assert "(alpha=0.05)" in (tmp_path / "tables.md").read_text()
