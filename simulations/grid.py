@@ -368,8 +368,12 @@ def write_tables(rows: list[dict], strategies: list[str], attacks: list[str], fr
 
 
 def table_lines(rows: list[dict], strategies: list[str], attacks: list[str], fractions: list[float],
-                header: str) -> list[str]:
-    """Markdown lines of every table of ``rows``, which must share one alpha."""
+                header: str, heading_suffix: str = "") -> list[str]:
+    """Markdown lines of every table of ``rows``, which must share one alpha.
+
+    ``heading_suffix`` ends every table's heading (an alpha other than the default names
+    itself there, so that no two headings of one page are the same).
+    """
     by_key: dict[tuple, list[dict]] = {}
     for row in rows:
         by_key.setdefault((row["strategy"], row["attack"], row["fraction"]), []).append(row)
@@ -395,12 +399,12 @@ def table_lines(rows: list[dict], strategies: list[str], attacks: list[str], fra
 
     lines = [header, ""]
     defenses = [s for s in strategies if s != ORACLE]
-    lines += summary_tables(by_key, defenses, attacks, fractions)
+    lines += summary_tables(by_key, defenses, attacks, fractions, heading_suffix)
     accuracy_tables = (("final_accuracy", "Final test accuracy (%)"),
                        ("last3_accuracy", f"Test accuracy (%), mean of the last {LAST_ROUNDS} rounds"))
     for fraction in fractions:
         for field, title in accuracy_tables:
-            lines += [f"### {title}, {fraction:.0%} malicious", ""]
+            lines += [f"### {title}, {fraction:.0%} malicious{heading_suffix}", ""]
             lines.append("| defense | " + " | ".join(attacks) + " | worst attack |")
             lines.append("|---|" + "---|" * (len(attacks) + 1))
             oracle = cell_text(ORACLE, NO_ATTACK, fraction, field)
@@ -420,7 +424,7 @@ def table_lines(rows: list[dict], strategies: list[str], attacks: list[str], fra
             lines.append("")
     backdoor = [a for a in attacks if a.startswith("backdoor")]
     if backdoor:
-        lines += ["### Backdoor attack success rate (%), lower is better", ""]
+        lines += [f"### Backdoor attack success rate (%), lower is better{heading_suffix}", ""]
         lines.append("| defense | " + " | ".join(f"{a} @ {f:.0%}" for a in backdoor for f in fractions) + " |")
         lines.append("|---|" + "---|" * (len(backdoor) * len(fractions)))
         for strategy in defenses:
@@ -428,7 +432,8 @@ def table_lines(rows: list[dict], strategies: list[str], attacks: list[str], fra
                                                      for a in backdoor for f in fractions) + " |")
         lines.append("")
     if "softmerge" in strategies:
-        lines += ["### SoftMerge: share of merged weight on malicious candidates (%, mean over rounds)", ""]
+        lines += ["### SoftMerge: share of merged weight on malicious candidates (%, mean over rounds)"
+                  + heading_suffix, ""]
         lines.append("| fraction | " + " | ".join(attacks) + " |")
         lines.append("|---|" + "---|" * len(attacks))
         for fraction in fractions:
@@ -452,7 +457,7 @@ def any_failed(by_key: dict[tuple, list[dict]], strategy: str, fraction: float, 
 
 
 def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks: list[str],
-                   fractions: list[float]) -> list[str]:
+                   fractions: list[float], heading_suffix: str = "") -> list[str]:
     """Markdown lines: each defense's worst case over the attacks per fraction, by statistic.
 
     A cell reads "worst (k/n)": the lowest accuracy over the n attacks whose cells have
@@ -495,7 +500,8 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
     if not attacked:
         return []
     columns = " | ".join(f"{f:.0%}" for f in fractions)
-    lines = ["### Summary: worst case over the attacks (attacks within 1 point of the oracle / attacks finished)",
+    lines = ["### Summary: worst case over the attacks (attacks within 1 point of the oracle / attacks finished)"
+             + heading_suffix,
              "", f"| defense | statistic | {columns} |", "|---|---|" + "---|" * len(fractions)]
     for field, label in SUMMARY_STATISTICS:
         oracle = [value(ORACLE, NO_ATTACK, f, field) for f in fractions]
@@ -520,7 +526,7 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
                              + seeds_text(strategy, fraction, attacked))
             lines.append(f"| {strategy} | {label} | " + " | ".join(texts) + " |")
     lines += ["", f"### Round-to-round spread: standard deviation of test accuracy (points) over the last "
-              f"{LONG_WINDOW} rounds, median over the attacks", "",
+              f"{LONG_WINDOW} rounds, median over the attacks{heading_suffix}", "",
               f"| defense | {columns} |", "|---|" + "---|" * len(fractions)]
     for strategy in [ORACLE] + defenses:
         among = [NO_ATTACK] if strategy == ORACLE else attacked
@@ -751,6 +757,10 @@ def parse_alphas(text: str) -> list[float]:
             raise ConfigError(f"--alpha: {item!r} is not a number") from None
         if not (math.isfinite(alpha) and alpha > 0):
             raise ConfigError(f"--alpha: a Dirichlet alpha must be a finite number > 0, got {item!r}")
+        if float(f"{alpha:g}") != alpha:
+            # Cell keys name alpha to six significant digits: two alphas must not share one key.
+            raise ConfigError(f"--alpha: give {item!r} to at most six significant digits (its cells would be named "
+                              f"{alpha:g})")
         if alpha not in alphas:
             alphas.append(alpha)
     if not alphas:
@@ -791,8 +801,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     output = Path(args.output)
-    # grid.json's base: the settings every cell shares, alpha (a list when the grid spans several) included.
-    recorded_config = config if len(alphas) == 1 else {**config, "dirichlet-alpha": alphas}
+    # grid.json's base: the settings every cell shares. Alpha is a cell's, as the fraction is
+    # (its key and cells.json's alpha column name it; the invocations give the lists).
+    recorded_config = {key: value for key, value in config.items() if key != "dirichlet-alpha"}
     # A rule's n is a round's replies: with fraction-train < 1, fewer than the clients.
     replies = replies_per_round(base, args.clients)
     cells = plan_cells(strategies, attacks, fractions, seeds, oracle=not args.no_oracle, alphas=alphas)
@@ -812,6 +823,11 @@ def main(argv: list[str] | None = None) -> int:
         for key, differences in stale[:5]:
             shown = ", ".join(f"{name}: {was!r} there, {now!r} here" for name, (was, now) in differences.items())
             print(f"  {key}: {shown}", file=sys.stderr)
+        if any("dirichlet-alpha" in differences and "__a" not in key for key, differences in stale):
+            # Before alpha was a dimension of the grid, a cell's key did not name it.
+            print(f"A cell at another alpha than {DEFAULT_ALPHA:g} whose key does not name it was made before alpha "
+                  "was a dimension of the grid: rename its directory cells/<key> to cells/<key>__a<alpha> and run "
+                  "--tables-only.", file=sys.stderr)
         print("Give this grid its own --output, or delete those cells' directories to run them again.",
               file=sys.stderr)
         return 2
@@ -1009,7 +1025,7 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
                 recorded: list[Cell] = ()) -> list[tuple[str, dict]]:
     """The finished cells on disk whose recorded settings are not the run this grid would make.
 
-    The cell key names strategy, attack, fraction and seed only; everything else (a changed
+    The cell key names strategy, attack, fraction, seed and alpha only; everything else (a changed
     ``--set``, another dataset, round or client count) would otherwise pass a stale cell off
     as done. ``cells`` are this grid's (one that cannot run here is not held against it);
     ``recorded``, the finished cells other grids put in this output's tables, are checked
@@ -1084,7 +1100,9 @@ def _merge_and_write_outputs(output: Path, rows: list[dict], strategies: list[st
     for key, row in merged.items():
         if row.get("status") == "finished" and "last10_accuracy" not in row:
             merged[key] = _resummarised(output, row, args.clients)
-    rows = list(merged.values())
+    # A row written before alpha was a column ran at the default (its key says so).
+    rows = [row if "alpha" in row else {**row, "alpha": DEFAULT_ALPHA} for row in merged.values()]
+    planned_strategies, planned_attacks = strategies, attacks
     strategies = _union(strategies, (r["strategy"] for r in rows))
     attacks = _union(attacks, (r["attack"] for r in rows if r["strategy"] != ORACLE))
     write_json_atomic(output / "cells.json", rows)  # a kill mid-write must not cost the other grids' rows
@@ -1094,13 +1112,19 @@ def _merge_and_write_outputs(output: Path, rows: list[dict], strategies: list[st
         writer.writeheader()
         writer.writerows(rows)
     lines = []
-    # One set of tables per alpha, each with every fraction this grid or an earlier one ran at it.
-    for alpha in sorted({row_alpha(r) for r in rows} | set(alphas)):
+    # One set of tables per alpha, the default first: each with the defenses, attacks and
+    # fractions this grid planned at it or any grid ran at it, and no others.
+    for alpha in sorted({row_alpha(r) for r in rows} | set(alphas), key=lambda a: (a != DEFAULT_ALPHA, a)):
         these = [r for r in rows if row_alpha(r) == alpha]
-        at_alpha = sorted((set(fractions) if alpha in alphas else set()) | {r["fraction"] for r in these})
+        planned = alpha in alphas
+        at_alpha = sorted((set(fractions) if planned else set()) | {r["fraction"] for r in these})
+        defenses = [s for s in strategies if (planned and s in planned_strategies)
+                    or any(r["strategy"] == s for r in these)]
+        attacked = [a for a in attacks if (planned and a in planned_attacks)
+                    or any(r["attack"] == a and r["strategy"] != ORACLE for r in these)]
         header = (f"## {base.dataset}, {args.clients} clients, {base.partitioning} (alpha={alpha}), "
                   f"{base.num_server_rounds} rounds")
-        lines += table_lines(these, strategies, attacks, at_alpha, header)
+        lines += table_lines(these, defenses, attacked, at_alpha, header, alpha_title(alpha))
     (output / "tables.md").write_text("\n".join(lines))
 
 

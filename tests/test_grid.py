@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from softmerge.simulations.grid import (Cell, main, malicious_ids, not_applicable, plan_cells, summarise_cell,
-                                         write_tables)
+from softmerge.simulations.grid import (Cell, format_percent, main, malicious_ids, not_applicable, plan_cells,
+                                         summarise_cell, write_tables)
 
 
 def test_plan_and_rules_that_cannot_run():
@@ -756,7 +756,7 @@ def test_alpha_is_a_dimension_of_the_grid_that_keeps_the_default_alphas_cell_nam
     assert _row_cell(old_row) == Cell("fedavg", "none", 0.2, 3)  # written before alpha was a column
 
 
-@pytest.mark.parametrize("alpha", ["0", "-1", "x", "inf", ","])
+@pytest.mark.parametrize("alpha", ["0", "-1", "x", "inf", ",", "0.1234567"])
 def test_an_alpha_that_is_not_a_positive_number_is_refused(alpha, capsys, tmp_path):
     argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "fedavg", "--attacks", "none",
             "--fractions", "0.25", "--plan", "--output", str(tmp_path), "--alpha", alpha]
@@ -779,13 +779,51 @@ def test_a_grid_over_two_alphas_runs_each_partitioning_and_tables_them_apart(tmp
     # Each alpha is its own partitioning of the clients' data, so its own run.
     assert results["fedavg__none__f0.25__s0__a0.05"]["rounds"] != results["fedavg__none__f0.25__s0"]["rounds"]
     tables = (tmp_path / "tables.md").read_text()
-    assert tables.index("(alpha=0.05)") < tables.index("(alpha=0.5)")
-    assert tables.count("### Final test accuracy (%), 25% malicious") == 2
+    # The default alpha's tables first, as a grid of that alpha alone writes them; the other's headings name it.
+    default, other = tables.split("(alpha=0.05)")
+    assert "(alpha=0.5)" in default and "alpha 0.05" not in default
+    assert "### Final test accuracy (%), 25% malicious\n" in default
+    assert "### Final test accuracy (%), 25% malicious, alpha 0.05\n" in other
+    # Each set of tables shows its own alpha's runs.
+    for text, key in ((default, "fedavg__none__f0.25__s0"), (other, "fedavg__none__f0.25__s0__a0.05")):
+        final = format_percent(rows[key]["final_accuracy"])
+        assert f"| fedavg | {final} | - |" in text  # no attacked cell: no worst case
     assert (tmp_path / "plots" / "accuracy__none__f0.25__a0.05.png").is_file()
     assert (tmp_path / "plots" / "accuracy__none__f0.25.png").is_file()
-    assert json.loads((tmp_path / "grid.json").read_text())["base"]["dirichlet-alpha"] == [0.05, 0.5]
+    # Alpha is a cell's, as the fraction is: not in the base every cell shares.
+    assert "dirichlet-alpha" not in json.loads((tmp_path / "grid.json").read_text())["base"]
     stamp = (tmp_path / "cells" / "fedavg__none__f0.25__s0__a0.05" / "results.json").stat().st_mtime_ns
     # A later grid at one alpha on the same output runs nothing again and keeps the other's tables.
     assert main([*argv[:-2], "--alpha", "0.5"]) == 0
     assert (tmp_path / "cells" / "fedavg__none__f0.25__s0__a0.05" / "results.json").stat().st_mtime_ns == stamp
     assert "(alpha=0.05)" in (tmp_path / "tables.md").read_text()
+
+
+def test_a_cell_made_at_another_alpha_before_alpha_was_in_its_key_is_refused_with_the_way_out(tmp_path, capsys):
+    from dataclasses import replace
+
+    from softmerge.simulations.config import parse_run_config, to_run_config
+    from softmerge.simulations.grid import cell_settings
+
+    # What the grid wrote at alpha 0.1 before alpha was a dimension: the key does not name it.
+    cell = Cell("fedavg", "none", 0.2, 0)
+    ran = replace(cell_settings(parse_run_config({"dataset": "digits", "num-server-rounds": 1,
+                                                  "partitioning": "dirichlet"}), cell, 10, tmp_path),
+                  dirichlet_alpha=0.1)
+    (tmp_path / "cells" / cell.key).mkdir(parents=True)
+    (tmp_path / "cells" / cell.key / "results.json").write_text(json.dumps(
+        {"status": "finished", "settings": to_run_config(ran),
+         "rounds": [{"round": r, "test_accuracy": a} for r, a in enumerate([0.1, 0.6])]}))
+    old_row = {key: value for key, value in summarise_cell(cell, None, 10, "finished", 1.0).items() if key != "alpha"}
+    (tmp_path / "cells.json").write_text(json.dumps([old_row]))
+    argv = ["--dataset", "digits", "--clients", "10", "--rounds", "1", "--strategies", "fedavg", "--attacks",
+            "none", "--fractions", "0.2", "--no-oracle", "--output", str(tmp_path), "--alpha", "0.1"]
+    assert main(argv + ["--tables-only"]) == 2
+    err = capsys.readouterr().err
+    assert "fedavg__none__f0.2__s0: dirichlet-alpha: 0.1 there, 0.5 here" in err
+    assert "rename its directory cells/<key> to cells/<key>__a<alpha>" in err
+    (tmp_path / "cells" / "fedavg__none__f0.2__s0").rename(tmp_path / "cells" / "fedavg__none__f0.2__s0__a0.1")
+    assert main(argv + ["--tables-only"]) == 0
+    rows = json.loads((tmp_path / "cells.json").read_text())
+    assert [(row["key"], row["alpha"], row["final_accuracy"]) for row in rows] == [
+        ("fedavg__none__f0.2__s0__a0.1", 0.1, 0.6)]

@@ -91,3 +91,19 @@ def test_an_attack_the_grid_has_no_cell_of_is_refused_not_dropped(tmp_path, seed
     assert seed_table.main(argv + ["--attacks", "sign-flp"]) == 2
     assert "no cell of sign-flp at 40%" in capsys.readouterr().err
     assert seed_table.main(argv + ["--attacks", "sign-flip"]) == 0
+
+
+def test_another_alpha_reads_its_own_cells_and_attacks(tmp_path, seed_table):
+    flat = lambda value: [0.1] + [value] * 12  # noqa: E731
+    _cell(tmp_path, "oracle__none__f0.4__s0", flat(0.84))
+    _cell(tmp_path, "softmerge__sign-flip__f0.4__s0", flat(0.83))
+    _cell(tmp_path, "oracle__none__f0.4__s0__a0.1", flat(0.70))
+    _cell(tmp_path, "softmerge__alie__f0.4__s0__a0.1", flat(0.65))
+    (tmp_path / "cells.json").write_text(json.dumps([
+        {"strategy": "softmerge", "attack": "sign-flip", "fraction": 0.4},  # a row from before alpha was a column
+        {"strategy": "softmerge", "attack": "alie", "fraction": 0.4, "alpha": 0.1}]))
+    assert seed_table.attacks_in_grid(tmp_path, 0.4) == ["sign-flip"]
+    assert seed_table.attacks_in_grid(tmp_path, 0.4, 0.1) == ["alie"]
+    lines = seed_table.seed_table(tmp_path, 0.4, ["softmerge"], ["alie"], [0], 20, alpha=0.1)
+    row = next(line for line in lines if line.startswith("| alie |"))
+    assert "70.0" in row and "65.0" in row and "84.0" not in row
