@@ -267,12 +267,12 @@ def format_scores(scores, clients):
 
 def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False,
         inflate=0.0, selection=False, distances_every=0, trust=True, attack_from=1, marginal=False,
-        crossfit=None):
+        crossfit=None, alpha=ALPHA):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
     units = build_merge_units(model, variant.units if isinstance(variant, SoftMergeConfig) else "layer")
-    partitions = [load_partition(DATASET, p, CLIENTS, partitioning="dirichlet", alpha=ALPHA, gate_size=GATE_SIZE,
+    partitions = [load_partition(DATASET, p, CLIENTS, partitioning="dirichlet", alpha=alpha, gate_size=GATE_SIZE,
                                  test_size=TEST_SIZE, seed=seed, pool_size=POOL) for p in range(CLIENTS)]
     sizes = np.array([len(split_held_out(d)[0]) for d in partitions], dtype=float)
     malicious = set(malicious) if attack != "none" else set()
@@ -513,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--malicious", default="0,1,2,3,4,5,6,7", help="partition ids (the grid's 40%%)")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="Dirichlet alpha of the partitions")
     parser.add_argument("--diagnose", action="store_true")
     parser.add_argument("--scores", type=int, default=0, metavar="N",
                         help="every N rounds, print per-candidate detection scores "
@@ -544,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
                                       args.scores, args.cosines, args.inflate, args.selection, args.loss_distances,
-                                      trust, args.attack_from, args.marginal, args.crossfit)
+                                      trust, args.attack_from, args.marginal, args.crossfit, args.alpha)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
