@@ -74,13 +74,19 @@ def alpha_title(alpha: float) -> str:
     return "" if alpha == DEFAULT_ALPHA else f", alpha {alpha:g}"
 
 
+def key_names_alpha(key: str) -> bool:
+    """Whether a cell key ends in ``__a<alpha>`` (an attack name may start with "a": "alie")."""
+    parts = key.split("__")
+    return len(parts) > 4 and parts[-1].startswith("a")
+
+
 def key_fraction(key: str) -> float:
     """The malicious fraction a cell key names (ValueError if it names none).
 
     Read from the end: an attack name may hold "__" or start with "f" ("fang").
     """
     parts = key.split("__")
-    if len(parts) > 4 and parts[-1].startswith("a"):
+    if key_names_alpha(key):
         parts = parts[:-1]
     if len(parts) < 4 or not parts[-2].startswith("f"):
         raise ValueError(f"not a cell key: {key!r}")
@@ -823,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, differences in stale[:5]:
             shown = ", ".join(f"{name}: {was!r} there, {now!r} here" for name, (was, now) in differences.items())
             print(f"  {key}: {shown}", file=sys.stderr)
-        if any("dirichlet-alpha" in differences and "__a" not in key for key, differences in stale):
+        if any("dirichlet-alpha" in differences and not key_names_alpha(key) for key, differences in stale):
             # Before alpha was a dimension of the grid, a cell's key did not name it.
             print(f"A cell at another alpha than {DEFAULT_ALPHA:g} whose key does not name it was made before alpha "
                   "was a dimension of the grid: rename its directory cells/<key> to cells/<key>__a<alpha> and run "

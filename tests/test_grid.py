@@ -799,14 +799,16 @@ def test_a_grid_over_two_alphas_runs_each_partitioning_and_tables_them_apart(tmp
     assert "(alpha=0.05)" in (tmp_path / "tables.md").read_text()
 
 
-def test_a_cell_made_at_another_alpha_before_alpha_was_in_its_key_is_refused_with_the_way_out(tmp_path, capsys):
+@pytest.mark.parametrize("attack", ["none", "alie"])  # an attack name may start with "a", as a key's alpha does
+def test_a_cell_made_at_another_alpha_before_alpha_was_in_its_key_is_refused_with_the_way_out(attack, tmp_path,
+                                                                                              capsys):
     from dataclasses import replace
 
     from softmerge.simulations.config import parse_run_config, to_run_config
     from softmerge.simulations.grid import cell_settings
 
     # What the grid wrote at alpha 0.1 before alpha was a dimension: the key does not name it.
-    cell = Cell("fedavg", "none", 0.2, 0)
+    cell = Cell("fedavg", attack, 0.2, 0)
     ran = replace(cell_settings(parse_run_config({"dataset": "digits", "num-server-rounds": 1,
                                                   "partitioning": "dirichlet"}), cell, 10, tmp_path),
                   dirichlet_alpha=0.1)
@@ -817,13 +819,13 @@ def test_a_cell_made_at_another_alpha_before_alpha_was_in_its_key_is_refused_wit
     old_row = {key: value for key, value in summarise_cell(cell, None, 10, "finished", 1.0).items() if key != "alpha"}
     (tmp_path / "cells.json").write_text(json.dumps([old_row]))
     argv = ["--dataset", "digits", "--clients", "10", "--rounds", "1", "--strategies", "fedavg", "--attacks",
-            "none", "--fractions", "0.2", "--no-oracle", "--output", str(tmp_path), "--alpha", "0.1"]
+            attack, "--fractions", "0.2", "--no-oracle", "--output", str(tmp_path), "--alpha", "0.1"]
     assert main(argv + ["--tables-only"]) == 2
     err = capsys.readouterr().err
-    assert "fedavg__none__f0.2__s0: dirichlet-alpha: 0.1 there, 0.5 here" in err
+    assert f"fedavg__{attack}__f0.2__s0: dirichlet-alpha: 0.1 there, 0.5 here" in err
     assert "rename its directory cells/<key> to cells/<key>__a<alpha>" in err
-    (tmp_path / "cells" / "fedavg__none__f0.2__s0").rename(tmp_path / "cells" / "fedavg__none__f0.2__s0__a0.1")
+    (tmp_path / "cells" / cell.key).rename(tmp_path / "cells" / f"{cell.key}__a0.1")
     assert main(argv + ["--tables-only"]) == 0
     rows = json.loads((tmp_path / "cells.json").read_text())
     assert [(row["key"], row["alpha"], row["final_accuracy"]) for row in rows] == [
-        ("fedavg__none__f0.2__s0__a0.1", 0.1, 0.6)]
+        (f"{cell.key}__a0.1", 0.1, 0.6)]
