@@ -34,6 +34,13 @@ gate learning may still open the gate as far as the candidate's own evidence all
 warm-start ceiling), so an honest client with unusual data that the record holds down is
 let back in when the gate split says it helps.
 
+Size. A record is kept for every client ever gated, and a client that leaves for good (or
+is handed a new node ID) leaves its entry behind, so a long deployment with churn would
+grow it without end. The record is therefore ordered by when each client was last gated,
+and :func:`forget_least_recent` keeps only the most recent entries: a client forgotten
+this way starts neutral if it returns, as one re-registering under a new node ID does, so
+forgetting gives an attacker nothing it could not have anyway.
+
 Identity. The strategy keys the record by Flower node ID, which a client cannot choose; a
 client that re-registers under a new ID starts with no record (the bound never punishes a
 newcomer; it only keeps a client refused round after round from getting in once its
@@ -68,15 +75,27 @@ def update_record(record: dict[str, tuple[float, float]], clients: Sequence[str]
                   memory: float) -> dict[str, tuple[float, float]]:
     """The record after one round: ``record[c] = (opened, seen)``, discounted by ``memory``.
 
-    Clients not gated this round keep their entry unchanged. Returns a new dict.
+    Clients not gated this round keep their entry unchanged. The clients gated this round
+    move to the end, in the order given, so the dict runs from the least to the most
+    recently gated (what :func:`forget_least_recent` relies on). Returns a new dict.
     """
     updated = dict(record)
     if openness is None:
         return updated
     for client, value in zip(clients, openness):
         opened, seen = record.get(client, (0.0, 0.0))
+        updated.pop(client, None)
         updated[client] = (memory * opened + float(value), memory * seen + 1.0)
     return updated
+
+
+def forget_least_recent(record: dict[str, tuple[float, float]], max_records: int) -> dict[str, tuple[float, float]]:
+    """The last ``max_records`` entries of a record ordered by :func:`update_record`; a new dict."""
+    if max_records < 1:
+        raise ValueError(f"max_records must be at least 1, got {max_records!r}")
+    if len(record) <= max_records:
+        return dict(record)
+    return dict(list(record.items())[-max_records:])
 
 
 def trust_of(record: Mapping[str, tuple[float, float]], client: str) -> float:

@@ -83,6 +83,7 @@ def build_strategy(
     if name == "softmerge":
         return SoftMerge(model, gate_split, merge_config_from(settings), on_report=on_report,
                          trust=settings.softmerge_trust, trust_memory=settings.softmerge_trust_memory,
+                         trust_max_records=settings.softmerge_trust_max_records,
                          follow_labels=follow_labels, **common)
     if name == "fltrust":
         # The server model trains on the root set the way clients train (Cao et al. 2021).

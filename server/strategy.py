@@ -27,7 +27,7 @@ from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig, soft_merge
 from ..aggregation.merge import KEEP_LABEL, build_merge_units, stack_in_place
-from ..aggregation.trust import relative_openness, trust_of, update_record
+from ..aggregation.trust import forget_least_recent, relative_openness, trust_of, update_record
 from .replies import (
     RoundStartMemory,
     aggregate_client_metrics,
@@ -61,6 +61,11 @@ class SoftMerge(RoundStartMemory):
         False judges every round on its own.
     trust_memory : float (default: 0.9)
         Discount of a client's record per round it is gated (1 never forgets).
+    trust_max_records : int (default: 100_000)
+        The most node IDs the record keeps; beyond it, the least recently gated are
+        forgotten (and start neutral if they return, like a node under a new ID). It bounds
+        the record's memory and the checkpoint's size in a long deployment where nodes leave
+        and new node IDs keep arriving.
     follow_labels : bool (default: False)
         When none of the nodes in a restored record reply (every node ID changed), move
         each record to the one node whose replies now carry its label. Only for callers
@@ -85,6 +90,7 @@ class SoftMerge(RoundStartMemory):
         on_report: Callable[[int, GateReport], None] | None = None,
         trust: bool = True,
         trust_memory: float = 0.9,
+        trust_max_records: int = 100_000,
         follow_labels: bool = False,
         **kwargs,
     ) -> None:
@@ -99,10 +105,14 @@ class SoftMerge(RoundStartMemory):
         self.reports: dict[int, GateReport] = {}
         if not 0.0 <= trust_memory <= 1.0:
             raise ValueError(f"trust_memory must be in [0, 1], got {trust_memory!r}")
+        if isinstance(trust_max_records, bool) or not isinstance(trust_max_records, int) or trust_max_records < 1:
+            raise ValueError(f"trust_max_records must be a whole number of at least 1, got {trust_max_records!r}")
         self.trust = trust
         self.trust_memory = trust_memory
+        self.trust_max_records = trust_max_records
         self.follow_labels = follow_labels
-        # node ID (as text, for JSON checkpoints) -> (discounted rounds open, discounted rounds gated)
+        # node ID (as text, for JSON checkpoints) -> (discounted rounds open, discounted rounds gated),
+        # from the least to the most recently gated (checkpoints keep the order)
         self.trust_record: dict[str, tuple[float, float]] = {}
         # node ID -> the label its replies carried, so a record can follow its client to a new node ID
         self.trust_labels: dict[str, str] = {}
@@ -196,6 +206,16 @@ class SoftMerge(RoundStartMemory):
         self.trust_record = update_record(self.trust_record, [node_of[report.candidates[k]] for k in columns],
                                           openness, self.trust_memory)
         self.trust_labels.update((node_of[report.candidates[k]], report.candidates[k]) for k in columns)
+        self._forget_beyond_cap()
+
+    def _forget_beyond_cap(self) -> None:
+        """Keep the ``trust_max_records`` most recently gated records (and their labels)."""
+        if len(self.trust_record) <= self.trust_max_records:
+            return
+        self.trust_record = forget_least_recent(self.trust_record, self.trust_max_records)
+        self.trust_labels = {node: label for node, label in self.trust_labels.items() if node in self.trust_record}
+        if self._unclaimed:
+            self._unclaimed &= set(self.trust_record)
 
     def trust_state(self) -> dict[str, list]:
         """The trust record in JSON form, for checkpoints: ``{node: [opened, seen, label]}``."""
@@ -223,6 +243,8 @@ class SoftMerge(RoundStartMemory):
             return
         self.trust_record, self.trust_labels = record, labels
         self._unclaimed = None
+        # A checkpoint from a run with a larger cap.
+        self._forget_beyond_cap()
 
     def _follow_restored_record(self, server_round: int, nodes: list[str], labels: list[str]) -> None:
         """Re-key a restored trust record when none of its nodes reply: a simulation that resumed.

@@ -94,6 +94,7 @@ class RunSettings:
     softmerge_trust: bool = True
     softmerge_trust_strength: float = 2.0
     softmerge_trust_memory: float = 0.9
+    softmerge_trust_max_records: int = 100_000
     softmerge_harm_margin: float = 0.25
     softmerge_example_weights: bool = False
     softmerge_beat_constant: bool = True
@@ -232,6 +233,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_mirror_trusted": _closed_interval(0, 1),
     "softmerge_trust_strength": _at_least(0),
     "softmerge_trust_memory": _closed_interval(0, 1),
+    "softmerge_trust_max_records": _at_least(1),
     "softmerge_harm_margin": _at_least(0),
     "softmerge_near_duplicates": _at_least(0),
     "attack_claimed_examples": _at_least(0),

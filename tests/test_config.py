@@ -64,6 +64,8 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-trust-strength": -1}, "'softmerge-trust-strength' must be >= 0"),
         ({"softmerge-trust-strength": math.inf}, "'softmerge-trust-strength' must be a finite number"),
         ({"softmerge-trust-memory": 1.5}, "'softmerge-trust-memory' must be in [0, 1]"),
+        ({"softmerge-trust-max-records": 0}, "'softmerge-trust-max-records' must be >= 1"),
+        ({"softmerge-trust-max-records": 2.5}, "'softmerge-trust-max-records' must be an integer"),
         ({"softmerge-harm-margin": -0.1}, "'softmerge-harm-margin' must be >= 0"),
         ({"softmerge-mirror-specialists": -1}, "'softmerge-mirror-specialists' must be >= 0"),
         ({"softmerge-mirror-flipped": -1}, "'softmerge-mirror-flipped' must be >= 0"),

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
-from softmerge.aggregation.trust import relative_openness, trust_bound, trust_of, update_record
+from softmerge.aggregation.trust import forget_least_recent, relative_openness, trust_bound, trust_of, update_record
 from softmerge.server.strategy import SoftMerge
 
 from flower_helpers import StubGrid, make_reply
@@ -31,6 +31,17 @@ def test_update_record_discounts_and_leaves_absent_clients_alone():
     assert updated["b"] == (1.0, 1.0)
     assert record["a"] == (2.0, 4.0)  # the input is not modified
     assert update_record(record, ["a"], None, 0.5) == record
+
+
+def test_the_record_runs_from_least_to_most_recently_gated_and_forgets_the_oldest():
+    record = update_record({}, ["a", "b", "c"], [1.0, 1.0, 1.0], memory=0.9)
+    record = update_record(record, ["a"], [0.0], memory=0.9)
+    assert list(record) == ["b", "c", "a"]
+    kept = forget_least_recent(record, 2)
+    assert list(kept) == ["c", "a"] and kept["a"] == record["a"]
+    assert forget_least_recent(record, 5) == record
+    with pytest.raises(ValueError, match="max_records"):
+        forget_least_recent(record, 0)
 
 
 def test_trust_is_the_beta_posterior_mean_and_neutral_for_a_newcomer():
@@ -195,6 +206,50 @@ def test_a_client_absent_from_the_first_resumed_round_keeps_its_record_for_later
     report = strategy.reports[5]
     assert report.trust[report.candidates.index("client-0")] == pytest.approx(trust_of({"c": (0.0, 1.9)}, "c"))
     assert set(strategy.trust_record) == {"21", "22", "23"}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_strategy_keeps_only_the_most_recently_gated_records(honest_candidates, digits_task):
+    # Nodes that leave for good (churn) must not grow the record, or the checkpoint, without end.
+    model, locals_ = honest_candidates
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True, trust_max_records=3)
+
+    def play(server_round, node_ids, partitions=None):
+        list(strategy.configure_train(server_round, ArrayRecord(model.state_dict()), ConfigRecord(),
+                                      StubGrid(node_ids)))
+        strategy.aggregate_train(server_round, [make_reply(node, locals_[k], partition=partition)
+                                                for k, (node, partition) in
+                                                enumerate(zip(node_ids, partitions or node_ids))])
+
+    play(1, [11, 12, 13])
+    play(2, [12, 14])
+    assert list(strategy.trust_record) == ["13", "12", "14"]
+    assert set(strategy.trust_labels) == {"13", "12", "14"}
+    play(3, [15, 13])
+    assert list(strategy.trust_record) == ["14", "13", "15"]
+    assert set(strategy.trust_labels) == set(strategy.trust_record)
+    # 13's record survived its absence in round 2: one more round of discounting, no more.
+    assert strategy.trust_record["13"][1] == pytest.approx(0.9 + 1)
+
+    # A checkpoint keeps the order; a restore under a smaller cap keeps the most recent.
+    smaller = SoftMerge(model, digits_task.gate.tensors(), trust=True, trust_max_records=2)
+    smaller.load_trust_state(strategy.trust_state())
+    assert list(smaller.trust_record) == ["13", "15"] and set(smaller.trust_labels) == {"13", "15"}
+    # A resumed simulation's restored records that wait for their client are forgotten like
+    # any other; the client that comes back later starts neutral.
+    resumed = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True,
+                        trust_max_records=3, follow_labels=True)
+    resumed.load_trust_state({"1": [0.0, 1.9, "client-0"], "2": [0.0, 1.9, "client-1"],
+                              "3": [0.0, 1.9, "client-2"]})
+    strategy = resumed
+    play(4, [20, 23, 24], partitions=[0, 3, 4])  # client-0 under a new node ID, and two newcomers
+    assert list(resumed.trust_record) == ["20", "23", "24"]
+    assert resumed.trust_record["20"][1] == pytest.approx(1.9 * 0.9 + 1)  # client-0's record, moved
+    play(5, [21, 22], partitions=[1, 2])
+    assert resumed.reports[5].trust == [pytest.approx(0.5)] * 3
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="trust_max_records"):
+            SoftMerge(model, digits_task.gate.tensors(), trust_max_records=bad)
 
 
 @pytest.mark.usefixtures("task_identity")
