@@ -7,8 +7,10 @@ the test split, for every strategy alike.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -272,14 +274,15 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
         torch.manual_seed(settings.seed)
     remaining = settings.num_server_rounds - done
     if remaining > 0:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=remaining,
-            timeout=settings.round_timeout,
-            train_config=ConfigRecord({"seed": settings.seed}),
-            evaluate_fn=evaluate_fn,
-        )
+        with true_round_numbers(done, settings.num_server_rounds):
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=remaining,
+                timeout=settings.round_timeout,
+                train_config=ConfigRecord({"seed": settings.seed}),
+                evaluate_fn=evaluate_fn,
+            )
     if stoppable is not None:
         stoppable.check()
     rounds = done + used["rounds"]
@@ -292,6 +295,37 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             "lacks its node config replies with an error)")
     writer.flush(status="finished")
     return writer
+
+
+# Flower's Strategy.start announces each round with this message, counting from 1.
+FLOWER_ROUND_MESSAGE = "[ROUND %s/%s]"
+
+
+@contextmanager
+def true_round_numbers(done: int, total: int) -> Iterator[None]:
+    """Make Flower's round banners name the run's rounds while a resumed run's ``start`` runs.
+
+    ``Strategy.start`` restarts at round 1 of the rounds left, so a run resumed after round 3
+    of 10 would log ``[ROUND 1/7]`` for its round 4. Only records of this thread (the one
+    that calls ``start``) are rewritten, so another run in the process keeps its own.
+    """
+    if not done:
+        yield
+        return
+    thread = threading.get_ident()
+
+    def renumber(record: logging.LogRecord) -> bool:
+        if record.msg == FLOWER_ROUND_MESSAGE and record.thread == thread and isinstance(record.args, tuple) \
+                and len(record.args) == 2 and isinstance(record.args[0], int):
+            record.args = (record.args[0] + done, total)
+        return True
+
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.addFilter(renumber)
+    try:
+        yield
+    finally:
+        flower_logger.removeFilter(renumber)
 
 
 def offset_rounds(strategy: FedAvg, offset: int) -> FedAvg:

@@ -368,6 +368,8 @@ def test_a_stateful_colluding_attack_resumes_where_it_stopped(tmp_path, monkeypa
     run_experiment(settings("interrupted"), 4, log_file=tmp_path / "resumed.log")
     log_text = (tmp_path / "resumed.log").read_text()
     assert "resuming from the checkpoint of round 1" in log_text and "starts over" not in log_text
+    # Flower's round banners name the run's rounds, not the resumed part's.
+    assert "[ROUND 2/3]" in log_text and "[ROUND 3/3]" in log_text and "[ROUND 1/" not in log_text
     with np.load(tmp_path / "straight" / "checkpoint.npz") as a, \
             np.load(tmp_path / "interrupted" / "checkpoint.npz") as b:
         assert sorted(a.files) == sorted(b.files)
