@@ -257,11 +257,6 @@ class SoftMergeConfig:
             every candidate that fails the test. Only read when trust is passed; at 1/2
             or below it also spares clients with no record (trust 1/2), so useful values
             lie above 1/2.
-        mirror_caps: the mirror test's bound is part of the warm-start ceiling (the
-            default), so gate learning cannot re-open a candidate the test bounded. False
-            lowers only its start: learning may open it as far as its own-loss start, if the
-            merge it joins fits the gate split better. An experiment for strongly non-IID
-            clients, whose honest updates the test bounds (docs/benchmarks.md, "Session 35").
         mirror_confidence: z > 0 makes the mirror test a significance test: only a
             candidate whose d exceeds z standard errors of its per-example differences on
             the gate split (an update that ascends beyond what the split's sampling noise
@@ -380,7 +375,6 @@ class SoftMergeConfig:
     mirror_specialist_ratio: float = 0.0
     mirror_flipped_ratio: float = 0.0
     mirror_trusted: float = 0.6
-    mirror_caps: bool = True
     merge_duplicates: bool = True
     near_duplicate_tolerance: float = 0.0
     max_grad_norm: float = 1.0
@@ -413,7 +407,6 @@ class SoftMergeConfig:
                  "warm_start_temperature must be a finite number > 0")
         _require(isinstance(self.warm_start_ceiling, bool), "warm_start_ceiling must be a bool")
         _require(isinstance(self.mirror_test, bool), "mirror_test must be a bool")
-        _require(isinstance(self.mirror_caps, bool), "mirror_caps must be a bool")
         _require(_finite(self.mirror_temperature) and self.mirror_temperature > 0,
                  "mirror_temperature must be a finite number > 0")
         _require(_finite(self.mirror_confidence) and self.mirror_confidence >= 0,
@@ -1252,13 +1245,11 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         if trust is not None and config.mirror_trusted > 0:
             trusted = [value >= config.mirror_trusted for value in group_trust]
             spared = trusted if spared is None else [a or b for a, b in zip(spared, trusted)]
-        own_loss_start = None
         if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):
             start = torch.nan_to_num(initial_log_alpha.detach().float()[:, heads], nan=LOG_ALPHA_MIN)
             start = start.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
         else:
             start = warm_start_log_alpha(group_mean_losses, config)
-            own_loss_start = start
             if use_mirror_test:
                 errors = [error for _, error in group_mirrors] if config.mirror_confidence > 0 else None
                 start = torch.minimum(start, mirror_log_alpha(group_mean_losses, [loss for loss, _ in group_mirrors],
@@ -1270,8 +1261,6 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                                         for group in groups], dtype=torch.float64)
                           if config.example_weights and examples is not None else None)
         ceiling = start.clone() if config.warm_start_ceiling else None
-        if ceiling is not None and own_loss_start is not None and not config.mirror_caps:
-            ceiling = own_loss_start.expand(len(units), -1).clone()
         if trust is not None and config.trust_strength > 0:
             bounds = torch.tensor([trust_bound(value, config.init_log_alpha, config.trust_strength)
                                    for value in group_trust], dtype=start.dtype)

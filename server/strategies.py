@@ -48,7 +48,7 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         mirror_confidence=settings.softmerge_mirror_confidence,
         mirror_specialist_ratio=settings.softmerge_mirror_specialists,
         mirror_flipped_ratio=settings.softmerge_mirror_flipped,
-        mirror_trusted=settings.softmerge_mirror_trusted, mirror_caps=settings.softmerge_mirror_caps,
+        mirror_trusted=settings.softmerge_mirror_trusted,
         merge_duplicates=settings.softmerge_merge_duplicates,
         near_duplicate_tolerance=settings.softmerge_near_duplicates, trust_strength=settings.softmerge_trust_strength,
         harm_margin=settings.softmerge_harm_margin, example_weights=settings.softmerge_example_weights,

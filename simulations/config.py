@@ -89,7 +89,6 @@ class RunSettings:
     softmerge_mirror_specialists: float = 0.0
     softmerge_mirror_flipped: float = 0.0
     softmerge_mirror_trusted: float = 0.6
-    softmerge_mirror_caps: bool = True
     softmerge_merge_duplicates: bool = True
     softmerge_near_duplicates: float = 0.0
     softmerge_trust: bool = True

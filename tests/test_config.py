@@ -70,7 +70,6 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-mirror-specialists": -1}, "'softmerge-mirror-specialists' must be >= 0"),
         ({"softmerge-mirror-flipped": -1}, "'softmerge-mirror-flipped' must be >= 0"),
         ({"softmerge-mirror-trusted": 1.5}, "'softmerge-mirror-trusted' must be in [0, 1]"),
-        ({"softmerge-mirror-caps": "maybe"}, "'softmerge-mirror-caps' must be true or false"),
         ({"softmerge-harm-margin": math.inf}, "'softmerge-harm-margin' must be a finite number"),
         ({"softmerge-example-weights": "maybe"}, "'softmerge-example-weights' must be true or false"),
         ({"softmerge-beat-constant": "maybe"}, "'softmerge-beat-constant' must be true or false"),
@@ -102,13 +101,13 @@ def test_softmerge_keys_reach_the_merge_config():
                                  "softmerge-ceiling": "false", "softmerge-mirror-confidence": 0.5,
                                  "softmerge-example-weights": "true", "softmerge-mirror-specialists": 3,
                                  "softmerge-mirror-trusted": 0.6, "softmerge-mirror-flipped": 2.5,
-                                 "softmerge-beat-constant": "false", "softmerge-mirror-caps": "false"})
+                                 "softmerge-beat-constant": "false"})
     config = merge_config_from(settings)
     assert config.merge_duplicates is False and config.mirror_test is False and config.example_weights is True
     assert config.beat_constant is False and merge_config_from(parse_run_config({})).beat_constant is True
     assert config.warm_start_ceiling is False and config.mirror_confidence == 0.5
     assert config.mirror_specialist_ratio == 3.0 and config.mirror_trusted == 0.6
-    assert config.mirror_flipped_ratio == 2.5 and config.mirror_caps is False
+    assert config.mirror_flipped_ratio == 2.5
     # The run config's defaults are the merge's own.
     assert merge_config_from(RunSettings()) == SoftMergeConfig()
 

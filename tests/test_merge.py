@@ -293,33 +293,6 @@ def test_mirror_test_starts_updates_that_do_not_descend_closed():
     assert weights[True]["flipped"] == weights[True]["damping"] == weights[True]["keep"] == 0.0
 
 
-def test_without_mirror_caps_the_mirror_bound_lowers_the_start_but_not_the_ceiling(monkeypatch):
-    from softmerge.aggregation import merge as merge_module
-
-    net, inputs, targets, keep, honest, flipped = _linear_task_with_a_flip()
-    seen = {}
-    learn = merge_module._learn_gates
-
-    def spy(model_, stacked, log_alpha, inputs_, targets_, config, keep_index, ceiling=None):
-        seen.setdefault((config.mirror_test, config.mirror_caps), (log_alpha.detach().clone(), ceiling.clone()))
-        return learn(model_, stacked, log_alpha, inputs_, targets_, config, keep_index, ceiling)
-    monkeypatch.setattr(merge_module, "_learn_gates", spy)
-    for mirror_test, caps in ((False, True), (True, True), (True, False)):
-        config = SoftMergeConfig(units="model", steps=1, mirror_test=mirror_test, mirror_caps=caps,
-                                 mirror_confidence=0.0, keep_mode="candidate")
-        soft_merge(net, [honest, flipped], (inputs, targets), config, labels=["honest", "flipped"])
-    own_start, _ = seen[(False, True)]
-    capped_start, capped_ceiling = seen[(True, True)]
-    start, ceiling = seen[(True, False)]
-    flip = 1
-    assert float(capped_start[0, flip]) <= LOG_ALPHA_CLOSED < float(own_start[0, flip])
-    assert torch.equal(capped_ceiling, capped_start)  # the default: the bound caps learning too
-    assert torch.equal(start, capped_start)
-    assert torch.equal(ceiling, own_start)  # learning may re-open it as far as its own loss allows
-    with pytest.raises(ValueError, match="mirror_caps"):
-        SoftMergeConfig(mirror_caps=0)
-
-
 def test_mirror_test_bound_is_closed_for_a_non_finite_candidate_and_open_for_a_non_finite_mirror():
     config = SoftMergeConfig(mirror_test=True)
     bounds = mirror_log_alpha([math.inf, 0.5, 0.5, 0.5], [0.5, math.inf, 0.5, 0.7], config)
