@@ -38,8 +38,9 @@ Size. A record is kept for every client ever gated, and a client that leaves for
 is handed a new node ID) leaves its entry behind, so a long deployment with churn would
 grow it without end. The record is therefore ordered by when each client was last gated,
 and :func:`forget_least_recent` keeps only the most recent entries: a client forgotten
-this way starts neutral if it returns, as one re-registering under a new node ID does, so
-forgetting gives an attacker nothing it could not have anyway.
+this way starts neutral if it returns, as one re-registering under a new node ID does.
+Pushing a trusted honest client's record out would take as many new node IDs gated between
+two of its rounds as the cap (100,000 by default).
 
 Identity. The strategy keys the record by Flower node ID, which a client cannot choose; a
 client that re-registers under a new ID starts with no record (the bound never punishes a

@@ -50,7 +50,10 @@ class Checkpoint:
 
 # Run-config keys that change how a run is carried out, not what it computes: a run may
 # resume with a longer round timeout, say, after its clients timed out.
-OPERATIONAL_KEYS = frozenset({"output-dir", "resume", "round-timeout", "softmerge-threads"})
+# The trust record's cap too: it changes nothing until the record outgrows it, and a server
+# short of memory must be able to lower it and resume.
+OPERATIONAL_KEYS = frozenset({"output-dir", "resume", "round-timeout", "softmerge-threads",
+                              "softmerge-trust-max-records"})
 
 
 def shaping_config(run_config: dict[str, Any]) -> dict[str, Any]:

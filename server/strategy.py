@@ -203,6 +203,8 @@ class SoftMerge(RoundStartMemory):
         """Add this round's gates to the clients' records (see :mod:`softmerge.aggregation.trust`)."""
         columns = [k for k, label in enumerate(report.candidates) if label != KEEP_LABEL and label in node_of]
         openness = relative_openness(report.gates, columns)
+        if openness is None:
+            return  # nothing is recorded, so no label either: labels only serve records
         self.trust_record = update_record(self.trust_record, [node_of[report.candidates[k]] for k in columns],
                                           openness, self.trust_memory)
         self.trust_labels.update((node_of[report.candidates[k]], report.candidates[k]) for k in columns)

@@ -39,6 +39,13 @@ def test_checkpoint_round_trip_and_rng_state(tmp_path):
     assert capture_rng_state()["torch"]
 
 
+def test_a_checkpoint_keeps_the_trust_record_in_its_order(tmp_path):
+    # SoftMerge forgets the least recently gated nodes first, by the record's order.
+    record = {"9": [1.0, 1.0, "client-9"], "10": [0.0, 1.0, "client-10"], "2": [0.5, 1.0, "client-2"]}
+    save_checkpoint(tmp_path, 1, {"w": np.zeros(1, np.float32)}, "abc", {"trust_record": record})
+    assert list(load_checkpoint(tmp_path, "abc").state["trust_record"]) == ["9", "10", "2"]
+
+
 def test_checkpoint_of_another_config_or_damaged_is_refused(tmp_path):
     assert load_checkpoint(tmp_path, "abc") is None
     save_checkpoint(tmp_path, 1, {"w": np.ones(2, np.float32)}, "abc")
@@ -117,7 +124,8 @@ def test_a_pending_state_that_names_another_model_is_not_taken(tmp_path):
 def test_fingerprint_ignores_only_how_a_run_is_carried_out():
     """A run may resume elsewhere, or with a longer round timeout after its clients timed out."""
     base = {"seed": 0, "output-dir": "a", "round-timeout": 600.0, "softmerge-threads": 1, "resume": True}
-    for key, other in {"output-dir": "b", "round-timeout": 1200.0, "softmerge-threads": 2, "resume": False}.items():
+    for key, other in {"output-dir": "b", "round-timeout": 1200.0, "softmerge-threads": 2, "resume": False,
+                       "softmerge-trust-max-records": 50}.items():
         assert config_fingerprint(base) == config_fingerprint({**base, key: other})
     assert config_fingerprint(base) != config_fingerprint({**base, "seed": 1})
 

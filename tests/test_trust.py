@@ -209,7 +209,7 @@ def test_a_client_absent_from_the_first_resumed_round_keeps_its_record_for_later
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_the_strategy_keeps_only_the_most_recently_gated_records(honest_candidates, digits_task):
+def test_the_strategy_keeps_only_the_most_recently_gated_records(honest_candidates, digits_task, monkeypatch):
     # Nodes that leave for good (churn) must not grow the record, or the checkpoint, without end.
     model, locals_ = honest_candidates
     strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True, trust_max_records=3)
@@ -247,6 +247,14 @@ def test_the_strategy_keeps_only_the_most_recently_gated_records(honest_candidat
     assert resumed.trust_record["20"][1] == pytest.approx(1.9 * 0.9 + 1)  # client-0's record, moved
     play(5, [21, 22], partitions=[1, 2])
     assert resumed.reports[5].trust == [pytest.approx(0.5)] * 3
+    # A round that records nothing (every client gate closed) keeps no labels either, which
+    # would otherwise pile up under churn beside a capped record.
+    import softmerge.server.strategy as strategy_module
+
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True)
+    monkeypatch.setattr(strategy_module, "relative_openness", lambda gates, columns: None)
+    play(6, [31, 32])
+    assert strategy.trust_record == {} and strategy.trust_labels == {}
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="trust_max_records"):
             SoftMerge(model, digits_task.gate.tensors(), trust_max_records=bad)
