@@ -39,6 +39,9 @@ Two uses:
     # a sleeper: the malicious clients train honestly for 10 rounds, building a gate record, then flip
     python benchmarks/replica.py --attack sign-flip --seeds 0 --rounds 30 --attack-from 11 --variant mirror_trusted=0.6
 
+    # Sybils: the malicious clients come back under a new identity every round (no gate record)
+    python benchmarks/replica.py --attack sign-flip --seeds 0 --rounds 30 --fresh-ids --variant mirror_trusted=0.5
+
 Attacks: ``none``, the client-side ``sign-flip`` and ``label-flip``, and the colluding
 attacks of :mod:`softmerge.simulations.colluding` (``alie``, ``ipm-0.1``, ``fang``, ..., and
 the jittered ``min-sum-jitter``, ...),
@@ -267,7 +270,7 @@ def format_scores(scores, clients):
 
 def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False,
         inflate=0.0, selection=False, distances_every=0, trust=True, attack_from=1, marginal=False,
-        crossfit=None, alpha=ALPHA):
+        crossfit=None, alpha=ALPHA, fresh_ids=False):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
@@ -289,6 +292,10 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         # A sleeper's malicious clients train honestly until ``attack_from``, building a record.
         attacking = malicious if round_number >= attack_from else set()
+        if fresh_ids:
+            # Sybils: each malicious client comes back under a new identity every round, so it
+            # never has a gate record (as a SuperNode re-registering for a new node ID).
+            labels = [f"sybil-{p}-round-{round_number}" if p in malicious else f"client-{p}" for p in range(CLIENTS)]
         candidates = client_candidates(global_state, partitions, attacking, attack, round_number, seed, tracker)
         if scores_every and (round_number == 1 or round_number % scores_every == 0):
             print_scores(round_number, model, global_state, candidates, malicious, task)
@@ -530,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attack-from", type=int, default=1, metavar="R",
                         help="the malicious clients train honestly before round R (a sleeper that builds a "
                              "gate record first)")
+    parser.add_argument("--fresh-ids", action="store_true",
+                        help="the malicious clients come back under a new identity every round (Sybils "
+                             "with no gate record)")
     parser.add_argument("--marginal", action="store_true",
                         help="every round, each open client's marginal harm to the merge on the test and gate splits")
     parser.add_argument("--crossfit", type=float, default=None, metavar="Z",
@@ -545,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
                                       args.scores, args.cosines, args.inflate, args.selection, args.loss_distances,
-                                      trust, args.attack_from, args.marginal, args.crossfit, args.alpha)
+                                      trust, args.attack_from, args.marginal, args.crossfit, args.alpha,
+                                      args.fresh_ids)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "

@@ -134,8 +134,8 @@ class SoftMerge(RoundStartMemory):
             cfg.example_weights)
         log(INFO, "\t│\t├── no-harm check: margin %g nats | must beat the label frequencies: %s", cfg.harm_margin,
             cfg.beat_constant and bool(cfg.harm_margin))
-        log(INFO, "\t│\t├── trust over rounds: %s (strength %g, memory %g)", self.trust, cfg.trust_strength,
-            self.trust_memory)
+        log(INFO, "\t│\t├── trust over rounds: %s (strength %g, memory %g, at most %d records)", self.trust,
+            cfg.trust_strength, self.trust_memory, self.trust_max_records)
         log(INFO, "\t│\t└── gate split: %d examples", len(self.validation[1]))
         super().summary()
 
@@ -180,7 +180,7 @@ class SoftMerge(RoundStartMemory):
         # clients: the failure is the optimisation's, and the last retry starts every client
         # closed. Nor is one whose merge did no better than the label frequencies.
         if self.trust and report.rejected_loss is None and not report.uninformed:
-            self._record_round(report, dict(zip(labels, nodes)))
+            self._record_round(report, dict(zip(labels, nodes)), server_round)
         report.excluded = screened.rejected + report.excluded
         if not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point):
             # Finite candidates can still overflow when summed; never broadcast that.
@@ -199,9 +199,15 @@ class SoftMerge(RoundStartMemory):
         metrics["replies-used"] = len(messages)
         return ArrayRecord(merged), metrics
 
-    def _record_round(self, report: GateReport, node_of: dict[str, str]) -> None:
+    def _record_round(self, report: GateReport, node_of: dict[str, str], server_round: int) -> None:
         """Add this round's gates to the clients' records (see :mod:`softmerge.aggregation.trust`)."""
         columns = [k for k, label in enumerate(report.candidates) if label != KEEP_LABEL and label in node_of]
+        if len(columns) > self.trust_max_records:
+            # Some of this very round's clients are forgotten at once: every round, with a
+            # steady federation, so the record never bounds them. Say so rather than do it quietly.
+            log(WARNING, "SoftMerge round %d: %d clients were gated but the trust record keeps at most %d; "
+                "raise softmerge-trust-max-records to at least the number of clients per round", server_round,
+                len(columns), self.trust_max_records)
         openness = relative_openness(report.gates, columns)
         if openness is None:
             return  # nothing is recorded, so no label either: labels only serve records

@@ -270,3 +270,25 @@ def test_strategy_with_trust_off_keeps_no_record(honest_candidates, digits_task)
     assert strategy.trust_record == {} and strategy.reports[1].trust == []
     with pytest.raises(ValueError, match="trust_memory"):
         SoftMerge(model, digits_task.gate.tensors(), trust=True, trust_memory=1.5)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_cap_below_one_rounds_clients_is_said_not_done_quietly(honest_candidates, digits_task, caplog):
+    # A cap smaller than a round's clients forgets some of them every round, so the record
+    # never bounds them; the operator must hear of it.
+    model, locals_ = honest_candidates
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True, trust_max_records=2)
+
+    def play(server_round, node_ids):
+        list(strategy.configure_train(server_round, ArrayRecord(model.state_dict()), ConfigRecord(),
+                                      StubGrid(node_ids)))
+        strategy.aggregate_train(server_round, [make_reply(node, locals_[k], partition=node)
+                                                for k, node in enumerate(node_ids)])
+
+    with caplog.at_level(logging.WARNING):
+        play(1, [11, 12])
+    assert "trust record keeps at most" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        play(2, [11, 12, 13])
+    assert "round 2: 3 clients were gated but the trust record keeps at most 2" in caplog.text
+    assert len(strategy.trust_record) == 2
