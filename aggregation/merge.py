@@ -254,9 +254,11 @@ class SoftMergeConfig:
             "Session 23": through Flower, in every cell of the reference grid within
             -0.4 ... +1.5 points of 0 on the mean of the last 10 rounds, label-flip's misses
             gone; at 80% malicious the backdoor's success rises from 21% to 30%); 0 bounds
-            every candidate that fails the test. Only read when trust is passed; at 1/2
-            or below it also spares clients with no record (trust 1/2), so useful values
-            lie above 1/2.
+            every candidate that fails the test. Only read when trust is passed. A client
+            with no record (a newcomer, trust 1/2; ``recorded`` of :func:`soft_merge`) is
+            spared only in a round in which no client has a record, such as a
+            federation's first: later, one that came back under a new identity would
+            otherwise shed the test by doing so.
         mirror_confidence: z > 0 makes the mirror test a significance test: only a
             candidate whose d exceeds z standard errors of its per-example differences on
             the gate split (an update that ascends beyond what the split's sampling noise
@@ -1056,6 +1058,7 @@ def soft_merge(
     initial_log_alpha: torch.Tensor | None = None,
     trust: Sequence[float] | None = None,
     examples: Sequence[float] | None = None,
+    recorded: Sequence[bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], GateReport]:
     """Merge candidate models by learning hard-concrete gates on a validation set.
 
@@ -1076,6 +1079,10 @@ def soft_merge(
             the warm-start ceiling stays where the candidate's own evidence puts it.
         examples: optional example count per candidate (in ``candidates``' order), as
             the clients report them; read only with ``config.example_weights``.
+        recorded: optional, per candidate, whether its trust comes from a record (False:
+            a newcomer, at the neutral 1/2). Read with ``trust`` by ``config.mirror_trusted``
+            alone: a newcomer is spared the mirror test only in a round in which no
+            candidate has a record. None treats every candidate as recorded.
 
     Returns:
         The merged state dict (same names, shapes and dtypes as ``model.state_dict()``)
@@ -1085,7 +1092,7 @@ def soft_merge(
     started = time.perf_counter()
     with _torch_threads(config.threads):
         merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust,
-                                     examples)
+                                     examples, recorded)
     report.seconds = time.perf_counter() - started
     return merged, report
 
@@ -1103,7 +1110,7 @@ def _torch_threads(threads: int):
             torch.set_num_threads(previous)
 
 
-def _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust, examples):
+def _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust, examples, recorded):
     inputs, targets = validation
     reference = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     labels = list(labels) if labels is not None else [f"candidate-{i}" for i in range(len(candidates))]
@@ -1113,6 +1120,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         trust = [float(value) for value in trust]
         if len(trust) != len(candidates) or not all(0.0 <= value <= 1.0 for value in trust):
             raise ValueError(f"trust must hold one value in [0, 1] per candidate ({len(candidates)})")
+    if recorded is not None:
+        recorded = [bool(value) for value in recorded]
+        if len(recorded) != len(candidates):
+            raise ValueError(f"recorded must hold one flag per candidate ({len(candidates)})")
     if examples is not None:
         examples = [float(value) for value in examples]
         if len(examples) != len(candidates) or not all(math.isfinite(value) and value >= 0 for value in examples):
@@ -1141,6 +1152,13 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         clients = len(states)
         # The trust of each gated state; the keep candidate is not a client and has no record.
         state_trust = [trust[i] for i in valid_indices] if trust is not None else [NEUTRAL_TRUST] * clients
+        # The trust the mirror test's sparing reads: a newcomer's neutral trust is no record,
+        # and once anyone in the round has one, a newcomer is tested (trust 0 here), or a
+        # client could shed the test by coming back under a new identity. In a round of
+        # newcomers alone (a federation's first) nobody can be told apart by record.
+        someone_recorded = recorded is not None and any(recorded[i] for i in valid_indices)
+        sparing_trust = [trust[i] if trust is not None and (not someone_recorded or recorded[i]) else 0.0
+                         for i in valid_indices]
         # The keep model is not a client and has no count (nan).
         state_examples = [examples[i] for i in valid_indices] if examples is not None else [math.nan] * clients
         keep_index = None
@@ -1149,6 +1167,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             states.append(keep_state)
             gated_labels.append(KEEP_LABEL)
             state_trust.append(NEUTRAL_TRUST)
+            sparing_trust.append(NEUTRAL_TRUST)
             state_examples.append(math.nan)
         # Identical candidates are gated as one, and scored once: IPM's or min-max's many
         # copies of one reply cost one forward pass, not one per sender.
@@ -1173,6 +1192,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             position = {old: new for new, old in enumerate(kept)}
             states, gated_labels = [states[k] for k in kept], [gated_labels[k] for k in kept]
             state_trust = [state_trust[k] for k in kept]
+            sparing_trust = [sparing_trust[k] for k in kept]
             state_examples = [state_examples[k] for k in kept]
             candidate_losses = [candidate_losses[k] for k in kept]
             cut = [([position[k] for k in group if k in position], losses)
@@ -1243,7 +1263,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         group_trust = [(min if g in near_groups else max)(state_trust[k] for k in group)
                        for g, group in enumerate(groups)]
         if trust is not None and config.mirror_trusted > 0:
-            trusted = [value >= config.mirror_trusted for value in group_trust]
+            trusted = [(min if g in near_groups else max)(sparing_trust[k] for k in group) >= config.mirror_trusted
+                       for g, group in enumerate(groups)]
             spared = trusted if spared is None else [a or b for a, b in zip(spared, trusted)]
         if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):
             start = torch.nan_to_num(initial_log_alpha.detach().float()[:, heads], nan=LOG_ALPHA_MIN)

@@ -325,7 +325,8 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
             round_trust = [trust_of(record, label) for label in labels] if trust else None
             merged, report = soft_merge(model, candidates, task.gate.tensors(),
                                        dataclasses.replace(variant, seed=variant.seed + round_number), labels=labels,
-                                       examples=sizes, trust=round_trust)
+                                       examples=sizes, trust=round_trust,
+                                       recorded=[label in record for label in labels] if trust else None)
             if trust and report.rejected_loss is None:
                 columns = [k for k, label in enumerate(report.candidates) if label in labels]
                 record = update_record(record, [report.candidates[k] for k in columns],

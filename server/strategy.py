@@ -166,6 +166,7 @@ class SoftMerge(RoundStartMemory):
         if nodes and (self._unclaimed is None or self._unclaimed):
             self._follow_restored_record(server_round, nodes, labels)
         trust = [trust_of(self.trust_record, node) for node in nodes] if self.trust else None
+        recorded = [node in self.trust_record for node in nodes] if self.trust else None
         # The screen has checked every count (a finite number in (0, MAX_NUM_EXAMPLES]).
         examples = [_example_count(message, self.weighted_by_key) for message in messages]
         round_config = replace(self.merge_config, seed=self.merge_config.seed + server_round)
@@ -174,7 +175,7 @@ class SoftMerge(RoundStartMemory):
         keep_view = stack_in_place(self.model, states, keep, round_config.units)
         merged, report = soft_merge(self.model, states, self.validation, round_config,
                                     keep=keep_view if keep_view is not None else keep, labels=labels, trust=trust,
-                                    examples=examples)
+                                    examples=examples, recorded=recorded)
         del states, keep_view
         # A round whose first merge failed the no-harm check is not evidence about the
         # clients: the failure is the optimisation's, and the last retry starts every client

@@ -493,6 +493,33 @@ def test_mirror_trusted_spares_clients_by_their_record(honest_candidates, digits
     assert start_weights(0.7, with_trust=False) == start_weights(0.0, with_trust=False)
 
 
+def test_a_newcomer_is_spared_the_mirror_test_only_among_newcomers(honest_candidates, digits_task):
+    # At mirror_trusted = 1/2 a client with no record sits at the threshold. Spared in a
+    # round of newcomers alone (nobody can be told apart by record yet), it is tested once
+    # anyone has a record, or an attacker would shed the test by re-registering each round.
+    model, honest = honest_candidates
+    keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    candidates = [_one_class_model(keep)] + [mirror_state(state, keep) for state in honest]
+    labels = ["specialist"] + [f"flipped-{k}" for k in range(len(honest))]
+
+    def specialist_weight(trust, recorded):
+        config = SoftMergeConfig(steps=0, mirror_trusted=0.5, trust_strength=0.0, keep_mode="candidate",
+                                 harm_margin=0.0)
+        _, report = soft_merge(model, candidates, digits_task.gate.tensors(), config, labels=labels, trust=trust,
+                               recorded=recorded)
+        return dict(zip(report.candidates, report.weights[0]))["specialist"]
+
+    others = len(honest)
+    assert specialist_weight([0.5] * (1 + others), [False] * (1 + others)) > 0.0
+    assert specialist_weight([0.5] + [0.1] * others, [False] + [True] * others) == 0.0
+    # A record at the same trust is a record: spared.
+    assert specialist_weight([0.5] + [0.1] * others, [True] * (1 + others)) > 0.0
+    # Without flags every trust is read as a record (the behaviour before newcomers were told apart).
+    assert specialist_weight([0.5] + [0.1] * others, None) > 0.0
+    with pytest.raises(ValueError, match="recorded"):
+        specialist_weight([0.5] * (1 + others), [True])
+
+
 def test_duplicate_groups_are_exact_and_the_first_named_leads_its_group():
     net = BatchNormNet()
     a, b = _perturbed(net, 0.1, 1), _perturbed(net, 0.1, 2)

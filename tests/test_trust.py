@@ -292,3 +292,29 @@ def test_a_cap_below_one_rounds_clients_is_said_not_done_quietly(honest_candidat
         play(2, [11, 12, 13])
     assert "round 2: 3 clients were gated but the trust record keeps at most 2" in caplog.text
     assert len(strategy.trust_record) == 2
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_strategy_tells_the_merge_which_clients_are_newcomers(honest_candidates, digits_task, monkeypatch):
+    # A node with no record is a newcomer to the mirror test's sparing (see soft_merge's
+    # ``recorded``), however its label reads: a new node ID has no record.
+    import softmerge.server.strategy as strategy_module
+
+    model, locals_ = honest_candidates
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True)
+    seen = []
+
+    def recording_merge(*args, **kwargs):
+        seen.append(kwargs["recorded"])
+        return soft_merge(*args, **kwargs)
+    monkeypatch.setattr(strategy_module, "soft_merge", recording_merge)
+
+    def play(server_round, node_ids):
+        list(strategy.configure_train(server_round, ArrayRecord(model.state_dict()), ConfigRecord(),
+                                      StubGrid(node_ids)))
+        strategy.aggregate_train(server_round, [make_reply(node, locals_[k], partition=k)
+                                                for k, node in enumerate(node_ids)])
+
+    play(1, [11, 12])
+    play(2, [11, 12, 13])  # 13: client-2 under a node ID never gated
+    assert seen == [[False, False], [True, True, False]]
