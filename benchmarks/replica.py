@@ -226,7 +226,7 @@ def score(state, data):
     return evaluate_model(model, data)
 
 
-def crossfit_harm(model, candidates, global_state, gate, config, labels, sizes, trust, units, seed):
+def crossfit_harm(model, candidates, global_state, gate, config, labels, sizes, trust, recorded, units, seed):
     """Per client, the per-example harm of its gate measured on data the gates were not learned on.
 
     The gate split is cut in two halves; gates are learned on each half (as the merge learns
@@ -241,7 +241,7 @@ def crossfit_harm(model, candidates, global_state, gate, config, labels, sizes, 
     found: dict[int, list[torch.Tensor]] = {}
     for learn, score in (halves, halves[::-1]):
         _, report = soft_merge(model, candidates, (inputs[learn], targets[learn]), config, labels=labels,
-                               examples=sizes, trust=trust)
+                               examples=sizes, trust=trust, recorded=recorded)
         harms = marginal_harms(model, states, np.array(report.weights), units, inputs[score], targets[score])
         for k, harm in harms.items():
             found.setdefault(k, []).append(harm)
@@ -323,10 +323,10 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
         else:
             # As the strategy: the round's seed, and (by default) each client's gate record as trust.
             round_trust = [trust_of(record, label) for label in labels] if trust else None
+            round_recorded = [label in record for label in labels] if trust else None
             merged, report = soft_merge(model, candidates, task.gate.tensors(),
                                        dataclasses.replace(variant, seed=variant.seed + round_number), labels=labels,
-                                       examples=sizes, trust=round_trust,
-                                       recorded=[label in record for label in labels] if trust else None)
+                                       examples=sizes, trust=round_trust, recorded=round_recorded)
             if trust and report.rejected_loss is None:
                 columns = [k for k, label in enumerate(report.candidates) if label in labels]
                 record = update_record(record, [report.candidates[k] for k in columns],
@@ -335,7 +335,7 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
             if crossfit is not None:
                 harms = crossfit_harm(model, candidates, global_state, task.gate.tensors(),
                                       dataclasses.replace(variant, seed=variant.seed + round_number), labels, sizes,
-                                      round_trust, units, seed * 1000 + round_number)
+                                      round_trust, round_recorded, units, seed * 1000 + round_number)
                 scores = update_harm_record(harm_record, harms, CLIENTS)
                 flagged = {k for k, z in scores.items() if z > crossfit}
                 print(f"round {round_number} crossfit harm z: honest "
