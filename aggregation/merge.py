@@ -126,6 +126,7 @@ from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -868,6 +869,10 @@ def mean_state(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.
             for name, tensor in first.items()}
 
 
+def _is_flag(value: object) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
 def _same_layout(reference: Mapping[str, torch.Tensor], state: Mapping[str, object]) -> bool:
     return (isinstance(state, Mapping) and set(state) == set(reference)
             and all(isinstance(state[n], torch.Tensor) and state[n].shape == t.shape and state[n].dtype == t.dtype
@@ -1081,8 +1086,9 @@ def soft_merge(
             the clients report them; read only with ``config.example_weights``.
         recorded: optional, per candidate, whether its trust comes from a record (False:
             a newcomer, at the neutral 1/2). Read with ``trust`` by ``config.mirror_trusted``
-            alone: a newcomer is spared the mirror test only in a round in which no
-            candidate has a record. None treats every candidate as recorded.
+            alone: a newcomer is spared the mirror test only in a round in which no valid
+            candidate has a record (a malformed one's does not count; one that
+            pre-selection drops does). None treats every candidate as recorded.
 
     Returns:
         The merged state dict (same names, shapes and dtypes as ``model.state_dict()``)
@@ -1121,9 +1127,12 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         if len(trust) != len(candidates) or not all(0.0 <= value <= 1.0 for value in trust):
             raise ValueError(f"trust must hold one value in [0, 1] per candidate ({len(candidates)})")
     if recorded is not None:
-        recorded = [bool(value) for value in recorded]
-        if len(recorded) != len(candidates):
-            raise ValueError(f"recorded must hold one flag per candidate ({len(candidates)})")
+        # A flag read as truthy text or a trust value would silently spare a newcomer.
+        flags = list(recorded) if isinstance(recorded, Sequence) and not isinstance(recorded, str) else None
+        if flags is None or len(flags) != len(candidates) or not all(_is_flag(value) for value in flags):
+            raise ValueError(f"recorded must hold one True or False per candidate ({len(candidates)}), "
+                             f"got {recorded!r}")
+        recorded = [bool(value) for value in flags]
     if examples is not None:
         examples = [float(value) for value in examples]
         if len(examples) != len(candidates) or not all(math.isfinite(value) and value >= 0 for value in examples):

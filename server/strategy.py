@@ -110,6 +110,7 @@ class SoftMerge(RoundStartMemory):
         self.trust = trust
         self.trust_memory = trust_memory
         self.trust_max_records = trust_max_records
+        self._warned_about_cap = False
         self.follow_labels = follow_labels
         # node ID (as text, for JSON checkpoints) -> (discounted rounds open, discounted rounds gated),
         # from the least to the most recently gated (checkpoints keep the order)
@@ -203,15 +204,18 @@ class SoftMerge(RoundStartMemory):
     def _record_round(self, report: GateReport, node_of: dict[str, str], server_round: int) -> None:
         """Add this round's gates to the clients' records (see :mod:`softmerge.aggregation.trust`)."""
         columns = [k for k, label in enumerate(report.candidates) if label != KEEP_LABEL and label in node_of]
-        if len(columns) > self.trust_max_records:
-            # Some of this very round's clients are forgotten at once: every round, with a
-            # steady federation, so the record never bounds them. Say so rather than do it quietly.
-            log(WARNING, "SoftMerge round %d: %d clients were gated but the trust record keeps at most %d; "
-                "raise softmerge-trust-max-records to at least the number of clients per round", server_round,
-                len(columns), self.trust_max_records)
         openness = relative_openness(report.gates, columns)
         if openness is None:
             return  # nothing is recorded, so no label either: labels only serve records
+        if len(columns) > self.trust_max_records and not self._warned_about_cap:
+            # Some of this very round's clients are forgotten at once: every round, with a
+            # steady federation, so the record never bounds them (and the mirror test
+            # treats them as newcomers). Say so once rather than do it quietly.
+            log(WARNING, "SoftMerge round %d: %d clients were gated but the trust record keeps at most %d, so "
+                "some are forgotten in the round they are recorded; raise softmerge-trust-max-records to at "
+                "least the number of clients per round (said once per run)", server_round, len(columns),
+                self.trust_max_records)
+            self._warned_about_cap = True
         self.trust_record = update_record(self.trust_record, [node_of[report.candidates[k]] for k in columns],
                                           openness, self.trust_memory)
         self.trust_labels.update((node_of[report.candidates[k]], report.candidates[k]) for k in columns)

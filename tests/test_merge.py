@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -516,8 +517,26 @@ def test_a_newcomer_is_spared_the_mirror_test_only_among_newcomers(honest_candid
     assert specialist_weight([0.5] + [0.1] * others, [True] * (1 + others)) > 0.0
     # Without flags every trust is read as a record (the behaviour before newcomers were told apart).
     assert specialist_weight([0.5] + [0.1] * others, None) > 0.0
-    with pytest.raises(ValueError, match="recorded"):
-        specialist_weight([0.5] * (1 + others), [True])
+    assert specialist_weight([0.5] + [0.1] * others, [np.True_] * (1 + others)) > 0.0
+    # Anything but a flag is refused: "no" or a trust value would read as a record.
+    for bad in ([True], ["no"] * (1 + others), [0.5] * (1 + others), True, "yes"):
+        with pytest.raises(ValueError, match="recorded must hold one True or False per candidate"):
+            specialist_weight([0.5] * (1 + others), bad)
+
+
+def test_a_newcomer_identical_to_a_spared_client_shares_its_gate_and_its_sparing(honest_candidates, digits_task):
+    # Identical replies are one candidate, so a newcomer resending a recorded client's reply
+    # is judged as that client is; the copy cannot shut the original.
+    model, honest = honest_candidates
+    keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    specialist = _one_class_model(keep)
+    candidates = [specialist, {k: v.clone() for k, v in specialist.items()}] + [mirror_state(s, keep) for s in honest]
+    labels = ["specialist", "copy"] + [f"flipped-{k}" for k in range(len(honest))]
+    config = SoftMergeConfig(steps=0, mirror_trusted=0.5, trust_strength=0.0, keep_mode="candidate", harm_margin=0.0)
+    _, report = soft_merge(model, candidates, digits_task.gate.tensors(), config, labels=labels,
+                           trust=[0.5, 0.5] + [0.1] * len(honest), recorded=[True, False] + [True] * len(honest))
+    weights = dict(zip(report.candidates, report.weights[0]))
+    assert weights["specialist"] == weights["copy"] > 0.0
 
 
 def test_duplicate_groups_are_exact_and_the_first_named_leads_its_group():

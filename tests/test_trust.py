@@ -292,6 +292,26 @@ def test_a_cap_below_one_rounds_clients_is_said_not_done_quietly(honest_candidat
         play(2, [11, 12, 13])
     assert "round 2: 3 clients were gated but the trust record keeps at most 2" in caplog.text
     assert len(strategy.trust_record) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        play(3, [11, 12, 13])
+    assert "trust record keeps at most" not in caplog.text  # once per run, not once per round
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_cap_warning_waits_for_a_round_that_records(honest_candidates, digits_task, caplog, monkeypatch):
+    # A round whose gates are all closed records nobody, so nobody is forgotten either.
+    import softmerge.server.strategy as strategy_module
+
+    model, locals_ = honest_candidates
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True, trust_max_records=2)
+    monkeypatch.setattr(strategy_module, "relative_openness", lambda gates, columns: None)
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([11, 12, 13])))
+    with caplog.at_level(logging.WARNING):
+        strategy.aggregate_train(1, [make_reply(node, locals_[k], partition=node)
+                                     for k, node in enumerate([11, 12, 13])])
+    assert "trust record keeps at most" not in caplog.text
+    assert strategy.trust_record == {}
 
 
 @pytest.mark.usefixtures("task_identity")
