@@ -257,6 +257,10 @@ class SoftMerge(RoundStartMemory):
         self.trust_record, self.trust_labels = record, labels
         self._unclaimed = None
         # A checkpoint from a run with a larger cap.
+        if len(record) > self.trust_max_records:
+            log(WARNING, "SoftMerge: the checkpoint's trust record holds %d clients and softmerge-trust-max-records "
+                "is %d; the %d least recently gated are forgotten", len(record), self.trust_max_records,
+                len(record) - self.trust_max_records)
         self._forget_beyond_cap()
 
     def _follow_restored_record(self, server_round: int, nodes: list[str], labels: list[str]) -> None:

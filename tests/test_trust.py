@@ -209,7 +209,8 @@ def test_a_client_absent_from_the_first_resumed_round_keeps_its_record_for_later
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_the_strategy_keeps_only_the_most_recently_gated_records(honest_candidates, digits_task, monkeypatch):
+def test_the_strategy_keeps_only_the_most_recently_gated_records(honest_candidates, digits_task, monkeypatch,
+                                                                  caplog):
     # Nodes that leave for good (churn) must not grow the record, or the checkpoint, without end.
     model, locals_ = honest_candidates
     strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True, trust_max_records=3)
@@ -233,8 +234,10 @@ def test_the_strategy_keeps_only_the_most_recently_gated_records(honest_candidat
 
     # A checkpoint keeps the order; a restore under a smaller cap keeps the most recent.
     smaller = SoftMerge(model, digits_task.gate.tensors(), trust=True, trust_max_records=2)
-    smaller.load_trust_state(strategy.trust_state())
+    with caplog.at_level(logging.WARNING):
+        smaller.load_trust_state(strategy.trust_state())
     assert list(smaller.trust_record) == ["13", "15"] and set(smaller.trust_labels) == {"13", "15"}
+    assert "holds 3 clients and softmerge-trust-max-records is 2; the 1 least recently gated" in caplog.text
     # A resumed simulation's restored records that wait for their client are forgotten like
     # any other; the client that comes back later starts neutral.
     resumed = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True,
