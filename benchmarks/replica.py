@@ -68,6 +68,10 @@ weights (capped: no count above the selected clients' median, the rule of
 malicious clients claim F times the largest honest count. ``post=zero-malicious``
 is for analysis only: it sets the malicious candidates' learned weights to 0 (perfect
 detection), which splits a gap to the oracle into detection and honest weighting.
+``post=uninformed-median`` or ``post=uninformed-mean`` (an experiment, session 36) replaces
+the merge of a round that stood uninformed (no start beat the gate split's label
+frequencies, nor did the global model) by every client's coordinate-wise median or
+example-weighted mean.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ REPLICA_CLIENT_ATTACKS = ("none", "sign-flip", "label-flip", "backdoor")
 BACKDOOR_TARGET, BACKDOOR_FRACTION = 0, 0.5
 
 
-POST_MERGES = ("uniform", "examples", "examples-capped", "zero-malicious")
+POST_MERGES = ("uniform", "examples", "examples-capped", "zero-malicious", "uninformed-median", "uninformed-mean")
 
 
 def parse_variant(text: str) -> tuple[SoftMergeConfig | str, str | None, bool]:
@@ -154,6 +158,21 @@ def post_merge_weights(report, sizes, rule):
             mass = np.where(chosen, 1.0 if rule == "uniform" else prior, 0.0)
             weights[u] = mass / mass.sum()
     return weights
+
+
+def uninformed_merge(candidates, global_state, sizes, rule):
+    """Every client's reply merged by coordinate-wise median or example-weighted mean."""
+    share = torch.as_tensor(sizes / sizes.sum(), dtype=torch.float64)
+    merged = {}
+    for name, tensor in global_state.items():
+        if not tensor.dtype.is_floating_point:
+            merged[name] = tensor
+            continue
+        stacked = torch.stack([c[name] for c in candidates]).double()
+        value = (stacked.median(dim=0).values if rule == "uninformed-median"
+                 else torch.tensordot(share, stacked, dims=1))
+        merged[name] = value.to(tensor.dtype)
+    return merged
 
 
 def client_candidates(global_state, partitions, malicious, attack, round_number, seed, tracker=None):
@@ -352,6 +371,14 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
                 weights = without_malicious(np.array(report.weights), malicious)
                 merged = weighted_state(candidates + [global_state], weights, units)
                 malicious_weight[-1] = 0.0
+            elif post in ("uninformed-median", "uninformed-mean"):
+                # A round whose merge stood uninformed (nothing beat the label frequencies):
+                # every client's reply, by coordinate-wise median or example-weighted mean,
+                # instead of the gates' first start.
+                if report.uninformed:
+                    merged = uninformed_merge(candidates, global_state, sizes, post)
+                    malicious_weight[-1] = (len(malicious) / len(candidates) if post == "uninformed-median"
+                                            else float(sizes[sorted(malicious)].sum() / sizes.sum()))
             elif post is not None:
                 weights = post_merge_weights(report, sizes, post)
                 merged = weighted_state(candidates + [global_state], weights, units)
