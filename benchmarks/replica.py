@@ -160,19 +160,14 @@ def post_merge_weights(report, sizes, rule):
     return weights
 
 
-def uninformed_merge(candidates, global_state, sizes, rule):
-    """Every client's reply merged by coordinate-wise median or example-weighted mean."""
-    share = torch.as_tensor(sizes / sizes.sum(), dtype=torch.float64)
-    merged = {}
-    for name, tensor in global_state.items():
-        if not tensor.dtype.is_floating_point:
-            merged[name] = tensor
-            continue
-        stacked = torch.stack([c[name] for c in candidates]).double()
-        value = (stacked.median(dim=0).values if rule == "uninformed-median"
-                 else torch.tensordot(share, stacked, dims=1))
-        merged[name] = value.to(tensor.dtype)
-    return merged
+def uninformed_merge(candidates, global_state, sizes, rule, units):
+    """Every client's reply merged by coordinate-wise (lower) median or example-weighted mean."""
+    if rule == "uninformed-mean":
+        share = sizes / sizes.sum()
+        return weighted_state(candidates, [share] * len(units), units)
+    return {name: (torch.stack([c[name] for c in candidates]).median(dim=0).values
+                   if tensor.dtype.is_floating_point else tensor)
+            for name, tensor in global_state.items()}
 
 
 def client_candidates(global_state, partitions, malicious, attack, round_number, seed, tracker=None):
@@ -376,7 +371,7 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
                 # every client's reply, by coordinate-wise median or example-weighted mean,
                 # instead of the gates' first start.
                 if report.uninformed:
-                    merged = uninformed_merge(candidates, global_state, sizes, post)
+                    merged = uninformed_merge(candidates, global_state, sizes, post, units)
                     malicious_weight[-1] = (len(malicious) / len(candidates) if post == "uninformed-median"
                                             else float(sizes[sorted(malicious)].sum() / sizes.sum()))
             elif post is not None:
