@@ -1269,11 +1269,12 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         # Identical models are as trustworthy as the most trusted client that sent them; a
         # mean of near-identical ones only as its least trusted member, since a distrusted
         # client could otherwise borrow an honest one's trust by behaving like it on the gate split.
-        group_trust = [(min if g in near_groups else max)(state_trust[k] for k in group)
-                       for g, group in enumerate(groups)]
+        def per_group(values: list[float]) -> list[float]:
+            return [(min if g in near_groups else max)(values[k] for k in group) for g, group in enumerate(groups)]
+
+        group_trust = per_group(state_trust)
         if trust is not None and config.mirror_trusted > 0:
-            trusted = [(min if g in near_groups else max)(sparing_trust[k] for k in group) >= config.mirror_trusted
-                       for g, group in enumerate(groups)]
+            trusted = [value >= config.mirror_trusted for value in per_group(sparing_trust)]
             spared = trusted if spared is None else [a or b for a, b in zip(spared, trusted)]
         if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):
             start = torch.nan_to_num(initial_log_alpha.detach().float()[:, heads], nan=LOG_ALPHA_MIN)
