@@ -134,14 +134,17 @@ from torch.optim.adam import adam as adam_update
 
 from .candidates import Exclusion, as_tensor_state, candidate_problem, validate_candidates
 from .gates import LOG_ALPHA_CLOSED, deterministic_gates, expected_l0, sample_gates
+from .robust import fltrust_server_model, fltrust_trust_scores
 from .trust import NEUTRAL_TRUST, trust_bound
 
 MERGE_MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
 KEEP_MODES = ("candidate", "anchor")
+UNINFORMED_MERGES = ("direction", "first")
 LOG_ALPHA_MIN = -10.0
 # The starts a soft merge tries in turn until one passes the no-harm check (GateReport.start).
 CLIENTS_START, KEEP_START, CLOSED_START = "the clients alone", "the keep model as a candidate", "closed client gates"
+DIRECTION_START = "the update directions"
 # Merge losses are float32 means, the label entropy a float64 sum: a model that predicts the
 # label frequencies exactly can land a few 1e-7 nats under the entropy.
 CONSTANT_BAR_SLACK = 1e-5
@@ -357,6 +360,23 @@ class SoftMergeConfig:
             this option, so that training goes on (``GateReport.uninformed``). On by
             default; ignored when the split holds fewer than two classes (a constant is
             then perfect) or ``harm_margin`` is 0.
+        uninformed_merge: what merges in such an uninformed round. ``"direction"`` (the
+            default): the gate split's loss cannot rank the candidates there, so their
+            update directions do, as FLTrust ranks them (Cao et al., NDSS 2021): the
+            server trains a copy of the keep model on the gate split
+            (``server_epochs``, ``server_lr``, ``server_batch_size``,
+            ``server_momentum``; the clients' own training, as the paper's server does)
+            and each candidate is weighted by the ReLU of its update's cosine with that
+            update (:func:`direction_trust`); an update that points away from the
+            server's gets weight 0. The candidates' weights are not rescaled, and the
+            merge must pass the no-harm margin, else the first merge within the margin
+            stands as with ``"first"``. ``"first"``: that first merge within the margin
+            stands (the rule before 2026-12-06), a merge gate learning made while nothing
+            could score it: at alpha = 0.1, seed 1, it opened 4 to 11 of 20 honest clients
+            and the run stayed at chance for 16 rounds (docs/benchmarks.md, "Session 37").
+        server_epochs, server_lr, server_batch_size, server_momentum: the server's SGD on
+            the gate split for ``uninformed_merge="direction"``; by default the default
+            run's client training (3 epochs, lr 0.1, batch 16, momentum 0.9).
     """
 
     units: str | Sequence[str] = "model"
@@ -390,6 +410,11 @@ class SoftMergeConfig:
     harm_margin: float = 0.25
     example_weights: bool = False
     beat_constant: bool = True
+    uninformed_merge: str = "first"
+    server_epochs: int = 3
+    server_lr: float = 0.1
+    server_batch_size: int = 16
+    server_momentum: float = 0.9
 
     def __post_init__(self) -> None:
         if isinstance(self.units, str):
@@ -436,6 +461,15 @@ class SoftMergeConfig:
         _require(isinstance(self.example_weights, bool), "example_weights must be a bool")
         _require(not self.example_weights or self.mode == "weight", "example_weights needs mode 'weight'")
         _require(isinstance(self.beat_constant, bool), "beat_constant must be a bool")
+        if self.uninformed_merge not in UNINFORMED_MERGES:
+            raise ValueError(f"uninformed_merge must be one of {UNINFORMED_MERGES}, got {self.uninformed_merge!r}")
+        _require(isinstance(self.server_epochs, int) and self.server_epochs >= 1,
+                 "server_epochs must be an integer >= 1")
+        _require(_finite(self.server_lr) and self.server_lr > 0, "server_lr must be a finite number > 0")
+        _require(isinstance(self.server_batch_size, int) and self.server_batch_size >= 1,
+                 "server_batch_size must be an integer >= 1")
+        _require(_finite(self.server_momentum) and 0 <= self.server_momentum < 1,
+                 "server_momentum must be a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -467,7 +501,10 @@ class GateReport:
     passed the check, of ``attempts`` tried in turn (see ``SoftMergeConfig.keep_mode``
     and ``harm_margin`` for their order). ``uninformed`` is True when no start beat the
     label-frequency bar and the keep model did not either, so the first merge within the
-    margin stands (``start`` names it). ``harm_fallback`` is True when the keep model was
+    margin stands (``start`` names it), or, with ``uninformed_merge="direction"``, the
+    direction merge (``DIRECTION_START``; its gates are 1 where its weight is positive,
+    ``log_alpha`` the replaced attempt's) when it passes the margin; ``uninformed`` is
+    then False if the direction merge beats the bar. ``harm_fallback`` is True when the keep model was
     returned instead (every attempt failed the check, or there was no keep candidate to
     learn again from): ``weights`` are then all on the keep candidate (shared with clients
     that resent it unchanged; all 0 without a keep candidate), ``*_after`` equal
@@ -940,6 +977,40 @@ def constant_prediction_loss(targets: torch.Tensor) -> float | None:
     return float(-(frequencies * frequencies.log()).sum())
 
 
+# Candidates whose updates are flattened at once by direction_trust: bounds its memory
+# to this many float64 copies of the model whatever the round's K.
+DIRECTION_CHUNK = 16
+
+
+def direction_trust(model: nn.Module, keep: Mapping[str, torch.Tensor],
+                    states: Sequence[Mapping[str, torch.Tensor]], validation: tuple[torch.Tensor, torch.Tensor],
+                    config: SoftMergeConfig) -> torch.Tensor:
+    """FLTrust's trust of each state's update: TS_k = ReLU(cos(theta_k - theta_keep, g_0)).
+
+    g_0 is the server's own update, ``config.server_epochs`` of SGD from ``keep`` on
+    ``validation`` (:func:`softmerge.aggregation.robust.fltrust_server_model`, seeded
+    with ``config.seed``); Cao et al., NDSS 2021. Cosines are over the model's
+    parameters: buffers (BatchNorm statistics) carry no direction. Returns (K,) float64
+    in [0, 1], all 0 when g_0 is 0 or not finite. ``model`` is not modified.
+    """
+    trained, _ = fltrust_server_model(model, keep, validation, epochs=config.server_epochs,
+                                      learning_rate=config.server_lr, batch_size=config.server_batch_size,
+                                      momentum=config.server_momentum, seed=config.seed)
+    names = [name for name, _ in model.named_parameters()]
+
+    def flat(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([torch.as_tensor(state[name]).detach().reshape(-1).to(torch.float64) for name in names])
+
+    base = flat(keep)
+    server_update = flat(trained) - base
+    if not bool(torch.isfinite(server_update).all()):
+        return torch.zeros(len(states), dtype=torch.float64)
+    scores = [fltrust_trust_scores(torch.stack([flat(state) - base for state in states[first:first + DIRECTION_CHUNK]]),
+                                   server_update)
+              for first in range(0, len(states), DIRECTION_CHUNK)]
+    return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+
+
 def _mean_loss(losses: torch.Tensor) -> float:
     """Mean of per-example losses; +inf rather than NaN when it is not finite, so that it ranks."""
     mean = float(losses.mean()) if len(losses) else 0.0
@@ -1322,6 +1393,24 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         def uninformed(loss: float) -> bool:
             return constant_loss is not None and not loss < constant_loss - CONSTANT_BAR_SLACK
 
+        def direction_merge() -> tuple[torch.Tensor, dict[str, torch.Tensor], float, float] | None:
+            """The client groups merged with their direction trust as weights (keep model 0).
+
+            Returns the (U, G) weights, the merge, its loss and accuracy; None when no
+            client's update has a positive cosine with the server's.
+            """
+            clients_only = [g for g in range(len(groups)) if g != gated_keep]
+            scores = direction_trust(model, keep_state, [group_states[g] for g in clients_only], validation, config)
+            total = float(scores.sum())
+            if not clients_only or not total > 0:
+                return None
+            row = torch.zeros(len(groups), dtype=start.dtype)
+            row[clients_only] = (scores / total).to(start.dtype)
+            mixing = row.expand(len(units), -1).clone()
+            with torch.no_grad():
+                built = {name: tensor.detach().clone() for name, tensor in stacked.merge(mixing).items()}
+            return (mixing, built) + evaluate_state(model, built, inputs, targets)
+
         # The starts tried in turn until a merge passes the no-harm check.
         plan = [(KEEP_START if gated_keep is not None else CLIENTS_START, start, ceiling)]
         if gated_keep is not None:
@@ -1344,7 +1433,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             retry_start[:, client_columns] = retry_start[:, client_columns].clamp(max=LOG_ALPHA_CLOSED)
             plan.append((CLOSED_START, retry_start, ceiling))
         rejected_loss, harm_fallback, steps, skipped, attempts = None, True, 0, 0, 0
-        chosen_start, stood_uninformed = plan[-1][0], False
+        chosen_start, stood_uninformed, direction_weights = plan[-1][0], False, None
         # The first merge within the margin that only failed to beat the label frequencies,
         # and its start: if no start does better and the keep model does not beat them
         # either, it stands, as without the bar, so a task that no round can yet lift above
@@ -1365,9 +1454,18 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             if within_margin is not None and uninformed(loss_before):
                 (log_alpha, _, _, merged, loss_after, accuracy_after), chosen_start = within_margin
                 harm_fallback, stood_uninformed = False, True
+            if config.uninformed_merge == "direction" and constant_loss is not None and uninformed(loss_before):
+                directed = direction_merge()
+                if directed is not None and not over_margin(directed[2]):
+                    direction_weights, merged, loss_after, accuracy_after = directed
+                    harm_fallback, chosen_start = False, DIRECTION_START
+                    stood_uninformed = uninformed(loss_after)
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
             weights = _final_weights(log_alpha, gates, config.mode, gated_keep, group_examples)
+            if direction_weights is not None:
+                weights = direction_weights
+                gates = (weights > 0).to(gates.dtype)
             if harm_fallback:
                 merged = {name: tensor.detach().clone() for name, tensor in keep_state.items()}
                 loss_after, accuracy_after = loss_before, accuracy_before

@@ -52,7 +52,9 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         merge_duplicates=settings.softmerge_merge_duplicates,
         near_duplicate_tolerance=settings.softmerge_near_duplicates, trust_strength=settings.softmerge_trust_strength,
         harm_margin=settings.softmerge_harm_margin, example_weights=settings.softmerge_example_weights,
-        beat_constant=settings.softmerge_beat_constant,
+        beat_constant=settings.softmerge_beat_constant, uninformed_merge=settings.softmerge_uninformed_merge,
+        # The server trains on the gate split the way clients train, as FLTrust's does.
+        server_epochs=settings.local_epochs, server_lr=settings.learning_rate, server_batch_size=settings.batch_size,
     )
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..aggregation.merge import KEEP_MODES, MERGE_MODES, UNIT_KINDS, build_merge_units
+from ..aggregation.merge import KEEP_MODES, MERGE_MODES, UNINFORMED_MERGES, UNIT_KINDS, build_merge_units
 from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_adaptive_attack, is_colluding_attack
 from .tasks import (DATASET_CLASSES, DATASETS, MIN_PARTITION_SIZE, PARTITIONINGS, ArraySet, TaskData, load_partition,
                     load_task)
@@ -98,6 +98,7 @@ class RunSettings:
     softmerge_harm_margin: float = 0.25
     softmerge_example_weights: bool = False
     softmerge_beat_constant: bool = True
+    softmerge_uninformed_merge: str = "first"
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
@@ -218,6 +219,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_units": _units,
     "softmerge_mode": _choice(MERGE_MODES),
     "softmerge_keep_mode": _choice(KEEP_MODES),
+    "softmerge_uninformed_merge": _choice(UNINFORMED_MERGES),
     "softmerge_steps": _at_least(0),
     "softmerge_lr": _open_interval(0, 100),
     "softmerge_l0": _at_least(0),

@@ -15,7 +15,9 @@ from torch import nn
 
 import softmerge.aggregation.merge as merge_module
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.merge import CLIENTS_START, CLOSED_START, constant_prediction_loss
+from softmerge.aggregation.merge import (CLIENTS_START, CLOSED_START, DIRECTION_START, constant_prediction_loss,
+                                        direction_trust)
+from softmerge.aggregation.robust import fltrust_server_model
 from softmerge.server.strategy import SoftMerge
 
 from flower_helpers import StubGrid, make_reply
@@ -170,3 +172,107 @@ def test_a_model_that_predicts_the_label_frequencies_exactly_does_not_beat_them(
 
     assert report.loss_after == pytest.approx(report.constant_loss, abs=1e-6)
     assert report.uninformed and report.attempts == 3
+
+
+# uninformed_merge="direction": when nothing beats the bar, update directions weigh the candidates.
+DIRECTION = SoftMergeConfig(warm_start=False, uninformed_merge="direction")
+OVERSHOOT = {name: -1.1 * tensor for name, tensor in INFORMED.items()}
+
+
+def test_direction_trust_is_the_relu_cosine_with_the_servers_own_update_on_the_gate_split():
+    model = _linear()
+    keep = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    states = [INFORMED, OVERSHOOT, keep, {name: tensor + 0.5 for name, tensor in INFORMED.items()}]
+
+    scores = direction_trust(model, keep, states, GATE, DIRECTION)
+
+    trained, _ = fltrust_server_model(model, keep, GATE, epochs=DIRECTION.server_epochs,
+                                      learning_rate=DIRECTION.server_lr, batch_size=DIRECTION.server_batch_size,
+                                      momentum=DIRECTION.server_momentum, seed=DIRECTION.seed)
+    server = torch.cat([(trained[name] - keep[name]).reshape(-1) for name in ("weight", "bias")]).double()
+    for state, score in zip(states, scores.tolist()):
+        update = torch.cat([(state[name] - keep[name]).reshape(-1) for name in ("weight", "bias")]).double()
+        cosine = 0.0 if float(update.norm()) == 0 else float(update @ server / (update.norm() * server.norm()))
+        assert score == pytest.approx(max(0.0, cosine))
+    # The informed update points where the server's does; its overshooting opposite, away.
+    assert scores[0] > 0.9 and scores[1] == 0 and scores[2] == 0
+    # The model is only read.
+    assert all(torch.equal(model.state_dict()[name], keep[name]) for name in keep)
+
+
+def test_direction_trust_scores_any_number_of_candidates_in_chunks():
+    model = _linear()
+    keep = model.state_dict()
+    states = [{name: (k - 10) * tensor / 10 for name, tensor in INFORMED.items()}
+              for k in range(2 * merge_module.DIRECTION_CHUNK + 3)]
+
+    scores = direction_trust(model, keep, states, GATE, DIRECTION)
+
+    one_by_one = torch.cat([direction_trust(model, keep, [state], GATE, DIRECTION) for state in states])
+    assert scores.shape == (len(states),) and torch.allclose(scores, one_by_one)
+    assert all(score == 0 for score in scores[:11]) and all(score > 0.9 for score in scores[11:])
+
+
+def test_when_nothing_beats_the_bar_the_update_directions_weigh_the_candidates(monkeypatch):
+    # Gate learning opens both clients on every attempt: their merge is uninformed.
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
+
+    merged, report = soft_merge(_linear(), [INFORMED, OVERSHOOT], GATE, DIRECTION)
+
+    # Only the informed update points where the server's does, and its merge beats the bar.
+    assert report.start == DIRECTION_START and report.attempts == 3
+    assert not report.uninformed and not report.harm_fallback
+    assert report.rejected_loss is not None and report.loss_after < report.constant_loss
+    assert report.weights == [[1.0, 0.0, 0.0]] and report.gates == [[1.0, 0.0, 0.0]]
+    assert all(torch.allclose(merged[name], INFORMED[name]) for name in INFORMED)
+
+
+def test_a_direction_merge_that_still_does_not_beat_the_bar_stands_uninformed(monkeypatch):
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
+    monkeypatch.setattr(merge_module, "direction_trust",
+                        lambda *args, **kwargs: torch.tensor([1.0, 0.0], dtype=torch.float64))
+    # Input-blind, and a little off the balanced label frequencies.
+    weak = {"weight": torch.zeros(2, 2), "bias": torch.tensor([0.01, -0.01])}
+
+    merged, report = soft_merge(_linear(), [weak, OVERSHOOT], GATE, DIRECTION)
+
+    assert report.start == DIRECTION_START and report.uninformed and not report.harm_fallback
+    assert report.weights == [[1.0, 0.0, 0.0]]
+    assert all(torch.allclose(merged[name], weak[name]) for name in weak)
+
+
+@pytest.mark.parametrize("scores, reason", [([0.0, 1.0], "over the margin"), ([0.0, 0.0], "nobody aligned")])
+def test_without_a_usable_direction_merge_the_first_merge_within_the_margin_stands(monkeypatch, scores, reason):
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
+    monkeypatch.setattr(merge_module, "direction_trust",
+                        lambda *args, **kwargs: torch.tensor(scores, dtype=torch.float64))
+
+    merged, report = soft_merge(_linear(), [INFORMED, OVERSHOOT], GATE, DIRECTION)
+
+    assert report.start == CLIENTS_START and report.uninformed and not report.harm_fallback, reason
+    assert report.weights == [[0.5, 0.5, 0.0]]
+    assert all(torch.allclose(merged[name], -0.05 * tensor) for name, tensor in INFORMED.items())
+
+
+def test_a_keep_model_that_beats_the_bar_is_kept_without_asking_the_directions(monkeypatch):
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
+    monkeypatch.setattr(merge_module, "direction_trust", lambda *args, **kwargs: pytest.fail("not uninformed"))
+    model = _linear(0.05)
+
+    merged, report = soft_merge(model, [INFORMED, FLIPPED], GATE, DIRECTION)
+
+    assert report.harm_fallback and not report.uninformed
+    assert all(torch.equal(merged[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_identical_replies_share_one_direction_weight(monkeypatch):
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
+    half = {name: 0.5 * tensor for name, tensor in INFORMED.items()}
+
+    merged, report = soft_merge(_linear(), [INFORMED, OVERSHOOT, half, half, half], GATE, DIRECTION)
+
+    # Three copies of one reply are one candidate: each holds a third of its weight.
+    assert report.start == DIRECTION_START
+    assert report.weights[0][:2] == pytest.approx([0.5, 0.0])
+    assert report.weights[0][2:5] == pytest.approx([0.5 / 3] * 3) and report.weights[0][5] == 0
+    assert all(torch.allclose(merged[name], 0.75 * INFORMED[name]) for name in INFORMED)
