@@ -140,7 +140,7 @@ from .trust import NEUTRAL_TRUST, trust_bound
 MERGE_MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
 KEEP_MODES = ("candidate", "anchor")
-UNINFORMED_MERGES = ("direction", "first")
+UNINFORMED_MERGES = ("direction", "aligned", "first")
 LOG_ALPHA_MIN = -10.0
 # The starts a soft merge tries in turn until one passes the no-harm check (GateReport.start).
 CLIENTS_START, KEEP_START, CLOSED_START = "the clients alone", "the keep model as a candidate", "closed client gates"
@@ -370,7 +370,10 @@ class SoftMergeConfig:
             update (:func:`direction_trust`); an update that points away from the
             server's gets weight 0. The candidates' weights are not rescaled, and the
             merge must pass the no-harm margin, else the first merge within the margin
-            stands as with ``"first"``. ``"first"``: that first merge within the margin
+            stands as with ``"first"``. ``"aligned"``: the candidates with a positive
+            cosine are merged with their example counts as weights, each capped at their
+            median (:func:`example_count_weights`): FedAvg over the clients whose update
+            points where the server's does. ``"first"``: that first merge within the margin
             stands (the rule before 2026-12-06), a merge gate learning made while nothing
             could score it: at alpha = 0.1, seed 1, it opened 4 to 11 of 20 honest clients
             and the run stayed at chance for 16 rounds (docs/benchmarks.md, "Session 37").
@@ -1407,6 +1410,13 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             row = torch.zeros(len(groups), dtype=start.dtype)
             row[clients_only] = (scores / total).to(start.dtype)
             mixing = row.expand(len(units), -1).clone()
+            if config.uninformed_merge == "aligned" and examples is not None:
+                # FedAvg over the aligned clients, each count capped at their median; a
+                # group's count is its largest member's (copies add no data).
+                counts = torch.full((len(groups),), math.nan, dtype=torch.float64)
+                counts[clients_only] = torch.tensor([max(state_examples[k] for k in groups[g])
+                                                     for g in clients_only], dtype=torch.float64)
+                mixing = example_count_weights((mixing > 0).to(mixing.dtype), counts, mixing)
             with torch.no_grad():
                 built = {name: tensor.detach().clone() for name, tensor in stacked.merge(mixing).items()}
             return (mixing, built) + evaluate_state(model, built, inputs, targets)
@@ -1454,7 +1464,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             if within_margin is not None and uninformed(loss_before):
                 (log_alpha, _, _, merged, loss_after, accuracy_after), chosen_start = within_margin
                 harm_fallback, stood_uninformed = False, True
-            if config.uninformed_merge == "direction" and constant_loss is not None and uninformed(loss_before):
+            if config.uninformed_merge != "first" and constant_loss is not None and uninformed(loss_before):
                 directed = direction_merge()
                 if directed is not None and not over_margin(directed[2]):
                     direction_weights, merged, loss_after, accuracy_after = directed

@@ -26,7 +26,7 @@ from flwr.supercore import log
 from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig, soft_merge
-from ..aggregation.merge import KEEP_LABEL, build_merge_units, stack_in_place
+from ..aggregation.merge import DIRECTION_START, KEEP_LABEL, build_merge_units, stack_in_place
 from ..aggregation.trust import forget_least_recent, relative_openness, trust_of, update_record
 from .replies import (
     RoundStartMemory,
@@ -336,7 +336,8 @@ class SoftMerge(RoundStartMemory):
                 outcome = (f"no start beat them, nor does the global model ({report.loss_before:.3f}): the merge "
                            f"from {report.start} stands ({report.loss_after:.3f})")
             else:
-                outcome = f"took the merge learned from {report.start}: {report.loss_after:.3f}"
+                how = "weighted by" if report.start == DIRECTION_START else "learned from"
+                outcome = f"took the merge {how} {report.start}: {report.loss_after:.3f}"
             if report.rejected_loss <= report.loss_before + self.merge_config.harm_margin:
                 bar = f"is no better than predicting the gate split's label frequencies ({report.constant_loss:.3f})"
             else:

@@ -105,7 +105,8 @@ def test_when_neither_a_start_nor_the_keep_model_beats_the_bar_the_first_merge_w
     monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
     overshoot = {name: -1.1 * tensor for name, tensor in INFORMED.items()}
 
-    merged, report = soft_merge(_linear(), [INFORMED, overshoot], GATE, SoftMergeConfig(warm_start=False))
+    merged, report = soft_merge(_linear(), [INFORMED, overshoot], GATE,
+                                SoftMergeConfig(warm_start=False, uninformed_merge="first"))
 
     assert math.log(2) < report.loss_after < math.log(2) + 0.25
     assert report.attempts == 3 and report.uninformed and not report.harm_fallback
@@ -150,7 +151,7 @@ def test_the_strategy_warns_when_the_first_merge_stands_uninformed_and_keeps_no_
         monkeypatch, caplog):
     monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
     model = _linear()
-    strategy = SoftMerge(model, GATE, SoftMergeConfig(warm_start=False), trust=True)
+    strategy = SoftMerge(model, GATE, SoftMergeConfig(warm_start=False, uninformed_merge="first"), trust=True)
     list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([1, 2])))
     overshoot = {name: -1.1 * tensor for name, tensor in INFORMED.items()}
     replies = [make_reply(node, state, partition=node) for node, state in ((1, INFORMED), (2, overshoot))]
@@ -276,3 +277,36 @@ def test_identical_replies_share_one_direction_weight(monkeypatch):
     assert report.weights[0][:2] == pytest.approx([0.5, 0.0])
     assert report.weights[0][2:5] == pytest.approx([0.5 / 3] * 3) and report.weights[0][5] == 0
     assert all(torch.allclose(merged[name], 0.75 * INFORMED[name]) for name in INFORMED)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_strategy_says_when_the_update_directions_made_the_merge(monkeypatch, caplog):
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
+    model = _linear()
+    strategy = SoftMerge(model, GATE, DIRECTION, trust=True)
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([1, 2])))
+    replies = [make_reply(node, state, partition=node) for node, state in ((1, INFORMED), (2, OVERSHOOT))]
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert "took the merge weighted by the update directions" in caplog.text
+    assert metrics["softmerge-uninformed"] == 0 and metrics["softmerge-harm-fallback"] == 0
+    merged = arrays.to_torch_state_dict()
+    assert all(torch.allclose(merged[name], INFORMED[name]) for name in INFORMED)
+    # Gate learning failed the bar: the round still says nothing about the clients.
+    assert strategy.trust_record == {}
+
+
+def test_the_aligned_merge_is_fedavg_over_the_aligned_clients_with_counts_capped_at_their_median(monkeypatch):
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 2]]))
+    half = {name: 0.5 * tensor for name, tensor in INFORMED.items()}
+    config = SoftMergeConfig(warm_start=False, uninformed_merge="aligned")
+
+    merged, report = soft_merge(_linear(), [INFORMED, half, OVERSHOOT], GATE, config, examples=[10, 30, 50])
+
+    # The overshooting client points away and claims the most examples: it gets nothing. The
+    # median of the aligned counts (10, 30) is 20, so their weights are 10 : 20.
+    assert report.start == DIRECTION_START and not report.uninformed
+    assert report.weights[0] == pytest.approx([1 / 3, 2 / 3, 0.0, 0.0])
+    assert all(torch.allclose(merged[name], 2 / 3 * INFORMED[name]) for name in INFORMED)
