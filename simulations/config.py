@@ -98,7 +98,7 @@ class RunSettings:
     softmerge_harm_margin: float = 0.25
     softmerge_example_weights: bool = False
     softmerge_beat_constant: bool = True
-    softmerge_uninformed_merge: str = "first"
+    softmerge_uninformed_merge: str = "aligned"
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
