@@ -56,9 +56,13 @@ stage() {
     # (docs/benchmarks.md, "Heterogeneity") one seed cannot tell from noise (session 36).
     12) "$SIM" "${COMMON[@]}" --alpha 0.1 --strategies softmerge \
           --attacks label-flip,sign-flip,backdoor,none,alie,ipm-100,min-max --fractions 0.4 --seeds 1 ;;
+    # FLTrust and FedAvg beside it on seed 1 (sessions 36-37): no attack (target 1) and the two
+    # attacks that defeated SoftMerge's first rounds there.
+    13) "$SIM" "${COMMON[@]}" --alpha 0.1 --strategies fltrust,fedavg \
+          --attacks none,sign-flip,label-flip --fractions 0.4 --seeds 1 ;;
   esac
 }
 
-for s in "${@:-1 2 3 4 5 6 7 8 9 10 11 12}"; do
+for s in "${@:-1 2 3 4 5 6 7 8 9 10 11 12 13}"; do
   for one in $s; do stage "$one"; done
 done
