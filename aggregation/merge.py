@@ -134,7 +134,7 @@ from torch.optim.adam import adam as adam_update
 
 from .candidates import Exclusion, as_tensor_state, candidate_problem, validate_candidates
 from .gates import LOG_ALPHA_CLOSED, deterministic_gates, expected_l0, sample_gates
-from .robust import fltrust_server_model, fltrust_trust_scores
+from .robust import fltrust_server_model
 from .trust import NEUTRAL_TRUST, trust_bound
 
 MERGE_MODES = ("weight", "select", "sum")
@@ -369,17 +369,24 @@ class SoftMergeConfig:
             (:func:`direction_trust`). ``"aligned"`` (the default): the candidates with a
             positive cosine are merged with their example counts as weights, each capped at
             their median (:func:`example_count_weights`): FedAvg over the clients whose
-            update points where the server's does. ``"direction"``: the trust itself is
-            each candidate's weight. Either merge must pass the no-harm margin (the
-            candidates' weights are not rescaled), else the first merge within the margin
-            stands, as with ``"first"`` (the rule of sessions 33–36): a merge gate learning
-            made while nothing could score it. At alpha = 0.1, seed 1, 40% malicious, that
-            rule opened 4 to 11 of 20 honest clients and left the run at chance for 16
-            rounds with no attack and for all 30 under sign-flip and min-max; ``"aligned"``
-            left chance in round 1 in six of seven cells and ended 22, 51 and 40 points
-            higher in those three, 1–3 higher under ALIE and IPM, and 9.7 lower under
-            label-flip; ``"direction"`` stayed at chance under IPM (docs/benchmarks.md,
-            "Session 37").
+            update points where the server's does (without ``examples`` passed to
+            :func:`soft_merge`, their trust weighs them, as with ``"direction"``).
+            ``"direction"``: the trust itself is each candidate's weight. Either merge is a
+            weighted mean whatever ``mode`` is, and reads neither the clients' trust nor
+            the mirror test. It must pass the no-harm margin (the candidates' weights are
+            not rescaled), else the first merge within the margin stands, as with
+            ``"first"`` (the rule of sessions 33–36: a merge gate learning made while
+            nothing could score it), or, if no start was within the margin, the keep
+            model is kept. The direction merge is also tried in that last case (every
+            start over the margin of an uninformed keep model), which ``"first"`` answers
+            with the keep model; a round that keeps an untrained model learns nothing.
+            At alpha = 0.1, seed 1, 40% malicious, the old rule opened 4 to 11 of 20
+            honest clients and left the run at chance for 16 rounds with no attack and
+            for all 30 under sign-flip and min-max; ``"aligned"`` left chance in round 1
+            in six of seven cells and ended 22, 51 and 40 points higher in those three,
+            1–3 higher under ALIE and IPM, 14 higher under the backdoor (which got in
+            either way), and 9.7 lower under label-flip; ``"direction"`` stayed at chance
+            under IPM (docs/benchmarks.md, "Session 37").
         server_epochs, server_lr, server_batch_size, server_momentum: the server's SGD on
             the gate split for the direction trust; by default the default
             run's client training (3 epochs, lr 0.1, batch 16, momentum 0.9).
@@ -983,11 +990,6 @@ def constant_prediction_loss(targets: torch.Tensor) -> float | None:
     return float(-(frequencies * frequencies.log()).sum())
 
 
-# Candidates whose updates are flattened at once by direction_trust: bounds its memory
-# to this many float64 copies of the model whatever the round's K.
-DIRECTION_CHUNK = 16
-
-
 def direction_trust(model: nn.Module, keep: Mapping[str, torch.Tensor],
                     states: Sequence[Mapping[str, torch.Tensor]], validation: tuple[torch.Tensor, torch.Tensor],
                     config: SoftMergeConfig) -> torch.Tensor:
@@ -998,23 +1000,35 @@ def direction_trust(model: nn.Module, keep: Mapping[str, torch.Tensor],
     with ``config.seed``); Cao et al., NDSS 2021. Cosines are over the model's
     parameters: buffers (BatchNorm statistics) carry no direction. Returns (K,) float64
     in [0, 1], all 0 when g_0 is 0 or not finite. ``model`` is not modified.
+
+    Each cosine is accumulated tensor by tensor in float64, so the memory beyond the
+    states themselves is one float64 copy of the model (g_0) and one tensor at a time,
+    whatever K (:func:`softmerge.aggregation.robust.fltrust_trust_scores`, the same formula on a
+    stacked (K, d) matrix, would hold K copies).
     """
     trained, _ = fltrust_server_model(model, keep, validation, epochs=config.server_epochs,
                                       learning_rate=config.server_lr, batch_size=config.server_batch_size,
                                       momentum=config.server_momentum, seed=config.seed)
     names = [name for name, _ in model.named_parameters()]
 
-    def flat(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([torch.as_tensor(state[name]).detach().reshape(-1).to(torch.float64) for name in names])
+    def as_float64(tensor: object) -> torch.Tensor:
+        return torch.as_tensor(tensor).detach().to(torch.float64)
 
-    base = flat(keep)
-    server_update = flat(trained) - base
-    if not bool(torch.isfinite(server_update).all()):
-        return torch.zeros(len(states), dtype=torch.float64)
-    scores = [fltrust_trust_scores(torch.stack([flat(state) - base for state in states[first:first + DIRECTION_CHUNK]]),
-                                   server_update)
-              for first in range(0, len(states), DIRECTION_CHUNK)]
-    return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+    server_update = {name: as_float64(trained[name]) - as_float64(keep[name]) for name in names}
+    server_norm = math.sqrt(sum(float(update.square().sum()) for update in server_update.values()))
+    scores = torch.zeros(len(states), dtype=torch.float64)
+    if not math.isfinite(server_norm) or server_norm == 0.0:
+        return scores
+    for k, state in enumerate(states):
+        dot = squared = 0.0
+        for name in names:
+            update = as_float64(state[name]) - as_float64(keep[name])
+            dot += float((update * server_update[name]).sum())
+            squared += float(update.square().sum())
+        norm = math.sqrt(squared)
+        if norm > 0 and math.isfinite(norm) and math.isfinite(dot):
+            scores[k] = min(1.0, max(0.0, dot / (norm * server_norm)))
+    return scores
 
 
 def _mean_loss(losses: torch.Tensor) -> float:
@@ -1160,7 +1174,8 @@ def soft_merge(
             lowers the candidate's start by ``config.trust_strength`` times its log-odds;
             the warm-start ceiling stays where the candidate's own evidence puts it.
         examples: optional example count per candidate (in ``candidates``' order), as
-            the clients report them; read only with ``config.example_weights``.
+            the clients report them; read with ``config.example_weights`` and by the
+            ``"aligned"`` merge of an uninformed round (``config.uninformed_merge``).
         recorded: optional, per candidate, whether its trust comes from a record (False:
             a newcomer, at the neutral 1/2). Read with ``trust`` by ``config.mirror_trusted``
             alone: a newcomer is spared the mirror test only in a round in which no valid
@@ -1406,9 +1421,11 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             client's update has a positive cosine with the server's.
             """
             clients_only = [g for g in range(len(groups)) if g != gated_keep]
+            if not clients_only:
+                return None
             scores = direction_trust(model, keep_state, [group_states[g] for g in clients_only], validation, config)
             total = float(scores.sum())
-            if not clients_only or not total > 0:
+            if not total > 0:
                 return None
             row = torch.zeros(len(groups), dtype=start.dtype)
             row[clients_only] = (scores / total).to(start.dtype)

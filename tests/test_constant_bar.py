@@ -17,7 +17,7 @@ import softmerge.aggregation.merge as merge_module
 from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.merge import (CLIENTS_START, CLOSED_START, DIRECTION_START, constant_prediction_loss,
                                         direction_trust)
-from softmerge.aggregation.robust import fltrust_server_model
+from softmerge.aggregation.robust import flatten_updates, fltrust_server_model, fltrust_trust_scores
 from softmerge.server.strategy import SoftMerge
 
 from flower_helpers import StubGrid, make_reply
@@ -201,17 +201,24 @@ def test_direction_trust_is_the_relu_cosine_with_the_servers_own_update_on_the_g
     assert all(torch.equal(model.state_dict()[name], keep[name]) for name in keep)
 
 
-def test_direction_trust_scores_any_number_of_candidates_in_chunks():
+def test_direction_trust_streams_fltrusts_formula_over_many_candidates():
     model = _linear()
     keep = model.state_dict()
-    states = [{name: (k - 10) * tensor / 10 for name, tensor in INFORMED.items()}
-              for k in range(2 * merge_module.DIRECTION_CHUNK + 3)]
+    generator = torch.Generator().manual_seed(0)
+    states = [{name: torch.randn(tensor.shape, generator=generator) for name, tensor in INFORMED.items()}
+              for _ in range(40)] + [dict(keep)]
 
     scores = direction_trust(model, keep, states, GATE, DIRECTION)
 
-    one_by_one = torch.cat([direction_trust(model, keep, [state], GATE, DIRECTION) for state in states])
-    assert scores.shape == (len(states),) and torch.allclose(scores, one_by_one)
-    assert all(score == 0 for score in scores[:11]) and all(score > 0.9 for score in scores[11:])
+    trained, _ = fltrust_server_model(model, keep, GATE, epochs=DIRECTION.server_epochs,
+                                      learning_rate=DIRECTION.server_lr, batch_size=DIRECTION.server_batch_size,
+                                      momentum=DIRECTION.server_momentum, seed=DIRECTION.seed)
+    names = ["weight", "bias"]
+    _, updates = flatten_updates(keep, states, names)
+    _, (server,) = flatten_updates(keep, [trained], names)
+    assert torch.allclose(scores, fltrust_trust_scores(updates, server), atol=1e-12)
+    # Random directions: some point with the server's update, some against; an unchanged model has none.
+    assert (scores == 0).any() and (scores > 0).any() and scores[-1] == 0
 
 
 def test_when_nothing_beats_the_bar_the_update_directions_weigh_the_candidates(monkeypatch):
@@ -310,3 +317,31 @@ def test_the_aligned_merge_is_fedavg_over_the_aligned_clients_with_counts_capped
     assert report.start == DIRECTION_START and not report.uninformed
     assert report.weights[0] == pytest.approx([1 / 3, 2 / 3, 0.0, 0.0])
     assert all(torch.allclose(merged[name], 2 / 3 * INFORMED[name]) for name in INFORMED)
+
+
+def test_an_uninformed_global_model_that_every_start_worsens_past_the_margin_gives_way_to_the_aligned_merge(
+        monkeypatch):
+    # Every attempt opens only the wildly overshooting client: over the margin each time.
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[1]]))
+    wild = {name: -30.0 * tensor for name, tensor in INFORMED.items()}
+
+    old_rule = SoftMergeConfig(warm_start=False, uninformed_merge="first")
+    _, first = soft_merge(_linear(), [INFORMED, wild], GATE, old_rule)
+    merged, aligned = soft_merge(_linear(), [INFORMED, wild], GATE, SoftMergeConfig(warm_start=False), examples=[5, 5])
+
+    # The old rule kept the untrained global model; the aligned merge is the informed client.
+    assert first.harm_fallback and first.attempts == 3
+    assert not aligned.harm_fallback and aligned.start == DIRECTION_START and not aligned.uninformed
+    assert aligned.weights == [[1.0, 0.0, 0.0]]
+    assert all(torch.allclose(merged[name], INFORMED[name]) for name in INFORMED)
+
+
+def test_without_example_counts_the_aligned_merge_weighs_by_direction_trust(monkeypatch):
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 2]]))
+    monkeypatch.setattr(merge_module, "direction_trust",
+                        lambda *args, **kwargs: torch.tensor([0.2, 0.6, 0.0], dtype=torch.float64))
+    half = {name: 0.5 * tensor for name, tensor in INFORMED.items()}
+
+    _, report = soft_merge(_linear(), [INFORMED, half, OVERSHOOT], GATE, SoftMergeConfig(warm_start=False))
+
+    assert report.start == DIRECTION_START and report.weights[0] == pytest.approx([0.25, 0.75, 0.0, 0.0])
