@@ -60,9 +60,12 @@ stage() {
     # attacks that defeated SoftMerge's first rounds there.
     13) "$SIM" "${COMMON[@]}" --alpha 0.1 --strategies fltrust,fedavg \
           --attacks none,sign-flip,label-flip --fractions 0.4 --seeds 1 ;;
+    # A third seed at alpha 0.1 (session 37), the three of them on no attack and the two flips.
+    14) "$SIM" "${COMMON[@]}" --alpha 0.1 --strategies softmerge,fedavg,fltrust \
+          --attacks none,sign-flip,label-flip --fractions 0.4 --seeds 2 ;;
   esac
 }
 
-for s in "${@:-1 2 3 4 5 6 7 8 9 10 11 12 13}"; do
+for s in "${@:-1 2 3 4 5 6 7 8 9 10 11 12 13 14}"; do
   for one in $s; do stage "$one"; done
 done
