@@ -56,10 +56,9 @@ stage() {
     # (docs/benchmarks.md, "Heterogeneity") one seed cannot tell from noise (session 36).
     12) "$SIM" "${COMMON[@]}" --alpha 0.1 --strategies softmerge \
           --attacks label-flip,sign-flip,backdoor,none,alie,ipm-100,min-max --fractions 0.4 --seeds 1 ;;
-    # FLTrust and FedAvg beside it on seed 1 (sessions 36-37): no attack (target 1) and the two
-    # attacks that defeated SoftMerge's first rounds there.
+    # FLTrust and FedAvg beside it on seed 1 (sessions 36-37), against the same seven attacks.
     13) "$SIM" "${COMMON[@]}" --alpha 0.1 --strategies fltrust,fedavg \
-          --attacks none,sign-flip,label-flip --fractions 0.4 --seeds 1 ;;
+          --attacks none,sign-flip,label-flip,alie,ipm-100,min-max,backdoor --fractions 0.4 --seeds 1 ;;
     # A third seed at alpha 0.1 (session 37), the three of them on no attack and the two flips.
     14) "$SIM" "${COMMON[@]}" --alpha 0.1 --strategies softmerge,fedavg,fltrust \
           --attacks none,sign-flip,label-flip --fractions 0.4 --seeds 2 ;;
