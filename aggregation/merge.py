@@ -382,11 +382,11 @@ class SoftMergeConfig:
             with the keep model; a round that keeps an untrained model learns nothing.
             At alpha = 0.1, seed 1, 40% malicious, the old rule opened 4 to 11 of 20
             honest clients and left the run at chance for 16 rounds with no attack and
-            for all 30 under sign-flip and min-max; ``"aligned"`` left chance in round 1
-            in six of seven cells and ended 22, 51 and 40 points higher in those three,
-            1–3 higher under ALIE and IPM, 14 higher under the backdoor (which got in
-            either way), and 9.7 lower under label-flip; ``"direction"`` stayed at chance
-            under IPM (docs/benchmarks.md, "Session 37").
+            for all 30 under sign-flip and min-max; with ``"aligned"`` the merge beat
+            the bar from round 1 in six of seven cells, and the final round was 22, 51
+            and 40 points higher in those three, 1–3 higher under ALIE and IPM, 14 higher
+            under the backdoor (which got in either way), and 9.7 lower under label-flip;
+            ``"direction"`` stayed at chance under IPM (docs/benchmarks.md, "Session 37").
         server_epochs, server_lr, server_batch_size, server_momentum: the server's SGD on
             the gate split for the direction trust; by default the default
             run's client training (3 epochs, lr 0.1, batch 16, momentum 0.9).
