@@ -514,14 +514,15 @@ class GateReport:
     passed the check, of ``attempts`` tried in turn (see ``SoftMergeConfig.keep_mode``
     and ``harm_margin`` for their order). ``uninformed`` is True when no start beat the
     label-frequency bar and the keep model did not either, so the first merge within the
-    margin stands (``start`` names it), or, with ``uninformed_merge="direction"``, the
-    direction merge (``DIRECTION_START``; its gates are 1 where its weight is positive,
-    ``log_alpha`` the replaced attempt's) when it passes the margin; ``uninformed`` is
-    then False if the direction merge beats the bar. ``harm_fallback`` is True when the keep model was
-    returned instead (every attempt failed the check, or there was no keep candidate to
-    learn again from): ``weights`` are then all on the keep candidate (shared with clients
-    that resent it unchanged; all 0 without a keep candidate), ``*_after`` equal
-    ``*_before``, and ``gates``, ``log_alpha`` and ``start`` are the last attempt's. ``seconds`` is the whole merge's
+    margin stands (``start`` names it), or, with ``uninformed_merge`` ``"aligned"`` (the
+    default) or ``"direction"``, the direction merge (``DIRECTION_START``; its gates are 1
+    where its weight is positive, ``log_alpha`` the replaced attempt's) when it passes the
+    margin; ``uninformed`` is then False if the direction merge beats the bar.
+    ``harm_fallback`` is True when the keep model was returned instead (every attempt
+    failed the check, or there was no keep candidate to learn again from): ``weights``
+    are then all on the keep candidate (shared with clients that resent it unchanged; all
+    0 without a keep candidate), ``*_after`` equal ``*_before``, and ``gates``,
+    ``log_alpha`` and ``start`` are the last attempt's. ``seconds`` is the whole merge's
     wall-clock time, ``gate_seconds`` the part spent learning gates (every attempt's
     steps and convergence checks), so that a step's cost is measured, not inferred.
     """
@@ -1378,11 +1379,13 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 start = torch.minimum(start, mirror_log_alpha(group_mean_losses, [loss for loss, _ in group_mirrors],
                                                               config, errors, spared, flipped))
             start = start.expand(len(units), -1)
-        # and count the examples of one of them: copies add no data. A group holding the
-        # keep model (a client that resent it) is the keep model's.
-        group_examples = (torch.tensor([math.nan if keep_index in group else max(state_examples[k] for k in group)
-                                        for group in groups], dtype=torch.float64)
-                          if config.example_weights and examples is not None else None)
+        # A group counts the examples of one of its members (the largest claim): copies add
+        # no data. A group holding the keep model (a client that resent it) is the keep
+        # model's, which has no count (nan).
+        group_counts = (torch.tensor([math.nan if keep_index in group else max(state_examples[k] for k in group)
+                                      for group in groups], dtype=torch.float64)
+                        if examples is not None else None)
+        group_examples = group_counts if config.example_weights else None
         ceiling = start.clone() if config.warm_start_ceiling else None
         if trust is not None and config.trust_strength > 0:
             bounds = torch.tensor([trust_bound(value, config.init_log_alpha, config.trust_strength)
@@ -1430,13 +1433,9 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             row = torch.zeros(len(groups), dtype=start.dtype)
             row[clients_only] = (scores / total).to(start.dtype)
             mixing = row.expand(len(units), -1).clone()
-            if config.uninformed_merge == "aligned" and examples is not None:
-                # FedAvg over the aligned clients, each count capped at their median; a
-                # group's count is its largest member's (copies add no data).
-                counts = torch.full((len(groups),), math.nan, dtype=torch.float64)
-                counts[clients_only] = torch.tensor([max(state_examples[k] for k in groups[g])
-                                                     for g in clients_only], dtype=torch.float64)
-                mixing = example_count_weights((mixing > 0).to(mixing.dtype), counts, mixing)
+            if config.uninformed_merge == "aligned" and group_counts is not None:
+                # FedAvg over the aligned clients, each count capped at their median.
+                mixing = example_count_weights((mixing > 0).to(mixing.dtype), group_counts, mixing)
             with torch.no_grad():
                 built = {name: tensor.detach().clone() for name, tensor in stacked.merge(mixing).items()}
             return (mixing, built) + evaluate_state(model, built, inputs, targets)
@@ -1484,7 +1483,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             if within_margin is not None and uninformed(loss_before):
                 (log_alpha, _, _, merged, loss_after, accuracy_after), chosen_start = within_margin
                 harm_fallback, stood_uninformed = False, True
-            if config.uninformed_merge != "first" and constant_loss is not None and uninformed(loss_before):
+            if config.uninformed_merge != "first" and uninformed(loss_before):
                 directed = direction_merge()
                 if directed is not None and not over_margin(directed[2]):
                     direction_weights, merged, loss_after, accuracy_after = directed
