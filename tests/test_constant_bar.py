@@ -345,3 +345,16 @@ def test_without_example_counts_the_aligned_merge_weighs_by_direction_trust(monk
     _, report = soft_merge(_linear(), [INFORMED, half, OVERSHOOT], GATE, SoftMergeConfig(warm_start=False))
 
     assert report.start == DIRECTION_START and report.weights[0] == pytest.approx([0.25, 0.75, 0.0, 0.0])
+
+
+def test_a_server_update_that_is_not_finite_trusts_nobody_and_the_first_merge_stands(monkeypatch):
+    monkeypatch.setattr(merge_module, "_learn_gates", _learn_by_attempt([[0, 1]]))
+    diverged = {name: torch.full_like(tensor, math.nan) for name, tensor in INFORMED.items()}
+    monkeypatch.setattr(merge_module, "fltrust_server_model", lambda *args, **kwargs: (diverged, math.nan))
+
+    assert torch.equal(direction_trust(_linear(), _linear().state_dict(), [INFORMED], GATE, DIRECTION),
+                       torch.zeros(1, dtype=torch.float64))
+    merged, report = soft_merge(_linear(), [INFORMED, OVERSHOOT], GATE, SoftMergeConfig(warm_start=False))
+
+    assert report.start == CLIENTS_START and report.uninformed and not report.harm_fallback
+    assert all(torch.isfinite(tensor).all() for tensor in merged.values())
