@@ -252,8 +252,9 @@ def fltrust_server_model(
                 if remaining <= 0:
                     break
                 batch = order[start:start + batch_size]
-                if len(batch) < 2 and count > 0:
-                    # A one-example batch breaks BatchNorm in training mode; skip the remainder.
+                if len(batch) < min(2, batch_size) and count > 0:
+                    # A one-example remainder breaks BatchNorm in training mode; at batch size 1
+                    # every batch is one example and none is a remainder.
                     continue
                 remaining -= 1
                 optimizer.zero_grad(set_to_none=True)

@@ -562,7 +562,7 @@ def test_median_statistics_take_each_coordinate_from_some_client():
 
 
 @pytest.mark.parametrize(("examples", "batch", "steps"), [(300, 32, 10), (33, 32, 1), (34, 32, 2), (1, 32, 1),
-                                                         (64, 32, 2)])
+                                                         (64, 32, 2), (5, 1, 5), (3, 2, 1)])
 def test_server_steps_per_epoch_counts_the_batches_the_server_model_trains_on(examples, batch, steps):
     from softmerge.aggregation.robust import fltrust_server_model, server_steps_per_epoch
 
