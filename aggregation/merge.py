@@ -1393,6 +1393,12 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             start = torch.minimum(start, bounds.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN))
         learning_seconds: list[float] = []
 
+        def merged_copy(weights: torch.Tensor) -> dict[str, torch.Tensor]:
+            # Own storage: merged tensors are views of one product per unit, and integer
+            # buffers are a candidate's own tensors.
+            with torch.no_grad():
+                return {name: tensor.detach().clone() for name, tensor in stacked.merge(weights).items()}
+
         def attempt(first: torch.Tensor, cap: torch.Tensor | None
                     ) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor], float, float]:
             """Learn gates from ``first`` under ``cap``.
@@ -1404,9 +1410,9 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             taken, missed = _learn_gates(model, stacked, parameter, inputs, targets, config, gated_keep, cap)
             learning_seconds.append(time.perf_counter() - learning_started)
             with torch.no_grad():
-                built = stacked.merge(_final_weights(parameter, deterministic_gates(parameter), config.mode, gated_keep,
-                                                     group_examples))
-                built = {name: tensor.detach().clone() for name, tensor in built.items()}
+                weights = _final_weights(parameter, deterministic_gates(parameter), config.mode, gated_keep,
+                                         group_examples)
+            built = merged_copy(weights)
             return (parameter.detach(), taken, missed, built) + evaluate_state(model, built, inputs, targets)
 
         constant_loss = constant_prediction_loss(targets) if config.beat_constant and config.harm_margin else None
@@ -1436,8 +1442,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             if config.uninformed_merge == "aligned" and group_counts is not None:
                 # FedAvg over the aligned clients, each count capped at their median.
                 mixing = example_count_weights((mixing > 0).to(mixing.dtype), group_counts, mixing)
-            with torch.no_grad():
-                built = {name: tensor.detach().clone() for name, tensor in stacked.merge(mixing).items()}
+            built = merged_copy(mixing)
             return (mixing, built) + evaluate_state(model, built, inputs, targets)
 
         # The starts tried in turn until a merge passes the no-harm check.
