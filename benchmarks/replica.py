@@ -89,8 +89,8 @@ import torch
 from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.trust import relative_openness, trust_of, update_record
 from softmerge.aggregation.robust import apply_update, fltrust, fltrust_server_model, flatten_updates
-from softmerge.aggregation.merge import (build_merge_units, evaluate_state, example_count_weights, loss_rms,
-                                         mirror_statistics, per_example_losses)
+from softmerge.aggregation.merge import (DIRECTION_START, build_merge_units, evaluate_state, example_count_weights,
+                                         loss_rms, mirror_statistics, per_example_losses)
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
 from softmerge.simulations.colluding import (DEFAULT_MIMIC_WARMUP, FixedMimic, craft_malicious_updates,
@@ -435,10 +435,21 @@ def print_cosines(round_number, report, global_state, candidates, malicious):
           f"open malicious {show(found[True])}", flush=True)
 
 
+def merged_openness(report):
+    """Per unit and candidate, positive where the round's merge has the candidate open.
+
+    The learned log_alpha, except in a round merged by the update directions, whose
+    log_alpha is the attempt it replaced: there the merge's own gates (1 or 0) decide.
+    """
+    if report.start == DIRECTION_START:
+        return [[1.0 if gate > 0 else -1.0 for gate in row] for row in report.gates]
+    return report.log_alpha
+
+
 def print_selection(round_number, model, candidates, task, variant, labels, sizes, report, malicious):
     """How many honest and malicious clients have log_alpha > 0 (gate above 1/2) in some merge
     unit: at the own-loss start, with the mirror test's bound added, and after gate learning
-    (the round's merge)."""
+    (the round's merge; in a round merged by the update directions, the clients it weights)."""
     def opened(log_alpha, clients):
         return sum(1 for p in clients if any(row[p] > 0 for row in log_alpha))
 
@@ -449,7 +460,7 @@ def print_selection(round_number, model, candidates, task, variant, labels, size
     parts = []
     for name, clients in (("honest", honest), ("malicious", sorted(malicious))):
         if clients:
-            counts = [opened(log_alpha, clients) for log_alpha in starts + [report.log_alpha]]
+            counts = [opened(log_alpha, clients) for log_alpha in starts + [merged_openness(report)]]
             parts.append(f"{name} {counts[0]} -> {counts[1]} -> {counts[2]} of {len(clients)}")
     print(f"round {round_number} open (own-loss start -> + mirror bound -> learned): " + " | ".join(parts),
           flush=True)

@@ -47,3 +47,16 @@ def test_collude_with_mimic_fixed_copies_the_same_honest_client_every_round(repl
         assert len(matches) == 1 and torch.equal(candidates[4]["w"], candidates[5]["w"])
         copied.append(matches[0])
     assert copied == [tracker.target] * 4
+
+
+def test_selection_counts_a_direction_round_by_its_merge_not_the_attempt_it_replaced(replica):
+    from types import SimpleNamespace
+
+    from softmerge.aggregation.merge import CLIENTS_START, DIRECTION_START
+
+    # The replaced attempt had candidate 0 open; the direction merge weights 1 and 2.
+    gates, log_alpha = [[0.0, 1.0, 1.0]], [[2.0, -3.0, -3.0]]
+    direction = SimpleNamespace(start=DIRECTION_START, gates=gates, log_alpha=log_alpha)
+    assert [p for p, value in enumerate(replica.merged_openness(direction)[0]) if value > 0] == [1, 2]
+    gated = SimpleNamespace(start=CLIENTS_START, gates=gates, log_alpha=log_alpha)
+    assert replica.merged_openness(gated) == log_alpha
