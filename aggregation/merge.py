@@ -507,7 +507,9 @@ class GateReport:
     candidate's trust over past rounds (its group's, for identical candidates) when the
     caller passed one, else empty. ``rejected_loss`` is the gate-split loss of a first
     merge that the no-harm check rejected (``SoftMergeConfig.harm_margin`` and
-    ``beat_constant``), else None; ``constant_loss`` is the label-frequency bar the check
+    ``beat_constant``), else None; ``rejected_over_margin`` says which bar it failed:
+    True for the margin, False when it was within the margin and only failed to beat the
+    label frequencies. ``constant_loss`` is the label-frequency bar the check
     held merges to (None when ``beat_constant`` or the check is off, or the split has one
     class). Gates, weights and ``*_after`` describe the merge from the start named in
     ``start`` (``CLIENTS_START``, ``KEEP_START`` or ``CLOSED_START``), the one that
@@ -542,6 +544,7 @@ class GateReport:
     duplicates: list[list[str]] = field(default_factory=list)
     trust: list[float] = field(default_factory=list)
     rejected_loss: float | None = None
+    rejected_over_margin: bool = False
     constant_loss: float | None = None
     uninformed: bool = False
     start: str = ""
@@ -1466,7 +1469,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             client_columns = [g for g in range(retry_start.shape[1]) if g != gated_keep]
             retry_start[:, client_columns] = retry_start[:, client_columns].clamp(max=LOG_ALPHA_CLOSED)
             plan.append((CLOSED_START, retry_start, ceiling))
-        rejected_loss, harm_fallback, steps, skipped, attempts = None, True, 0, 0, 0
+        rejected_loss, rejected_over_margin, harm_fallback, steps, skipped, attempts = None, False, True, 0, 0, 0
         chosen_start, stood_uninformed, direction_weights = plan[-1][0], False, None
         # The first merge within the margin that only failed to beat the label frequencies,
         # and its start: if no start does better and the keep model does not beat them
@@ -1483,7 +1486,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             if within_margin is None and not over_margin(loss_after):
                 within_margin = (outcome, name)
             if rejected_loss is None:
-                rejected_loss = loss_after
+                rejected_loss, rejected_over_margin = loss_after, over_margin(loss_after)
         else:
             if within_margin is not None and uninformed(loss_before):
                 (log_alpha, _, _, merged, loss_after, accuracy_after), chosen_start = within_margin
@@ -1531,6 +1534,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         duplicates=[[gated_labels[k] for k in group] for group in groups if len(group) > 1],
         trust=[group_trust[int(group_of[k])] for k in range(len(states))] if trust is not None else [],
         rejected_loss=rejected_loss,
+        rejected_over_margin=rejected_over_margin,
         constant_loss=constant_loss,
         uninformed=stood_uninformed,
         start=chosen_start,

@@ -338,10 +338,10 @@ class SoftMerge(RoundStartMemory):
             else:
                 how = "weighted by" if report.start == DIRECTION_START else "learned from"
                 outcome = f"took the merge {how} {report.start}: {report.loss_after:.3f}"
-            if report.rejected_loss <= report.loss_before + self.merge_config.harm_margin:
-                bar = f"is no better than predicting the gate split's label frequencies ({report.constant_loss:.3f})"
-            else:
+            if report.rejected_over_margin:
                 bar = f"is more than the no-harm margin above the global model's {report.loss_before:.3f}"
+            else:
+                bar = f"is no better than predicting the gate split's label frequencies ({report.constant_loss:.3f})"
             log(WARNING, "SoftMerge round %d: the merge's gate-split loss %.3f %s; %s", server_round,
                 report.rejected_loss, bar, outcome)
         if report.fallback_units:

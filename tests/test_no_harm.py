@@ -38,7 +38,7 @@ def test_a_rejected_merge_is_learned_again_from_closed_client_gates(honest_candi
     merged, report = soft_merge(model, ruinous, gate, SoftMergeConfig(**UNGUIDED))
 
     # With no steps, the second attempt is its start: every client closed, the keep model alone.
-    assert report.rejected_loss > keep_loss + 0.25
+    assert report.rejected_loss > keep_loss + 0.25 and report.rejected_over_margin
     assert not report.harm_fallback
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
     assert report.gates[0][:3] == [0.0, 0.0, 0.0] and report.weights == [[0.0, 0.0, 0.0, 1.0]]
