@@ -141,6 +141,7 @@ MERGE_MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
 KEEP_MODES = ("candidate", "anchor")
 UNINFORMED_MERGES = ("direction", "aligned", "first")
+WARM_START_STEPS = ("candidate", "merge")
 LOG_ALPHA_MIN = -10.0
 # The starts a soft merge tries in turn until one passes the no-harm check (GateReport.start).
 CLIENTS_START, KEEP_START, CLOSED_START = "the clients alone", "the keep model as a candidate", "closed client gates"
@@ -205,6 +206,19 @@ class SoftMergeConfig:
         warm_start: start log_alpha from each candidate's own validation loss.
         init_log_alpha: starting log_alpha of the best candidate.
         warm_start_temperature: nats of extra loss that cost one unit of log_alpha.
+        warm_start_step: the step at which the own-loss start and the mirror test score
+            a candidate. ``"candidate"`` (the default): the candidate itself, keep +
+            delta. ``"merge"``: the step it takes inside an even merge of the n gated
+            client groups, keep + delta / n (its mirror keep - delta / n), each
+            example's loss change against the keep model multiplied by n, so that the
+            temperatures keep their units (to first order the same score, the
+            directional derivative along delta). A client whose data hold one or two
+            classes takes a full step that overshoots: much better on its classes,
+            worse on the rest, so on a class-balanced gate split its own loss is nats
+            above the keep model's and its full step ascends, which closes it (the
+            ceiling) though the average it belongs in needs it; a twentieth of that
+            step descends. An experiment for strong heterogeneity (Dirichlet alpha =
+            0.1; docs/benchmarks.md, "Session 38").
         warm_start_ceiling: log_alpha never rises above its warm start (own loss and
             mirror test; a trust bound lowers the start, not this ceiling), so a
             candidate's own validation loss bounds the trust it can get: gate learning may close a gate
@@ -404,6 +418,7 @@ class SoftMergeConfig:
     warm_start: bool = True
     init_log_alpha: float = 2.0
     warm_start_temperature: float = 1.0
+    warm_start_step: str = "candidate"
     warm_start_ceiling: bool = True
     mirror_test: bool = True
     mirror_temperature: float = 0.02
@@ -474,6 +489,8 @@ class SoftMergeConfig:
         _require(isinstance(self.example_weights, bool), "example_weights must be a bool")
         _require(not self.example_weights or self.mode == "weight", "example_weights needs mode 'weight'")
         _require(isinstance(self.beat_constant, bool), "beat_constant must be a bool")
+        if self.warm_start_step not in WARM_START_STEPS:
+            raise ValueError(f"warm_start_step must be one of {WARM_START_STEPS}, got {self.warm_start_step!r}")
         if self.uninformed_merge not in UNINFORMED_MERGES:
             raise ValueError(f"uninformed_merge must be one of {UNINFORMED_MERGES}, got {self.uninformed_merge!r}")
         _require(isinstance(self.server_epochs, int) and self.server_epochs >= 1,
@@ -1062,6 +1079,26 @@ def mirror_statistics(model: nn.Module, candidate: Mapping[str, torch.Tensor], k
     return _mean_loss(reflected), (error if math.isfinite(error) else math.inf)
 
 
+def merge_step_losses(model: nn.Module, candidate: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor],
+                      keep_losses: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                      share: int, mirror: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-example losses of the candidate's step inside an even merge of ``share``, and of its mirror.
+
+    The states scored are keep + delta / share and keep - delta / share (delta = candidate
+    - keep, floating tensors only); each example's loss change against ``keep_losses`` is
+    multiplied by ``share``, so the scores read in the units of the candidate's own
+    (``SoftMergeConfig.warm_start_step``). Without ``mirror`` the mirror's are None.
+    """
+    stepped = {name: keep[name] + (tensor - keep[name]) / share if tensor.dtype.is_floating_point else tensor
+               for name, tensor in candidate.items()}
+    own = per_example_losses(model, stepped, inputs, targets)
+    scaled = keep_losses + share * (own - keep_losses)
+    if not mirror:
+        return scaled, None
+    reflected = per_example_losses(model, mirror_state(stepped, keep), inputs, targets)
+    return scaled, keep_losses + share * (reflected - keep_losses)
+
+
 def best_class_gain(losses: torch.Tensor, keep_losses: torch.Tensor, targets: torch.Tensor) -> float:
     """The largest reduction of one class's mean loss against the keep model's (negative if any).
 
@@ -1331,7 +1368,21 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                                 else per_example_losses(model, state, inputs, targets)
                                 for cluster, state in zip(clusters, group_states)]
                 groups = joined
-        group_mean_losses = [loss_before if losses is None else _mean_loss(losses) for losses in group_losses]
+        # What the own-loss start and the mirror test score: each group at its own step, or at
+        # its step in an even merge of the client groups (config.warm_start_step).
+        scored_losses, scored_reflections = group_losses, None
+        share = sum(1 for losses in group_losses if losses is not None)
+        if config.warm_start and config.warm_start_step == "merge" and share > 1:
+            base = keep_losses if keep_losses is not None else per_example_losses(model, keep_state, inputs, targets)
+            # A keep model with a non-finite loss on some example leaves no change to scale.
+            if bool(torch.isfinite(base).all()):
+                pairs = [None if losses is None else merge_step_losses(model, state, keep_state, base, inputs, targets,
+                                                                       share, use_mirror_test)
+                         for state, losses in zip(group_states, group_losses)]
+                scored_losses = [None if pair is None else pair[0] for pair in pairs]
+                if use_mirror_test:
+                    scored_reflections = [None if pair is None else pair[1] for pair in pairs]
+        group_mean_losses = [loss_before if losses is None else _mean_loss(losses) for losses in scored_losses]
 
         reflections = [None if losses is None or not (find_specialists or find_flipped)
                        else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
@@ -1340,7 +1391,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         group_mirrors = [(loss_before, 0.0) if losses is None
                          else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
                                                 reflected_losses=reflected)
-                         for state, losses, reflected in zip(group_states, group_losses, reflections)]
+                         for state, losses, reflected in zip(group_states, scored_losses,
+                                                             scored_reflections or reflections)]
         # (own, mirror image's) best class gain per group; None for the keep candidate.
         class_gains = ([None if losses is None
                         else (best_class_gain(losses, keep_losses, targets),

@@ -50,11 +50,13 @@ crafted from the honest updates with the harness's seed, as the grid does.
 ``--diagnose`` scores three merges of the same round's candidates on the gate split and
 on the test split: the learned gates, the learned gates with the malicious candidates'
 weights set to 0 (and the rest renormalised), and the warm start alone (no gate step).
-The trajectory follows the learned merge. ``--scores N`` prints, every N rounds, three
+The trajectory follows the learned merge. ``--scores N`` prints, every N rounds,
 per-candidate scores on the gate split, relative to the keep model and sorted, for honest
 and malicious candidates apart: the own loss, the mirror difference L(keep + delta) -
-L(keep - delta) that ``SoftMergeConfig.mirror_test`` uses, and the linear term
-grad L(keep) . delta. A variant is ``default``, ``fedavg``,
+L(keep - delta) that ``SoftMergeConfig.mirror_test`` uses (and its z, d over its standard
+error), the linear term grad L(keep) . delta, and the own loss, d and z again at the step an
+update takes inside an even merge of the K candidates (keep + delta / K, loss changes times K).
+A variant is ``default``, ``fedavg``,
 ``oracle`` (FedAvg over the honest clients), ``fltrust`` (the grid's FLTrust: the server
 model takes the median client's SGD steps on the gate split), ``fltrust-one-pass`` (one pass
 over the gate split instead), or ``+``-joined SoftMergeConfig overrides
@@ -483,6 +485,17 @@ def print_scores(round_number, model, global_state, candidates, malicious, task)
     grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets), [params[k] for k in floats])
     linear = np.array([sum(float((g * (c[k] - global_state[k])).sum()) for g, k in zip(grads, floats))
                        for c in candidates])
+    # Each update at the step it takes inside an even merge of all of them (1/K of it),
+    # its loss change scaled back up by K so that it reads in the same units as "own loss".
+    share = len(candidates)
+    scaled = [{k: global_state[k] + (c[k] - global_state[k]) / share if k in floats else c[k] for k in c}
+              for c in candidates]
+    scaled_losses = [per_example_losses(model, c, inputs, targets) for c in scaled]
+    scaled_own = share * (np.array([float(losses.mean()) for losses in scaled_losses]) - keep_loss)
+    scaled_statistics = [mirror_statistics(model, c, global_state, inputs, targets, own_losses=losses)
+                         for c, losses in zip(scaled, scaled_losses)]
+    scaled_mirror = share * (np.array([loss for loss, _ in scaled_statistics]) - keep_loss)
+    scaled_errors = share * np.array([error for _, error in scaled_statistics])
     model.train(was_training)
     honest = [p for p in range(len(candidates)) if p not in malicious]
     bad = sorted(malicious)
@@ -492,7 +505,8 @@ def print_scores(round_number, model, global_state, candidates, malicious, task)
     print(f"round {round_number}: keep loss {keep_loss:.3f}", flush=True)
     # The mirror test bounds a candidate whose z (d over its standard error) exceeds mirror_confidence.
     for name, values in (("own loss", own), ("mirror d", own - mirror), ("mirror z", (own - mirror) / errors),
-                         ("linear", linear)):
+                         ("linear", linear), ("1/K own", scaled_own), ("1/K d", scaled_own - scaled_mirror),
+                         ("1/K z", (scaled_own - scaled_mirror) / scaled_errors)):
         print(f"  {name:9s} honest {row(values[honest])}  malicious {row(values[bad]) if bad else '-'}", flush=True)
 
 

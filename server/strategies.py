@@ -44,6 +44,7 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         tolerance=settings.softmerge_tolerance,
         threads=settings.softmerge_threads, max_candidates=settings.softmerge_max_candidates,
         warm_start_temperature=settings.softmerge_warm_temperature, warm_start_ceiling=settings.softmerge_ceiling,
+        warm_start_step=settings.softmerge_warm_step,
         mirror_test=settings.softmerge_mirror_test, mirror_temperature=settings.softmerge_mirror_temperature,
         mirror_confidence=settings.softmerge_mirror_confidence,
         mirror_specialist_ratio=settings.softmerge_mirror_specialists,

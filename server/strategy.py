@@ -128,9 +128,10 @@ class SoftMerge(RoundStartMemory):
             cfg.keep_mode)
         log(INFO, "\t│\t├── steps: %d | lr: %g | L0 lambda: %g | batch: %d", cfg.steps, cfg.lr, cfg.l0_lambda,
             cfg.batch_size)
-        log(INFO, "\t│\t├── warm start: %s | ceiling: %s | mirror test: %s (z = %g) | "
-            "identical replies share a gate: %s | near-identical: %g", cfg.warm_start, cfg.warm_start_ceiling,
-            cfg.mirror_test, cfg.mirror_confidence, cfg.merge_duplicates, cfg.near_duplicate_tolerance)
+        log(INFO, "\t│\t├── warm start: %s (scored at the %s step) | ceiling: %s | mirror test: %s (z = %g) | "
+            "identical replies share a gate: %s | near-identical: %g", cfg.warm_start, cfg.warm_start_step,
+            cfg.warm_start_ceiling, cfg.mirror_test, cfg.mirror_confidence, cfg.merge_duplicates,
+            cfg.near_duplicate_tolerance)
         log(INFO, "\t│\t├── example-count weights over the selected (capped at their median): %s",
             cfg.example_weights)
         log(INFO, "\t│\t├── no-harm check: margin %g nats | must beat the label frequencies: %s", cfg.harm_margin,

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..aggregation.merge import KEEP_MODES, MERGE_MODES, UNINFORMED_MERGES, UNIT_KINDS, build_merge_units
+from ..aggregation.merge import (KEEP_MODES, MERGE_MODES, UNINFORMED_MERGES, UNIT_KINDS, WARM_START_STEPS,
+                                 build_merge_units)
 from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_adaptive_attack, is_colluding_attack
 from .tasks import (DATASET_CLASSES, DATASETS, MIN_PARTITION_SIZE, PARTITIONINGS, ArraySet, TaskData, load_partition,
                     load_task)
@@ -82,6 +83,7 @@ class RunSettings:
     softmerge_threads: int = 1
     softmerge_max_candidates: int = 0
     softmerge_warm_temperature: float = 1.0
+    softmerge_warm_step: str = "candidate"
     softmerge_ceiling: bool = True
     softmerge_mirror_test: bool = True
     softmerge_mirror_temperature: float = 0.02
@@ -220,6 +222,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_mode": _choice(MERGE_MODES),
     "softmerge_keep_mode": _choice(KEEP_MODES),
     "softmerge_uninformed_merge": _choice(UNINFORMED_MERGES),
+    "softmerge_warm_step": _choice(WARM_START_STEPS),
     "softmerge_steps": _at_least(0),
     "softmerge_lr": _open_interval(0, 100),
     "softmerge_l0": _at_least(0),

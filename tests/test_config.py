@@ -74,6 +74,7 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-example-weights": "maybe"}, "'softmerge-example-weights' must be true or false"),
         ({"softmerge-beat-constant": "maybe"}, "'softmerge-beat-constant' must be true or false"),
         ({"softmerge-uninformed-merge": "mean"}, "'softmerge-uninformed-merge' must be one of"),
+        ({"softmerge-warm-step": "half"}, "'softmerge-warm-step' must be one of"),
         ({"softmerge-example-weights": True, "softmerge-mode": "select"},
          "'softmerge-example-weights' needs softmerge-mode = 'weight'"),
         ({"attack-claimed-examples": -1}, "'attack-claimed-examples' must be >= 0"),
@@ -103,9 +104,10 @@ def test_softmerge_keys_reach_the_merge_config():
                                  "softmerge-example-weights": "true", "softmerge-mirror-specialists": 3,
                                  "softmerge-mirror-trusted": 0.6, "softmerge-mirror-flipped": 2.5,
                                  "softmerge-beat-constant": "false", "softmerge-uninformed-merge": "direction",
-                                 "learning-rate": 0.05, "batch-size": 32, "local-epochs": 1})
+                                 "softmerge-warm-step": "merge", "learning-rate": 0.05, "batch-size": 32,
+                                 "local-epochs": 1})
     config = merge_config_from(settings)
-    assert config.uninformed_merge == "direction"
+    assert config.uninformed_merge == "direction" and config.warm_start_step == "merge"
     # The server trains for the direction merge the way the clients train.
     assert (config.server_lr, config.server_batch_size, config.server_epochs) == (0.05, 32, 1)
     assert config.merge_duplicates is False and config.mirror_test is False and config.example_weights is True
