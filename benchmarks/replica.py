@@ -92,7 +92,7 @@ from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.trust import relative_openness, trust_of, update_record
 from softmerge.aggregation.robust import apply_update, fltrust, fltrust_server_model, flatten_updates
 from softmerge.aggregation.merge import (DIRECTION_START, build_merge_units, evaluate_state, example_count_weights,
-                                         loss_rms, mirror_statistics, per_example_losses)
+                                         loss_rms, merge_step_losses, mirror_statistics, per_example_losses)
 from softmerge.client.app import local_seed, split_held_out
 from softmerge.client.attacks import flip_labels, poison_state
 from softmerge.simulations.colluding import (DEFAULT_MIMIC_WARMUP, FixedMimic, craft_malicious_updates,
@@ -485,17 +485,17 @@ def print_scores(round_number, model, global_state, candidates, malicious, task)
     grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets), [params[k] for k in floats])
     linear = np.array([sum(float((g * (c[k] - global_state[k])).sum()) for g, k in zip(grads, floats))
                        for c in candidates])
-    # Each update at the step it takes inside an even merge of all of them (1/K of it),
-    # its loss change scaled back up by K so that it reads in the same units as "own loss".
-    share = len(candidates)
-    scaled = [{k: global_state[k] + (c[k] - global_state[k]) / share if k in floats else c[k] for k in c}
-              for c in candidates]
-    scaled_losses = [per_example_losses(model, c, inputs, targets) for c in scaled]
-    scaled_own = share * (np.array([float(losses.mean()) for losses in scaled_losses]) - keep_loss)
-    scaled_statistics = [mirror_statistics(model, c, global_state, inputs, targets, own_losses=losses)
-                         for c, losses in zip(scaled, scaled_losses)]
-    scaled_mirror = share * (np.array([loss for loss, _ in scaled_statistics]) - keep_loss)
-    scaled_errors = share * np.array([error for _, error in scaled_statistics])
+    # Each update at the step it takes inside an even merge of all K of them, scored as
+    # softmerge-warm-step = merge scores it (loss changes times K).
+    keep_losses = per_example_losses(model, global_state, inputs, targets)
+    stepped = [merge_step_losses(model, c, global_state, keep_losses, inputs, targets, len(candidates))
+               for c in candidates]
+    scaled_own = np.array([float(losses.mean()) for losses, _ in stepped]) - keep_loss
+    scaled_statistics = [mirror_statistics(model, c, global_state, inputs, targets, own_losses=losses,
+                                           reflected_losses=reflected)
+                         for c, (losses, reflected) in zip(candidates, stepped)]
+    scaled_mirror = np.array([loss for loss, _ in scaled_statistics]) - keep_loss
+    scaled_errors = np.array([error for _, error in scaled_statistics])
     model.train(was_training)
     honest = [p for p in range(len(candidates)) if p not in malicious]
     bad = sorted(malicious)
