@@ -321,7 +321,8 @@ def test_mirror_statistics_are_the_reflection_s_loss_and_the_standard_error_of_t
         pytest.approx(evaluate_state(net, keep, inputs, targets)[0]), 0.0)
     # Given the candidate's own per-example losses, it skips their pass and agrees.
     assert mirror_statistics(net, candidate, keep, inputs, targets,
-                             own_losses=per_example_losses(net, candidate, inputs, targets)) == (mirror_loss, error)
+                             own_losses=per_example_losses(net, candidate, inputs, targets)) == (
+        pytest.approx(mirror_loss, rel=1e-6), pytest.approx(error, rel=1e-6))
 
 
 def test_mirror_confidence_bounds_only_a_significant_ascent():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.merge import merge_step_losses, mirror_state, per_example_losses, warm_start_log_alpha
+from softmerge.aggregation.merge import (WARM_START_STEPS, merge_step_losses, mirror_state, per_example_losses,
+                                         warm_start_log_alpha)
 
 # One feature, +1 for class 0 and -1 for class 1; the keep model (all zeros) is at log 2.
 INPUTS = torch.tensor([[1.0]] * 4 + [[-1.0]] * 4)
@@ -66,16 +67,18 @@ def test_an_update_that_overshoots_alone_but_descends_in_the_merge_starts_most_o
     assert at_merge_step == pytest.approx(warm_start_log_alpha(scores, SoftMergeConfig()).tolist(), abs=1e-5)
 
 
-def test_a_single_client_is_scored_at_its_own_step_either_way():
+@pytest.mark.parametrize("step", ["merge", "guarded"])
+def test_a_single_client_is_scored_at_its_own_step_either_way(step):
     model = _zero_model()
     candidates = [_state(4.0, 8.0)]
     _, alone = soft_merge(model, candidates, (INPUTS, TARGETS), SoftMergeConfig(**ONLY_THE_START))
     _, merged = soft_merge(model, candidates, (INPUTS, TARGETS),
-                           SoftMergeConfig(**ONLY_THE_START, warm_start_step="merge"))
+                           SoftMergeConfig(**ONLY_THE_START, warm_start_step=step))
     assert merged.log_alpha == alone.log_alpha
 
 
-def test_a_keep_model_with_a_non_finite_loss_falls_back_to_each_candidates_own_step():
+@pytest.mark.parametrize("step", ["merge", "guarded"])
+def test_a_keep_model_with_a_non_finite_loss_falls_back_to_each_candidates_own_step(step):
     # A keep model whose logits overflow on some examples leaves no loss change to scale there.
     model = _zero_model()
     keep = _state(3e38, 3e38)
@@ -83,8 +86,30 @@ def test_a_keep_model_with_a_non_finite_loss_falls_back_to_each_candidates_own_s
     candidates = [_state(4.0, 8.0), _state(0.1), _state(0.2)]
     _, alone = soft_merge(model, candidates, (INPUTS, TARGETS), SoftMergeConfig(**ONLY_THE_START), keep=keep)
     _, merged = soft_merge(model, candidates, (INPUTS, TARGETS),
-                           SoftMergeConfig(**ONLY_THE_START, warm_start_step="merge"), keep=keep)
+                           SoftMergeConfig(**ONLY_THE_START, warm_start_step=step), keep=keep)
     assert merged.log_alpha == alone.log_alpha
+
+
+def test_guarded_judges_a_merge_step_that_does_not_descend_at_the_candidates_own_step_too():
+    # The specialist overshoots alone but descends in the merge; the other overshoots the
+    # same way with a slope that points the wrong way, so its merge step does not descend.
+    # Eight examples make neither mirror difference significant: the own-loss starts decide.
+    model = _zero_model()
+    specialist, wrong_way = _state(4.0, 8.0), _state(-0.3, 8.0)
+    candidates = [specialist] + [_state(0.10 + 0.01 * i) for i in range(8)] + [wrong_way]
+    starts = {step: soft_merge(model, candidates, (INPUTS, TARGETS),
+                               SoftMergeConfig(**ONLY_THE_START, warm_start_step=step))[1].log_alpha[0]
+              for step in WARM_START_STEPS}
+
+    keep_losses = per_example_losses(model, _state(0.0), INPUTS, TARGETS)
+    own, mirror = merge_step_losses(model, wrong_way, _state(0.0), keep_losses, INPUTS, TARGETS, share=10)
+    assert float(own.mean()) >= float(mirror.mean())
+    # Descending merge steps start where the merge step puts them, the specialist most open.
+    assert starts["guarded"][:-1] == pytest.approx(starts["merge"][:-1])
+    assert starts["guarded"][0] == pytest.approx(SoftMergeConfig().init_log_alpha)
+    # The other takes the stricter of its two starts: here its own step's, far below the merge step's.
+    assert starts["guarded"][-1] == pytest.approx(min(starts["merge"][-1], starts["candidate"][-1]))
+    assert starts["guarded"][-1] < starts["merge"][-1] - 1.0
 
 
 def test_an_unknown_warm_start_step_is_refused():
