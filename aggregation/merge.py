@@ -124,7 +124,7 @@ import math
 import time
 from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -141,7 +141,7 @@ MERGE_MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
 KEEP_MODES = ("candidate", "anchor")
 UNINFORMED_MERGES = ("direction", "aligned", "first")
-WARM_START_STEPS = ("candidate", "merge", "guarded")
+WARM_START_STEPS = ("candidate", "merge", "best")
 LOG_ALPHA_MIN = -10.0
 # The starts a soft merge tries in turn until one passes the no-harm check (GateReport.start).
 CLIENTS_START, KEEP_START, CLOSED_START = "the clients alone", "the keep model as a candidate", "closed client gates"
@@ -218,13 +218,15 @@ class SoftMergeConfig:
             above the keep model's and its full step ascends, which closes it (the
             ceiling) though the average it belongs in needs it; a twentieth of that
             step descends. An experiment for strong heterogeneity (Dirichlet alpha =
-            0.1; docs/benchmarks.md, "Session 38"). ``"guarded"``: the merge step, except
-            that a client group whose merge step does not descend (its d at that step is
-            not below 0; without the mirror test, its loss change) takes the lower of its
-            merge-step start and its own-step start. The merge step is the fair score for
-            a specialist, which descends there, but a weak test for a flipped generalist,
-            whose full step ascends by more than a multiple of its merge step
-            (docs/benchmarks.md, "Session 39").
+            0.1; docs/benchmarks.md, "Session 38"). ``"best"``: both; the whole soft
+            merge runs once with each, and the merge with the lower gate-split loss is
+            kept (the candidate step's on a tie; ``GateReport.scored_step`` says which,
+            and its ``steps`` and ``gate_seconds`` count both runs). The merge step is
+            fair to specialists but a weaker test of a flipped generalist, whose full
+            step ascends by more than n times its merge step; which of the two the
+            federation needs shows in what the merges do on the server's clean data,
+            not in what the clients send. Twice the cost (docs/benchmarks.md,
+            "Session 39").
         warm_start_ceiling: log_alpha never rises above its warm start (own loss and
             mirror test; a trust bound lowers the start, not this ceiling), so a
             candidate's own validation loss bounds the trust it can get: gate learning may close a gate
@@ -550,6 +552,8 @@ class GateReport:
     ``log_alpha`` and ``start`` are the last attempt's. ``seconds`` is the whole merge's
     wall-clock time, ``gate_seconds`` the part spent learning gates (every attempt's
     steps and convergence checks), so that a step's cost is measured, not inferred.
+    ``scored_step`` is the ``SoftMergeConfig.warm_start_step`` whose merge this is (with
+    ``"best"``, the one whose merge was kept).
     """
 
     units: list[str]
@@ -577,6 +581,7 @@ class GateReport:
     skipped_steps: int = 0
     seconds: float = 0.0
     gate_seconds: float = 0.0
+    scored_step: str = ""
 
     def weight_on(self, labels: Sequence[str]) -> float:
         """Mean over units of the mixing weight that fell on the given candidates."""
@@ -1236,8 +1241,23 @@ def soft_merge(
     config = config or SoftMergeConfig()
     started = time.perf_counter()
     with _torch_threads(config.threads):
-        merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust,
-                                     examples, recorded)
+        if config.warm_start_step == "best":
+            tried = []
+            for step in ("candidate", "merge"):
+                merged, report = _soft_merge(model, candidates, validation, replace(config, warm_start_step=step),
+                                             keep, labels, initial_log_alpha, trust, examples, recorded)
+                report.scored_step = step
+                tried.append((merged, report))
+            # min keeps the first of equals: the candidate step's merge on a tie.
+            merged, report = min(tried, key=lambda pair: pair[1].loss_after)
+            other = next(pair[1] for pair in tried if pair[1] is not report)
+            report.steps += other.steps
+            report.skipped_steps += other.skipped_steps
+            report.gate_seconds += other.gate_seconds
+        else:
+            merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha,
+                                         trust, examples, recorded)
+            report.scored_step = config.warm_start_step
     report.seconds = time.perf_counter() - started
     return merged, report
 
@@ -1378,7 +1398,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         # its step in an even merge of the client groups (config.warm_start_step).
         scored_losses, scored_reflections = group_losses, None
         share = sum(1 for losses in group_losses if losses is not None)
-        if config.warm_start and config.warm_start_step in ("merge", "guarded") and share > 1:
+        if config.warm_start and config.warm_start_step == "merge" and share > 1:
             base = keep_losses if keep_losses is not None else per_example_losses(model, keep_state, inputs, targets)
             # A keep model with a non-finite loss on some example leaves no change to scale.
             if bool(torch.isfinite(base).all()):
@@ -1389,22 +1409,16 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 if use_mirror_test:
                     scored_reflections = [None if pair is None else pair[1] for pair in pairs]
         group_mean_losses = [loss_before if losses is None else _mean_loss(losses) for losses in scored_losses]
-        # "guarded": a group whose merge step does not descend is also judged at its own step.
-        guard = config.warm_start_step == "guarded" and scored_losses is not group_losses
 
-        # The mirror images' per-example losses at each group's own step, where something reads them.
-        reflections = [None if losses is None or not (find_specialists or find_flipped or guard)
+        reflections = [None if losses is None or not (find_specialists or find_flipped)
                        else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
                        for state, losses in zip(group_states, group_losses)] if use_mirror_test else []
-
-        def mirrors(own: list, reflected: list) -> list[tuple[float, float]]:
-            # (mirror loss, standard error of d) per group; the keep candidate is its own mirror: d = 0 exactly.
-            return [(loss_before, 0.0) if losses is None
-                    else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
-                                           reflected_losses=image)
-                    for state, losses, image in zip(group_states, own, reflected or [None] * len(own))]
-
-        group_mirrors = mirrors(scored_losses, scored_reflections or reflections) if use_mirror_test else []
+        # (mirror loss, standard error of d) per group; the keep candidate is its own mirror: d = 0 exactly.
+        group_mirrors = [(loss_before, 0.0) if losses is None
+                         else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
+                                                reflected_losses=reflected)
+                         for state, losses, reflected in zip(group_states, scored_losses,
+                                                             scored_reflections or reflections)]
         # (own, mirror image's) best class gain per group; None for the keep candidate.
         class_gains = ([None if losses is None
                         else (best_class_gain(losses, keep_losses, targets),
@@ -1436,31 +1450,15 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         if trust is not None and config.mirror_trusted > 0:
             trusted = [value >= config.mirror_trusted for value in per_group(sparing_trust)]
             spared = trusted if spared is None else [a or b for a, b in zip(spared, trusted)]
-
-        def own_loss_start(mean_losses: list[float], mirror_pairs: list[tuple[float, float]]) -> torch.Tensor:
-            start = warm_start_log_alpha(mean_losses, config)
-            if not use_mirror_test:
-                return start
-            errors = [error for _, error in mirror_pairs] if config.mirror_confidence > 0 else None
-            return torch.minimum(start, mirror_log_alpha(mean_losses, [loss for loss, _ in mirror_pairs], config,
-                                                         errors, spared, flipped))
-
         if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):
             start = torch.nan_to_num(initial_log_alpha.detach().float()[:, heads], nan=LOG_ALPHA_MIN)
             start = start.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
         else:
-            start = own_loss_start(group_mean_losses, group_mirrors)
-            if guard:
-                own_means = [loss_before if losses is None else _mean_loss(losses) for losses in group_losses]
-                stricter = torch.minimum(start, own_loss_start(own_means, mirrors(group_losses, reflections)
-                                                               if use_mirror_test else []))
-                # Descending: the merge step's mirror difference d (without the mirror test, its
-                # loss change) is below 0. The keep model's step is no step; it stays as scored.
-                descends = torch.tensor([
-                    losses is None or (loss - mirror[0] if use_mirror_test else loss - loss_before) < 0
-                    for losses, loss, mirror in zip(scored_losses, group_mean_losses,
-                                                    group_mirrors or [None] * len(scored_losses))])
-                start = torch.where(descends, start, stricter)
+            start = warm_start_log_alpha(group_mean_losses, config)
+            if use_mirror_test:
+                errors = [error for _, error in group_mirrors] if config.mirror_confidence > 0 else None
+                start = torch.minimum(start, mirror_log_alpha(group_mean_losses, [loss for loss, _ in group_mirrors],
+                                                              config, errors, spared, flipped))
             start = start.expand(len(units), -1)
         # A group counts the examples of one of its members (the largest claim): copies add
         # no data. A group holding the keep model (a client that resent it) is the keep

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.merge import (WARM_START_STEPS, merge_step_losses, mirror_state, per_example_losses,
+from softmerge.aggregation.merge import (merge_step_losses, mirror_state, per_example_losses,
                                          warm_start_log_alpha)
+from softmerge.server.strategy import report_summary
 
 # One feature, +1 for class 0 and -1 for class 1; the keep model (all zeros) is at log 2.
 INPUTS = torch.tensor([[1.0]] * 4 + [[-1.0]] * 4)
@@ -67,7 +68,7 @@ def test_an_update_that_overshoots_alone_but_descends_in_the_merge_starts_most_o
     assert at_merge_step == pytest.approx(warm_start_log_alpha(scores, SoftMergeConfig()).tolist(), abs=1e-5)
 
 
-@pytest.mark.parametrize("step", ["merge", "guarded"])
+@pytest.mark.parametrize("step", ["merge", "best"])
 def test_a_single_client_is_scored_at_its_own_step_either_way(step):
     model = _zero_model()
     candidates = [_state(4.0, 8.0)]
@@ -77,7 +78,7 @@ def test_a_single_client_is_scored_at_its_own_step_either_way(step):
     assert merged.log_alpha == alone.log_alpha
 
 
-@pytest.mark.parametrize("step", ["merge", "guarded"])
+@pytest.mark.parametrize("step", ["merge", "best"])
 def test_a_keep_model_with_a_non_finite_loss_falls_back_to_each_candidates_own_step(step):
     # A keep model whose logits overflow on some examples leaves no loss change to scale there.
     model = _zero_model()
@@ -90,28 +91,35 @@ def test_a_keep_model_with_a_non_finite_loss_falls_back_to_each_candidates_own_s
     assert merged.log_alpha == alone.log_alpha
 
 
-def test_guarded_judges_a_merge_step_that_does_not_descend_at_the_candidates_own_step_too():
-    # The specialist overshoots alone but descends in the merge; the other overshoots the
-    # same way with a slope that points the wrong way, so its merge step does not descend.
-    # Eight examples make neither mirror difference significant: the own-loss starts decide.
-    model = _zero_model()
-    specialist, wrong_way = _state(4.0, 8.0), _state(-0.3, 8.0)
-    candidates = [specialist] + [_state(0.10 + 0.01 * i) for i in range(8)] + [wrong_way]
-    starts = {step: soft_merge(model, candidates, (INPUTS, TARGETS),
-                               SoftMergeConfig(**ONLY_THE_START, warm_start_step=step))[1].log_alpha[0]
-              for step in WARM_START_STEPS}
-
-    keep_losses = per_example_losses(model, _state(0.0), INPUTS, TARGETS)
-    own, mirror = merge_step_losses(model, wrong_way, _state(0.0), keep_losses, INPUTS, TARGETS, share=10)
-    assert float(own.mean()) >= float(mirror.mean())
-    # Descending merge steps start where the merge step puts them, the specialist most open.
-    assert starts["guarded"][:-1] == pytest.approx(starts["merge"][:-1])
-    assert starts["guarded"][0] == pytest.approx(SoftMergeConfig().init_log_alpha)
-    # The other takes the stricter of its two starts: here its own step's, far below the merge step's.
-    assert starts["guarded"][-1] == pytest.approx(min(starts["merge"][-1], starts["candidate"][-1]))
-    assert starts["guarded"][-1] < starts["merge"][-1] - 1.0
-
-
 def test_an_unknown_warm_start_step_is_refused():
     with pytest.raises(ValueError, match="warm_start_step must be one of"):
         SoftMergeConfig(warm_start_step="half")
+
+
+def _learned(candidates, step, **settings):
+    config = SoftMergeConfig(steps=40, include_keep=False, harm_margin=0.0, warm_start_step=step, **settings)
+    return soft_merge(_zero_model(), candidates, (INPUTS, TARGETS), config)
+
+
+# A strong update the merge step lets count in full; a wrong-way one that overshoots, which only its own step shuts.
+@pytest.mark.parametrize(("first", "winner"), [((4.0, 0.0), "merge"), ((-0.3, 8.0), "candidate")])
+def test_best_keeps_the_merge_with_the_lower_gate_split_loss_and_counts_both_runs(first, winner):
+    candidates = [_state(*first)] + [_state(0.10 + 0.01 * i) for i in range(9)]
+    runs = {step: _learned(candidates, step) for step in ("candidate", "merge")}
+    merged, report = _learned(candidates, "best")
+
+    loser = "merge" if winner == "candidate" else "candidate"
+    assert runs[winner][1].loss_after < runs[loser][1].loss_after
+    assert report.scored_step == winner
+    assert report.loss_after == runs[winner][1].loss_after
+    assert report.weights == runs[winner][1].weights
+    assert all(torch.equal(merged[name], runs[winner][0][name]) for name in merged)
+    assert report.steps == runs["candidate"][1].steps + runs["merge"][1].steps
+    assert report_summary(report)["softmerge-merge-step"] == int(winner == "merge")
+
+
+def test_best_keeps_the_candidate_steps_merge_on_a_tie():
+    # One client: both scorings are the same merge.
+    merged, report = _learned([_state(4.0, 8.0)], "best")
+    assert report.scored_step == "candidate"
+    assert report.weights == _learned([_state(4.0, 8.0)], "candidate")[1].weights
