@@ -124,7 +124,7 @@ import math
 import time
 from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -141,7 +141,7 @@ MERGE_MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
 KEEP_MODES = ("candidate", "anchor")
 UNINFORMED_MERGES = ("direction", "aligned", "first")
-WARM_START_STEPS = ("candidate", "merge", "best")
+WARM_START_STEPS = ("candidate", "merge")
 LOG_ALPHA_MIN = -10.0
 # The starts a soft merge tries in turn until one passes the no-harm check (GateReport.start).
 CLIENTS_START, KEEP_START, CLOSED_START = "the clients alone", "the keep model as a candidate", "closed client gates"
@@ -218,15 +218,7 @@ class SoftMergeConfig:
             above the keep model's and its full step ascends, which closes it (the
             ceiling) though the average it belongs in needs it; a twentieth of that
             step descends. An experiment for strong heterogeneity (Dirichlet alpha =
-            0.1; docs/benchmarks.md, "Session 38"). ``"best"``: both; the whole soft
-            merge runs once with each, and the merge with the lower gate-split loss is
-            kept (the candidate step's on a tie; ``GateReport.scored_step`` says which,
-            and its ``steps`` and ``gate_seconds`` count both runs). The merge step is
-            fair to specialists but a weaker test of a flipped generalist, whose full
-            step ascends by more than n times its merge step; which of the two the
-            federation needs shows in what the merges do on the server's clean data,
-            not in what the clients send. Twice the cost (docs/benchmarks.md,
-            "Session 39").
+            0.1; docs/benchmarks.md, "Session 38").
         warm_start_ceiling: log_alpha never rises above its warm start (own loss and
             mirror test; a trust bound lowers the start, not this ceiling), so a
             candidate's own validation loss bounds the trust it can get: gate learning may close a gate
@@ -552,8 +544,6 @@ class GateReport:
     ``log_alpha`` and ``start`` are the last attempt's. ``seconds`` is the whole merge's
     wall-clock time, ``gate_seconds`` the part spent learning gates (every attempt's
     steps and convergence checks), so that a step's cost is measured, not inferred.
-    ``scored_step`` is the ``SoftMergeConfig.warm_start_step`` whose merge this is (with
-    ``"best"``, the one whose merge was kept).
     """
 
     units: list[str]
@@ -581,7 +571,6 @@ class GateReport:
     skipped_steps: int = 0
     seconds: float = 0.0
     gate_seconds: float = 0.0
-    scored_step: str = ""
 
     def weight_on(self, labels: Sequence[str]) -> float:
         """Mean over units of the mixing weight that fell on the given candidates."""
@@ -1241,23 +1230,8 @@ def soft_merge(
     config = config or SoftMergeConfig()
     started = time.perf_counter()
     with _torch_threads(config.threads):
-        if config.warm_start_step == "best":
-            tried = []
-            for step in ("candidate", "merge"):
-                merged, report = _soft_merge(model, candidates, validation, replace(config, warm_start_step=step),
-                                             keep, labels, initial_log_alpha, trust, examples, recorded)
-                report.scored_step = step
-                tried.append((merged, report))
-            # min keeps the first of equals: the candidate step's merge on a tie.
-            merged, report = min(tried, key=lambda pair: pair[1].loss_after)
-            other = next(pair[1] for pair in tried if pair[1] is not report)
-            report.steps += other.steps
-            report.skipped_steps += other.skipped_steps
-            report.gate_seconds += other.gate_seconds
-        else:
-            merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha,
-                                         trust, examples, recorded)
-            report.scored_step = config.warm_start_step
+        merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust,
+                                     examples, recorded)
     report.seconds = time.perf_counter() - started
     return merged, report
 

@@ -322,9 +322,6 @@ class SoftMerge(RoundStartMemory):
         log(INFO, "SoftMerge round %d: %d candidates, %d excluded, %d steps (%d skipped) in %.2fs; "
             "gate-split accuracy %.3f -> %.3f", server_round, len(report.candidates), len(report.excluded),
             report.steps, report.skipped_steps, report.seconds, report.accuracy_before, report.accuracy_after)
-        if self.merge_config.warm_start_step == "best":
-            log(INFO, "SoftMerge round %d: kept the merge whose starts scored each client at the %s step",
-                server_round, "merge" if report.scored_step == "merge" else "candidate's own")
         for exclusion in report.excluded:
             # Pre-selection (max_candidates) leaves out valid models by design: not a warning.
             level = INFO if exclusion.reason.startswith("pre-selection") else WARNING
@@ -379,6 +376,4 @@ def report_summary(report: GateReport) -> dict[str, float | int]:
         "softmerge-harm-fallback": int(report.harm_fallback),
         "softmerge-uninformed": int(report.uninformed),
         "softmerge-attempts": report.attempts,
-        # With softmerge-warm-step = best, which scoring's merge was kept (1: the merge step's).
-        "softmerge-merge-step": int(report.scored_step == "merge"),
     }

@@ -4,9 +4,7 @@ import pytest
 import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.merge import (merge_step_losses, mirror_state, per_example_losses,
-                                         warm_start_log_alpha)
-from softmerge.server.strategy import report_summary
+from softmerge.aggregation.merge import merge_step_losses, mirror_state, per_example_losses, warm_start_log_alpha
 
 # One feature, +1 for class 0 and -1 for class 1; the keep model (all zeros) is at log 2.
 INPUTS = torch.tensor([[1.0]] * 4 + [[-1.0]] * 4)
@@ -68,18 +66,16 @@ def test_an_update_that_overshoots_alone_but_descends_in_the_merge_starts_most_o
     assert at_merge_step == pytest.approx(warm_start_log_alpha(scores, SoftMergeConfig()).tolist(), abs=1e-5)
 
 
-@pytest.mark.parametrize("step", ["merge", "best"])
-def test_a_single_client_is_scored_at_its_own_step_either_way(step):
+def test_a_single_client_is_scored_at_its_own_step_either_way():
     model = _zero_model()
     candidates = [_state(4.0, 8.0)]
     _, alone = soft_merge(model, candidates, (INPUTS, TARGETS), SoftMergeConfig(**ONLY_THE_START))
     _, merged = soft_merge(model, candidates, (INPUTS, TARGETS),
-                           SoftMergeConfig(**ONLY_THE_START, warm_start_step=step))
+                           SoftMergeConfig(**ONLY_THE_START, warm_start_step="merge"))
     assert merged.log_alpha == alone.log_alpha
 
 
-@pytest.mark.parametrize("step", ["merge", "best"])
-def test_a_keep_model_with_a_non_finite_loss_falls_back_to_each_candidates_own_step(step):
+def test_a_keep_model_with_a_non_finite_loss_falls_back_to_each_candidates_own_step():
     # A keep model whose logits overflow on some examples leaves no loss change to scale there.
     model = _zero_model()
     keep = _state(3e38, 3e38)
@@ -87,39 +83,10 @@ def test_a_keep_model_with_a_non_finite_loss_falls_back_to_each_candidates_own_s
     candidates = [_state(4.0, 8.0), _state(0.1), _state(0.2)]
     _, alone = soft_merge(model, candidates, (INPUTS, TARGETS), SoftMergeConfig(**ONLY_THE_START), keep=keep)
     _, merged = soft_merge(model, candidates, (INPUTS, TARGETS),
-                           SoftMergeConfig(**ONLY_THE_START, warm_start_step=step), keep=keep)
+                           SoftMergeConfig(**ONLY_THE_START, warm_start_step="merge"), keep=keep)
     assert merged.log_alpha == alone.log_alpha
 
 
 def test_an_unknown_warm_start_step_is_refused():
     with pytest.raises(ValueError, match="warm_start_step must be one of"):
         SoftMergeConfig(warm_start_step="half")
-
-
-def _learned(candidates, step, **settings):
-    config = SoftMergeConfig(steps=40, include_keep=False, harm_margin=0.0, warm_start_step=step, **settings)
-    return soft_merge(_zero_model(), candidates, (INPUTS, TARGETS), config)
-
-
-# A strong update the merge step lets count in full; a wrong-way one that overshoots, which only its own step shuts.
-@pytest.mark.parametrize(("first", "winner"), [((4.0, 0.0), "merge"), ((-0.3, 8.0), "candidate")])
-def test_best_keeps_the_merge_with_the_lower_gate_split_loss_and_counts_both_runs(first, winner):
-    candidates = [_state(*first)] + [_state(0.10 + 0.01 * i) for i in range(9)]
-    runs = {step: _learned(candidates, step) for step in ("candidate", "merge")}
-    merged, report = _learned(candidates, "best")
-
-    loser = "merge" if winner == "candidate" else "candidate"
-    assert runs[winner][1].loss_after < runs[loser][1].loss_after
-    assert report.scored_step == winner
-    assert report.loss_after == runs[winner][1].loss_after
-    assert report.weights == runs[winner][1].weights
-    assert all(torch.equal(merged[name], runs[winner][0][name]) for name in merged)
-    assert report.steps == runs["candidate"][1].steps + runs["merge"][1].steps
-    assert report_summary(report)["softmerge-merge-step"] == int(winner == "merge")
-
-
-def test_best_keeps_the_candidate_steps_merge_on_a_tie():
-    # One client: both scorings are the same merge.
-    merged, report = _learned([_state(4.0, 8.0)], "best")
-    assert report.scored_step == "candidate"
-    assert report.weights == _learned([_state(4.0, 8.0)], "candidate")[1].weights
