@@ -141,7 +141,7 @@ MERGE_MODES = ("weight", "select", "sum")
 UNIT_KINDS = ("model", "layer", "tensor")
 KEEP_MODES = ("candidate", "anchor")
 UNINFORMED_MERGES = ("direction", "aligned", "first")
-WARM_START_STEPS = ("candidate", "merge")
+WARM_START_STEPS = ("candidate", "merge", "auto")
 LOG_ALPHA_MIN = -10.0
 # The starts a soft merge tries in turn until one passes the no-harm check (GateReport.start).
 CLIENTS_START, KEEP_START, CLOSED_START = "the clients alone", "the keep model as a candidate", "closed client gates"
@@ -218,7 +218,16 @@ class SoftMergeConfig:
             above the keep model's and its full step ascends, which closes it (the
             ceiling) though the average it belongs in needs it; a twentieth of that
             step descends. An experiment for strong heterogeneity (Dirichlet alpha =
-            0.1; docs/benchmarks.md, "Session 38").
+            0.1; docs/benchmarks.md, "Session 38"). ``"auto"``: each round, the merge
+            step if the round's bend (:func:`round_bend`) reaches ``warm_start_bend``,
+            else the candidate's step (docs/benchmarks.md, "Session 40").
+        warm_start_bend: nats of bend from which ``"auto"`` scores at the merge step.
+        warm_start_bend_quantile: the quantile of the clients' bends that ``"auto"``
+            compares with ``warm_start_bend``. Clients that send small updates can
+            only lower the round's bend to the honest clients' quantile at
+            ``(q (n - 1) - m) / (n - m - 1)`` (m of n such clients), so a high quantile keeps the
+            merge step when a minority tries to hide the heterogeneity; clients that
+            send large updates can raise it, which buys them the merge step's scoring.
         warm_start_ceiling: log_alpha never rises above its warm start (own loss and
             mirror test; a trust bound lowers the start, not this ceiling), so a
             candidate's own validation loss bounds the trust it can get: gate learning may close a gate
@@ -419,6 +428,8 @@ class SoftMergeConfig:
     init_log_alpha: float = 2.0
     warm_start_temperature: float = 1.0
     warm_start_step: str = "candidate"
+    warm_start_bend: float = 2.5
+    warm_start_bend_quantile: float = 0.75
     warm_start_ceiling: bool = True
     mirror_test: bool = True
     mirror_temperature: float = 0.02
@@ -491,6 +502,10 @@ class SoftMergeConfig:
         _require(isinstance(self.beat_constant, bool), "beat_constant must be a bool")
         if self.warm_start_step not in WARM_START_STEPS:
             raise ValueError(f"warm_start_step must be one of {WARM_START_STEPS}, got {self.warm_start_step!r}")
+        _require(_finite(self.warm_start_bend) and self.warm_start_bend >= 0,
+                 "warm_start_bend must be a finite number >= 0")
+        _require(_finite(self.warm_start_bend_quantile) and 0 <= self.warm_start_bend_quantile <= 1,
+                 "warm_start_bend_quantile must be a number in [0, 1]")
         if self.uninformed_merge not in UNINFORMED_MERGES:
             raise ValueError(f"uninformed_merge must be one of {UNINFORMED_MERGES}, got {self.uninformed_merge!r}")
         _require(isinstance(self.server_epochs, int) and self.server_epochs >= 1,
@@ -537,6 +552,9 @@ class GateReport:
     default) or ``"direction"``, the direction merge (``DIRECTION_START``; its gates are 1
     where its weight is positive, ``log_alpha`` the replaced attempt's) when it passes the
     margin; ``uninformed`` is then False if the direction merge beats the bar.
+    ``merge_step`` is True when the own-loss start and the mirror test scored each
+    client at its step in an even merge (``SoftMergeConfig.warm_start_step``), and
+    ``bend`` is the round's bend when ``warm_start_step`` is ``"auto"`` (else None).
     ``harm_fallback`` is True when the keep model was returned instead (every attempt
     failed the check, or there was no keep candidate to learn again from): ``weights``
     are then all on the keep candidate (shared with clients that resent it unchanged; all
@@ -566,6 +584,8 @@ class GateReport:
     uninformed: bool = False
     start: str = ""
     harm_fallback: bool = False
+    merge_step: bool = False
+    bend: float | None = None
     attempts: int = 1
     steps: int = 0
     skipped_steps: int = 0
@@ -1099,6 +1119,31 @@ def merge_step_losses(model: nn.Module, candidate: Mapping[str, torch.Tensor], k
     return scaled, keep_losses + share * (reflected - keep_losses)
 
 
+def update_bend(own_losses: torch.Tensor, reflected_losses: torch.Tensor, keep_loss: float) -> float:
+    """How far an update bends the gate-split loss: the mean rise of the update and its mirror image.
+
+    b = (L(keep + delta) + L(keep - delta)) / 2 - L(keep), mean losses on the gate split.
+    To second order b = delta^T H delta / 2, the same for an update and its sign flip, so
+    flipping updates does not move it; a client whose data hold few classes overshoots
+    both ways, by nats. +inf when not finite.
+    """
+    bend = (_mean_loss(own_losses) + _mean_loss(reflected_losses)) / 2 - keep_loss
+    return bend if math.isfinite(bend) else math.inf
+
+
+def round_bend(bends: Sequence[float], clients: Sequence[int], quantile: float) -> float | None:
+    """The ``quantile`` of the finite bends, each counted once per client that sent it.
+
+    (Linear interpolation, as ``numpy.quantile``.) Identical replies are scored once but
+    stand for every sender (``clients``). None when no bend is finite: an update whose own
+    or mirror loss overflows says nothing about the federation's heterogeneity.
+    """
+    values = [bend for bend, count in zip(bends, clients) for _ in range(count) if math.isfinite(bend)]
+    if not values:
+        return None
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), quantile))
+
+
 def best_class_gain(losses: torch.Tensor, keep_losses: torch.Tensor, targets: torch.Tensor) -> float:
     """The largest reduction of one class's mean loss against the keep model's (negative if any).
 
@@ -1372,10 +1417,24 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         # its step in an even merge of the client groups (config.warm_start_step).
         scored_losses, scored_reflections = group_losses, None
         share = sum(1 for losses in group_losses if losses is not None)
-        if config.warm_start and config.warm_start_step == "merge" and share > 1:
+        merge_step = config.warm_start and config.warm_start_step == "merge" and share > 1
+        full_reflections, bend = None, None
+        if config.warm_start and config.warm_start_step == "auto" and share > 1:
+            # The mirror images at the candidates' own step: the bend needs them, and the
+            # mirror test reuses them when the round scores at that step.
+            full_reflections = [None if losses is None
+                                else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
+                                for state, losses in zip(group_states, group_losses)]
+            bends = [update_bend(losses, reflected, loss_before)
+                     for losses, reflected in zip(group_losses, full_reflections) if losses is not None]
+            bend = round_bend(bends, [len(group) for group, losses in zip(groups, group_losses) if losses is not None],
+                              config.warm_start_bend_quantile)
+            merge_step = bend is not None and bend >= config.warm_start_bend
+        if merge_step:
             base = keep_losses if keep_losses is not None else per_example_losses(model, keep_state, inputs, targets)
             # A keep model with a non-finite loss on some example leaves no change to scale.
-            if bool(torch.isfinite(base).all()):
+            merge_step = bool(torch.isfinite(base).all())
+            if merge_step:
                 pairs = [None if losses is None else merge_step_losses(model, state, keep_state, base, inputs, targets,
                                                                        share, use_mirror_test)
                          for state, losses in zip(group_states, group_losses)]
@@ -1384,9 +1443,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                     scored_reflections = [None if pair is None else pair[1] for pair in pairs]
         group_mean_losses = [loss_before if losses is None else _mean_loss(losses) for losses in scored_losses]
 
-        reflections = [None if losses is None or not (find_specialists or find_flipped)
-                       else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
-                       for state, losses in zip(group_states, group_losses)] if use_mirror_test else []
+        reflections = (full_reflections if full_reflections is not None
+                       else [None if losses is None or not (find_specialists or find_flipped)
+                             else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
+                             for state, losses in zip(group_states, group_losses)]) if use_mirror_test else []
         # (mirror loss, standard error of d) per group; the keep candidate is its own mirror: d = 0 exactly.
         group_mirrors = [(loss_before, 0.0) if losses is None
                          else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
@@ -1590,6 +1650,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         constant_loss=constant_loss,
         uninformed=stood_uninformed,
         start=chosen_start,
+        merge_step=merge_step,
+        bend=bend,
         attempts=attempts,
         harm_fallback=harm_fallback,
         steps=steps,

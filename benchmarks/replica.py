@@ -55,7 +55,9 @@ per-candidate scores on the gate split, relative to the keep model and sorted, f
 and malicious candidates apart: the own loss, the mirror difference L(keep + delta) -
 L(keep - delta) that ``SoftMergeConfig.mirror_test`` uses (and its z, d over its standard
 error), the linear term grad L(keep) . delta, and the own loss, d and z again at the step an
-update takes inside an even merge of the K candidates (keep + delta / K, loss changes times K).
+update takes inside an even merge of the K candidates (keep + delta / K, loss changes times K),
+then each update's own loss beside its merge-step own loss and its bend (the mean rise of the
+update and its mirror image), sorted by the first, and the bend's quantiles.
 A variant is ``default``, ``fedavg``,
 ``oracle`` (FedAvg over the honest clients), ``fltrust`` (the grid's FLTrust: the server
 model takes the median client's SGD steps on the gate split), ``fltrust-one-pass`` (one pass
@@ -343,6 +345,10 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
             merged, report = soft_merge(model, candidates, task.gate.tensors(),
                                        dataclasses.replace(variant, seed=variant.seed + round_number), labels=labels,
                                        examples=sizes, trust=round_trust, recorded=round_recorded)
+            if report.bend is not None:
+                # softmerge-warm-step = auto: which step this round's warm start scored at.
+                print(f"round {round_number} bend {report.bend:.2f}: scored at the "
+                      f"{'merge' if report.merge_step else 'own'} step", flush=True)
             if trust and report.rejected_loss is None:
                 columns = [k for k, label in enumerate(report.candidates) if label in labels]
                 record = update_record(record, [report.candidates[k] for k in columns],
@@ -508,6 +514,19 @@ def print_scores(round_number, model, global_state, candidates, malicious, task)
                          ("linear", linear), ("1/K own", scaled_own), ("1/K d", scaled_own - scaled_mirror),
                          ("1/K z", (scaled_own - scaled_mirror) / scaled_errors)):
         print(f"  {name:9s} honest {row(values[honest])}  malicious {row(values[bad]) if bad else '-'}", flush=True)
+
+    # Which updates rise at their own step but fall at the merge step: honest specialists do
+    # under strong heterogeneity, and an attacker can fake it. The bend, the mean rise of the
+    # update and its mirror image, is the same for an update and its sign flip to second order.
+    bend = own - (own - mirror) / 2
+
+    def pairs(clients):
+        return "[" + " ".join(f"{own[p]:+.2f}/{scaled_own[p]:+.2f}/{bend[p]:.2f}"
+                              for p in sorted(clients, key=lambda p: own[p])) + "]"
+    print(f"  own/(1/K)/bend honest {pairs(honest)}  malicious {pairs(bad) if bad else '-'}", flush=True)
+    quantiles = np.quantile(bend, [0.5, 0.75, 0.9])
+    print(f"  bend quantiles 50/75/90%: all {' '.join(f'{q:.2f}' for q in quantiles)}; honest "
+          f"{' '.join(f'{q:.2f}' for q in np.quantile(bend[honest], [0.5, 0.75, 0.9]))}", flush=True)
 
 
 def diagnose_round(round_number, report, states, units, malicious, task, warm_report):

@@ -375,5 +375,6 @@ def report_summary(report: GateReport) -> dict[str, float | int]:
         "softmerge-rejected": int(report.rejected_loss is not None),
         "softmerge-harm-fallback": int(report.harm_fallback),
         "softmerge-uninformed": int(report.uninformed),
+        "softmerge-merge-step": int(report.merge_step),
         "softmerge-attempts": report.attempts,
     }

@@ -84,6 +84,8 @@ class RunSettings:
     softmerge_max_candidates: int = 0
     softmerge_warm_temperature: float = 1.0
     softmerge_warm_step: str = "candidate"
+    softmerge_warm_bend: float = 2.5
+    softmerge_warm_bend_quantile: float = 0.75
     softmerge_ceiling: bool = True
     softmerge_mirror_test: bool = True
     softmerge_mirror_temperature: float = 0.02
@@ -223,6 +225,8 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_keep_mode": _choice(KEEP_MODES),
     "softmerge_uninformed_merge": _choice(UNINFORMED_MERGES),
     "softmerge_warm_step": _choice(WARM_START_STEPS),
+    "softmerge_warm_bend": _at_least(0),
+    "softmerge_warm_bend_quantile": _closed_interval(0, 1),
     "softmerge_steps": _at_least(0),
     "softmerge_lr": _open_interval(0, 100),
     "softmerge_l0": _at_least(0),

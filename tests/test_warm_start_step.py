@@ -1,10 +1,13 @@
 """``SoftMergeConfig.warm_start_step``: scoring a candidate at the step it takes in an even merge."""
 
+import math
+
 import pytest
 import torch
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.merge import merge_step_losses, mirror_state, per_example_losses, warm_start_log_alpha
+from softmerge.aggregation.merge import (merge_step_losses, mirror_state, per_example_losses, round_bend, update_bend,
+                                         warm_start_log_alpha)
 
 # One feature, +1 for class 0 and -1 for class 1; the keep model (all zeros) is at log 2.
 INPUTS = torch.tensor([[1.0]] * 4 + [[-1.0]] * 4)
@@ -90,3 +93,83 @@ def test_a_keep_model_with_a_non_finite_loss_falls_back_to_each_candidates_own_s
 def test_an_unknown_warm_start_step_is_refused():
     with pytest.raises(ValueError, match="warm_start_step must be one of"):
         SoftMergeConfig(warm_start_step="half")
+
+
+def test_an_updates_bend_is_the_mean_rise_of_it_and_its_mirror_image():
+    own, reflected = torch.tensor([1.0, 3.0], dtype=torch.float64), torch.tensor([5.0, 5.0], dtype=torch.float64)
+    assert update_bend(own, reflected, keep_loss=1.0) == pytest.approx((2.0 + 5.0) / 2 - 1.0)
+    assert update_bend(own, torch.tensor([float("inf"), 0.0], dtype=torch.float64), keep_loss=1.0) == float("inf")
+    # An update and its sign flip are each other's mirror images: the same bend.
+    model, keep = _zero_model(), _state(0.0)
+    keep_loss = float(per_example_losses(model, keep, INPUTS, TARGETS).mean())
+    update, flipped = _state(4.0, 8.0), mirror_state(_state(4.0, 8.0), keep)
+
+    def bend_of(state):
+        return update_bend(per_example_losses(model, state, INPUTS, TARGETS),
+                           per_example_losses(model, mirror_state(state, keep), INPUTS, TARGETS), keep_loss)
+    assert bend_of(update) == pytest.approx(bend_of(flipped))
+
+
+def test_the_round_bend_is_a_quantile_over_clients_of_the_finite_bends():
+    assert round_bend([1.0, 2.0, 3.0, 4.0, 5.0], [1] * 5, 0.75) == pytest.approx(4.0)
+    # Identical replies are scored once but count once per sender.
+    assert round_bend([1.0, 5.0], [1, 3], 0.5) == pytest.approx(5.0)
+    assert round_bend([1.0, float("inf"), 3.0], [1, 1, 1], 1.0) == pytest.approx(3.0)
+    assert round_bend([float("inf"), float("nan")], [1, 1], 0.75) is None
+    assert round_bend([], [], 0.75) is None
+
+
+def test_clients_with_small_updates_lower_the_round_bend_only_to_an_honest_quantile():
+    honest = [2.6, 3.0, 3.4, 3.8, 4.2, 4.6, 5.0, 5.4, 5.8, 6.2, 6.6, 7.0]
+    hiding = [0.0] * 8
+    quantile = 0.75
+    lowered = round_bend(honest + hiding, [1] * 20, quantile)
+    # The honest bends' (q (n - 1) - m) / (n - m - 1) quantile, with n = 20 clients of which m = 8 hide.
+    assert lowered == pytest.approx(round_bend(honest, [1] * 12, (quantile * 19 - 8) / 11))
+    assert lowered >= SoftMergeConfig().warm_start_bend
+
+
+def _overshooting_round():
+    # One update that overshoots (bend 3.3 nats: its full step costs class 1 four nats, its
+    # mirror image class 0 twelve) and nine mild ones (bends near 0).
+    return _zero_model(), [_state(4.0, 8.0)] + [_state(0.10 + 0.01 * i) for i in range(9)]
+
+
+def test_auto_scores_at_the_merge_step_when_the_round_bends_past_the_threshold():
+    model, candidates = _overshooting_round()
+    # The top quantile is the overshooting update's bend, past the default 2.5 nats.
+    _, auto = soft_merge(model, candidates, (INPUTS, TARGETS),
+                         SoftMergeConfig(**ONLY_THE_START, warm_start_step="auto", warm_start_bend_quantile=1.0))
+    _, merged = soft_merge(model, candidates, (INPUTS, TARGETS),
+                           SoftMergeConfig(**ONLY_THE_START, warm_start_step="merge"))
+    assert auto.merge_step and merged.merge_step
+    # Own losses log(1 + e^-12) (class 0) and log(1 + e^4) (class 1), the mirror image's log(1 + e^12) and
+    # log(1 + e^-4), against log 2.
+    own_and_mirror = [math.log1p(math.exp(logit)) for logit in (-12.0, 4.0, 12.0, -4.0)]
+    assert auto.bend == pytest.approx(sum(own_and_mirror) / 4 - math.log(2), rel=1e-5)
+    assert merged.bend is None
+    assert auto.log_alpha == merged.log_alpha
+
+
+def test_auto_scores_at_the_candidates_step_when_the_round_does_not_bend():
+    model, candidates = _overshooting_round()
+    # Three quarters of the clients send mild updates: the round's bend is theirs.
+    _, auto = soft_merge(model, candidates, (INPUTS, TARGETS),
+                         SoftMergeConfig(**ONLY_THE_START, warm_start_step="auto"))
+    _, alone = soft_merge(model, candidates, (INPUTS, TARGETS), SoftMergeConfig(**ONLY_THE_START))
+    assert not auto.merge_step and not alone.merge_step
+    assert 0 <= auto.bend < 0.01
+    assert auto.log_alpha == alone.log_alpha
+    # With gate learning and the keep model too, the merges are the same, bit for bit.
+    merged_auto, _ = soft_merge(model, candidates, (INPUTS, TARGETS), SoftMergeConfig(steps=20, warm_start_step="auto"))
+    merged_alone, _ = soft_merge(model, candidates, (INPUTS, TARGETS), SoftMergeConfig(steps=20))
+    assert all(torch.equal(merged_auto[name], merged_alone[name]) for name in merged_alone)
+
+
+def test_bad_bend_settings_are_refused():
+    with pytest.raises(ValueError, match="warm_start_bend must be"):
+        SoftMergeConfig(warm_start_bend=-1.0)
+    with pytest.raises(ValueError, match="warm_start_bend must be"):
+        SoftMergeConfig(warm_start_bend=float("nan"))
+    with pytest.raises(ValueError, match="warm_start_bend_quantile must be"):
+        SoftMergeConfig(warm_start_bend_quantile=1.5)
