@@ -4,10 +4,14 @@ import math
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.merge import (merge_step_losses, mirror_state, per_example_losses, round_bend, update_bend,
                                          warm_start_log_alpha)
+from softmerge.server.strategy import SoftMerge
+
+from flower_helpers import StubGrid, make_reply
 
 # One feature, +1 for class 0 and -1 for class 1; the keep model (all zeros) is at log 2.
 INPUTS = torch.tensor([[1.0]] * 4 + [[-1.0]] * 4)
@@ -173,3 +177,18 @@ def test_bad_bend_settings_are_refused():
         SoftMergeConfig(warm_start_bend=float("nan"))
     with pytest.raises(ValueError, match="warm_start_bend_quantile must be"):
         SoftMergeConfig(warm_start_bend_quantile=1.5)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("quantile", "expected"), [(1.0, 1), (0.75, 0)])
+def test_the_strategy_reports_the_step_each_round_scored_at(quantile, expected):
+    model, candidates = _overshooting_round()
+    strategy = SoftMerge(model, (INPUTS, TARGETS),
+                         SoftMergeConfig(steps=5, warm_start_step="auto", warm_start_bend_quantile=quantile))
+    nodes = list(range(1, len(candidates) + 1))
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(nodes)))
+    replies = [make_reply(node, state, partition=node) for node, state in zip(nodes, candidates)]
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert arrays is not None and metrics["softmerge-merge-step"] == expected
