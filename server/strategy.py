@@ -128,8 +128,11 @@ class SoftMerge(RoundStartMemory):
             cfg.keep_mode)
         log(INFO, "\t│\t├── steps: %d | lr: %g | L0 lambda: %g | batch: %d", cfg.steps, cfg.lr, cfg.l0_lambda,
             cfg.batch_size)
-        log(INFO, "\t│\t├── warm start: %s (scored at the %s step) | ceiling: %s | mirror test: %s (z = %g) | "
-            "identical replies share a gate: %s | near-identical: %g", cfg.warm_start, cfg.warm_start_step,
+        step = (f"the merge step when the bends' {cfg.warm_start_bend_quantile:g} quantile reaches "
+                f"{cfg.warm_start_bend:g} nats, else the candidate's" if cfg.warm_start_step == "auto"
+                else f"the {cfg.warm_start_step} step")
+        log(INFO, "\t│\t├── warm start: %s (scored at %s) | ceiling: %s | mirror test: %s (z = %g) | "
+            "identical replies share a gate: %s | near-identical: %g", cfg.warm_start, step,
             cfg.warm_start_ceiling, cfg.mirror_test, cfg.mirror_confidence, cfg.merge_duplicates,
             cfg.near_duplicate_tolerance)
         log(INFO, "\t│\t├── example-count weights over the selected (capped at their median): %s",
@@ -322,6 +325,9 @@ class SoftMerge(RoundStartMemory):
         log(INFO, "SoftMerge round %d: %d candidates, %d excluded, %d steps (%d skipped) in %.2fs; "
             "gate-split accuracy %.3f -> %.3f", server_round, len(report.candidates), len(report.excluded),
             report.steps, report.skipped_steps, report.seconds, report.accuracy_before, report.accuracy_after)
+        if report.bend is not None:
+            log(INFO, "SoftMerge round %d: the clients' updates bend the gate-split loss by %.2f nats (quantile); "
+                "scored at the %s step", server_round, report.bend, "merge" if report.merge_step else "candidate")
         for exclusion in report.excluded:
             # Pre-selection (max_candidates) leaves out valid models by design: not a warning.
             level = INFO if exclusion.reason.startswith("pre-selection") else WARNING

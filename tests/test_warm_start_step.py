@@ -1,5 +1,6 @@
 """``SoftMergeConfig.warm_start_step``: scoring a candidate at the step it takes in an even merge."""
 
+import logging
 import math
 
 import pytest
@@ -181,7 +182,7 @@ def test_bad_bend_settings_are_refused():
 
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize(("quantile", "expected"), [(1.0, 1), (0.75, 0)])
-def test_the_strategy_reports_the_step_each_round_scored_at(quantile, expected):
+def test_the_strategy_reports_the_step_each_round_scored_at(quantile, expected, caplog):
     model, candidates = _overshooting_round()
     strategy = SoftMerge(model, (INPUTS, TARGETS),
                          SoftMergeConfig(steps=5, warm_start_step="auto", warm_start_bend_quantile=quantile))
@@ -189,6 +190,8 @@ def test_the_strategy_reports_the_step_each_round_scored_at(quantile, expected):
     list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(nodes)))
     replies = [make_reply(node, state, partition=node) for node, state in zip(nodes, candidates)]
 
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
 
     assert arrays is not None and metrics["softmerge-merge-step"] == expected
+    assert f"scored at the {'merge' if expected else 'candidate'} step" in caplog.text
