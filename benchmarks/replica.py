@@ -42,6 +42,11 @@ Two uses:
     # Sybils: the malicious clients come back under a new identity every round (no gate record)
     python benchmarks/replica.py --attack sign-flip --seeds 0 --rounds 30 --fresh-ids --variant mirror_trusted=0.5
 
+    # softmerge-warm-step = auto against attackers who choose its step: 4 of the 8 malicious clients
+    # send their honest update stretched 6x, which raises the round's bend, and the other 4 flip
+    python benchmarks/replica.py --attack sign-flip --alpha 0.5 --seeds 1 --rounds 30 --bend-raisers 4 \\
+        --raise-scale 6 --variant default --variant 'warm_start_step="auto"'
+
 Attacks: ``none``, the client-side ``sign-flip`` and ``label-flip``, and the colluding
 attacks of :mod:`softmerge.simulations.colluding` (``alie``, ``ipm-0.1``, ``fang``, ..., and
 the jittered ``min-sum-jitter``, ...),
@@ -174,8 +179,12 @@ def uninformed_merge(candidates, global_state, sizes, rule, units):
             for name, tensor in global_state.items()}
 
 
-def client_candidates(global_state, partitions, malicious, attack, round_number, seed, tracker=None):
+def client_candidates(global_state, partitions, malicious, attack, round_number, seed, tracker=None, raisers=(),
+                      raise_scale=3.0):
+    """Every client's reply; ``raisers`` (malicious clients too) send global + ``raise_scale`` x their honest update,
+    the other malicious clients the attack."""
     candidates = []
+    malicious = set(malicious) - set(raisers)
     for pid, data in enumerate(partitions):
         train_set, _ = split_held_out(data)
         if pid in malicious and attack == "label-flip":
@@ -188,7 +197,13 @@ def client_candidates(global_state, partitions, malicious, attack, round_number,
         torch.manual_seed(client_seed)
         train_model(model, train_set, epochs=1, learning_rate=LOCAL_LR, batch_size=LOCAL_BATCH, seed=client_seed)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if pid in malicious and attack == "sign-flip":
+        if pid in raisers:
+            # An update in the honest direction, stretched: it overshoots at its own step, bends
+            # the gate-split loss by nats (so softmerge-warm-step = auto takes the merge step),
+            # and descends at a twentieth of it.
+            state = {k: global_state[k] + raise_scale * (v - global_state[k]) if v.dtype.is_floating_point else v
+                     for k, v in state.items()}
+        elif pid in malicious and attack == "sign-flip":
             state = poison_state("sign-flip", global_state, state)
         candidates.append(state)
     if attack not in REPLICA_CLIENT_ATTACKS and malicious:
@@ -288,7 +303,7 @@ def format_scores(scores, clients):
 
 def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, scores_every=0, cosines=False,
         inflate=0.0, selection=False, distances_every=0, trust=True, attack_from=1, marginal=False,
-        crossfit=None, alpha=ALPHA, fresh_ids=False):
+        crossfit=None, alpha=ALPHA, fresh_ids=False, raisers=0, raise_scale=3.0):
     task = load_task(DATASET, GATE_SIZE, TEST_SIZE, seed, "", POOL)
     model = build_model(DATASET, seed)
     # The units the gates were learned over, so that post-merge rules reweigh the same ones.
@@ -314,7 +329,8 @@ def run(variant, attack, seed, rounds, malicious, diagnose=False, post=None, sco
             # Sybils: each malicious client comes back under a new identity every round, so it
             # never has a gate record (as a SuperNode re-registering for a new node ID).
             labels = [f"sybil-{p}-round-{round_number}" if p in malicious else f"client-{p}" for p in range(CLIENTS)]
-        candidates = client_candidates(global_state, partitions, attacking, attack, round_number, seed, tracker)
+        candidates = client_candidates(global_state, partitions, attacking, attack, round_number, seed, tracker,
+                                       raisers=sorted(attacking)[:raisers], raise_scale=raise_scale)
         if scores_every and (round_number == 1 or round_number % scores_every == 0):
             print_scores(round_number, model, global_state, candidates, malicious, task)
         if distances_every and (round_number == 1 or round_number % distances_every == 0):
@@ -607,6 +623,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh-ids", action="store_true",
                         help="the malicious clients come back under a new identity every round (Sybils "
                              "with no gate record)")
+    parser.add_argument("--bend-raisers", type=int, default=0, metavar="K",
+                        help="K of the malicious clients send their honest update stretched (--raise-scale) "
+                             "instead of the attack, to raise the round's bend (an attack on "
+                             "softmerge-warm-step = auto)")
+    parser.add_argument("--raise-scale", type=float, default=3.0, metavar="S",
+                        help="the stretch of --bend-raisers' updates")
     parser.add_argument("--marginal", action="store_true",
                         help="every round, each open client's marginal harm to the merge on the test and gate splits")
     parser.add_argument("--crossfit", type=float, default=None, metavar="Z",
@@ -623,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
             accuracies, weights = run(variant, args.attack, seed, args.rounds, malicious, args.diagnose, post,
                                       args.scores, args.cosines, args.inflate, args.selection, args.loss_distances,
                                       trust, args.attack_from, args.marginal, args.crossfit, args.alpha,
-                                      args.fresh_ids)
+                                      args.fresh_ids, args.bend_raisers, args.raise_scale)
             finals.append(accuracies[-1])
             last3.append(statistics.mean(accuracies[-3:]))
             print(f"{text} {args.attack} seed {seed}: final {accuracies[-1]:.4f} last-3 {last3[-1]:.4f} "
