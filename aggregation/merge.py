@@ -1425,9 +1425,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             full_reflections = [None if losses is None
                                 else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
                                 for state, losses in zip(group_states, group_losses)]
-            bends = [update_bend(losses, reflected, loss_before)
-                     for losses, reflected in zip(group_losses, full_reflections) if losses is not None]
-            bend = round_bend(bends, [len(group) for group, losses in zip(groups, group_losses) if losses is not None],
+            measured = [(update_bend(losses, reflected, loss_before), len(group))
+                        for group, losses, reflected in zip(groups, group_losses, full_reflections)
+                        if losses is not None]
+            bend = round_bend([value for value, _ in measured], [senders for _, senders in measured],
                               config.warm_start_bend_quantile)
             merge_step = bend is not None and bend >= config.warm_start_bend
         if merge_step:

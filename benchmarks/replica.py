@@ -533,8 +533,9 @@ def print_scores(round_number, model, global_state, candidates, malicious, task)
 
     # Which updates rise at their own step but fall at the merge step: honest specialists do
     # under strong heterogeneity, and an attacker can fake it. The bend, the mean rise of the
-    # update and its mirror image, is the same for an update and its sign flip to second order.
-    bend = own - (own - mirror) / 2
+    # update and its mirror image (aggregation.merge.update_bend), is the same for an update and its
+    # sign flip to second order; ``own`` and ``mirror`` are already rises over the keep model's loss.
+    bend = (own + mirror) / 2
 
     def pairs(clients):
         return "[" + " ".join(f"{own[p]:+.2f}/{scaled_own[p]:+.2f}/{bend[p]:.2f}"
