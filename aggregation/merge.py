@@ -1418,15 +1418,17 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         scored_losses, scored_reflections = group_losses, None
         share = sum(1 for losses in group_losses if losses is not None)
         merge_step = config.warm_start and config.warm_start_step == "merge" and share > 1
-        full_reflections, bend = None, None
-        if config.warm_start and config.warm_start_step == "auto" and share > 1:
-            # The mirror images at the candidates' own step: the bend needs them, and the
-            # mirror test reuses them when the round scores at that step.
-            full_reflections = [None if losses is None
+        auto = config.warm_start and config.warm_start_step == "auto" and share > 1
+        # The mirror images at each group's own step, computed once: the bend, the class gains,
+        # and the mirror test when the round scores at that step all read them.
+        reflect = auto or find_specialists or find_flipped
+        own_step_reflections = [None if losses is None or not reflect
                                 else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
                                 for state, losses in zip(group_states, group_losses)]
+        bend = None
+        if auto:
             measured = [(update_bend(losses, reflected, loss_before), len(group))
-                        for group, losses, reflected in zip(groups, group_losses, full_reflections)
+                        for group, losses, reflected in zip(groups, group_losses, own_step_reflections)
                         if losses is not None]
             bend = round_bend([value for value, _ in measured], [senders for _, senders in measured],
                               config.warm_start_bend_quantile)
@@ -1444,10 +1446,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                     scored_reflections = [None if pair is None else pair[1] for pair in pairs]
         group_mean_losses = [loss_before if losses is None else _mean_loss(losses) for losses in scored_losses]
 
-        reflections = (full_reflections if full_reflections is not None
-                       else [None if losses is None or not (find_specialists or find_flipped)
-                             else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
-                             for state, losses in zip(group_states, group_losses)]) if use_mirror_test else []
+        reflections = own_step_reflections if use_mirror_test else []
         # (mirror loss, standard error of d) per group; the keep candidate is its own mirror: d = 0 exactly.
         group_mirrors = [(loss_before, 0.0) if losses is None
                          else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
