@@ -454,6 +454,12 @@ def test_settings_mismatch_names_what_changed_and_ignores_what_cannot_matter():
     assert settings_mismatch({**recorded, "strategy": "softmerge"}, {**before, "softmerge-mirror-trusted": 0.6}) == {
         "softmerge-mirror-trusted": (0.0, 0.6)}
     assert settings_mismatch({**recorded, "strategy": "softmerge"}, {**before, "softmerge-mirror-trusted": 0.0}) == {}
+    # ... and scored each client at its own step: a grid of another warm-start step must run them again.
+    assert settings_mismatch({**recorded, "strategy": "softmerge"}, {
+        **before, "softmerge-mirror-trusted": 0.0, "softmerge-warm-step": "auto"}) == {
+        "softmerge-warm-step": ("candidate", "auto")}
+    assert settings_mismatch({**recorded, "strategy": "softmerge"}, {
+        **before, "softmerge-mirror-trusted": 0.0, "softmerge-warm-step": "candidate"}) == {}
 
 
 def _finished_cell(output, cell, settings):

@@ -1,0 +1,180 @@
+"""Compare two grids cell by cell: a variant setting against the grid it departs from.
+
+    .venv/bin/python benchmarks/compare_grids.py --base benchmarks/fmnist-grid \\
+        --variant benchmarks/fmnist-grid-warm-step-auto
+
+A variant grid reruns some cells of a base grid with one setting changed (``--set KEY=VALUE``
+on ``softmerge-grid``). Its own tables show the variant alone; this one shows what the
+change did. For every finished cell of the variant whose key the base has finished too, it
+prints the oracle (from either grid), both grids' final round and mean of the last 10
+rounds, the difference, the backdoor's success where the attack has a trigger, and the
+rounds SoftMerge scored at the merge step (``softmerge-warm-step``). Then, per Dirichlet α
+and malicious fraction, the mean difference and each grid's worst case over the attacks
+compared (per attack the mean over the seeds compared), with how many attacks are within a
+point of the oracle. First it lists the run-config keys on which the paired cells differ,
+so that a variant which differs in more than the setting it is about shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from softmerge.simulations.grid import (NO_ATTACK, ORACLE, Cell, finished_cell, format_percent, recorded_cells,
+                                         settings_mismatch, summarise_cell, within_a_point)
+
+STATISTICS = (("final_accuracy", "final"), ("last10_accuracy", "last 10"))
+
+
+def merge_step_rounds(result: dict) -> int | None:
+    """The trained rounds whose merge was scored at the merge step; None if no round records it."""
+    flags = [entry["gates"].get("merge_step") for entry in result.get("rounds", [])[1:]
+             if isinstance(entry.get("gates"), dict)]
+    recorded = [flag for flag in flags if flag is not None]
+    return sum(bool(flag) for flag in recorded) if recorded else None
+
+
+def oracle_of(cell: Cell, grids: list[Path], clients: int) -> dict | None:
+    """The oracle's summary in ``cell``'s setting, from the first grid that has it finished."""
+    twin = Cell(ORACLE, NO_ATTACK, cell.fraction, cell.seed, cell.alpha)
+    for grid in grids:
+        result = finished_cell(grid, twin)
+        if result is not None:
+            return summarise_cell(twin, result, clients, "finished", None)
+    return None
+
+
+def paired_cells(base: Path, variant: Path, clients: int, strategies: set[str] | None = None) -> list[dict]:
+    """One record per cell finished in both grids, in the variant's order."""
+    pairs = []
+    for cell in recorded_cells(variant):
+        if cell.strategy == ORACLE or (strategies and cell.strategy not in strategies):
+            continue
+        after, before = finished_cell(variant, cell), finished_cell(base, cell)
+        if after is None or before is None:
+            continue
+        pairs.append({"cell": cell,
+                      "base": summarise_cell(cell, before, clients, "finished", None),
+                      "variant": summarise_cell(cell, after, clients, "finished", None),
+                      "base_merge_steps": merge_step_rounds(before),
+                      "variant_merge_steps": merge_step_rounds(after),
+                      "settings": settings_mismatch(before.get("settings") or {}, after.get("settings") or {}),
+                      "oracle": oracle_of(cell, [base, variant], clients)})
+    return pairs
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+def _pair_text(row: dict) -> str:
+    text = " / ".join(format_percent(row[field]) for field, _ in STATISTICS)
+    return text + (f" ({format_percent(row['final_backdoor_asr'])}%)" if row.get("final_backdoor_asr") is not None
+                   else "")
+
+
+def _difference(pair: dict, field: str) -> float | None:
+    before, after = pair["base"][field], pair["variant"][field]
+    return None if before is None or after is None else after - before
+
+
+def _steps(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def comparison(pairs: list[dict]) -> list[str]:
+    if not pairs:
+        return ["No cell is finished in both grids."]
+    changed: dict[str, set] = defaultdict(set)
+    for pair in pairs:
+        for key, (before, after) in pair["settings"].items():
+            changed[key].add((repr(before), repr(after)))
+    lines = ["Settings that differ between the paired cells (base -> variant): " + (
+        "; ".join(f"`{key}` {', '.join(f'{b} -> {a}' for b, a in sorted(values))}"
+                  for key, values in sorted(changed.items())) if changed else "none") + ".", ""]
+    groups: dict[tuple[float, float], list[dict]] = defaultdict(list)
+    for pair in pairs:
+        groups[(pair["cell"].alpha, pair["cell"].fraction)].append(pair)
+    for (alpha, fraction), group in sorted(groups.items()):
+        lines += [f"### α = {alpha:g}, {fraction:.0%} malicious", "",
+                  "| defense | attack | seed | oracle | base | variant | Δ final | Δ last 10 "
+                  "| merge-step rounds, base / variant |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for pair in sorted(group, key=lambda p: (p["cell"].strategy, p["cell"].attack != NO_ATTACK,
+                                                 p["cell"].attack, p["cell"].seed)):
+            cell, oracle = pair["cell"], pair["oracle"]
+            lines.append(f"| {cell.strategy} | {cell.attack} | {cell.seed} | "
+                         f"{_pair_text(oracle) if oracle else '-'} | {_pair_text(pair['base'])} | "
+                         f"{_pair_text(pair['variant'])} | {_points(_difference(pair, 'final_accuracy'))} | "
+                         f"{_points(_difference(pair, 'last10_accuracy'))} | "
+                         f"{_steps(pair['base_merge_steps'])} / {_steps(pair['variant_merge_steps'])} |")
+        lines += ["", *summary(group), ""]
+    return lines
+
+
+def summary(group: list[dict]) -> list[str]:
+    """Per defense: the mean difference, and each grid's worst case over the attacks with its oracle count."""
+    lines = ["| defense | cells | mean Δ final | mean Δ last 10 | worst case, base | worst case, variant |",
+             "|---|---|---|---|---|---|"]
+    for strategy in sorted({pair["cell"].strategy for pair in group}):
+        own = [pair for pair in group if pair["cell"].strategy == strategy]
+        means = []
+        for field, _ in STATISTICS:
+            values = [d for pair in own if (d := _difference(pair, field)) is not None]
+            means.append(_points(statistics.fmean(values)) if values else "-")
+        worst = [_worst_case(own, side) for side in ("base", "variant")]
+        lines.append(f"| {strategy} | {len(own)} | {means[0]} | {means[1]} | {worst[0]} | {worst[1]} |")
+    return lines
+
+
+def _worst_case(pairs: list[dict], side: str) -> str:
+    """The worst attack's seed mean, per statistic, and how many attacks are within a point of the oracle.
+
+    Only attacks with an oracle on every compared seed count, so that both grids are held to
+    the same yardstick; with no attack other than none, there is no worst case.
+    """
+    by_attack: dict[str, list[dict]] = defaultdict(list)
+    for pair in pairs:
+        if pair["cell"].attack != NO_ATTACK and pair["oracle"] is not None:
+            by_attack[pair["cell"].attack].append(pair)
+    if not by_attack:
+        return "-"
+    parts = []
+    for field, label in STATISTICS:
+        means, close = [], 0
+        for attack_pairs in by_attack.values():
+            values = [pair[side][field] for pair in attack_pairs]
+            references = [pair["oracle"][field] for pair in attack_pairs]
+            if any(v is None for v in values + references):
+                continue
+            mean = statistics.fmean(values)
+            means.append(mean)
+            close += within_a_point(mean, statistics.fmean(references))
+        if means:
+            parts.append(f"{label} {format_percent(min(means))} ({close}/{len(means)})")
+    return ", ".join(parts) if parts else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="benchmarks/fmnist-grid", help="the grid the variant departs from")
+    parser.add_argument("--variant", required=True, help="the grid of cells rerun with a changed setting")
+    parser.add_argument("--strategies", default="", help="comma-separated; default: every defense in the variant")
+    parser.add_argument("--clients", type=int, default=20)
+    args = parser.parse_args(argv)
+    base, variant = Path(args.base), Path(args.variant)
+    for grid in (base, variant):
+        if not (grid / "cells.json").is_file():
+            print(f"compare_grids: {grid} has no cells.json (run the grid, or its --tables-only, on it)",
+                  file=sys.stderr)
+            return 2
+    strategies = {item.strip() for item in args.strategies.split(",") if item.strip()} or None
+    print("\n".join(comparison(paired_cells(base, variant, args.clients, strategies))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""benchmarks/compare_grids.py: a variant grid's cells against the same cells of its base grid."""
+
+import json
+
+import pytest
+
+SCRIPT_NAME = "compare_grids"
+
+
+@pytest.fixture
+def compare(benchmark_script):
+    return benchmark_script
+
+
+def _cell(output, key, accuracies, settings=None, merge_steps=None, asr=None, status="finished"):
+    rounds = [{"round": r, "test_accuracy": a, "backdoor_asr": asr} for r, a in enumerate(accuracies)]
+    if merge_steps is not None:
+        for entry, flag in zip(rounds[1:], merge_steps):
+            entry["gates"] = {"units": ["model"], "candidates": [], "weights": [[]], "merge_step": flag}
+    (output / "cells" / key).mkdir(parents=True)
+    (output / "cells" / key / "results.json").write_text(
+        json.dumps({"status": status, "settings": settings or {}, "rounds": rounds}))
+    parts = key.split("__")
+    row = {"key": key, "strategy": parts[0], "attack": parts[1], "fraction": float(parts[2][1:]),
+           "seed": int(parts[3][1:]), "alpha": 0.5, "status": status}
+    table = output / "cells.json"
+    rows = json.loads(table.read_text()) if table.exists() else []
+    table.write_text(json.dumps([*rows, row]))
+
+
+def _flat(value, rounds=12):
+    return [0.1] + [value] * rounds
+
+
+def _grids(tmp_path):
+    base, variant = tmp_path / "base", tmp_path / "variant"
+    softmerge = {"strategy": "softmerge", "learning-rate": 0.05}
+    _cell(base, "oracle__none__f0.4__s0", _flat(0.84))
+    _cell(base, "oracle__none__f0.4__s1", _flat(0.80))
+    _cell(base, "softmerge__sign-flip__f0.4__s0", _flat(0.846), softmerge)
+    _cell(base, "softmerge__sign-flip__f0.4__s1", _flat(0.78), softmerge)
+    _cell(base, "softmerge__backdoor__f0.4__s0", _flat(0.85), softmerge, asr=0.04)
+    changed = {**softmerge, "softmerge-warm-step": "auto"}
+    _cell(variant, "softmerge__sign-flip__f0.4__s0", _flat(0.834), changed, merge_steps=[True] * 3 + [False] * 9)
+    _cell(variant, "softmerge__sign-flip__f0.4__s1", _flat(0.80), changed, merge_steps=[False] * 12)
+    _cell(variant, "softmerge__backdoor__f0.4__s0", _flat(0.82), changed, merge_steps=[True] * 12, asr=0.9)
+    # Not in the base grid: nothing to compare it with.
+    _cell(variant, "softmerge__alie__f0.4__s0", _flat(0.83), changed, merge_steps=[False] * 12)
+    # Not finished in the variant: left out.
+    _cell(variant, "softmerge__fang__f0.4__s0", _flat(0.5), changed, status="running")
+    _cell(base, "softmerge__fang__f0.4__s0", _flat(0.85), softmerge)
+    return base, variant
+
+
+def test_cells_finished_in_both_grids_are_paired_with_their_oracle_and_merge_step_rounds(tmp_path, compare):
+    base, variant = _grids(tmp_path)
+    pairs = compare.paired_cells(base, variant, 20)
+    assert sorted(pair["cell"].key for pair in pairs) == [
+        "softmerge__backdoor__f0.4__s0", "softmerge__sign-flip__f0.4__s0", "softmerge__sign-flip__f0.4__s1"]
+    by_key = {pair["cell"].key: pair for pair in pairs}
+    flip = by_key["softmerge__sign-flip__f0.4__s0"]
+    assert flip["variant_merge_steps"] == 3 and flip["base_merge_steps"] is None  # the base never recorded it
+    assert flip["oracle"]["final_accuracy"] == pytest.approx(0.84)
+    # The base cell never recorded the key: it ran with the legacy value, its own step.
+    assert flip["settings"] == {"softmerge-warm-step": ("candidate", "auto")}
+
+
+def test_the_table_shows_each_difference_and_each_grid_s_worst_case(tmp_path, compare):
+    base, variant = _grids(tmp_path)
+    lines = compare.comparison(compare.paired_cells(base, variant, 20))
+    assert lines[0] == ("Settings that differ between the paired cells (base -> variant): "
+                        "`softmerge-warm-step` 'candidate' -> 'auto'.")
+    row = next(line for line in lines if line.startswith("| softmerge | sign-flip | 0 |"))
+    assert row.split(" | ")[3:] == ["84.0 / 84.0", "84.6 / 84.6", "83.4 / 83.4", "-1.2", "-1.2", "- / 3 |"]
+    backdoor = next(line for line in lines if line.startswith("| softmerge | backdoor | 0 |"))
+    assert "85.0 / 85.0 (4.0%)" in backdoor and "82.0 / 82.0 (90.0%)" in backdoor
+    summary = next(line for line in lines if line.startswith("| softmerge | 3 |"))
+    # Mean difference over the three cells: (-1.2 + 2.0 - 3.0) / 3.
+    assert summary.split(" | ")[2] == "-0.7"
+    # Worst case per grid: the lowest of the seed means per attack (sign-flip: 81.3 base,
+    # 81.7 variant; oracle 82.0), with the attacks within a point of their oracle's seed
+    # mean: the variant's backdoor cell (82.0 against 84.0) is not.
+    assert summary.split(" | ")[4] == "final 81.3 (2/2), last 10 81.3 (2/2)"
+    assert summary.split(" | ")[5] == "final 81.7 (1/2), last 10 81.7 (1/2) |"
+
+
+def test_grids_without_a_shared_cell_say_so(tmp_path, compare):
+    base, variant = tmp_path / "base", tmp_path / "variant"
+    _cell(base, "softmerge__alie__f0.4__s0", _flat(0.84))
+    _cell(variant, "softmerge__fang__f0.4__s0", _flat(0.84))
+    assert compare.comparison(compare.paired_cells(base, variant, 20)) == ["No cell is finished in both grids."]
+
+
+def test_a_grid_without_cells_json_is_a_clear_error(tmp_path, compare, capsys):
+    (tmp_path / "base").mkdir()
+    assert compare.main(["--base", str(tmp_path / "base"), "--variant", str(tmp_path / "base")]) == 2
+    assert "has no cells.json" in capsys.readouterr().err
