@@ -23,8 +23,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from softmerge.simulations.grid import (NO_ATTACK, ORACLE, Cell, finished_cell, format_percent, recorded_cells,
-                                         settings_mismatch, summarise_cell, within_a_point)
+from softmerge.simulations.grid import (FRACTION_KEYS, NO_ATTACK, ORACLE, Cell, finished_cell, format_percent,
+                                         fraction_free, recorded_cells, settings_mismatch, summarise_cell,
+                                         within_a_point)
 
 STATISTICS = (("final_accuracy", "final"), ("last10_accuracy", "last 10"))
 
@@ -61,7 +62,9 @@ def paired_cells(base: Path, variant: Path, clients: int, strategies: set[str] |
                       "variant": summarise_cell(cell, after, clients, "finished", None),
                       "base_merge_steps": merge_step_rounds(before),
                       "variant_merge_steps": merge_step_rounds(after),
-                      "settings": settings_mismatch(before.get("settings") or {}, after.get("settings") or {}),
+                      # A no-attack cell of a rule blind to the fraction may be another fraction's run, reused.
+                      "settings": settings_mismatch(before.get("settings") or {}, after.get("settings") or {},
+                                                    FRACTION_KEYS if fraction_free(cell) else frozenset()),
                       "oracle": oracle_of(cell, [base, variant], clients)})
     return pairs
 

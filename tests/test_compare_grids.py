@@ -44,6 +44,11 @@ def _grids(tmp_path):
     _cell(variant, "softmerge__sign-flip__f0.4__s0", _flat(0.834), changed, merge_steps=[True] * 3 + [False] * 9)
     _cell(variant, "softmerge__sign-flip__f0.4__s1", _flat(0.80), changed, merge_steps=[False] * 12)
     _cell(variant, "softmerge__backdoor__f0.4__s0", _flat(0.82), changed, merge_steps=[True] * 12, asr=0.9)
+    # A no-attack cell is the same run at every fraction, so the variant's may be another
+    # fraction's run, reused: the malicious ids it records are not a difference.
+    _cell(base, "softmerge__none__f0.4__s0", _flat(0.85), {**softmerge, "malicious-partitions": "0,1"})
+    _cell(variant, "softmerge__none__f0.4__s0", _flat(0.85), {**changed, "malicious-partitions": "0,1,2"},
+          merge_steps=[False] * 12)
     # Not in the base grid: nothing to compare it with.
     _cell(variant, "softmerge__alie__f0.4__s0", _flat(0.83), changed, merge_steps=[False] * 12)
     # Not finished in the variant: left out.
@@ -56,13 +61,15 @@ def test_cells_finished_in_both_grids_are_paired_with_their_oracle_and_merge_ste
     base, variant = _grids(tmp_path)
     pairs = compare.paired_cells(base, variant, 20)
     assert sorted(pair["cell"].key for pair in pairs) == [
-        "softmerge__backdoor__f0.4__s0", "softmerge__sign-flip__f0.4__s0", "softmerge__sign-flip__f0.4__s1"]
+        "softmerge__backdoor__f0.4__s0", "softmerge__none__f0.4__s0", "softmerge__sign-flip__f0.4__s0",
+        "softmerge__sign-flip__f0.4__s1"]
     by_key = {pair["cell"].key: pair for pair in pairs}
     flip = by_key["softmerge__sign-flip__f0.4__s0"]
     assert flip["variant_merge_steps"] == 3 and flip["base_merge_steps"] is None  # the base never recorded it
     assert flip["oracle"]["final_accuracy"] == pytest.approx(0.84)
     # The base cell never recorded the key: it ran with the legacy value, its own step.
     assert flip["settings"] == {"softmerge-warm-step": ("candidate", "auto")}
+    assert by_key["softmerge__none__f0.4__s0"]["settings"] == {"softmerge-warm-step": ("candidate", "auto")}
 
 
 def test_the_table_shows_each_difference_and_each_grid_s_worst_case(tmp_path, compare):
@@ -74,9 +81,9 @@ def test_the_table_shows_each_difference_and_each_grid_s_worst_case(tmp_path, co
     assert row.split(" | ")[3:] == ["84.0 / 84.0", "84.6 / 84.6", "83.4 / 83.4", "-1.2", "-1.2", "- / 3 |"]
     backdoor = next(line for line in lines if line.startswith("| softmerge | backdoor | 0 |"))
     assert "85.0 / 85.0 (4.0%)" in backdoor and "82.0 / 82.0 (90.0%)" in backdoor
-    summary = next(line for line in lines if line.startswith("| softmerge | 3 |"))
-    # Mean difference over the three cells: (-1.2 + 2.0 - 3.0) / 3.
-    assert summary.split(" | ")[2] == "-0.7"
+    summary = next(line for line in lines if line.startswith("| softmerge | 4 |"))
+    # Mean difference over the four cells: (-1.2 + 2.0 - 3.0 + 0.0) / 4.
+    assert summary.split(" | ")[2] == "-0.6"
     # Worst case per grid: the lowest of the seed means per attack (sign-flip: 81.3 base,
     # 81.7 variant; oracle 82.0), with the attacks within a point of their oracle's seed
     # mean: the variant's backdoor cell (82.0 against 84.0) is not.
