@@ -10,9 +10,12 @@ prints the oracle (from either grid), both grids' final round and mean of the la
 rounds, the difference, the backdoor's success where the attack has a trigger, and the
 rounds SoftMerge scored at the merge step (``softmerge-warm-step``). Then, per Dirichlet α
 and malicious fraction, the mean difference and each grid's worst case over the attacks
-compared (per attack the mean over the seeds compared), with how many attacks are within a
+compared (per attack the mean over its paired seeds that have an oracle, with the seed
+counts when attacks have different numbers of them), with how many attacks are within a
 point of the oracle. First it lists the run-config keys on which the paired cells differ,
-so that a variant which differs in more than the setting it is about shows it.
+either way round (a cell that never recorded a key ran with its legacy value where the
+grid knows it; keys recorded on one side only are listed apart), so that a variant which
+differs in more than the setting it is about shows it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from softmerge.simulations.grid import (FRACTION_KEYS, NO_ATTACK, ORACLE, Cell, finished_cell, format_percent,
-                                         fraction_free, recorded_cells, settings_mismatch, summarise_cell,
-                                         within_a_point)
+from softmerge.simulations.grid import (FRACTION_KEYS, LEGACY_VALUES, NO_ATTACK, ORACLE, Cell, finished_cell,
+                                         format_percent, fraction_free, recorded_cells, settings_mismatch,
+                                         summarise_cell, within_a_point)
 
 STATISTICS = (("final_accuracy", "final"), ("last10_accuracy", "last 10"))
 
@@ -62,15 +65,40 @@ def paired_cells(base: Path, variant: Path, clients: int, strategies: set[str] |
                       "variant": summarise_cell(cell, after, clients, "finished", None),
                       "base_merge_steps": merge_step_rounds(before),
                       "variant_merge_steps": merge_step_rounds(after),
-                      # A no-attack cell of a rule blind to the fraction may be another fraction's run, reused.
-                      "settings": settings_mismatch(before.get("settings") or {}, after.get("settings") or {},
-                                                    FRACTION_KEYS if fraction_free(cell) else frozenset()),
+                      "settings": settings_difference(before.get("settings") or {}, after.get("settings") or {},
+                                                      cell),
                       "oracle": oracle_of(cell, [base, variant], clients)})
     return pairs
 
 
+ONE_SIDE = "(not recorded)"
+
+
+def settings_difference(before: dict, after: dict, cell: Cell) -> dict[str, tuple]:
+    """``{key: (base's, variant's)}`` for every run-config key the two cells ran with differently.
+
+    :func:`settings_mismatch` reads the keys of its second argument only, so it is asked
+    both ways. A key neither the cell's record nor the grid's legacy values account for on
+    one side is listed with ``ONE_SIDE`` there: what that cell ran with is not known.
+    """
+    # A no-attack cell of a rule blind to the fraction may be another fraction's run, reused.
+    ignored = FRACTION_KEYS if fraction_free(cell) else frozenset()
+    found = settings_mismatch(before, after, ignored)
+    found.update({key: (b, a) for key, (a, b) in settings_mismatch(after, before, ignored).items()})
+    for key in set(before) ^ set(after):
+        compared = settings_mismatch({key: ONE_SIDE}, {"strategy": cell.strategy, key: 0})
+        if key in found or key in LEGACY_VALUES or key in ignored or not compared:
+            continue  # already there, known, fraction-only, or not a key the grid compares (where a cell ran)
+        found[key] = (before.get(key, ONE_SIDE), after.get(key, ONE_SIDE))
+    return found
+
+
 def _points(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:+.1f}"
+    """A difference in points, rounded as the accuracies are (half up, away from zero here)."""
+    if value is None:
+        return "-"
+    text = format_percent(abs(value))
+    return text if text.strip("0.") == "" else ("+" if value > 0 else "-") + text
 
 
 def _pair_text(row: dict) -> str:
@@ -92,12 +120,20 @@ def comparison(pairs: list[dict]) -> list[str]:
     if not pairs:
         return ["No cell is finished in both grids."]
     changed: dict[str, set] = defaultdict(set)
+    unknown: dict[str, set] = defaultdict(set)
     for pair in pairs:
         for key, (before, after) in pair["settings"].items():
-            changed[key].add((repr(before), repr(after)))
+            if ONE_SIDE in (before, after):
+                unknown[key].add("base" if after == ONE_SIDE else "variant")
+            else:
+                changed[key].add((repr(before), repr(after)))
     lines = ["Settings that differ between the paired cells (base -> variant): " + (
         "; ".join(f"`{key}` {', '.join(f'{b} -> {a}' for b, a in sorted(values))}"
-                  for key, values in sorted(changed.items())) if changed else "none") + ".", ""]
+                  for key, values in sorted(changed.items())) if changed else "none") + "."]
+    if unknown:
+        lines.append("Recorded by one grid's cells only (what the others ran with is not recorded): " + "; ".join(
+            f"`{key}` ({' and '.join(sorted(sides))})" for key, sides in sorted(unknown.items())) + ".")
+    lines.append("")
     groups: dict[tuple[float, float], list[dict]] = defaultdict(list)
     for pair in pairs:
         groups[(pair["cell"].alpha, pair["cell"].fraction)].append(pair)
@@ -136,8 +172,10 @@ def summary(group: list[dict]) -> list[str]:
 def _worst_case(pairs: list[dict], side: str) -> str:
     """The worst attack's seed mean, per statistic, and how many attacks are within a point of the oracle.
 
-    Only attacks with an oracle on every compared seed count, so that both grids are held to
-    the same yardstick; with no attack other than none, there is no worst case.
+    Per attack the mean is over its paired seeds that have an oracle (a pair without one is
+    left out, so both grids are held to the same yardstick); when the attacks have different
+    numbers of such seeds, the range is given, as the grid's own summary marks it. No attack
+    other than none: no worst case.
     """
     by_attack: dict[str, list[dict]] = defaultdict(list)
     for pair in pairs:
@@ -147,17 +185,19 @@ def _worst_case(pairs: list[dict], side: str) -> str:
         return "-"
     parts = []
     for field, label in STATISTICS:
-        means, close = [], 0
+        means, close, seeds = [], 0, set()
         for attack_pairs in by_attack.values():
-            values = [pair[side][field] for pair in attack_pairs]
-            references = [pair["oracle"][field] for pair in attack_pairs]
-            if any(v is None for v in values + references):
+            present = [pair for pair in attack_pairs if pair[side][field] is not None
+                       and pair["oracle"][field] is not None]
+            if not present:
                 continue
-            mean = statistics.fmean(values)
+            mean = statistics.fmean(pair[side][field] for pair in present)
             means.append(mean)
-            close += within_a_point(mean, statistics.fmean(references))
+            seeds.add(len(present))
+            close += within_a_point(mean, statistics.fmean(pair["oracle"][field] for pair in present))
         if means:
-            parts.append(f"{label} {format_percent(min(means))} ({close}/{len(means)})")
+            counts = f" [{min(seeds)}-{max(seeds)} seeds]" if len(seeds) > 1 else ""
+            parts.append(f"{label} {format_percent(min(means))} ({close}/{len(means)}){counts}")
     return ", ".join(parts) if parts else "-"
 
 

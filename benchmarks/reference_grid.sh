@@ -10,6 +10,7 @@
 #   bash benchmarks/reference_grid.sh            # everything, in order
 #   bash benchmarks/reference_grid.sh 1 2        # only stages 1 and 2
 #   JOBS=4 bash benchmarks/reference_grid.sh     # four grids at once on one output (softmerge-grid --jobs)
+#   bash benchmarks/reference_grid.sh auto       # the softmerge-warm-step = auto variant (not run by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SIM=${SIM:-.venv/bin/softmerge-grid}
@@ -62,6 +63,19 @@ stage() {
     # A third seed at alpha 0.1 (session 37), the three of them on no attack and the two flips.
     14) "$SIM" "${COMMON[@]}" --alpha 0.1 --strategies softmerge,fedavg,fltrust \
           --attacks none,sign-flip,label-flip --fractions 0.4 --seeds 2 ;;
+    # Not part of the reference grid, so not run by default: `softmerge-warm-step = auto`
+    # (sessions 40-41) in its own outputs, for `benchmarks/compare_grids.py` against this
+    # grid. The oracle is this grid's (the setting does not touch FedAvg).
+    auto)
+      AUTO=(--no-oracle --strategies softmerge --set softmerge-warm-step=auto)
+      "$SIM" "${COMMON[@]}" "${AUTO[@]}" --output benchmarks/fmnist-grid-warm-step-auto \
+          --attacks "$ATTACKS" --fractions 0.4,0.6 --seeds 0
+      "$SIM" "${COMMON[@]}" "${AUTO[@]}" --output benchmarks/fmnist-grid-warm-step-auto \
+          --attacks sign-flip --fractions 0.4,0.6,0.8 --seeds 1,2
+      "$SIM" "${COMMON[@]}" "${AUTO[@]}" --output benchmarks/fmnist-grid-warm-step-auto \
+          --attacks sign-flip --fractions 0.8 --seeds 0
+      "$SIM" "${COMMON[@]}" "${AUTO[@]}" --alpha 0.1 --output benchmarks/fmnist-grid-alpha0.1-warm-step-auto \
+          --attacks sign-flip,label-flip,backdoor,none --fractions 0.4 --seeds 0,1,2 ;;
   esac
 }
 

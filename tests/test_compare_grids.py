@@ -87,8 +87,42 @@ def test_the_table_shows_each_difference_and_each_grid_s_worst_case(tmp_path, co
     # Worst case per grid: the lowest of the seed means per attack (sign-flip: 81.3 base,
     # 81.7 variant; oracle 82.0), with the attacks within a point of their oracle's seed
     # mean: the variant's backdoor cell (82.0 against 84.0) is not.
-    assert summary.split(" | ")[4] == "final 81.3 (2/2), last 10 81.3 (2/2)"
-    assert summary.split(" | ")[5] == "final 81.7 (1/2), last 10 81.7 (1/2) |"
+    # Sign-flip stands on two seeds, the backdoor on one: the worst case says so.
+    assert summary.split(" | ")[4] == "final 81.3 (2/2) [1-2 seeds], last 10 81.3 (2/2) [1-2 seeds]"
+    assert summary.split(" | ")[5] == "final 81.7 (1/2) [1-2 seeds], last 10 81.7 (1/2) [1-2 seeds] |"
+
+
+def test_settings_differences_are_found_either_way_round(compare):
+    from softmerge.simulations.grid import Cell
+
+    cell = Cell("softmerge", "sign-flip", 0.4, 0)
+    base = {"strategy": "softmerge", "softmerge-mirror-trusted": 0.6, "softmerge-beat-constant": True,
+            "output-dir": "here", "malicious-partitions": "0,1"}
+    variant = {"strategy": "softmerge", "softmerge-warm-step": "auto", "output-dir": "there",
+               "malicious-partitions": "0,1"}
+    # The variant's cell never recorded mirror-trusted: it ran with the legacy 0.0. The base's
+    # never recorded the warm-start step: its own. Beat-constant has no legacy value to go by.
+    # Where a cell ran is not a setting.
+    assert compare.settings_difference(base, variant, cell) == {
+        "softmerge-mirror-trusted": (0.6, 0.0), "softmerge-warm-step": ("candidate", "auto"),
+        "softmerge-beat-constant": (True, compare.ONE_SIDE)}
+    lines = compare.comparison([{"cell": cell, "settings": compare.settings_difference(base, variant, cell),
+                                 "base": {"final_accuracy": 0.8, "last10_accuracy": 0.8},
+                                 "variant": {"final_accuracy": 0.8, "last10_accuracy": 0.8},
+                                 "base_merge_steps": None, "variant_merge_steps": 0, "oracle": None}])
+    assert lines[:2] == [
+        "Settings that differ between the paired cells (base -> variant): `softmerge-mirror-trusted` 0.6 -> 0.0; "
+        "`softmerge-warm-step` 'candidate' -> 'auto'.",
+        "Recorded by one grid's cells only (what the others ran with is not recorded): "
+        "`softmerge-beat-constant` (base)."]
+
+
+def test_differences_round_half_up_as_the_accuracies_do(compare):
+    # 0.05 points is a binary float a little under or over; the tables' rounding goes up.
+    assert compare._points(0.8460 - 0.8455) == "+0.1"
+    assert compare._points(0.8280 - 0.8455) == "-1.8"
+    assert compare._points(0.0004) == "0.0" and compare._points(-0.0004) == "0.0"
+    assert compare._points(None) == "-"
 
 
 def test_grids_without_a_shared_cell_say_so(tmp_path, compare):
