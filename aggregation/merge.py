@@ -228,10 +228,6 @@ class SoftMergeConfig:
             ``(q (n - 1) - m) / (n - m - 1)`` (m of n such clients), so a high quantile keeps the
             merge step when a minority tries to hide the heterogeneity; clients that
             send large updates can raise it, which buys them the merge step's scoring.
-        warm_start_bend_trusted: ``"auto"`` counts only the senders whose trust over
-            past rounds is at least neutral (:data:`NEUTRAL_TRUST`; a newcomer's is), so
-            clients the round after round refuses stop choosing the step; when no
-            sender is trusted, every sender counts. Off: every sender counts (session 41).
         warm_start_ceiling: log_alpha never rises above its warm start (own loss and
             mirror test; a trust bound lowers the start, not this ceiling), so a
             candidate's own validation loss bounds the trust it can get: gate learning may close a gate
@@ -434,7 +430,6 @@ class SoftMergeConfig:
     warm_start_step: str = "candidate"
     warm_start_bend: float = 2.5
     warm_start_bend_quantile: float = 0.75
-    warm_start_bend_trusted: bool = False
     warm_start_ceiling: bool = True
     mirror_test: bool = True
     mirror_temperature: float = 0.02
@@ -511,7 +506,6 @@ class SoftMergeConfig:
                  "warm_start_bend must be a finite number >= 0")
         _require(_finite(self.warm_start_bend_quantile) and 0 <= self.warm_start_bend_quantile <= 1,
                  "warm_start_bend_quantile must be a number in [0, 1]")
-        _require(isinstance(self.warm_start_bend_trusted, bool), "warm_start_bend_trusted must be a bool")
         if self.uninformed_merge not in UNINFORMED_MERGES:
             raise ValueError(f"uninformed_merge must be one of {UNINFORMED_MERGES}, got {self.uninformed_merge!r}")
         _require(isinstance(self.server_epochs, int) and self.server_epochs >= 1,
@@ -1433,15 +1427,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                                 for state, losses in zip(group_states, group_losses)]
         bend = None
         if auto:
-            senders = [len(group) for group in groups]
-            if config.warm_start_bend_trusted:
-                trusted = [sum(state_trust[k] >= NEUTRAL_TRUST for k in group) for group in groups]
-                if any(count for count, losses in zip(trusted, group_losses) if losses is not None):
-                    senders = trusted
-            measured = [(update_bend(losses, reflected, loss_before), count)
-                        for count, losses, reflected in zip(senders, group_losses, own_step_reflections)
+            measured = [(update_bend(losses, reflected, loss_before), len(group))
+                        for group, losses, reflected in zip(groups, group_losses, own_step_reflections)
                         if losses is not None]
-            bend = round_bend([value for value, _ in measured], [count for _, count in measured],
+            bend = round_bend([value for value, _ in measured], [senders for _, senders in measured],
                               config.warm_start_bend_quantile)
             merge_step = bend is not None and bend >= config.warm_start_bend
         if merge_step:

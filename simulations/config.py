@@ -86,7 +86,6 @@ class RunSettings:
     softmerge_warm_step: str = "candidate"
     softmerge_warm_bend: float = 2.5
     softmerge_warm_bend_quantile: float = 0.75
-    softmerge_warm_bend_trusted: bool = False
     softmerge_ceiling: bool = True
     softmerge_mirror_test: bool = True
     softmerge_mirror_temperature: float = 0.02

@@ -108,13 +108,11 @@ def test_softmerge_keys_reach_the_merge_config():
                                  "softmerge-mirror-trusted": 0.6, "softmerge-mirror-flipped": 2.5,
                                  "softmerge-beat-constant": "false", "softmerge-uninformed-merge": "direction",
                                  "softmerge-warm-step": "auto", "softmerge-warm-bend": 3,
-                                 "softmerge-warm-bend-quantile": 0.5, "softmerge-warm-bend-trusted": "true",
-                                 "learning-rate": 0.05, "batch-size": 32,
+                                 "softmerge-warm-bend-quantile": 0.5, "learning-rate": 0.05, "batch-size": 32,
                                  "local-epochs": 1})
     config = merge_config_from(settings)
     assert config.uninformed_merge == "direction" and config.warm_start_step == "auto"
-    assert config.warm_start_bend == 3.0 and config.warm_start_bend_quantile == 0.5 and config.warm_start_bend_trusted
-    assert merge_config_from(parse_run_config({})).warm_start_bend_trusted is False
+    assert config.warm_start_bend == 3.0 and config.warm_start_bend_quantile == 0.5
     # The server trains for the direction merge the way the clients train.
     assert (config.server_lr, config.server_batch_size, config.server_epochs) == (0.05, 32, 1)
     assert config.merge_duplicates is False and config.mirror_test is False and config.example_weights is True

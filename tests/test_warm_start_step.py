@@ -171,28 +171,6 @@ def test_auto_scores_at_the_candidates_step_when_the_round_does_not_bend():
     assert all(torch.equal(merged_auto[name], merged_alone[name]) for name in merged_alone)
 
 
-def test_auto_with_trusted_bends_leaves_out_the_clients_the_record_distrusts():
-    model, candidates = _overshooting_round()
-    only_the_top = dict(**ONLY_THE_START, warm_start_step="auto", warm_start_bend_quantile=1.0)
-    # The overshooting client has been refused in past rounds (trust under neutral): its bend
-    # no longer chooses the step, and the mild clients' bends say the candidates' step.
-    refused = [0.2] + [0.5] * 9
-    _, trusted = soft_merge(model, candidates, (INPUTS, TARGETS),
-                            SoftMergeConfig(**only_the_top, warm_start_bend_trusted=True), trust=refused)
-    _, everyone = soft_merge(model, candidates, (INPUTS, TARGETS), SoftMergeConfig(**only_the_top), trust=refused)
-    assert everyone.merge_step and not trusted.merge_step
-    assert 0 <= trusted.bend < 0.01
-    # A newcomer (neutral trust) counts; and when no sender is trusted, every sender does.
-    _, neutral = soft_merge(model, candidates, (INPUTS, TARGETS),
-                            SoftMergeConfig(**only_the_top, warm_start_bend_trusted=True), trust=[0.5] * 10)
-    _, nobody = soft_merge(model, candidates, (INPUTS, TARGETS),
-                           SoftMergeConfig(**only_the_top, warm_start_bend_trusted=True), trust=[0.1] * 10)
-    assert neutral.merge_step and nobody.merge_step
-    assert neutral.bend == nobody.bend == everyone.bend
-    with pytest.raises(ValueError, match="warm_start_bend_trusted must be a bool"):
-        SoftMergeConfig(warm_start_bend_trusted="yes")
-
-
 def test_bad_bend_settings_are_refused():
     with pytest.raises(ValueError, match="warm_start_bend must be"):
         SoftMergeConfig(warm_start_bend=-1.0)
