@@ -8,7 +8,10 @@ on ``softmerge-grid``). Its own tables show the variant alone; this one shows wh
 change did. For every finished cell of the variant whose key the base has finished too, it
 prints the oracle (from either grid), both grids' final round and mean of the last 10
 rounds, the difference, the backdoor's success where the attack has a trigger, and the
-rounds SoftMerge scored at the merge step (``softmerge-warm-step``). Then, per Dirichlet α
+rounds SoftMerge scored at the merge step (``softmerge-warm-step``), and where the merged
+weight went in each grid: the mean share on malicious candidates, and the mean share of the
+honest clients the merge opened (so a difference shows whether attackers got in or honest
+clients were let in or shut out). Then, per Dirichlet α
 and malicious fraction, the mean difference and each grid's worst case over the attacks
 compared (per attack the mean over its paired seeds that have an oracle, with the seed
 counts when attacks have different numbers of them), with how many attacks are within a
@@ -27,8 +30,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from softmerge.simulations.grid import (FRACTION_KEYS, LEGACY_VALUES, NO_ATTACK, ORACLE, Cell, finished_cell,
-                                         format_percent, fraction_free, recorded_cells, settings_mismatch,
-                                         summarise_cell, within_a_point)
+                                         format_percent, fraction_free, malicious_ids, recorded_cells,
+                                         settings_mismatch, summarise_cell, within_a_point)
 
 STATISTICS = (("final_accuracy", "final"), ("last10_accuracy", "last 10"))
 
@@ -39,6 +42,25 @@ def merge_step_rounds(result: dict) -> int | None:
              if isinstance(entry.get("gates"), dict)]
     recorded = [flag for flag in flags if flag is not None]
     return sum(bool(flag) for flag in recorded) if recorded else None
+
+
+def honest_open_share(result: dict, cell: Cell, clients: int) -> float | None:
+    """The mean over trained rounds of the share of honest clients the merge gave any weight.
+
+    An honest client whose reply was excluded before gating, or that was not sampled,
+    counts as shut for that round. None if no round records its gates.
+    """
+    malicious = set(malicious_ids(clients, cell.fraction)) if cell.attack != NO_ATTACK else set()
+    honest = {f"client-{i}" for i in range(clients) if i not in malicious}
+    shares = []
+    for entry in result.get("rounds", [])[1:]:
+        gates = entry.get("gates")
+        if not (isinstance(gates, dict) and gates.get("units") and gates.get("weights")):
+            continue
+        opened = {label for k, label in enumerate(gates["candidates"])
+                  if label in honest and any(row[k] > 0 for row in gates["weights"])}
+        shares.append(len(opened) / len(honest))
+    return statistics.fmean(shares) if shares and honest else None
 
 
 def oracle_of(cell: Cell, grids: list[Path], clients: int) -> dict | None:
@@ -65,6 +87,8 @@ def paired_cells(base: Path, variant: Path, clients: int, strategies: set[str] |
                       "variant": summarise_cell(cell, after, clients, "finished", None),
                       "base_merge_steps": merge_step_rounds(before),
                       "variant_merge_steps": merge_step_rounds(after),
+                      "base_honest_open": honest_open_share(before, cell, clients),
+                      "variant_honest_open": honest_open_share(after, cell, clients),
                       "settings": settings_difference(before.get("settings") or {}, after.get("settings") or {},
                                                       cell),
                       "oracle": oracle_of(cell, [base, variant], clients)})
@@ -116,6 +140,18 @@ def _steps(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+def _shares(pair: dict) -> str:
+    """Malicious weight and honest clients opened, base / variant.
+
+    With no attack every client is honest; the clients the grid would make malicious at this
+    fraction are not, so no malicious weight is shown.
+    """
+    weights = "-" if pair["cell"].attack == NO_ATTACK else " / ".join(
+        format_percent(pair[side].get("malicious_weight")) for side in ("base", "variant"))
+    opened = " / ".join(format_percent(pair.get(f"{side}_honest_open"), digits=0) for side in ("base", "variant"))
+    return f"{weights} | {opened}"
+
+
 def comparison(pairs: list[dict]) -> list[str]:
     if not pairs:
         return ["No cell is finished in both grids."]
@@ -140,8 +176,9 @@ def comparison(pairs: list[dict]) -> list[str]:
     for (alpha, fraction), group in sorted(groups.items()):
         lines += [f"### α = {alpha:g}, {fraction:.0%} malicious", "",
                   "| defense | attack | seed | oracle | base | variant | Δ final | Δ last 10 "
-                  "| merge-step rounds, base / variant |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| merge-step rounds, base / variant | malicious weight %, base / variant "
+                  "| honest clients opened %, base / variant |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for pair in sorted(group, key=lambda p: (p["cell"].strategy, p["cell"].attack != NO_ATTACK,
                                                  p["cell"].attack, p["cell"].seed)):
             cell, oracle = pair["cell"], pair["oracle"]
@@ -149,7 +186,8 @@ def comparison(pairs: list[dict]) -> list[str]:
                          f"{_pair_text(oracle) if oracle else '-'} | {_pair_text(pair['base'])} | "
                          f"{_pair_text(pair['variant'])} | {_points(_difference(pair, 'final_accuracy'))} | "
                          f"{_points(_difference(pair, 'last10_accuracy'))} | "
-                         f"{_steps(pair['base_merge_steps'])} / {_steps(pair['variant_merge_steps'])} |")
+                         f"{_steps(pair['base_merge_steps'])} / {_steps(pair['variant_merge_steps'])} | "
+                         f"{_shares(pair)} |")
         lines += ["", *summary(group), ""]
     return lines
 

@@ -78,7 +78,10 @@ def test_the_table_shows_each_difference_and_each_grid_s_worst_case(tmp_path, co
     assert lines[0] == ("Settings that differ between the paired cells (base -> variant): "
                         "`softmerge-warm-step` 'candidate' -> 'auto'.")
     row = next(line for line in lines if line.startswith("| softmerge | sign-flip | 0 |"))
-    assert row.split(" | ")[3:] == ["84.0 / 84.0", "84.6 / 84.6", "83.4 / 83.4", "-1.2", "-1.2", "- / 3 |"]
+    # The test cells' gates name no candidate: nobody opened, no malicious weight; the base
+    # recorded no gates at all.
+    assert row.split(" | ")[3:] == ["84.0 / 84.0", "84.6 / 84.6", "83.4 / 83.4", "-1.2", "-1.2", "- / 3",
+                                    "- / 0.0", "- / 0 |"]
     backdoor = next(line for line in lines if line.startswith("| softmerge | backdoor | 0 |"))
     assert "85.0 / 85.0 (4.0%)" in backdoor and "82.0 / 82.0 (90.0%)" in backdoor
     summary = next(line for line in lines if line.startswith("| softmerge | 4 |"))
@@ -90,6 +93,41 @@ def test_the_table_shows_each_difference_and_each_grid_s_worst_case(tmp_path, co
     # Sign-flip stands on two seeds, the backdoor on one: the worst case says so.
     assert summary.split(" | ")[4] == "final 81.3 (2/2) [1-2 seeds], last 10 81.3 (2/2) [1-2 seeds]"
     assert summary.split(" | ")[5] == "final 81.7 (1/2) [1-2 seeds], last 10 81.7 (1/2) [1-2 seeds] |"
+
+
+def test_each_pair_shows_where_the_merged_weight_went(tmp_path, compare):
+    base, variant = tmp_path / "base", tmp_path / "variant"
+    softmerge = {"strategy": "softmerge"}
+    _cell(base, "softmerge__sign-flip__f0.4__s0", _flat(0.84, 2), softmerge)
+    _cell(variant, "softmerge__sign-flip__f0.4__s0", _flat(0.84, 2), softmerge)
+    # Five clients at 40%: clients 0 and 1 attack, 2-4 are honest (4 never got through).
+    candidates = ["client-0", "client-2", "client-3", "keep"]
+    rounds = {base: [[[0.1, 0.9, 0.0, 0.0]], [[0.0, 0.5, 0.5, 0.0]]],
+              variant: [[[0.0, 0.0, 0.0, 1.0]], [[0.0, 0.0, 1.0, 0.0]]]}
+    for grid, weights in rounds.items():
+        path = grid / "cells" / "softmerge__sign-flip__f0.4__s0" / "results.json"
+        result = json.loads(path.read_text())
+        for entry, unit_weights in zip(result["rounds"][1:], weights):
+            entry["gates"] = {"units": ["model"], "candidates": candidates, "weights": unit_weights}
+        path.write_text(json.dumps(result))
+    (pair,) = compare.paired_cells(base, variant, 5)
+    assert pair["base_honest_open"] == pytest.approx(0.5)  # one of three, then two of three
+    assert pair["variant_honest_open"] == pytest.approx(1 / 6)  # the keep model is not a client
+    assert pair["base"]["malicious_weight"] == pytest.approx(0.05)
+    row = next(line for line in compare.comparison([pair]) if line.startswith("| softmerge | sign-flip |"))
+    assert row.endswith("| 5.0 / 0.0 | 50 / 17 |")
+    # With no attack nobody is malicious: no malicious weight, every client counted as honest.
+    for grid in (base, variant):
+        source, target = (grid / "cells" / f"softmerge__{attack}__f0.4__s0" for attack in ("sign-flip", "none"))
+        target.mkdir()
+        (target / "results.json").write_text((source / "results.json").read_text())
+        rows = json.loads((grid / "cells.json").read_text())
+        (grid / "cells.json").write_text(json.dumps([*rows, {**rows[0], "key": "softmerge__none__f0.4__s0",
+                                                             "attack": "none"}]))
+    none = next(pair for pair in compare.paired_cells(base, variant, 5) if pair["cell"].attack == "none")
+    assert none["base_honest_open"] == pytest.approx((2 / 5 + 2 / 5) / 2)  # client-0 counts now
+    row = next(line for line in compare.comparison([none]) if line.startswith("| softmerge | none |"))
+    assert row.endswith("| - | 40 / 10 |")
 
 
 def test_settings_differences_are_found_either_way_round(compare):
