@@ -146,6 +146,8 @@ LOG_ALPHA_MIN = -10.0
 # The starts a soft merge tries in turn until one passes the no-harm check (GateReport.start).
 CLIENTS_START, KEEP_START, CLOSED_START = "the clients alone", "the keep model as a candidate", "closed client gates"
 DIRECTION_START = "the update directions"
+# Appended to a start's name when a merge-step round was learned again from the own step.
+OWN_STEP_SUFFIX = ", scored at the own step"
 # Merge losses are float32 means, the label entropy a float64 sum: a model that predicts the
 # label frequencies exactly can land a few 1e-7 nats under the entropy.
 CONSTANT_BAR_SLACK = 1e-5
@@ -220,7 +222,13 @@ class SoftMergeConfig:
             step descends. An experiment for strong heterogeneity (Dirichlet alpha =
             0.1; docs/benchmarks.md, "Session 38"). ``"auto"``: each round, the merge
             step if the round's bend (:func:`round_bend`) reaches ``warm_start_bend``,
-            else the candidate's step (docs/benchmarks.md, "Session 40").
+            else the candidate's step (docs/benchmarks.md, "Session 40"). Under either,
+            a round scored at the merge step whose starts (the clients alone, then the
+            keep model with them) all harm by more than ``harm_margin`` is learned again
+            from the own step's starts before any closed start: an update scaled by
+            about n (model replacement, the scaling attack) reads at keep + delta / n as
+            an ordinary step with n times its gain, and a malicious majority of them
+            opens together and overshoots (docs/benchmarks.md, "Session 42").
         warm_start_bend: nats of bend from which ``"auto"`` scores at the merge step.
         warm_start_bend_quantile: the quantile of the clients' bends that ``"auto"``
             compares with ``warm_start_bend``. Clients that send small updates can
@@ -555,6 +563,9 @@ class GateReport:
     ``merge_step`` is True when the own-loss start and the mirror test scored each
     client at its step in an even merge (``SoftMergeConfig.warm_start_step``), and
     ``bend`` is the round's bend when ``warm_start_step`` is ``"auto"`` (else None).
+    ``own_step_retry`` is True when such a round's merge-step starts all harmed by more
+    than the margin, so it was learned again from starts scored at each client's own step
+    (their ``start`` names end in ``OWN_STEP_SUFFIX``) before any closed start.
     ``harm_fallback`` is True when the keep model was returned instead (every attempt
     failed the check, or there was no keep candidate to learn again from): ``weights``
     are then all on the keep candidate (shared with clients that resent it unchanged; all
@@ -585,6 +596,7 @@ class GateReport:
     start: str = ""
     harm_fallback: bool = False
     merge_step: bool = False
+    own_step_retry: bool = False
     bend: float | None = None
     attempts: int = 1
     steps: int = 0
@@ -1484,16 +1496,29 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         if trust is not None and config.mirror_trusted > 0:
             trusted = [value >= config.mirror_trusted for value in per_group(sparing_trust)]
             spared = trusted if spared is None else [a or b for a, b in zip(spared, trusted)]
-        if initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states)):
-            start = torch.nan_to_num(initial_log_alpha.detach().float()[:, heads], nan=LOG_ALPHA_MIN)
-            start = start.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
-        else:
-            start = warm_start_log_alpha(group_mean_losses, config)
-            if use_mirror_test:
-                errors = [error for _, error in group_mirrors] if config.mirror_confidence > 0 else None
-                start = torch.minimum(start, mirror_log_alpha(group_mean_losses, [loss for loss, _ in group_mirrors],
-                                                              config, errors, spared, flipped))
-            start = start.expand(len(units), -1)
+        given_start = initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states))
+
+        def warm_start(mean_losses: list[float], mirrors: list[tuple[float, float]]
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The start from these scores (own loss, mirror test, trust bound), and its ceiling."""
+            if given_start:
+                first = torch.nan_to_num(initial_log_alpha.detach().float()[:, heads], nan=LOG_ALPHA_MIN)
+                first = first.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
+            else:
+                first = warm_start_log_alpha(mean_losses, config)
+                if use_mirror_test:
+                    errors = [error for _, error in mirrors] if config.mirror_confidence > 0 else None
+                    first = torch.minimum(first, mirror_log_alpha(mean_losses, [loss for loss, _ in mirrors],
+                                                                  config, errors, spared, flipped))
+                first = first.expand(len(units), -1)
+            cap = first.clone() if config.warm_start_ceiling else None
+            if trust is not None and config.trust_strength > 0:
+                bounds = torch.tensor([trust_bound(value, config.init_log_alpha, config.trust_strength)
+                                       for value in group_trust], dtype=first.dtype)
+                first = torch.minimum(first, bounds.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN))
+            return first, cap
+
+        start, ceiling = warm_start(group_mean_losses, group_mirrors)
         # A group counts the examples of one of its members (the largest claim): copies add
         # no data. A group holding the keep model (a client that resent it) is the keep
         # model's, which has no count (nan).
@@ -1501,11 +1526,6 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                                       for group in groups], dtype=torch.float64)
                         if examples is not None else None)
         group_examples = group_counts if config.example_weights else None
-        ceiling = start.clone() if config.warm_start_ceiling else None
-        if trust is not None and config.trust_strength > 0:
-            bounds = torch.tensor([trust_bound(value, config.init_log_alpha, config.trust_strength)
-                                   for value in group_trust], dtype=start.dtype)
-            start = torch.minimum(start, bounds.clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN))
         learning_seconds: list[float] = []
 
         def merged_copy(weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -1560,40 +1580,65 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             built = merged_copy(mixing)
             return (mixing, built) + evaluate_state(model, built, inputs, targets)
 
-        # The starts tried in turn until a merge passes the no-harm check.
-        plan = [(KEEP_START if gated_keep is not None else CLIENTS_START, start, ceiling)]
-        if gated_keep is not None:
-            if config.keep_mode == "anchor":
-                # First the clients alone: the keep gate starts below the floor and is
-                # capped there, so it is never sampled open and the merge is the clients'
-                # unless every gate of a unit closes. Only if that merge harms does the keep
-                # model join as a candidate (the next start, the "candidate" mode's).
-                alone, alone_ceiling = start.clone(), None if ceiling is None else ceiling.clone()
-                alone[:, gated_keep] = LOG_ALPHA_MIN
-                if alone_ceiling is not None:
-                    alone_ceiling[:, gated_keep] = LOG_ALPHA_MIN
-                plan.insert(0, (CLIENTS_START, alone, alone_ceiling))
-            # Last, learning again from the keep model's side: every client gate starts at
-            # the closed threshold, where a sampled gate is still open 31% of the time, so
-            # the gradient can open the candidates that help, starting from a merge that is
-            # the keep model. Without a keep candidate there is no such start.
-            retry_start = start.clone()
-            client_columns = [g for g in range(retry_start.shape[1]) if g != gated_keep]
-            retry_start[:, client_columns] = retry_start[:, client_columns].clamp(max=LOG_ALPHA_CLOSED)
-            plan.append((CLOSED_START, retry_start, ceiling))
+        def starts(first: torch.Tensor, cap: torch.Tensor | None, step: str = ""
+                   ) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+            """The starts tried in turn until a merge passes the no-harm check."""
+            plan = [(KEEP_START if gated_keep is not None else CLIENTS_START, first, cap)]
+            if gated_keep is not None:
+                if config.keep_mode == "anchor":
+                    # First the clients alone: the keep gate starts below the floor and is
+                    # capped there, so it is never sampled open and the merge is the clients'
+                    # unless every gate of a unit closes. Only if that merge harms does the keep
+                    # model join as a candidate (the next start, the "candidate" mode's).
+                    alone, alone_cap = first.clone(), None if cap is None else cap.clone()
+                    alone[:, gated_keep] = LOG_ALPHA_MIN
+                    if alone_cap is not None:
+                        alone_cap[:, gated_keep] = LOG_ALPHA_MIN
+                    plan.insert(0, (CLIENTS_START, alone, alone_cap))
+                # Last, learning again from the keep model's side: every client gate starts at
+                # the closed threshold, where a sampled gate is still open 31% of the time, so
+                # the gradient can open the candidates that help, starting from a merge that is
+                # the keep model. Without a keep candidate there is no such start.
+                retry_start = first.clone()
+                client_columns = [g for g in range(retry_start.shape[1]) if g != gated_keep]
+                retry_start[:, client_columns] = retry_start[:, client_columns].clamp(max=LOG_ALPHA_CLOSED)
+                plan.append((CLOSED_START, retry_start, cap))
+            return [(name + step, first_, cap_) for name, first_, cap_ in plan]
+
+        def own_step_starts() -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+            """The starts of a round scored at each group's own step, for a merge-step round that harmed."""
+            mirrors = ([(loss_before, 0.0) if losses is None
+                        else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
+                                               reflected_losses=reflected)
+                        for state, losses, reflected in zip(group_states, group_losses, own_step_reflections)]
+                       if use_mirror_test else [])
+            own_means = [loss_before if losses is None else _mean_loss(losses) for losses in group_losses]
+            return starts(*warm_start(own_means, mirrors), OWN_STEP_SUFFIX)
+
+        plan = starts(start, ceiling)
+        # A merge-step round whose starts all harm by more than the margin is learned again
+        # from the own step before the closed start (``SoftMergeConfig.warm_start_step``).
+        own_step_retry = merge_step and not given_start and gated_keep is not None
         rejected_loss, rejected_over_margin, harm_fallback, steps, skipped, attempts = None, False, True, 0, 0, 0
-        chosen_start, stood_uninformed, direction_weights = plan[-1][0], False, None
+        chosen_start, stood_uninformed, direction_weights = plan[0][0], False, None
         # The first merge within the margin that only failed to beat the label frequencies,
         # and its start: if no start does better and the keep model does not beat them
         # either, it stands, as without the bar, so a task that no round can yet lift above
         # chance still trains. A keep model that beats them is kept instead.
         within_margin = None
-        for name, first, cap in plan:
+        stepped_back = False
+        while plan:
+            name, first, cap = plan.pop(0)
+            if name == CLOSED_START and own_step_retry and within_margin is None:
+                # Every merge-step start harmed: an update scaled by about n reads as an
+                # ordinary step at keep + delta / n, and many such updates open together.
+                plan, own_step_retry, stepped_back = own_step_starts(), False, True
+                continue
             outcome = attempt(first, cap)
             log_alpha, taken, missed, merged, loss_after, accuracy_after = outcome
-            steps, skipped, attempts = steps + taken, skipped + missed, attempts + 1
+            steps, skipped, attempts, chosen_start = steps + taken, skipped + missed, attempts + 1, name
             if not over_margin(loss_after) and not uninformed(loss_after):
-                harm_fallback, chosen_start = False, name
+                harm_fallback = False
                 break
             if within_margin is None and not over_margin(loss_after):
                 within_margin = (outcome, name)
@@ -1651,6 +1696,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         uninformed=stood_uninformed,
         start=chosen_start,
         merge_step=merge_step,
+        own_step_retry=stepped_back,
         bend=bend,
         attempts=attempts,
         harm_fallback=harm_fallback,

@@ -74,6 +74,11 @@ stage() {
           --attacks sign-flip --fractions 0.4,0.6,0.8 --seeds 1,2
       "$SIM" "${COMMON[@]}" "${AUTO[@]}" --output benchmarks/fmnist-grid-warm-step-auto \
           --attacks sign-flip --fractions 0.8 --seeds 0
+      # Session 42: the 20% and 80% columns, then a second seed at 40%.
+      "$SIM" "${COMMON[@]}" "${AUTO[@]}" --output benchmarks/fmnist-grid-warm-step-auto \
+          --attacks "$ATTACKS" --fractions 0.2,0.8 --seeds 0
+      "$SIM" "${COMMON[@]}" "${AUTO[@]}" --output benchmarks/fmnist-grid-warm-step-auto \
+          --attacks "$ATTACKS" --fractions 0.4 --seeds 1
       "$SIM" "${COMMON[@]}" "${AUTO[@]}" --alpha 0.1 --output benchmarks/fmnist-grid-alpha0.1-warm-step-auto \
           --attacks sign-flip,label-flip,backdoor,none --fractions 0.4 --seeds 0,1,2 ;;
   esac

@@ -328,6 +328,9 @@ class SoftMerge(RoundStartMemory):
         if report.bend is not None:
             log(INFO, "SoftMerge round %d: the clients' updates bend the gate-split loss by %.2f nats (quantile); "
                 "scored at the %s step", server_round, report.bend, "merge" if report.merge_step else "candidate")
+        if report.own_step_retry:
+            log(WARNING, "SoftMerge round %d: every merge-step start harmed the gate-split loss by more than the "
+                "margin; learned again from each client's own step (start: %s)", server_round, report.start)
         for exclusion in report.excluded:
             # Pre-selection (max_candidates) leaves out valid models by design: not a warning.
             level = INFO if exclusion.reason.startswith("pre-selection") else WARNING
@@ -382,5 +385,6 @@ def report_summary(report: GateReport) -> dict[str, float | int]:
         "softmerge-harm-fallback": int(report.harm_fallback),
         "softmerge-uninformed": int(report.uninformed),
         "softmerge-merge-step": int(report.merge_step),
+        "softmerge-own-step-retry": int(report.own_step_retry),
         "softmerge-attempts": report.attempts,
     }

@@ -8,8 +8,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.merge import (merge_step_losses, mirror_state, per_example_losses, round_bend, update_bend,
-                                         warm_start_log_alpha)
+from softmerge.aggregation.merge import (CLIENTS_START, OWN_STEP_SUFFIX, merge_step_losses, mirror_state,
+                                         per_example_losses, round_bend, update_bend, warm_start_log_alpha)
 from softmerge.server.strategy import SoftMerge
 
 from flower_helpers import StubGrid, make_reply
@@ -195,3 +195,70 @@ def test_the_strategy_reports_the_step_each_round_scored_at(quantile, expected, 
 
     assert arrays is not None and metrics["softmerge-merge-step"] == expected
     assert f"scored at the {'merge' if expected else 'candidate'} step" in caplog.text
+
+
+# One feature; a fifth of each side is mislabelled, so the best slope is log 4 and a much
+# larger one costs the mislabelled examples about the slope in nats each.
+NOISY_INPUTS = torch.tensor([[1.0]] * 5 + [[-1.0]] * 5)
+NOISY_TARGETS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
+
+
+def _scaled_round():
+    # Two honest updates (slope 1) and eight that take a like update scaled by the ten
+    # clients (the scaling attack): at keep + delta / 10 each reads as a full honest step
+    # with ten times its gain, while their merge overshoots by about 1.3 nats.
+    honest = [_state(1.0), _state(1.02)]
+    scaled = [_state(10.0 * (1.0 + 0.01 * i)) for i in range(8)]
+    return _zero_model(), honest + scaled
+
+
+def test_a_merge_step_round_whose_starts_all_harm_is_learned_again_from_the_own_step(caplog):
+    model, candidates = _scaled_round()
+    # A sharp warm start (a tenth of a nat per unit) and no gate learning: the starts decide.
+    config = dict(steps=0, warm_start_temperature=0.1)
+    own_merge, own = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS), SoftMergeConfig(**config))
+    merge, report = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS),
+                               SoftMergeConfig(**config, warm_start_step="merge"))
+
+    assert report.merge_step and report.own_step_retry
+    # Both merge-step starts (the clients alone, the keep model with them) let the scaled
+    # updates in and harmed by more than the margin; the first own-step start passed.
+    assert report.rejected_over_margin and report.rejected_loss > report.loss_before + 1.0
+    assert report.attempts == 3 and report.start == CLIENTS_START + OWN_STEP_SUFFIX
+    assert not report.harm_fallback and report.loss_after < report.loss_before
+    assert sum(report.weights[0][2:]) == 0.0
+    # That start is the round's at the candidates' own step: the same merge, bit for bit.
+    assert not own.merge_step and not own.own_step_retry and own.start == CLIENTS_START
+    assert report.log_alpha == own.log_alpha
+    assert all(torch.equal(merge[name], own_merge[name]) for name in own_merge)
+
+
+def test_a_merge_step_round_that_fails_only_the_label_frequency_bar_is_not_learned_again():
+    # Two updates too small to leave chance: every start's merge is within the margin but
+    # none beats the label frequencies, so the round tries its three merge-step starts and
+    # then the update directions, never the own step.
+    model = _zero_model()
+    candidates = [_state(1e-9), _state(2e-9)]
+    _, report = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS),
+                           SoftMergeConfig(steps=0, warm_start_step="merge"))
+    assert report.merge_step and not report.own_step_retry
+    assert report.rejected_loss is not None and not report.rejected_over_margin
+    assert report.attempts == 3 and not report.start.endswith(OWN_STEP_SUFFIX)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_strategy_reports_and_warns_of_a_round_learned_again_from_the_own_step(caplog):
+    model, candidates = _scaled_round()
+    strategy = SoftMerge(model, (NOISY_INPUTS, NOISY_TARGETS),
+                         SoftMergeConfig(steps=0, warm_start_temperature=0.1, warm_start_step="merge"))
+    nodes = list(range(1, len(candidates) + 1))
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(nodes)))
+    replies = [make_reply(node, state, partition=node) for node, state in zip(nodes, candidates)]
+
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert metrics["softmerge-merge-step"] == 1 and metrics["softmerge-own-step-retry"] == 1
+    assert "learned again from each client's own step (start: the clients alone, scored at the own step)" in caplog.text
+    merged = arrays.to_torch_state_dict()
+    assert 0.9 < float(merged["weight"][0, 0]) < 1.1  # the honest slopes' mean, not the scaled ones'
