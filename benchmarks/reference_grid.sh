@@ -79,6 +79,11 @@ stage() {
           --attacks "$ATTACKS" --fractions 0.2,0.8 --seeds 0
       "$SIM" "${COMMON[@]}" "${AUTO[@]}" --output benchmarks/fmnist-grid-warm-step-auto \
           --attacks "$ATTACKS" --fractions 0.4 --seeds 1
+      # Attackers that scale their honest update by 3, not n: the merge step favours them.
+      "$SIM" "${COMMON[@]}" "${AUTO[@]}" --output benchmarks/fmnist-grid-warm-step-auto-scale-3 \
+          --attacks scaling --fractions 0.8 --seeds 0 --set attack-scale=3
+      "$SIM" "${COMMON[@]}" --no-oracle --strategies softmerge --output benchmarks/fmnist-grid-scale-3 \
+          --attacks scaling --fractions 0.8 --seeds 0 --set attack-scale=3
       "$SIM" "${COMMON[@]}" "${AUTO[@]}" --alpha 0.1 --output benchmarks/fmnist-grid-alpha0.1-warm-step-auto \
           --attacks sign-flip,label-flip,backdoor,none --fractions 0.4 --seeds 0,1,2 ;;
   esac
