@@ -224,8 +224,8 @@ class SoftMergeConfig:
             step if the round's bend (:func:`round_bend`) reaches ``warm_start_bend``,
             else the candidate's step (docs/benchmarks.md, "Session 40"). Under either,
             a round scored at the merge step whose starts (the clients alone, then the
-            keep model with them) all harm by more than ``harm_margin`` is learned again
-            from the own step's starts before any closed start: an update scaled by
+            keep model with them; the closed start is not tried) all harm by more than
+            ``harm_margin`` is learned again from the own step's starts instead: an update scaled by
             about n (model replacement, the scaling attack) reads at keep + delta / n as
             an ordinary step with n times its gain, and a malicious majority of them
             opens together and overshoots (docs/benchmarks.md, "Session 42").
@@ -563,9 +563,10 @@ class GateReport:
     ``merge_step`` is True when the own-loss start and the mirror test scored each
     client at its step in an even merge (``SoftMergeConfig.warm_start_step``), and
     ``bend`` is the round's bend when ``warm_start_step`` is ``"auto"`` (else None).
-    ``own_step_retry`` is True when such a round's merge-step starts all harmed by more
-    than the margin, so it was learned again from starts scored at each client's own step
-    (their ``start`` names end in ``OWN_STEP_SUFFIX``) before any closed start.
+    ``own_step_retry`` is True when such a round's merge-step starts before the closed one
+    all harmed by more than the margin, so it was learned again from starts scored at each
+    client's own step (their ``start`` names end in ``OWN_STEP_SUFFIX``); ``merge_step``
+    stays True for it.
     ``harm_fallback`` is True when the keep model was returned instead (every attempt
     failed the check, or there was no keep candidate to learn again from): ``weights``
     are then all on the keep candidate (shared with clients that resent it unchanged; all
@@ -1617,8 +1618,9 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
 
         plan = starts(start, ceiling)
         # A merge-step round whose starts all harm by more than the margin is learned again
-        # from the own step before the closed start (``SoftMergeConfig.warm_start_step``).
-        own_step_retry = merge_step and not given_start and gated_keep is not None
+        # from the own step before the closed start, or after its one start without a keep
+        # candidate (``SoftMergeConfig.warm_start_step``).
+        own_step_retry = merge_step and not given_start
         rejected_loss, rejected_over_margin, harm_fallback, steps, skipped, attempts = None, False, True, 0, 0, 0
         chosen_start, stood_uninformed, direction_weights = plan[0][0], False, None
         # The first merge within the margin that only failed to beat the label frequencies,
@@ -1629,11 +1631,6 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         stepped_back = False
         while plan:
             name, first, cap = plan.pop(0)
-            if name == CLOSED_START and own_step_retry and within_margin is None:
-                # Every merge-step start harmed: an update scaled by about n reads as an
-                # ordinary step at keep + delta / n, and many such updates open together.
-                plan, own_step_retry, stepped_back = own_step_starts(), False, True
-                continue
             outcome = attempt(first, cap)
             log_alpha, taken, missed, merged, loss_after, accuracy_after = outcome
             steps, skipped, attempts, chosen_start = steps + taken, skipped + missed, attempts + 1, name
@@ -1644,6 +1641,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 within_margin = (outcome, name)
             if rejected_loss is None:
                 rejected_loss, rejected_over_margin = loss_after, over_margin(loss_after)
+            if own_step_retry and within_margin is None and (not plan or plan[0][0] == CLOSED_START):
+                # Every merge-step start so far harmed: an update scaled by about n reads as
+                # an ordinary step at keep + delta / n, and many such updates open together.
+                plan, own_step_retry, stepped_back = own_step_starts(), False, True
         else:
             if within_margin is not None and uninformed(loss_before):
                 (log_alpha, _, _, merged, loss_after, accuracy_after), chosen_start = within_margin

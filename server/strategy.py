@@ -329,7 +329,7 @@ class SoftMerge(RoundStartMemory):
             log(INFO, "SoftMerge round %d: the clients' updates bend the gate-split loss by %.2f nats (quantile); "
                 "scored at the %s step", server_round, report.bend, "merge" if report.merge_step else "candidate")
         if report.own_step_retry:
-            log(WARNING, "SoftMerge round %d: every merge-step start harmed the gate-split loss by more than the "
+            log(WARNING, "SoftMerge round %d: the merge-step starts harmed the gate-split loss by more than the "
                 "margin; learned again from each client's own step (start: %s)", server_round, report.start)
         for exclusion in report.excluded:
             # Pre-selection (max_candidates) leaves out valid models by design: not a warning.

@@ -8,8 +8,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.merge import (CLIENTS_START, OWN_STEP_SUFFIX, merge_step_losses, mirror_state,
-                                         per_example_losses, round_bend, update_bend, warm_start_log_alpha)
+from softmerge.aggregation.merge import (CLIENTS_START, CLOSED_START, KEEP_START, OWN_STEP_SUFFIX, merge_step_losses,
+                                         mirror_state, per_example_losses, round_bend, update_bend,
+                                         warm_start_log_alpha)
 from softmerge.server.strategy import SoftMerge
 
 from flower_helpers import StubGrid, make_reply
@@ -231,6 +232,43 @@ def test_a_merge_step_round_whose_starts_all_harm_is_learned_again_from_the_own_
     assert not own.merge_step and not own.own_step_retry and own.start == CLIENTS_START
     assert report.log_alpha == own.log_alpha
     assert all(torch.equal(merge[name], own_merge[name]) for name in own_merge)
+
+
+@pytest.mark.parametrize(("settings", "first_own_start"), [
+    (dict(include_keep=False), CLIENTS_START),  # one start, no closed one to come before
+    (dict(keep_mode="candidate"), KEEP_START),  # the keep start, then the own step's
+    (dict(warm_start_step="auto", warm_start_bend_quantile=1.0), CLIENTS_START),
+])
+def test_the_own_step_retry_holds_without_a_keep_candidate_in_either_keep_mode_and_under_auto(settings,
+                                                                                              first_own_start):
+    model, candidates = _scaled_round()
+    config = {"steps": 0, "warm_start_temperature": 0.1, "warm_start_step": "merge", **settings}
+    merge, report = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS), SoftMergeConfig(**config))
+    own_merge, own = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS),
+                                SoftMergeConfig(**{**config, "warm_start_step": "candidate"}))
+    assert report.merge_step and report.own_step_retry and not report.harm_fallback
+    assert report.start == first_own_start + OWN_STEP_SUFFIX and own.start == first_own_start
+    assert all(torch.equal(merge[name], own_merge[name]) for name in own_merge)
+
+
+def test_a_round_that_harms_at_both_steps_ends_on_the_keep_model_after_the_own_steps_closed_start():
+    # Only scaled updates: every start at either step harms, and the closed start closes all.
+    model, candidates = _scaled_round()
+    _, report = soft_merge(model, candidates[2:], (NOISY_INPUTS, NOISY_TARGETS),
+                           SoftMergeConfig(steps=0, warm_start_step="merge"))
+    assert report.own_step_retry
+    assert report.start == CLOSED_START + OWN_STEP_SUFFIX
+    assert report.attempts == 5  # two merge-step starts, then the own step's three
+    # The closed start's merge is the keep model (every gate shut), which stands.
+    assert report.weights[0][-1] == 1.0 and report.loss_after == report.loss_before
+
+
+def test_a_given_start_is_never_learned_again_from_the_own_step():
+    model, candidates = _scaled_round()
+    start = torch.full((1, len(candidates) + 1), 2.0)  # the keep model is the last column
+    _, report = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS),
+                           SoftMergeConfig(steps=0, warm_start_step="merge"), initial_log_alpha=start)
+    assert not report.own_step_retry and not report.start.endswith(OWN_STEP_SUFFIX)
 
 
 def test_a_merge_step_round_that_fails_only_the_label_frequency_bar_is_not_learned_again():
