@@ -1457,15 +1457,19 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 scored_losses = [None if pair is None else pair[0] for pair in pairs]
                 if use_mirror_test:
                     scored_reflections = [None if pair is None else pair[1] for pair in pairs]
-        group_mean_losses = [loss_before if losses is None else _mean_loss(losses) for losses in scored_losses]
+        def mean_losses(scored: list[torch.Tensor | None]) -> list[float]:
+            return [loss_before if losses is None else _mean_loss(losses) for losses in scored]
 
+        def mirror_pairs(scored: list[torch.Tensor | None], reflected_per_group: list) -> list[tuple[float, float]]:
+            """(mirror loss, standard error of d) per group; the keep candidate is its own mirror: d = 0 exactly."""
+            return [(loss_before, 0.0) if losses is None
+                    else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
+                                           reflected_losses=reflected)
+                    for state, losses, reflected in zip(group_states, scored, reflected_per_group)]
+
+        group_mean_losses = mean_losses(scored_losses)
         reflections = own_step_reflections if use_mirror_test else []
-        # (mirror loss, standard error of d) per group; the keep candidate is its own mirror: d = 0 exactly.
-        group_mirrors = [(loss_before, 0.0) if losses is None
-                         else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
-                                                reflected_losses=reflected)
-                         for state, losses, reflected in zip(group_states, scored_losses,
-                                                             scored_reflections or reflections)]
+        group_mirrors = mirror_pairs(scored_losses, scored_reflections or reflections)
         # (own, mirror image's) best class gain per group; None for the keep candidate.
         class_gains = ([None if losses is None
                         else (best_class_gain(losses, keep_losses, targets),
@@ -1608,13 +1612,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
 
         def own_step_starts() -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
             """The starts of a round scored at each group's own step, for a merge-step round that harmed."""
-            mirrors = ([(loss_before, 0.0) if losses is None
-                        else mirror_statistics(model, state, keep_state, inputs, targets, own_losses=losses,
-                                               reflected_losses=reflected)
-                        for state, losses, reflected in zip(group_states, group_losses, own_step_reflections)]
-                       if use_mirror_test else [])
-            own_means = [loss_before if losses is None else _mean_loss(losses) for losses in group_losses]
-            return starts(*warm_start(own_means, mirrors), OWN_STEP_SUFFIX)
+            return starts(*warm_start(mean_losses(group_losses), mirror_pairs(group_losses, reflections)),
+                          OWN_STEP_SUFFIX)
 
         plan = starts(start, ceiling)
         # A merge-step round whose starts all harm by more than the margin is learned again
