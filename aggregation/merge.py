@@ -142,12 +142,14 @@ UNIT_KINDS = ("model", "layer", "tensor")
 KEEP_MODES = ("candidate", "anchor")
 UNINFORMED_MERGES = ("direction", "aligned", "first")
 WARM_START_STEPS = ("candidate", "merge", "auto")
+MERGE_STEP_SHARES = ("all", "open")
 LOG_ALPHA_MIN = -10.0
 # The starts a soft merge tries in turn until one passes the no-harm check (GateReport.start).
 CLIENTS_START, KEEP_START, CLOSED_START = "the clients alone", "the keep model as a candidate", "closed client gates"
 DIRECTION_START = "the update directions"
 # Appended to a start's name when a merge-step round was learned again from the own step.
 OWN_STEP_SUFFIX = ", scored at the own step"
+OPEN_SHARE_SUFFIX = ", scored at the open share"
 # Merge losses are float32 means, the label entropy a float64 sum: a model that predicts the
 # label frequencies exactly can land a few 1e-7 nats under the entropy.
 CONSTANT_BAR_SLACK = 1e-5
@@ -236,6 +238,14 @@ class SoftMergeConfig:
             ``(q (n - 1) - m) / (n - m - 1)`` (m of n such clients), so a high quantile keeps the
             merge step when a minority tries to hide the heterogeneity; clients that
             send large updates can raise it, which buys them the merge step's scoring.
+        merge_step_share: the share of the merge step. ``"all"`` (the default): 1/n, n the
+            round's client groups. ``"open"``: when a round scored at the merge step passes the
+            no-harm check with k of its n client groups open, 0 < k < n, each open update moves
+            the merge by delta / k, not the delta / n it was scored at, and a loss that curves
+            up along it (the second-order term, which the scaling by n divides by n) was read
+            at n / k of its size; the round is scored again at keep + delta / k, loss changes
+            times k, and learned again from those starts. The second merge stands if it passes
+            the check, else the first does (``GateReport.open_share``).
         warm_start_ceiling: log_alpha never rises above its warm start (own loss and
             mirror test; a trust bound lowers the start, not this ceiling), so a
             candidate's own validation loss bounds the trust it can get: gate learning may close a gate
@@ -438,6 +448,7 @@ class SoftMergeConfig:
     warm_start_step: str = "candidate"
     warm_start_bend: float = 2.5
     warm_start_bend_quantile: float = 0.75
+    merge_step_share: str = "all"
     warm_start_ceiling: bool = True
     mirror_test: bool = True
     mirror_temperature: float = 0.02
@@ -514,6 +525,8 @@ class SoftMergeConfig:
                  "warm_start_bend must be a finite number >= 0")
         _require(_finite(self.warm_start_bend_quantile) and 0 <= self.warm_start_bend_quantile <= 1,
                  "warm_start_bend_quantile must be a number in [0, 1]")
+        if self.merge_step_share not in MERGE_STEP_SHARES:
+            raise ValueError(f"merge_step_share must be one of {MERGE_STEP_SHARES}, got {self.merge_step_share!r}")
         if self.uninformed_merge not in UNINFORMED_MERGES:
             raise ValueError(f"uninformed_merge must be one of {UNINFORMED_MERGES}, got {self.uninformed_merge!r}")
         _require(isinstance(self.server_epochs, int) and self.server_epochs >= 1,
@@ -566,7 +579,9 @@ class GateReport:
     ``own_step_retry`` is True when such a round's merge-step starts before the closed one
     all harmed by more than the margin, so it was learned again from starts scored at each
     client's own step (their ``start`` names end in ``OWN_STEP_SUFFIX``); ``merge_step``
-    stays True for it.
+    stays True for it. ``open_share`` is k when ``merge_step_share`` is ``"open"`` and the
+    round was scored again at 1/k, the client groups its first merge opened (None when it
+    was not); the merge is the second one if its ``start`` ends in ``OPEN_SHARE_SUFFIX``.
     ``harm_fallback`` is True when the keep model was returned instead (every attempt
     failed the check, or there was no keep candidate to learn again from): ``weights``
     are then all on the keep candidate (shared with clients that resent it unchanged; all
@@ -598,6 +613,7 @@ class GateReport:
     harm_fallback: bool = False
     merge_step: bool = False
     own_step_retry: bool = False
+    open_share: int | None = None
     bend: float | None = None
     attempts: int = 1
     steps: int = 0
@@ -1446,17 +1462,22 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             bend = round_bend([value for value, _ in measured], [senders for _, senders in measured],
                               config.warm_start_bend_quantile)
             merge_step = bend is not None and bend >= config.warm_start_bend
+        base = None
         if merge_step:
             base = keep_losses if keep_losses is not None else per_example_losses(model, keep_state, inputs, targets)
             # A keep model with a non-finite loss on some example leaves no change to scale.
             merge_step = bool(torch.isfinite(base).all())
-            if merge_step:
-                pairs = [None if losses is None else merge_step_losses(model, state, keep_state, base, inputs, targets,
-                                                                       share, use_mirror_test)
-                         for state, losses in zip(group_states, group_losses)]
-                scored_losses = [None if pair is None else pair[0] for pair in pairs]
-                if use_mirror_test:
-                    scored_reflections = [None if pair is None else pair[1] for pair in pairs]
+
+        def scored_at(step_share: int) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None] | None]:
+            """Each group's per-example losses at keep + delta / step_share (changes times it), and its mirror's."""
+            pairs = [None if losses is None else merge_step_losses(model, state, keep_state, base, inputs, targets,
+                                                                   step_share, use_mirror_test)
+                     for state, losses in zip(group_states, group_losses)]
+            return ([None if pair is None else pair[0] for pair in pairs],
+                    [None if pair is None else pair[1] for pair in pairs] if use_mirror_test else None)
+
+        if merge_step:
+            scored_losses, scored_reflections = scored_at(share)
         def mean_losses(scored: list[torch.Tensor | None]) -> list[float]:
             return [loss_before if losses is None else _mean_loss(losses) for losses in scored]
 
@@ -1467,9 +1488,14 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                                            reflected_losses=reflected)
                     for state, losses, reflected in zip(group_states, scored, reflected_per_group)]
 
-        group_mean_losses = mean_losses(scored_losses)
         reflections = own_step_reflections if use_mirror_test else []
-        group_mirrors = mirror_pairs(scored_losses, scored_reflections or reflections)
+
+        def score_pairs(scored: list[torch.Tensor | None], reflected_per_group: list | None
+                        ) -> tuple[list[float], list[tuple[float, float]]]:
+            """The mean losses and mirror pairs that the warm start reads, from one step's scores."""
+            return mean_losses(scored), mirror_pairs(scored, reflected_per_group or reflections)
+
+        group_mean_losses, group_mirrors = score_pairs(scored_losses, scored_reflections)
         # (own, mirror image's) best class gain per group; None for the keep candidate.
         class_gains = ([None if losses is None
                         else (best_class_gain(losses, keep_losses, targets),
@@ -1612,8 +1638,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
 
         def own_step_starts() -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
             """The starts of a round scored at each group's own step, for a merge-step round that harmed."""
-            return starts(*warm_start(mean_losses(group_losses), mirror_pairs(group_losses, reflections)),
-                          OWN_STEP_SUFFIX)
+            return starts(*warm_start(*score_pairs(group_losses, reflections)), OWN_STEP_SUFFIX)
 
         plan = starts(start, ceiling)
         # A merge-step round whose starts all harm by more than the margin is learned again
@@ -1654,6 +1679,24 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                     direction_weights, merged, loss_after, accuracy_after = directed
                     harm_fallback, chosen_start = False, DIRECTION_START
                     stood_uninformed = uninformed(loss_after)
+        open_share = None
+        if (config.merge_step_share == "open" and merge_step and not given_start and not stepped_back
+                and not harm_fallback and not stood_uninformed and direction_weights is None):
+            with torch.no_grad():
+                first_weights = _final_weights(log_alpha, deterministic_gates(log_alpha), config.mode, gated_keep,
+                                               group_examples)
+            opened = sum(1 for g in range(len(groups)) if g != gated_keep and float(first_weights[:, g].max()) > 0)
+            if 0 < opened < share:
+                # Each open update moves the merge by delta / opened, not the delta / share it was
+                # scored at: its curvature was read at share / opened of its size.
+                open_share = opened
+                for name, first, cap in starts(*warm_start(*score_pairs(*scored_at(opened))), OPEN_SHARE_SUFFIX):
+                    outcome = attempt(first, cap)
+                    steps, skipped, attempts = steps + outcome[1], skipped + outcome[2], attempts + 1
+                    if not over_margin(outcome[4]) and not uninformed(outcome[4]):
+                        log_alpha, _, _, merged, loss_after, accuracy_after = outcome
+                        chosen_start = name
+                        break
         with torch.no_grad():
             gates = deterministic_gates(log_alpha)
             weights = _final_weights(log_alpha, gates, config.mode, gated_keep, group_examples)
@@ -1697,6 +1740,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         start=chosen_start,
         merge_step=merge_step,
         own_step_retry=stepped_back,
+        open_share=open_share,
         bend=bend,
         attempts=attempts,
         harm_fallback=harm_fallback,

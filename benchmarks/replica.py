@@ -47,7 +47,8 @@ Two uses:
     python benchmarks/replica.py --attack sign-flip --alpha 0.5 --seeds 1 --rounds 30 --bend-raisers 4 \\
         --raise-scale 6 --variant default --variant 'warm_start_step="auto"'
 
-Attacks: ``none``, the client-side ``sign-flip`` and ``label-flip``, and the colluding
+Attacks: ``none``, the client-side ``sign-flip``, ``label-flip``, ``backdoor``, ``gaussian`` and
+``layer-stealth`` (as the ClientApp makes them), and the colluding
 attacks of :mod:`softmerge.simulations.colluding` (``alie``, ``ipm-0.1``, ``fang``, ..., and
 the jittered ``min-sum-jitter``, ...),
 crafted from the honest updates with the harness's seed, as the grid does.
@@ -98,6 +99,7 @@ import torch
 from softmerge.aggregation import SoftMergeConfig, soft_merge
 from softmerge.aggregation.trust import relative_openness, trust_of, update_record
 from softmerge.aggregation.robust import apply_update, fltrust, fltrust_server_model, flatten_updates
+from softmerge.aggregation.candidates import running_statistics
 from softmerge.aggregation.merge import (DIRECTION_START, build_merge_units, evaluate_state, example_count_weights,
                                          loss_rms, merge_step_losses, mirror_statistics, per_example_losses)
 from softmerge.client.app import local_seed, split_held_out
@@ -113,7 +115,9 @@ CLIENTS, ALPHA, GATE_SIZE, TEST_SIZE, POOL = 20, 0.5, 300, 2000, 12000
 LOCAL_LR, LOCAL_BATCH = 0.05, 32
 # The strategy's default memory of a client's gate record (SoftMerge(trust_memory=...)).
 TRUST_MEMORY = 0.9
-REPLICA_CLIENT_ATTACKS = ("none", "sign-flip", "label-flip", "backdoor")
+REPLICA_CLIENT_ATTACKS = ("none", "sign-flip", "label-flip", "backdoor", "gaussian", "layer-stealth")
+# The grid's noise (run-config gaussian-std) and layer-stealth's boost (attack-scale 0: the n replies averaged).
+GAUSSIAN_STD, LAYER_STEALTH_SCALE = 1.0, float(CLIENTS)
 # The grid's backdoor (run-config defaults): trigger on half a malicious client's data, target class 0.
 BACKDOOR_TARGET, BACKDOOR_FRACTION = 0, 0.5
 
@@ -203,8 +207,11 @@ def client_candidates(global_state, partitions, malicious, attack, round_number,
             # and descends at a twentieth of it.
             state = {k: global_state[k] + raise_scale * (v - global_state[k]) if v.dtype.is_floating_point else v
                      for k, v in state.items()}
-        elif pid in malicious and attack == "sign-flip":
-            state = poison_state("sign-flip", global_state, state)
+        elif pid in malicious and attack in ("sign-flip", "gaussian", "layer-stealth"):
+            # As the ClientApp does, with its generator and the model's running statistics left alone.
+            state = poison_state(attack, global_state, state, scale=LAYER_STEALTH_SCALE, std=GAUSSIAN_STD,
+                                 generator=torch.Generator().manual_seed(client_seed),
+                                 statistics=running_statistics(model))
         candidates.append(state)
     if attack not in REPLICA_CLIENT_ATTACKS and malicious:
         collude(candidates, global_state, malicious, attack, round_number, seed, tracker)

@@ -331,6 +331,9 @@ class SoftMerge(RoundStartMemory):
         if report.own_step_retry:
             log(WARNING, "SoftMerge round %d: the merge-step starts harmed the gate-split loss by more than the "
                 "margin; learned again from each client's own step (start: %s)", server_round, report.start)
+        if report.open_share is not None:
+            log(INFO, "SoftMerge round %d: the merge opened %d client groups; scored again at that share (start: %s)",
+                server_round, report.open_share, report.start)
         for exclusion in report.excluded:
             # Pre-selection (max_candidates) leaves out valid models by design: not a warning.
             level = INFO if exclusion.reason.startswith("pre-selection") else WARNING
@@ -386,5 +389,6 @@ def report_summary(report: GateReport) -> dict[str, float | int]:
         "softmerge-uninformed": int(report.uninformed),
         "softmerge-merge-step": int(report.merge_step),
         "softmerge-own-step-retry": int(report.own_step_retry),
+        "softmerge-open-share": int(report.open_share or 0),
         "softmerge-attempts": report.attempts,
     }

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..aggregation.merge import (KEEP_MODES, MERGE_MODES, UNINFORMED_MERGES, UNIT_KINDS, WARM_START_STEPS,
-                                 build_merge_units)
+from ..aggregation.merge import (KEEP_MODES, MERGE_MODES, MERGE_STEP_SHARES, UNINFORMED_MERGES, UNIT_KINDS,
+                                 WARM_START_STEPS, build_merge_units)
 from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_adaptive_attack, is_colluding_attack
 from .tasks import (DATASET_CLASSES, DATASETS, MIN_PARTITION_SIZE, PARTITIONINGS, ArraySet, TaskData, load_partition,
                     load_task)
@@ -86,6 +86,7 @@ class RunSettings:
     softmerge_warm_step: str = "candidate"
     softmerge_warm_bend: float = 2.5
     softmerge_warm_bend_quantile: float = 0.75
+    softmerge_merge_step_share: str = "all"
     softmerge_ceiling: bool = True
     softmerge_mirror_test: bool = True
     softmerge_mirror_temperature: float = 0.02
@@ -227,6 +228,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_warm_step": _choice(WARM_START_STEPS),
     "softmerge_warm_bend": _at_least(0),
     "softmerge_warm_bend_quantile": _closed_interval(0, 1),
+    "softmerge_merge_step_share": _choice(MERGE_STEP_SHARES),
     "softmerge_steps": _at_least(0),
     "softmerge_lr": _open_interval(0, 100),
     "softmerge_l0": _at_least(0),

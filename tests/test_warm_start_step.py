@@ -8,8 +8,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from softmerge.aggregation import SoftMergeConfig, soft_merge
-from softmerge.aggregation.merge import (CLIENTS_START, CLOSED_START, KEEP_START, OWN_STEP_SUFFIX, merge_step_losses,
-                                         mirror_state, per_example_losses, round_bend, update_bend,
+from softmerge.aggregation import merge as merge_module
+from softmerge.aggregation.merge import (CLIENTS_START, CLOSED_START, KEEP_START, OPEN_SHARE_SUFFIX, OWN_STEP_SUFFIX,
+                                         merge_step_losses, mirror_state, per_example_losses, round_bend, update_bend,
                                          warm_start_log_alpha)
 from softmerge.server.strategy import SoftMerge
 
@@ -181,18 +182,23 @@ def test_bad_bend_settings_are_refused():
         SoftMergeConfig(warm_start_bend_quantile=1.5)
 
 
+def _one_strategy_round(model, candidates, validation, caplog, config):
+    """Round 1 of the SoftMerge strategy on these replies, one per node: its arrays and metrics."""
+    strategy = SoftMerge(model, validation, config)
+    nodes = list(range(1, len(candidates) + 1))
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(nodes)))
+    replies = [make_reply(node, state, partition=node) for node, state in zip(nodes, candidates)]
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        return strategy.aggregate_train(1, replies)
+
+
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize(("quantile", "expected"), [(1.0, 1), (0.75, 0)])
 def test_the_strategy_reports_the_step_each_round_scored_at(quantile, expected, caplog):
     model, candidates = _overshooting_round()
-    strategy = SoftMerge(model, (INPUTS, TARGETS),
-                         SoftMergeConfig(steps=5, warm_start_step="auto", warm_start_bend_quantile=quantile))
-    nodes = list(range(1, len(candidates) + 1))
-    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(nodes)))
-    replies = [make_reply(node, state, partition=node) for node, state in zip(nodes, candidates)]
-
-    with caplog.at_level(logging.INFO, logger="flwr"):
-        arrays, metrics = strategy.aggregate_train(1, replies)
+    arrays, metrics = _one_strategy_round(model, candidates, (INPUTS, TARGETS), caplog,
+                                          SoftMergeConfig(steps=5, warm_start_step="auto",
+                                                          warm_start_bend_quantile=quantile))
 
     assert arrays is not None and metrics["softmerge-merge-step"] == expected
     assert f"scored at the {'merge' if expected else 'candidate'} step" in caplog.text
@@ -287,16 +293,102 @@ def test_a_merge_step_round_that_fails_only_the_label_frequency_bar_is_not_learn
 @pytest.mark.usefixtures("task_identity")
 def test_the_strategy_reports_and_warns_of_a_round_learned_again_from_the_own_step(caplog):
     model, candidates = _scaled_round()
-    strategy = SoftMerge(model, (NOISY_INPUTS, NOISY_TARGETS),
-                         SoftMergeConfig(steps=0, warm_start_temperature=0.1, warm_start_step="merge"))
-    nodes = list(range(1, len(candidates) + 1))
-    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(nodes)))
-    replies = [make_reply(node, state, partition=node) for node, state in zip(nodes, candidates)]
-
-    with caplog.at_level(logging.INFO, logger="flwr"):
-        arrays, metrics = strategy.aggregate_train(1, replies)
+    arrays, metrics = _one_strategy_round(model, candidates, (NOISY_INPUTS, NOISY_TARGETS), caplog,
+                                          SoftMergeConfig(steps=0, warm_start_temperature=0.1,
+                                                          warm_start_step="merge"))
 
     assert metrics["softmerge-merge-step"] == 1 and metrics["softmerge-own-step-retry"] == 1
     assert "learned again from each client's own step (start: the clients alone, scored at the own step)" in caplog.text
     merged = arrays.to_torch_state_dict()
     assert 0.9 < float(merged["weight"][0, 0]) < 1.1  # the honest slopes' mean, not the scaled ones'
+
+
+def _noisy_round():
+    # Two honest updates and eight that move only the bias, by +-6 and +-3 (noise, no signal):
+    # a bias of b costs about b^2 / 8 nats at its full step, so at keep + delta / 10 the
+    # smaller ones read as nearly harmless and open a little, the larger ones do not.
+    noise = [_state(0.0, bias) for bias in (6.0, -6.0, 6.1, -6.1, 3.0, -3.0, 3.1, -3.1)]
+    return _zero_model(), [_state(1.0), _state(1.02)] + noise
+
+
+OPEN_SHARE_CONFIG = dict(steps=0, warm_start_temperature=0.1, warm_start_step="merge")
+
+
+def test_a_round_that_opens_fewer_clients_is_scored_again_at_the_share_they_get():
+    model, candidates = _noisy_round()
+    _, first = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS), SoftMergeConfig(**OPEN_SHARE_CONFIG))
+    merge, report = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS),
+                               SoftMergeConfig(**OPEN_SHARE_CONFIG, merge_step_share="open"))
+
+    # Scored at a tenth of their step, the +-3 updates open; six of the ten are open.
+    assert first.open_share is None and first.start == CLIENTS_START
+    assert all(weight > 0 for weight in first.weights[0][6:10]) and sum(first.weights[0][2:6]) == 0.0
+    # Each open update moves that merge by a sixth of its step: scored again there, the noise closes.
+    assert report.open_share == 6 and report.attempts == 2
+    assert report.start == CLIENTS_START + OPEN_SHARE_SUFFIX
+    assert sum(report.weights[0][2:]) == 0.0 and report.weights[0][0] > 0 and report.weights[0][1] > 0
+    assert report.loss_after < first.loss_after
+    # The second start is the own-loss warm start of the scores at keep + delta / 6.
+    keep = _state(0.0)
+    keep_losses = per_example_losses(model, keep, NOISY_INPUTS, NOISY_TARGETS)
+    scores = [float(merge_step_losses(model, c, keep, keep_losses, NOISY_INPUTS, NOISY_TARGETS, share=6)[0].mean())
+              for c in candidates]
+    expected = warm_start_log_alpha(scores, SoftMergeConfig(warm_start_temperature=0.1)).tolist()
+    assert report.log_alpha[0][:-1] == pytest.approx(expected, abs=1e-5)
+    assert 0.9 < float(merge["weight"][0, 0]) < 1.1 and abs(float(merge["bias"][0])) < 1e-6
+
+
+def test_a_round_that_opens_every_client_or_none_is_not_scored_again():
+    model, candidates = _noisy_round()
+    every = [_state(1.0 + 0.01 * i) for i in range(4)]
+    _, all_open = soft_merge(model, every, (NOISY_INPUTS, NOISY_TARGETS),
+                             SoftMergeConfig(**OPEN_SHARE_CONFIG, merge_step_share="open"))
+    assert all_open.merge_step and all_open.open_share is None and all_open.attempts == 1
+    # Scaled updates harm at the merge step and the round is learned again from the own step instead.
+    _, scaled = soft_merge(model, _scaled_round()[1], (NOISY_INPUTS, NOISY_TARGETS),
+                           SoftMergeConfig(**OPEN_SHARE_CONFIG, merge_step_share="open"))
+    assert scaled.own_step_retry and scaled.open_share is None
+    # At the candidates' own step there is nothing to score again.
+    _, own = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS),
+                        SoftMergeConfig(**{**OPEN_SHARE_CONFIG, "warm_start_step": "candidate",
+                                           "merge_step_share": "open"}))
+    assert not own.merge_step and own.open_share is None
+
+
+def test_when_every_start_at_the_open_share_fails_the_check_the_first_merge_stands(monkeypatch):
+    model, candidates = _noisy_round()
+    first_merge, first = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS),
+                                    SoftMergeConfig(**OPEN_SHARE_CONFIG))
+    scored = merge_module.merge_step_losses
+
+    def misread_at_the_open_share(model, candidate, keep, keep_losses, inputs, targets, share, mirror=True):
+        # A scoring that ranks the +-6 noise best at the second share: its merge harms, and
+        # the closed start's merge (the keep model) does not beat the label frequencies.
+        own, reflected = scored(model, candidate, keep, keep_losses, inputs, targets, share, mirror)
+        if share < 10:
+            own = keep_losses - 5.0 if abs(float(candidate["bias"][0])) > 5 else own + 5.0
+        return own, reflected
+
+    monkeypatch.setattr(merge_module, "merge_step_losses", misread_at_the_open_share)
+    merge, report = soft_merge(model, candidates, (NOISY_INPUTS, NOISY_TARGETS),
+                               SoftMergeConfig(**OPEN_SHARE_CONFIG, merge_step_share="open"))
+    assert report.open_share == 6 and report.attempts == 4  # the first merge, then three starts that fail
+    assert report.start == CLIENTS_START and not report.harm_fallback
+    assert report.log_alpha == first.log_alpha and report.loss_after == first.loss_after
+    assert all(torch.equal(merge[name], first_merge[name]) for name in first_merge)
+
+
+def test_an_unknown_merge_step_share_is_refused():
+    with pytest.raises(ValueError, match="merge_step_share must be one of"):
+        SoftMergeConfig(merge_step_share="half")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_strategy_reports_a_round_scored_again_at_the_open_share(caplog):
+    model, candidates = _noisy_round()
+    arrays, metrics = _one_strategy_round(model, candidates, (NOISY_INPUTS, NOISY_TARGETS), caplog,
+                                          SoftMergeConfig(**OPEN_SHARE_CONFIG, merge_step_share="open"))
+
+    assert metrics["softmerge-open-share"] == 6 and metrics["softmerge-merge-step"] == 1
+    assert "the merge opened 6 client groups; scored again at that share" in caplog.text
+    assert abs(float(arrays.to_torch_state_dict()["bias"][0])) < 1e-6  # no noise in the merge
