@@ -36,12 +36,20 @@ from softmerge.simulations.grid import (FRACTION_KEYS, LEGACY_VALUES, NO_ATTACK,
 STATISTICS = (("final_accuracy", "final"), ("last10_accuracy", "last 10"))
 
 
-def merge_step_rounds(result: dict) -> int | None:
-    """The trained rounds whose merge was scored at the merge step; None if no round records it."""
-    flags = [entry["gates"].get("merge_step") for entry in result.get("rounds", [])[1:]
-             if isinstance(entry.get("gates"), dict)]
-    recorded = [flag for flag in flags if flag is not None]
-    return sum(bool(flag) for flag in recorded) if recorded else None
+def merge_step_rounds(result: dict) -> dict[str, int] | None:
+    """How many trained rounds were scored at the merge step, and of those how many were learned again.
+
+    ``merge_step``: the rounds scored at the merge step; ``own_step_retry``: those learned
+    again from the own step (``GateReport.own_step_retry``); ``open_share``: those scored
+    again at the share of the clients their first merge opened (``GateReport.open_share``).
+    None if no round records the merge step.
+    """
+    reports = [entry["gates"] for entry in result.get("rounds", [])[1:] if isinstance(entry.get("gates"), dict)]
+    if not any(report.get("merge_step") is not None for report in reports):
+        return None
+    return {"merge_step": sum(bool(report.get("merge_step")) for report in reports),
+            "own_step_retry": sum(bool(report.get("own_step_retry")) for report in reports),
+            "open_share": sum(report.get("open_share") is not None for report in reports)}
 
 
 def honest_open_share(result: dict, cell: Cell, clients: int) -> float | None:
@@ -136,8 +144,13 @@ def _difference(pair: dict, field: str) -> float | None:
     return None if before is None or after is None else after - before
 
 
-def _steps(value: int | None) -> str:
-    return "-" if value is None else str(value)
+def _steps(counts: dict[str, int] | None) -> str:
+    """The merge-step rounds, with the retried and the rescored among them when there are any."""
+    if counts is None:
+        return "-"
+    notes = [f"{counts[key]} {name}" for key, name in (("own_step_retry", "own-step retry"),
+                                                       ("open_share", "at the open share")) if counts.get(key)]
+    return str(counts["merge_step"]) + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _shares(pair: dict) -> str:

@@ -65,7 +65,8 @@ def test_cells_finished_in_both_grids_are_paired_with_their_oracle_and_merge_ste
         "softmerge__sign-flip__f0.4__s1"]
     by_key = {pair["cell"].key: pair for pair in pairs}
     flip = by_key["softmerge__sign-flip__f0.4__s0"]
-    assert flip["variant_merge_steps"] == 3 and flip["base_merge_steps"] is None  # the base never recorded it
+    assert flip["variant_merge_steps"] == {"merge_step": 3, "own_step_retry": 0, "open_share": 0}
+    assert flip["base_merge_steps"] is None  # the base never recorded it
     assert flip["oracle"]["final_accuracy"] == pytest.approx(0.84)
     # The base cell never recorded the key: it ran with the legacy value, its own step.
     assert flip["settings"] == {"softmerge-warm-step": ("candidate", "auto")}
@@ -147,7 +148,9 @@ def test_settings_differences_are_found_either_way_round(compare):
     lines = compare.comparison([{"cell": cell, "settings": compare.settings_difference(base, variant, cell),
                                  "base": {"final_accuracy": 0.8, "last10_accuracy": 0.8},
                                  "variant": {"final_accuracy": 0.8, "last10_accuracy": 0.8},
-                                 "base_merge_steps": None, "variant_merge_steps": 0, "oracle": None}])
+                                 "base_merge_steps": None,
+                                 "variant_merge_steps": {"merge_step": 0, "own_step_retry": 0, "open_share": 0},
+                                 "oracle": None}])
     assert lines[:2] == [
         "Settings that differ between the paired cells (base -> variant): `softmerge-mirror-trusted` 0.6 -> 0.0; "
         "`softmerge-warm-step` 'candidate' -> 'auto'.",
@@ -174,3 +177,22 @@ def test_a_grid_without_cells_json_is_a_clear_error(tmp_path, compare, capsys):
     (tmp_path / "base").mkdir()
     assert compare.main(["--base", str(tmp_path / "base"), "--variant", str(tmp_path / "base")]) == 2
     assert "has no cells.json" in capsys.readouterr().err
+
+
+def test_the_merge_step_column_counts_the_rounds_learned_again(tmp_path, compare):
+    base, variant = tmp_path / "base", tmp_path / "variant"
+    softmerge = {"strategy": "softmerge"}
+    _cell(base, "softmerge__gaussian__f0.8__s0", _flat(0.80, 4), softmerge, merge_steps=[True] * 4)
+    _cell(variant, "softmerge__gaussian__f0.8__s0", _flat(0.82, 4), softmerge, merge_steps=[True, True, True, False])
+    path = variant / "cells" / "softmerge__gaussian__f0.8__s0" / "results.json"
+    result = json.loads(path.read_text())
+    # Round 1 learned again from the own step, rounds 2 and 3 scored again at the open share.
+    result["rounds"][1]["gates"]["own_step_retry"] = True
+    for entry in result["rounds"][2:4]:
+        entry["gates"]["open_share"] = 5
+    result["rounds"][4]["gates"]["open_share"] = None
+    path.write_text(json.dumps(result))
+    (pair,) = compare.paired_cells(base, variant, 20)
+    assert pair["variant_merge_steps"] == {"merge_step": 3, "own_step_retry": 1, "open_share": 2}
+    row = next(line for line in compare.comparison([pair]) if line.startswith("| softmerge | gaussian |"))
+    assert "| 4 / 3 (1 own-step retry, 2 at the open share) |" in row
