@@ -11,6 +11,7 @@
 #   bash benchmarks/reference_grid.sh 1 2        # only stages 1 and 2
 #   JOBS=4 bash benchmarks/reference_grid.sh     # four grids at once on one output (softmerge-grid --jobs)
 #   bash benchmarks/reference_grid.sh auto       # the softmerge-warm-step = auto variant (not run by default)
+#   bash benchmarks/reference_grid.sh open-share # auto with softmerge-merge-step-share = open (not run by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SIM=${SIM:-.venv/bin/softmerge-grid}
@@ -85,7 +86,22 @@ stage() {
       "$SIM" "${COMMON[@]}" --no-oracle --strategies softmerge --output benchmarks/fmnist-grid-scale-3 \
           --attacks scaling --fractions 0.8 --seeds 0 --set attack-scale=3
       "$SIM" "${COMMON[@]}" "${AUTO[@]}" --alpha 0.1 --output benchmarks/fmnist-grid-alpha0.1-warm-step-auto \
-          --attacks sign-flip,label-flip,backdoor,none --fractions 0.4 --seeds 0,1,2 ;;
+          --attacks sign-flip,label-flip,backdoor,none --fractions 0.4 --seeds 0,1,2
+      # Session 43: the backdoors where the default lets them in (80%, seeds 1-2; 60%, seed 2).
+      "$SIM" "${COMMON[@]}" "${AUTO[@]}" --output benchmarks/fmnist-grid-warm-step-auto \
+          --attacks backdoor,backdoor-replace,backdoor-evade --fractions 0.8 --seeds 1,2
+      "$SIM" "${COMMON[@]}" "${AUTO[@]}" --output benchmarks/fmnist-grid-warm-step-auto \
+          --attacks backdoor,backdoor-replace,backdoor-evade --fractions 0.6 --seeds 2 ;;
+    # auto with softmerge-merge-step-share = open: a merge-step round is scored again at the
+    # share of the clients its first merge opened (docs/benchmarks.md, "Session 43").
+    open-share)
+      OPEN=(--no-oracle --strategies softmerge --set softmerge-warm-step=auto --set softmerge-merge-step-share=open)
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
+          --attacks gaussian,layer-stealth,extreme,label-flip --fractions 0.8 --seeds 0
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --alpha 0.1 --output benchmarks/fmnist-grid-alpha0.1-warm-step-auto-open-share \
+          --attacks sign-flip,label-flip,none,backdoor --fractions 0.4 --seeds 1
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
+          --attacks backdoor,backdoor-replace,sign-flip,min-max,scaling,alie --fractions 0.8 --seeds 0 ;;
   esac
 }
 
