@@ -1559,6 +1559,12 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         group_examples = group_counts if config.example_weights else None
         learning_seconds: list[float] = []
 
+        def gates_and_weights(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """The deterministic gates of ``alpha`` and the (U, G) mixing weights the merge takes from them."""
+            with torch.no_grad():
+                gates = deterministic_gates(alpha)
+                return gates, _final_weights(alpha, gates, config.mode, gated_keep, group_examples)
+
         def merged_copy(weights: torch.Tensor) -> dict[str, torch.Tensor]:
             # Own storage: merged tensors are views of one product per unit, and integer
             # buffers are a candidate's own tensors.
@@ -1575,10 +1581,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             learning_started = time.perf_counter()
             taken, missed = _learn_gates(model, stacked, parameter, inputs, targets, config, gated_keep, cap)
             learning_seconds.append(time.perf_counter() - learning_started)
-            with torch.no_grad():
-                weights = _final_weights(parameter, deterministic_gates(parameter), config.mode, gated_keep,
-                                         group_examples)
-            built = merged_copy(weights)
+            built = merged_copy(gates_and_weights(parameter)[1])
             return (parameter.detach(), taken, missed, built) + evaluate_state(model, built, inputs, targets)
 
         constant_loss = constant_prediction_loss(targets) if config.beat_constant and config.harm_margin else None
@@ -1682,9 +1685,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         open_share = None
         if (config.merge_step_share == "open" and merge_step and not given_start and not stepped_back
                 and not harm_fallback and not stood_uninformed and direction_weights is None):
-            with torch.no_grad():
-                first_weights = _final_weights(log_alpha, deterministic_gates(log_alpha), config.mode, gated_keep,
-                                               group_examples)
+            first_weights = gates_and_weights(log_alpha)[1]
             opened = sum(1 for g in range(len(groups)) if g != gated_keep and float(first_weights[:, g].max()) > 0)
             if 0 < opened < share:
                 # Each open update moves the merge by delta / opened, not the delta / share it was
@@ -1697,9 +1698,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                         log_alpha, _, _, merged, loss_after, accuracy_after = outcome
                         chosen_start = name
                         break
+        gates, weights = gates_and_weights(log_alpha)
         with torch.no_grad():
-            gates = deterministic_gates(log_alpha)
-            weights = _final_weights(log_alpha, gates, config.mode, gated_keep, group_examples)
             if direction_weights is not None:
                 weights = direction_weights
                 gates = (weights > 0).to(gates.dtype)
