@@ -173,6 +173,39 @@ def test_auto_scores_at_the_candidates_step_when_the_round_does_not_bend():
     assert all(torch.equal(merged_auto[name], merged_alone[name]) for name in merged_alone)
 
 
+@pytest.mark.parametrize("overshooter_trust, others_trust, expected_merge_step", [
+    (0.2, 0.8, False),  # the overshooter's record is poor: the trusted, mild clients' bends decide
+    (0.8, 0.8, True),  # trusted, its bend counts like any other
+    (0.5, 0.5, True),  # nobody trusted yet: every client's bend counts
+])
+def test_auto_can_read_the_bends_of_trusted_clients_alone(overshooter_trust, others_trust, expected_merge_step):
+    model, candidates = _overshooting_round()
+    trust = [overshooter_trust] + [others_trust] * 9
+    config = SoftMergeConfig(**ONLY_THE_START, warm_start_step="auto", warm_start_bend_quantile=1.0,
+                             warm_start_bend_trusted=0.6)
+    _, report = soft_merge(model, candidates, (INPUTS, TARGETS), config, trust=trust)
+    assert report.merge_step is expected_merge_step
+    _, everyone = soft_merge(model, candidates, (INPUTS, TARGETS),
+                             SoftMergeConfig(**ONLY_THE_START, warm_start_step="auto", warm_start_bend_quantile=1.0),
+                             trust=trust)
+    assert everyone.merge_step
+    if not expected_merge_step:
+        assert 0 <= report.bend < 0.01 < everyone.bend
+
+
+def test_a_newcomer_among_recorded_clients_does_not_count_as_trusted_for_the_bend():
+    model, candidates = _overshooting_round()
+    # The overshooter comes back under a new identity: neutral trust, no record, while the others have one.
+    config = SoftMergeConfig(**ONLY_THE_START, warm_start_step="auto", warm_start_bend_quantile=1.0,
+                             warm_start_bend_trusted=0.5)
+    recorded = [False] + [True] * 9
+    _, report = soft_merge(model, candidates, (INPUTS, TARGETS), config, trust=[0.5] * 10, recorded=recorded)
+    assert not report.merge_step
+    # In a round of newcomers alone, every neutral client counts.
+    _, first = soft_merge(model, candidates, (INPUTS, TARGETS), config, trust=[0.5] * 10, recorded=[False] * 10)
+    assert first.merge_step
+
+
 def test_bad_bend_settings_are_refused():
     with pytest.raises(ValueError, match="warm_start_bend must be"):
         SoftMergeConfig(warm_start_bend=-1.0)
@@ -180,6 +213,10 @@ def test_bad_bend_settings_are_refused():
         SoftMergeConfig(warm_start_bend=float("nan"))
     with pytest.raises(ValueError, match="warm_start_bend_quantile must be"):
         SoftMergeConfig(warm_start_bend_quantile=1.5)
+    with pytest.raises(ValueError, match="warm_start_bend_trusted must be"):
+        SoftMergeConfig(warm_start_bend_trusted=1.5)
+    with pytest.raises(ValueError, match="warm_start_bend_trusted must be"):
+        SoftMergeConfig(warm_start_bend_trusted=float("nan"))
 
 
 def _one_strategy_round(model, candidates, validation, caplog, config):
