@@ -247,6 +247,23 @@ NOISY_INPUTS = torch.tensor([[1.0]] * 5 + [[-1.0]] * 5)
 NOISY_TARGETS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
 
 
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("bend_trusted", "expected"), [(0.0, 1), (0.4, 0)])
+def test_the_strategy_reads_the_bends_of_the_clients_its_record_trusts(bend_trusted, expected, caplog):
+    model, candidates = _overshooting_round()
+    strategy = SoftMerge(model, (INPUTS, TARGETS), SoftMergeConfig(steps=5, warm_start_step="auto",
+                                                                   warm_start_bend_quantile=1.0,
+                                                                   warm_start_bend_trusted=bend_trusted))
+    nodes = list(range(1, len(candidates) + 1))
+    # Node 1, the overshooter, was refused in its last five rounds; the others were open in theirs.
+    strategy.trust_record = {str(node): ((0.0 if node == 1 else 5.0), 5.0) for node in nodes}
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(nodes)))
+    replies = [make_reply(node, state, partition=node) for node, state in zip(nodes, candidates)]
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["softmerge-merge-step"] == expected
+
+
 def _scaled_round():
     # Two honest updates (slope 1) and eight that take a like update scaled by the ten
     # clients (the scaling attack): at keep + delta / 10 each reads as a full honest step
