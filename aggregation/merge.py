@@ -238,14 +238,6 @@ class SoftMergeConfig:
             ``(q (n - 1) - m) / (n - m - 1)`` (m of n such clients), so a high quantile keeps the
             merge step when a minority tries to hide the heterogeneity; clients that
             send large updates can raise it, which buys them the merge step's scoring.
-        warm_start_bend_trusted: with ``"auto"``, 0 (the default) reads every client's bend;
-            above 0, only the bends of clients whose trust over past rounds is at least this
-            (as ``mirror_trusted`` reads it: a newcomer counts only in a round in which no
-            client has a record), or every client's when none qualifies. A round's bend is
-            meant to say how heterogeneous the honest clients are; attackers whose updates
-            bend the loss by nats (label flips, backdoors, noise) raise it and so choose the
-            merge step, but the gates shut them, and once their record says so their bends
-            no longer count.
         merge_step_share: the share of the merge step. ``"all"`` (the default): 1/n, n the
             round's client groups. ``"open"``: when a round scored at the merge step passes the
             no-harm check with k of its n client groups open, 0 < k < n, each open update moves
@@ -456,7 +448,6 @@ class SoftMergeConfig:
     warm_start_step: str = "candidate"
     warm_start_bend: float = 2.5
     warm_start_bend_quantile: float = 0.75
-    warm_start_bend_trusted: float = 0.0
     merge_step_share: str = "all"
     warm_start_ceiling: bool = True
     mirror_test: bool = True
@@ -534,8 +525,6 @@ class SoftMergeConfig:
                  "warm_start_bend must be a finite number >= 0")
         _require(_finite(self.warm_start_bend_quantile) and 0 <= self.warm_start_bend_quantile <= 1,
                  "warm_start_bend_quantile must be a number in [0, 1]")
-        _require(_finite(self.warm_start_bend_trusted) and 0 <= self.warm_start_bend_trusted <= 1,
-                 "warm_start_bend_trusted must be a number in [0, 1]")
         if self.merge_step_share not in MERGE_STEP_SHARES:
             raise ValueError(f"merge_step_share must be one of {MERGE_STEP_SHARES}, got {self.merge_step_share!r}")
         if self.uninformed_merge not in UNINFORMED_MERGES:
@@ -1467,16 +1456,11 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                                 for state, losses in zip(group_states, group_losses)]
         bend = None
         if auto:
-            bends = [(group, update_bend(losses, reflected, loss_before))
-                     for group, losses, reflected in zip(groups, group_losses, own_step_reflections)
-                     if losses is not None]
-            senders = [len(group) for group, _ in bends]
-            if config.warm_start_bend_trusted > 0:
-                trusted = [sum(1 for k in group if sparing_trust[k] >= config.warm_start_bend_trusted)
-                           for group, _ in bends]
-                if any(count and math.isfinite(value) for count, (_, value) in zip(trusted, bends)):
-                    senders = trusted
-            bend = round_bend([value for _, value in bends], senders, config.warm_start_bend_quantile)
+            measured = [(update_bend(losses, reflected, loss_before), len(group))
+                        for group, losses, reflected in zip(groups, group_losses, own_step_reflections)
+                        if losses is not None]
+            bend = round_bend([value for value, _ in measured], [senders for _, senders in measured],
+                              config.warm_start_bend_quantile)
             merge_step = bend is not None and bend >= config.warm_start_bend
         base = None
         if merge_step:

@@ -12,7 +12,6 @@
 #   JOBS=4 bash benchmarks/reference_grid.sh     # four grids at once on one output (softmerge-grid --jobs)
 #   bash benchmarks/reference_grid.sh auto       # the softmerge-warm-step = auto variant (not run by default)
 #   bash benchmarks/reference_grid.sh open-share # auto with softmerge-merge-step-share = open (not run by default)
-#   bash benchmarks/reference_grid.sh bend-trusted # auto with softmerge-warm-bend-trusted = 0.4 (not run by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SIM=${SIM:-.venv/bin/softmerge-grid}
@@ -106,20 +105,6 @@ stage() {
       # Session 44: seeds 1-2 at 80% where the default lets the backdoors in, and sign-flip.
       "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
           --attacks backdoor,backdoor-replace,sign-flip --fractions 0.8 --seeds 1,2 ;;
-    # auto reading the bends of trusted clients alone (softmerge-warm-bend-trusted = 0.4,
-    # docs/benchmarks.md, "Session 44"): the cells where auto lost most to the default at
-    # alpha 0.5, and two at alpha 0.1 where it must still take the merge step.
-    bend-trusted)
-      TRUSTED=(--no-oracle --strategies softmerge --set softmerge-warm-step=auto --set softmerge-warm-bend-trusted=0.4)
-      "$SIM" "${COMMON[@]}" "${TRUSTED[@]}" --output benchmarks/fmnist-grid-warm-step-auto-bend-trusted \
-          --attacks layer-stealth,gaussian,backdoor-replace,backdoor,extreme,label-flip --fractions 0.8 --seeds 0
-      "$SIM" "${COMMON[@]}" "${TRUSTED[@]}" --alpha 0.1 \
-          --output benchmarks/fmnist-grid-alpha0.1-warm-step-auto-bend-trusted \
-          --attacks sign-flip,label-flip --fractions 0.4 --seeds 1
-      "$SIM" "${COMMON[@]}" "${TRUSTED[@]}" --output benchmarks/fmnist-grid-warm-step-auto-bend-trusted \
-          --attacks layer-stealth,extreme --fractions 0.4,0.6 --seeds 0
-      "$SIM" "${COMMON[@]}" "${TRUSTED[@]}" --output benchmarks/fmnist-grid-warm-step-auto-bend-trusted \
-          --attacks label-flip,ipm-100 --fractions 0.4 --seeds 1 ;;
   esac
 }
 

@@ -46,7 +46,6 @@ def merge_config_from(settings: RunSettings) -> SoftMergeConfig:
         warm_start_temperature=settings.softmerge_warm_temperature, warm_start_ceiling=settings.softmerge_ceiling,
         warm_start_step=settings.softmerge_warm_step, warm_start_bend=settings.softmerge_warm_bend,
         warm_start_bend_quantile=settings.softmerge_warm_bend_quantile,
-        warm_start_bend_trusted=settings.softmerge_warm_bend_trusted,
         merge_step_share=settings.softmerge_merge_step_share,
         mirror_test=settings.softmerge_mirror_test, mirror_temperature=settings.softmerge_mirror_temperature,
         mirror_confidence=settings.softmerge_mirror_confidence,

@@ -128,8 +128,7 @@ class SoftMerge(RoundStartMemory):
             cfg.keep_mode)
         log(INFO, "\t│\t├── steps: %d | lr: %g | L0 lambda: %g | batch: %d", cfg.steps, cfg.lr, cfg.l0_lambda,
             cfg.batch_size)
-        whose = f" (clients trusted at {cfg.warm_start_bend_trusted:g} or more)" if cfg.warm_start_bend_trusted else ""
-        step = (f"the merge step when the bends' {cfg.warm_start_bend_quantile:g} quantile{whose} reaches "
+        step = (f"the merge step when the bends' {cfg.warm_start_bend_quantile:g} quantile reaches "
                 f"{cfg.warm_start_bend:g} nats, else the candidate's" if cfg.warm_start_step == "auto"
                 else f"the {cfg.warm_start_step} step")
         log(INFO, "\t│\t├── warm start: %s (scored at %s) | ceiling: %s | mirror test: %s (z = %g) | "

@@ -86,7 +86,6 @@ class RunSettings:
     softmerge_warm_step: str = "candidate"
     softmerge_warm_bend: float = 2.5
     softmerge_warm_bend_quantile: float = 0.75
-    softmerge_warm_bend_trusted: float = 0.0
     softmerge_merge_step_share: str = "all"
     softmerge_ceiling: bool = True
     softmerge_mirror_test: bool = True
@@ -229,7 +228,6 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_warm_step": _choice(WARM_START_STEPS),
     "softmerge_warm_bend": _at_least(0),
     "softmerge_warm_bend_quantile": _closed_interval(0, 1),
-    "softmerge_warm_bend_trusted": _closed_interval(0, 1),
     "softmerge_merge_step_share": _choice(MERGE_STEP_SHARES),
     "softmerge_steps": _at_least(0),
     "softmerge_lr": _open_interval(0, 100),

@@ -168,8 +168,7 @@ RULE_KEYS = {"softmerge": ("softmerge-",), "fltrust": ("fltrust-",), "fedtrimmed
 # new default changed and kept the others as its runs.)
 LEGACY_VALUES = {"softmerge-example-weights": False, "attack-claimed-examples": 0, "softmerge-near-duplicates": 0.0,
                  "softmerge-mirror-trusted": 0.0, "softmerge-mirror-flipped": 0.0,
-                 "softmerge-warm-step": "candidate", "softmerge-merge-step-share": "all",
-                 "softmerge-warm-bend-trusted": 0.0}
+                 "softmerge-warm-step": "candidate", "softmerge-merge-step-share": "all"}
 
 
 # The keys in which two cells that differ only in the malicious fraction differ.

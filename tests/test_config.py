@@ -78,7 +78,6 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-warm-bend": -1}, "'softmerge-warm-bend' must be >= 0"),
         ({"softmerge-warm-bend": math.inf}, "'softmerge-warm-bend' must be a finite number"),
         ({"softmerge-warm-bend-quantile": 1.5}, "'softmerge-warm-bend-quantile' must be in [0, 1]"),
-        ({"softmerge-warm-bend-trusted": -0.1}, "'softmerge-warm-bend-trusted' must be in [0, 1]"),
         ({"softmerge-merge-step-share": "half"}, "'softmerge-merge-step-share' must be one of"),
         ({"softmerge-example-weights": True, "softmerge-mode": "select"},
          "'softmerge-example-weights' needs softmerge-mode = 'weight'"),
@@ -111,13 +110,12 @@ def test_softmerge_keys_reach_the_merge_config():
                                  "softmerge-beat-constant": "false", "softmerge-uninformed-merge": "direction",
                                  "softmerge-warm-step": "auto", "softmerge-warm-bend": 3,
                                  "softmerge-warm-bend-quantile": 0.5, "softmerge-merge-step-share": "open",
-                                 "softmerge-warm-bend-trusted": 0.6,
                                  "learning-rate": 0.05, "batch-size": 32,
                                  "local-epochs": 1})
     config = merge_config_from(settings)
     assert config.uninformed_merge == "direction" and config.warm_start_step == "auto"
     assert config.warm_start_bend == 3.0 and config.warm_start_bend_quantile == 0.5
-    assert config.merge_step_share == "open" and config.warm_start_bend_trusted == 0.6
+    assert config.merge_step_share == "open"
     # The server trains for the direction merge the way the clients train.
     assert (config.server_lr, config.server_batch_size, config.server_epochs) == (0.05, 32, 1)
     assert config.merge_duplicates is False and config.mirror_test is False and config.example_weights is True

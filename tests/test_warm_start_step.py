@@ -173,39 +173,6 @@ def test_auto_scores_at_the_candidates_step_when_the_round_does_not_bend():
     assert all(torch.equal(merged_auto[name], merged_alone[name]) for name in merged_alone)
 
 
-@pytest.mark.parametrize("overshooter_trust, others_trust, expected_merge_step", [
-    (0.2, 0.8, False),  # the overshooter's record is poor: the trusted, mild clients' bends decide
-    (0.8, 0.8, True),  # trusted, its bend counts like any other
-    (0.5, 0.5, True),  # nobody trusted yet: every client's bend counts
-])
-def test_auto_can_read_the_bends_of_trusted_clients_alone(overshooter_trust, others_trust, expected_merge_step):
-    model, candidates = _overshooting_round()
-    trust = [overshooter_trust] + [others_trust] * 9
-    config = SoftMergeConfig(**ONLY_THE_START, warm_start_step="auto", warm_start_bend_quantile=1.0,
-                             warm_start_bend_trusted=0.6)
-    _, report = soft_merge(model, candidates, (INPUTS, TARGETS), config, trust=trust)
-    assert report.merge_step is expected_merge_step
-    _, everyone = soft_merge(model, candidates, (INPUTS, TARGETS),
-                             SoftMergeConfig(**ONLY_THE_START, warm_start_step="auto", warm_start_bend_quantile=1.0),
-                             trust=trust)
-    assert everyone.merge_step
-    if not expected_merge_step:
-        assert 0 <= report.bend < 0.01 < everyone.bend
-
-
-def test_a_newcomer_among_recorded_clients_does_not_count_as_trusted_for_the_bend():
-    model, candidates = _overshooting_round()
-    # The overshooter comes back under a new identity: neutral trust, no record, while the others have one.
-    config = SoftMergeConfig(**ONLY_THE_START, warm_start_step="auto", warm_start_bend_quantile=1.0,
-                             warm_start_bend_trusted=0.5)
-    recorded = [False] + [True] * 9
-    _, report = soft_merge(model, candidates, (INPUTS, TARGETS), config, trust=[0.5] * 10, recorded=recorded)
-    assert not report.merge_step
-    # In a round of newcomers alone, every neutral client counts.
-    _, first = soft_merge(model, candidates, (INPUTS, TARGETS), config, trust=[0.5] * 10, recorded=[False] * 10)
-    assert first.merge_step
-
-
 def test_bad_bend_settings_are_refused():
     with pytest.raises(ValueError, match="warm_start_bend must be"):
         SoftMergeConfig(warm_start_bend=-1.0)
@@ -213,10 +180,6 @@ def test_bad_bend_settings_are_refused():
         SoftMergeConfig(warm_start_bend=float("nan"))
     with pytest.raises(ValueError, match="warm_start_bend_quantile must be"):
         SoftMergeConfig(warm_start_bend_quantile=1.5)
-    with pytest.raises(ValueError, match="warm_start_bend_trusted must be"):
-        SoftMergeConfig(warm_start_bend_trusted=1.5)
-    with pytest.raises(ValueError, match="warm_start_bend_trusted must be"):
-        SoftMergeConfig(warm_start_bend_trusted=float("nan"))
 
 
 def _one_strategy_round(model, candidates, validation, caplog, config):
@@ -245,23 +208,6 @@ def test_the_strategy_reports_the_step_each_round_scored_at(quantile, expected, 
 # larger one costs the mislabelled examples about the slope in nats each.
 NOISY_INPUTS = torch.tensor([[1.0]] * 5 + [[-1.0]] * 5)
 NOISY_TARGETS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
-
-
-@pytest.mark.usefixtures("task_identity")
-@pytest.mark.parametrize(("bend_trusted", "expected"), [(0.0, 1), (0.4, 0)])
-def test_the_strategy_reads_the_bends_of_the_clients_its_record_trusts(bend_trusted, expected, caplog):
-    model, candidates = _overshooting_round()
-    strategy = SoftMerge(model, (INPUTS, TARGETS), SoftMergeConfig(steps=5, warm_start_step="auto",
-                                                                   warm_start_bend_quantile=1.0,
-                                                                   warm_start_bend_trusted=bend_trusted))
-    nodes = list(range(1, len(candidates) + 1))
-    # Node 1, the overshooter, was refused in its last five rounds; the others were open in theirs.
-    strategy.trust_record = {str(node): ((0.0 if node == 1 else 5.0), 5.0) for node in nodes}
-    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(nodes)))
-    replies = [make_reply(node, state, partition=node) for node, state in zip(nodes, candidates)]
-    with caplog.at_level(logging.INFO, logger="flwr"):
-        _, metrics = strategy.aggregate_train(1, replies)
-    assert metrics["softmerge-merge-step"] == expected
 
 
 def _scaled_round():
