@@ -104,7 +104,14 @@ stage() {
           --attacks backdoor,backdoor-replace,sign-flip,min-max,scaling,alie --fractions 0.8 --seeds 0
       # Session 44: seeds 1-2 at 80% where the default lets the backdoors in, and sign-flip.
       "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
-          --attacks backdoor,backdoor-replace,sign-flip --fractions 0.8 --seeds 1,2 ;;
+          --attacks backdoor,backdoor-replace,sign-flip --fractions 0.8 --seeds 1,2
+      # Session 44: where auto lost to the default at 40% and 60% (seed 0), and alpha 0.1 seed 2.
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
+          --attacks layer-stealth,sign-flip,extreme,backdoor-evade,ipm-100,scaling,min-max,mimic-fixed --fractions 0.4 --seeds 0
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
+          --attacks layer-stealth,gaussian --fractions 0.6 --seeds 0
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --alpha 0.1 --output benchmarks/fmnist-grid-alpha0.1-warm-step-auto-open-share \
+          --attacks sign-flip,label-flip --fractions 0.4 --seeds 2 ;;
   esac
 }
 
