@@ -111,7 +111,9 @@ stage() {
       "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
           --attacks layer-stealth,gaussian --fractions 0.6 --seeds 0
       "$SIM" "${COMMON[@]}" "${OPEN[@]}" --alpha 0.1 --output benchmarks/fmnist-grid-alpha0.1-warm-step-auto-open-share \
-          --attacks sign-flip,label-flip --fractions 0.4 --seeds 2 ;;
+          --attacks sign-flip,label-flip --fractions 0.4 --seeds 2
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
+          --attacks backdoor-replace,gaussian,scaling,fang --fractions 0.2 --seeds 0 ;;
   esac
 }
 
