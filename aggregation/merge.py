@@ -1649,7 +1649,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         # candidate (``SoftMergeConfig.warm_start_step``).
         own_step_retry = merge_step and not given_start
         rejected_loss, rejected_over_margin, harm_fallback, steps, skipped, attempts = None, False, True, 0, 0, 0
-        chosen_start, stood_uninformed, direction_weights = plan[0][0], False, None
+        stood_uninformed, direction_weights = False, None
         # The first merge within the margin that only failed to beat the label frequencies,
         # and its start: if no start does better and the keep model does not beat them
         # either, it stands, as without the bar, so a task that no round can yet lift above
