@@ -924,8 +924,9 @@ def duplicate_groups(states: Sequence[Mapping[str, torch.Tensor]], first: int | 
         order.insert(0, order.pop(first))
     for k in order:
         state = states[k]
+        # By name, not in the order a reply listed its arrays: reordering must not split copies.
         key = tuple(float(t.detach().sum(dtype=torch.float64)) if t.dtype.is_floating_point else int(t.sum())
-                    for t in state.values())
+                    for _, t in sorted(state.items()))
         for group in buckets.setdefault(key, []):
             other = states[group[0]]
             if all(torch.equal(state[name], other[name]) for name in state):
@@ -1009,7 +1010,8 @@ def evaluate_state(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: 
     with torch.no_grad():
         for start in range(0, len(targets), batch_size):
             x, y = inputs[start:start + batch_size], targets[start:start + batch_size]
-            logits = functional_call(model, dict(state), (x,))
+            # Every name is given (a tied alias as its own tensor), so tied weights need no untying.
+            logits = functional_call(model, dict(state), (x,), tie_weights=False)
             total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(dim=-1) == y).sum())
     count = max(len(targets), 1)
@@ -1041,7 +1043,8 @@ def per_example_losses(model: nn.Module, state: Mapping[str, torch.Tensor], inpu
         pieces = [(inputs[start:start + batch_size], targets[start:start + batch_size])
                   for start in range(0, len(targets), batch_size)]
     with torch.no_grad():
-        losses = [nn.functional.cross_entropy(functional_call(model, dict(state), (x,)), y, reduction="none").double()
+        losses = [nn.functional.cross_entropy(functional_call(model, dict(state), (x,), tie_weights=False), y,
+                                              reduction="none").double()
                   for x, y in pieces]
     return torch.cat(losses)
 
@@ -1259,6 +1262,55 @@ def warm_start_log_alpha(losses: Sequence[float], config: SoftMergeConfig) -> to
     return torch.tensor(start, dtype=torch.float32)
 
 
+def checked_split(model: nn.Module, split: object, name: str = "validation",
+                  probe: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The server's labelled split as the merge reads it, or a ValueError that says what is wrong.
+
+    ``split`` must be ``(inputs, labels)``: as many inputs as labels, floating-point inputs
+    of the dtype of the model's floating parameters, and labels that are class indices (a
+    1-D integer tensor; any integer dtype is widened to int64, the one cross-entropy takes).
+    With ``probe``, the model is run (in eval mode, without gradients) on up to two inputs,
+    and the labels must be indices into its output's last dimension. Every defect found
+    here would otherwise surface as a torch error in the first round's merge, after every
+    client has trained.
+    """
+    if not (isinstance(split, Sequence) and len(split) == 2
+            and all(isinstance(part, torch.Tensor) for part in split)):
+        raise ValueError(f"the {name} split must be a pair of tensors (inputs, labels), got {type(split).__name__}")
+    inputs, labels = split
+    if inputs.dim() < 1 or labels.dim() != 1 or len(inputs) != len(labels):
+        raise ValueError(f"the {name} split must hold one label per input (1-D labels); got inputs of shape "
+                         f"{tuple(inputs.shape)} and labels of shape {tuple(labels.shape)}")
+    if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise ValueError(f"the {name} split's labels must be class indices (an integer tensor), got {labels.dtype}")
+    if not inputs.dtype.is_floating_point:
+        raise ValueError(f"the {name} split's inputs must be floating point, got {inputs.dtype}")
+    parameter_dtypes = {parameter.dtype for parameter in model.parameters() if parameter.dtype.is_floating_point}
+    if parameter_dtypes and inputs.dtype not in parameter_dtypes:
+        raise ValueError(f"the {name} split's inputs are {inputs.dtype} but the model's parameters are "
+                         f"{', '.join(sorted(str(dtype) for dtype in parameter_dtypes))}; convert the inputs")
+    labels = labels.long()
+    if probe and len(labels):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                outputs = model(inputs[:2])
+        except Exception as error:  # noqa: BLE001  (any failure here is the split's or the model's, said plainly)
+            raise ValueError(f"the model cannot run on the {name} split's inputs of shape "
+                             f"{tuple(inputs.shape[1:])}: {type(error).__name__}: {error}") from error
+        finally:
+            model.train(was_training)
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+            shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise ValueError(f"the model must return (batch, classes) logits on the {name} split, got {shape}")
+        classes = outputs.shape[-1]
+        if int(labels.min()) < 0 or int(labels.max()) >= classes:
+            raise ValueError(f"the {name} split's labels must lie in [0, {classes}) for a model with {classes} "
+                             f"outputs; got labels from {int(labels.min())} to {int(labels.max())}")
+    return inputs, labels
+
+
 def soft_merge(
     model: nn.Module,
     candidates: Sequence[Mapping[str, object]],
@@ -1324,7 +1376,8 @@ def _torch_threads(threads: int):
 
 
 def _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust, examples, recorded):
-    inputs, targets = validation
+    # Cheap checks every call; the strategies run the model on the split once, when built.
+    inputs, targets = checked_split(model, validation, probe=False)
     reference = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     labels = list(labels) if labels is not None else [f"candidate-{i}" for i in range(len(candidates))]
     if len(labels) != len(candidates):
@@ -1601,7 +1654,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             clients_only = [g for g in range(len(groups)) if g != gated_keep]
             if not clients_only:
                 return None
-            scores = direction_trust(model, keep_state, [group_states[g] for g in clients_only], validation, config)
+            scores = direction_trust(model, keep_state, [group_states[g] for g in clients_only], (inputs, targets),
+                                     config)
             total = float(scores.sum())
             if not total > 0:
                 return None

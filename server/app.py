@@ -193,6 +193,12 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             num_nodes = started_with
     writer.nodes = num_nodes
     if num_nodes:
+        outside = sorted(i for i in settings.malicious_ids if i >= num_nodes)
+        if outside and (settings.attack != "none" or settings.exclude_malicious):
+            # A simulation refuses this before it starts (check_simulation); nodes may still connect here.
+            log(WARNING, "softmerge: malicious partition ids %s are beyond the %d nodes connected at the start: "
+                "unless more nodes connect, the '%s' attack%s has fewer attackers than configured", outside,
+                num_nodes, settings.attack, " (and the oracle's exclusion)" if settings.exclude_malicious else "")
         replies = replies_per_round(settings, num_nodes)
         if problem := node_count_problem(settings.strategy, replies, settings.assumed_malicious):
             # More nodes may still connect; a simulation checked this before it started.

@@ -36,6 +36,7 @@ from flwr.supercore import log
 from torch import nn
 
 from ..aggregation.candidates import Exclusion, running_statistics
+from ..aggregation.merge import checked_split
 from ..aggregation.robust import (
     apply_update,
     centered_clipping,
@@ -48,7 +49,14 @@ from ..aggregation.robust import (
     median_statistics,
     server_steps_per_epoch,
 )
-from .replies import RoundStartMemory, aggregate_client_metrics, candidate_label, screen_replies, sort_key
+from .replies import (
+    RoundStartMemory,
+    aggregate_client_metrics,
+    candidate_label,
+    log_unaveraged,
+    screen_replies,
+    sort_key,
+)
 
 # A client may report its partition id; it only names the client in logs and scores.
 LABEL_KEY = "partition-id"
@@ -89,7 +97,8 @@ class _UpdateAggregation(RoundStartMemory):
                 name, server_round)
             return None, None
         global_state = self._global_state
-        positions, states, labels, contents, excluded = self._valid_replies(list(replies), global_state)
+        positions, states, labels, contents, excluded, averaged = self._valid_replies(server_round, list(replies),
+                                                                                      global_state)
         names, updates = flatten_updates(global_state, states, self.update_names(global_state))
         # Finite float64 models can still differ by more than float64 holds.
         overflowing = [i for i in range(len(states)) if not bool(torch.isfinite(updates[i]).all())]
@@ -103,7 +112,7 @@ class _UpdateAggregation(RoundStartMemory):
         for exclusion in excluded:
             log(WARNING, "%s round %d: excluded %s: %s", name, server_round, exclusion.label, exclusion.reason)
 
-        metrics = self._aggregate_client_metrics(contents)
+        metrics = self._aggregate_client_metrics([content for content in contents if id(content) in averaged])
         metrics[f"{self.metric_prefix}-clients"] = len(states)
         metrics[f"{self.metric_prefix}-excluded"] = len(excluded)
         # As the hardened Flower strategies report them (see :func:`softmerge.server.replies.harden`).
@@ -174,10 +183,13 @@ class _UpdateAggregation(RoundStartMemory):
         """A rule-specific reason to exclude a reply, or None."""
         return None
 
-    def _valid_replies(self, replies: list[Message], reference: dict[str, torch.Tensor]):
+    def _valid_replies(self, server_round: int, replies: list[Message], reference: dict[str, torch.Tensor]):
         screened = screen_replies(replies, reference, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key,
                                   sent=self._sent_train)
         excluded = list(screened.rejected)
+        log_unaveraged(server_round, "train", screened.unaveraged)
+        # The replies whose metrics the round averages (see screen_replies), by identity.
+        averaged = {id(content) for content in screened.averaged_contents()}
         positions, states, labels, contents = [], [], [], []
         # Replies arrive in completion order; a fixed order makes float sums reproducible.
         ordered = sorted(enumerate(zip(screened.messages, screened.states)), key=lambda item: sort_key(item[1][0]))
@@ -191,7 +203,7 @@ class _UpdateAggregation(RoundStartMemory):
             states.append(state)
             labels.append(label)
             contents.append(message.content)
-        return positions, states, labels, contents, excluded
+        return positions, states, labels, contents, excluded, averaged
 
     def _aggregate_client_metrics(self, contents: list[RecordDict]) -> MetricRecord:
         return aggregate_client_metrics(self, contents, (LABEL_KEY,))
@@ -255,10 +267,10 @@ class FLTrust(_UpdateAggregation):
     ) -> None:
         kwargs.setdefault("statistics", running_statistics(model))
         super().__init__(**kwargs)
+        root_data = checked_split(model, root_data, "root")
         inputs, targets = root_data
-        if len(targets) == 0 or len(inputs) != len(targets):
-            raise ValueError(f"root_data must hold as many inputs as labels, at least one; got {len(inputs)} "
-                             f"and {len(targets)}")
+        if len(targets) == 0:
+            raise ValueError("root_data must hold at least one example")
         _require(isinstance(epochs, int) and epochs >= 1, f"epochs must be an integer >= 1, got {epochs!r}")
         _require(_finite_number(learning_rate) and learning_rate > 0,
                  f"learning_rate must be > 0, got {learning_rate!r}")

@@ -10,10 +10,15 @@ and a bad one is excluded with a per-client reason, so the rest of the round pro
 - (train) not exactly one ArrayRecord, arrays that cannot be decoded, a missing or extra
   array, a wrong shape or dtype, a non-finite value;
 - not exactly one MetricRecord, a missing, non-numeric, non-positive, non-finite or absurd
-  ``num-examples``, a non-finite metric, or metric keys that differ from the round's
-  majority, or a metric that is a number in one reply and a list (or a list of another
-  length) in the round's majority (Flower's metric averaging needs the same keys and
-  shapes in every reply).
+  ``num-examples``, or a non-finite metric.
+
+A reply is never refused for its metric keys alone: if it were, the clients that send the
+most common key set (a malicious majority, or the newer of two client versions) could shut
+every other model out by adding a key. Flower averages metrics key by key and needs the
+same keys and shapes in every reply, so the round's metrics are averaged over the replies
+whose record name, keys and shapes are the most common (ties: the larger set, then the
+first seen); the others still count as models, and their metrics are left out with a
+logged note (``ScreenedReplies.unaveraged``).
 
 :func:`harden` applies the screen to any Flower Message-API strategy, sorts the valid
 replies into a reproducible order, and guards what the strategy returns: if it raises,
@@ -46,11 +51,21 @@ MAX_NUM_EXAMPLES = 10**9
 
 @dataclass
 class ScreenedReplies:
-    """Replies that passed the screen, their decoded states (train only), and the rest."""
+    """Replies that passed the screen, their decoded states (train only), and the rest.
+
+    ``averaged[i]`` says whether ``messages[i]``'s metrics are of the round's most common
+    form, the ones its metric average is taken over; ``unaveraged`` notes why the others' are not.
+    """
 
     messages: list[Message] = field(default_factory=list)
     states: list[dict[str, torch.Tensor]] = field(default_factory=list)
     rejected: list[Exclusion] = field(default_factory=list)
+    averaged: list[bool] = field(default_factory=list)
+    unaveraged: list[Exclusion] = field(default_factory=list)
+
+    def averaged_contents(self) -> list:
+        """The contents of the replies whose metrics the round averages."""
+        return [message.content for message, kept in zip(self.messages, self.averaged) if kept]
 
 
 def node_label(message: Message, sent_to: Mapping[str, int] | None = None) -> str:
@@ -181,21 +196,43 @@ def screen_replies(
         else:
             candidates.append((message, state, signature))
 
-    # Flower averages metrics key by key, so all kept replies must share one record name
-    # and one key set, each key a number or a list of one length; the most common wins
-    # (ties: the larger set, then the first seen).
+    # Flower averages metrics key by key, so the replies it averages must share one record
+    # name and one key set, each key a number or a list of one length; the most common form
+    # is averaged (ties: the larger set, then the first seen), and every reply stays a model.
     signatures = Counter(signature for _, _, signature in candidates)
     majority = max(signatures.items(), key=lambda item: (item[1], len(item[0][1])))[0] if signatures else None
     for position, (message, state, signature) in enumerate(candidates):
         if signature != majority:
             differing = sorted({key for key, _ in signature[1] ^ majority[1]}) or [f"record '{signature[0]}'"]
-            screened.rejected.append(Exclusion(position, node_label(message),
-                                               f"metric keys or shapes differ from the round's: {differing[:4]}"))
-            continue
+            screened.unaveraged.append(Exclusion(position, node_label(message),
+                                                 f"metric keys or shapes differ from the round's: {differing[:4]}"))
         screened.messages.append(message)
+        screened.averaged.append(signature == majority)
         if state is not None:
             screened.states.append(state)
     return screened
+
+
+def share_metric_keys(messages: list[Message]) -> None:
+    """Reduce every reply's MetricRecord, in place, to the keys all of them hold in one shape.
+
+    For a Flower strategy, which checks that every reply it aggregates holds the same metric
+    keys and raises otherwise: the models of replies whose metrics differ still count. The
+    record takes the most common name. Call it only after the round's metrics are averaged.
+    """
+    forms = []
+    for message in messages:
+        name, record = next(iter(message.content.metric_records.items()))
+        forms.append((name, {(key, len(value) if isinstance(value, list) else None) for key, value in record.items()}))
+    names = Counter(name for name, _ in forms)
+    common_name = max(names, key=lambda name: names[name])
+    shared = {key for key, _ in set.intersection(*(form for _, form in forms))}
+    for message, (name, form) in zip(messages, forms):
+        if name == common_name and {key for key, _ in form} == shared:
+            continue
+        record = message.content[name]
+        del message.content[name]
+        message.content[common_name] = MetricRecord({key: record[key] for key in record if key in shared})
 
 
 def _check_one(message: Message, reference, weighted_by_key: str, with_arrays: bool, arrayrecord_key: str):
@@ -339,10 +376,12 @@ def screened_evaluate(server_round: int, replies: Iterable[Message], weighted_by
     """
     screened = screen_replies(replies, None, weighted_by_key, with_arrays=False, sent=sent)
     log_rejections(server_round, "evaluate", screened.rejected)
-    if not screened.messages:
+    log_unaveraged(server_round, "evaluate", screened.unaveraged)
+    averaged = [message for message, kept in zip(screened.messages, screened.averaged) if kept]
+    if not averaged:
         return None
     try:
-        return aggregate(server_round, sorted(screened.messages, key=sort_key))
+        return aggregate(server_round, sorted(averaged, key=sort_key))
     except Exception as error:  # noqa: BLE001  (client metrics are informational only)
         log(WARNING, "round %d: evaluate metrics not aggregated: %s", server_round, error)
         return None
@@ -376,11 +415,19 @@ def harden(strategy: FedAvg) -> FedAvg:
         screened = screen_replies(replies, reference, strategy.weighted_by_key,
                                   arrayrecord_key=strategy.arrayrecord_key, sent=sent["train"])
         log_rejections(server_round, "train", screened.rejected)
+        log_unaveraged(server_round, "train", screened.unaveraged)
         valid = sorted(screened.messages, key=sort_key)
-        arrays, metrics = None, None
+        arrays, metrics, round_metrics = None, None, None
+        if screened.unaveraged:
+            # The metrics of the most common form, averaged before every reply's record is cut
+            # to the keys they all share so that the strategy can aggregate every model.
+            round_metrics = aggregate_client_metrics(strategy, screened.averaged_contents(), ())
+            share_metric_keys(valid)
         if valid:
             try:
                 arrays, metrics = aggregate_train(server_round, valid)
+                if round_metrics is not None and metrics is not None:
+                    metrics = round_metrics
             except Exception as error:  # noqa: BLE001  (an aggregation rule failing must not end the run)
                 log(WARNING, "round %d: %s failed on screened replies (%s); keeping the global model",
                     server_round, type(strategy).__name__, error)
@@ -416,3 +463,9 @@ def harden(strategy: FedAvg) -> FedAvg:
 def log_rejections(server_round: int, phase: str, rejected: list[Exclusion]) -> None:
     for exclusion in rejected:
         log(WARNING, "round %d %s: excluded %s: %s", server_round, phase, exclusion.label, exclusion.reason)
+
+
+def log_unaveraged(server_round: int, phase: str, unaveraged: list[Exclusion]) -> None:
+    for note in unaveraged:
+        log(WARNING, "round %d %s: %s kept, its metrics not averaged: %s", server_round, phase, note.label,
+            note.reason)

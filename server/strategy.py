@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -26,12 +26,13 @@ from flwr.supercore import log
 from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig, soft_merge
-from ..aggregation.merge import DIRECTION_START, KEEP_LABEL, build_merge_units, stack_in_place
+from ..aggregation.merge import DIRECTION_START, KEEP_LABEL, build_merge_units, checked_split, stack_in_place
 from ..aggregation.trust import forget_least_recent, relative_openness, trust_of, update_record
 from .replies import (
     RoundStartMemory,
     aggregate_client_metrics,
     candidate_label,
+    log_unaveraged,
     screen_replies,
     sort_key,
 )
@@ -96,7 +97,9 @@ class SoftMerge(RoundStartMemory):
     ) -> None:
         super().__init__(**kwargs)
         self.model = model
-        self.validation = validation
+        # A split the model cannot score (wrong dtype, shape or label range) fails here, not
+        # in the first round's merge after every client has trained.
+        self.validation = checked_split(model, validation, "gate")
         self.merge_config = merge_config or SoftMergeConfig()
         # A unit pattern that matches no tensor raises here, not in the first round's merge.
         build_merge_units(model, self.merge_config.units)
@@ -159,8 +162,11 @@ class SoftMerge(RoundStartMemory):
                                   sent=self._sent_train)
         # Replies arrive in completion order; sorting makes the gate noise, and so the
         # merge, reproducible for a given seed.
+        log_unaveraged(server_round, "train", screened.unaveraged)
         order = sorted(range(len(screened.messages)), key=lambda i: sort_key(screened.messages[i]))
         messages = [screened.messages[i] for i in order]
+        # The round's metrics are averaged over the replies whose metrics have its most common form.
+        averaged = [screened.messages[i].content for i in order if screened.averaged[i]]
         states = [screened.states[i] for i in order]
         screened.states.clear()
         labels: list[str] = []
@@ -177,10 +183,18 @@ class SoftMerge(RoundStartMemory):
         round_config = replace(self.merge_config, seed=self.merge_config.seed + server_round)
         # Move the decoded models into the stacked layout the gates learn on, so the round
         # holds one copy of them instead of two; the merge itself is unchanged.
-        keep_view = stack_in_place(self.model, states, keep, round_config.units)
-        merged, report = soft_merge(self.model, states, self.validation, round_config,
-                                    keep=keep_view if keep_view is not None else keep, labels=labels, trust=trust,
-                                    examples=examples, recorded=recorded)
+        try:
+            keep_view = stack_in_place(self.model, states, keep, round_config.units)
+            merged, report = soft_merge(self.model, states, self.validation, round_config,
+                                        keep=keep_view if keep_view is not None else keep, labels=labels,
+                                        trust=trust, examples=examples, recorded=recorded)
+        except Exception as error:  # noqa: BLE001  (as the hardened baselines: a failed merge must not end the run)
+            log(ERROR, "SoftMerge round %d: the merge failed (%s: %s); keeping the global model and recording "
+                "nothing about the clients", server_round, type(error).__name__, error, exc_info=True)
+            metrics = aggregate_client_metrics(self, averaged, (self.label_key,))
+            metrics.update({"softmerge-merge-failed": 1, "replies-excluded": len(screened.rejected),
+                            "replies-used": len(messages)})
+            return ArrayRecord({name: tensor.clone() for name, tensor in keep.items()}), metrics
         del states, keep_view
         # A round whose first merge failed the no-harm check is not evidence about the
         # clients: the failure is the optimisation's, and the last retry starts every client
@@ -198,8 +212,9 @@ class SoftMerge(RoundStartMemory):
         if self.on_report is not None:
             self.on_report(server_round, report)
 
-        metrics = aggregate_client_metrics(self, [message.content for message in messages], (self.label_key,))
+        metrics = aggregate_client_metrics(self, averaged, (self.label_key,))
         metrics.update(report_summary(report))
+        metrics["softmerge-merge-failed"] = 0
         # As the hardened baselines report them (see :func:`softmerge.server.replies.harden`).
         metrics["replies-excluded"] = len(screened.rejected)
         metrics["replies-used"] = len(messages)

@@ -138,7 +138,7 @@ def test_hostile_replies_never_escape_or_poison_the_broadcast(name):
         for key, tensor in state.items():
             assert tensor.shape == GLOBAL[key].shape and tensor.dtype == GLOBAL[key].dtype
             assert torch.isfinite(tensor).all(), (kinds, key)
-        # A reply whose metric keys or shapes differ is only wrong next to others; alone it is valid.
+        # A reply whose metric keys or shapes differ from the others' is still a model.
         usable = ("honest", "metric-keys", "metric-shape", "value")
         if not any(kind in usable for kind in kinds):
             assert all(torch.equal(state[k], GLOBAL[k]) for k in GLOBAL), kinds
@@ -154,23 +154,46 @@ def test_enough_hostile_replies_were_generated():
     assert GENERATED["replies"] >= 2000 or GENERATED["replies"] == 0  # 0 when run alone with -k
 
 
+def _offset_reply(node: int, metrics: dict) -> Message:
+    """Node ``node``'s train reply: the global model moved by 0.01 * node, with ``metrics`` and a count of 10."""
+    instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+    state = {k: (v + 0.01 * node).numpy().copy() for k, v in GLOBAL.items()}
+    record = MetricRecord({**metrics, "num-examples": 10, "partition-id": node})
+    return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}), "metrics": record}),
+                   reply_to=instruction)
+
+
 @pytest.mark.parametrize("name", list(_strategies()))
-def test_one_list_valued_metric_costs_only_its_own_reply(name):
+def test_one_list_valued_metric_is_left_out_of_the_average_but_its_model_counts(name):
     """Flower averages a metric element by element: a list where the others send a number
-    made the whole aggregation raise, so one client kept every honest update out."""
+    made the whole aggregation raise, so one client kept every honest update out; then it
+    cost that reply its model, which let a majority shut out the rest by their metrics."""
     strategy = _strategies()[name]()
     list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(range(1, 6))))
-    messages = []
-    for node in range(1, 6):
-        instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
-        state = {k: (v + 0.01 * node).numpy().copy() for k, v in GLOBAL.items()}
-        loss = [0.3, 0.3] if node == 5 else 0.3
-        metrics = MetricRecord({"train-loss": loss, "num-examples": 10, "partition-id": node})
-        messages.append(Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}),
-                                            "metrics": metrics}), reply_to=instruction))
+    messages = [_offset_reply(node, {"train-loss": [0.3, 0.3] if node == 5 else 0.3}) for node in range(1, 6)]
     arrays, metrics = strategy.aggregate_train(1, messages)
-    assert metrics.get("softmerge-excluded", metrics.get("replies-excluded")) == 1
+    assert metrics.get("softmerge-excluded", metrics.get("replies-excluded")) == 0
+    assert metrics["replies-used"] == 5 and metrics["train-loss"] == pytest.approx(0.3)
     assert not all(torch.equal(arrays.to_torch_state_dict()[k], GLOBAL[k]) for k in GLOBAL)
+
+
+@pytest.mark.parametrize("name", list(_strategies()))
+def test_a_majority_with_one_metric_key_more_does_not_shut_out_the_other_models(name, caplog):
+    strategy = _strategies()[name]()
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(range(1, 6))))
+    messages = [_offset_reply(node, {"train-loss": 0.1 * node} | ({"extra": 1.0} if node >= 3 else {}))
+                for node in range(1, 6)]
+    with caplog.at_level("WARNING"):
+        arrays, metrics = strategy.aggregate_train(1, messages)
+    assert metrics.get("softmerge-excluded", metrics.get("replies-excluded")) == 0
+    assert metrics["replies-used"] == 5
+    # The round's metrics are those of the most common form: nodes 3-5.
+    assert metrics["extra"] == pytest.approx(1.0) and metrics["train-loss"] == pytest.approx(0.4)
+    assert "node-1" in caplog.text and "metrics not averaged" in caplog.text
+    if name in ("fedavg", "fedmedian"):
+        # Over all five models the mean and the median are node 3's offset; over nodes 3-5 alone, node 4's.
+        merged = arrays.to_torch_state_dict()
+        assert all(torch.allclose(merged[k], GLOBAL[k] + 0.03, atol=1e-5) for k in GLOBAL), name
 
 
 @pytest.mark.parametrize("name", list(_strategies()))

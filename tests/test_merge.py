@@ -16,7 +16,7 @@ from softmerge.aggregation import (
     validate_candidates,
 )
 from softmerge.aggregation.gates import LOG_ALPHA_CLOSED
-from softmerge.aggregation.merge import (LOG_ALPHA_MIN, best_class_gain, duplicate_groups, is_flipped,
+from softmerge.aggregation.merge import (LOG_ALPHA_MIN, best_class_gain, checked_split, duplicate_groups, is_flipped,
                                         is_specialist, mirror_log_alpha, mirror_state, mirror_statistics,
                                         per_example_losses, warm_start_log_alpha)
 
@@ -552,6 +552,26 @@ def test_duplicate_groups_are_exact_and_the_first_named_leads_its_group():
     assert duplicate_groups(states) == [[0, 2], [1, 5], [3], [4]]
     assert duplicate_groups(states, first=5) == [[0, 2], [5, 1], [3], [4]]
     assert duplicate_groups([a]) == [[0]]
+    # The same arrays listed in another order are still a copy.
+    reordered = dict(reversed(list({k: v.clone() for k, v in a.items()}.items())))
+    assert duplicate_groups([a, b, reordered]) == [[0, 2], [1]]
+
+
+def test_checked_split_widens_integer_labels_and_names_what_is_wrong():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    inputs = torch.randn(5, 3)
+    checked_inputs, labels = checked_split(model, (inputs, torch.tensor([0, 1, 1, 0, 1], dtype=torch.int32)))
+    assert checked_inputs is inputs and labels.dtype == torch.int64 and labels.tolist() == [0, 1, 1, 0, 1]
+    with pytest.raises(ValueError, match="labels must be class indices"):
+        checked_split(model, (inputs, torch.ones(5, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="inputs must be floating point"):
+        checked_split(model, (inputs.long(), torch.zeros(5, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"the root split's labels must lie in \[0, 2\)"):
+        checked_split(model, (inputs, torch.tensor([0, 1, 2, 0, 1])), "root")
+    # Without the probe the model is not run, so labels out of its range pass.
+    assert checked_split(model, (inputs, torch.tensor([0, 1, 2, 0, 1])), probe=False)[1].max() == 2
+    # An empty split is accepted (no gate can be learned on it; the merge says so by its steps).
+    assert len(checked_split(model, (inputs[:0], torch.zeros(0, dtype=torch.long)))[1]) == 0
 
 
 def test_identical_replies_share_one_gate_and_one_candidate_s_weight(honest_candidates, digits_task):

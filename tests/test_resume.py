@@ -520,3 +520,19 @@ def test_a_run_in_which_no_client_reply_was_usable_fails_instead_of_finishing(tm
         run_server(EchoGrid(4, kill_in_train_round=3), resumed, num_nodes=4)
     run_server(FailingClients(4), resumed, num_nodes=4)
     assert load_results(tmp_path / "resumed")["status"] == "finished"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_deployment_warns_when_its_malicious_ids_name_no_connected_node(tmp_path, caplog):
+    """A simulation refuses such ids before it starts; a deployment's nodes may still connect,
+    so its server says that the attack it records has fewer attackers than configured."""
+    from flower_helpers import EchoGrid
+    from softmerge.server.app import run_server
+    from softmerge.simulations.config import parse_run_config
+
+    settings = parse_run_config({"num-server-rounds": 1, "softmerge-steps": 4, "attack": "extreme",
+                                 "malicious-partitions": "3,7,8", "output-dir": str(tmp_path / "run")})
+    with caplog.at_level("WARNING"):
+        run_server(EchoGrid(5), settings)
+    assert "malicious partition ids [7, 8] are beyond the 5 nodes connected at the start" in caplog.text
+    assert load_results(tmp_path / "run")["status"] == "finished"

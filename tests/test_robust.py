@@ -380,6 +380,18 @@ def _assert_same_layout(arrays, model):
     assert all(torch.isfinite(t).all() for t in merged.values())
 
 
+def test_fltrust_reads_integer_root_labels_of_any_width_and_refuses_a_root_set_it_cannot_train_on(digits_task):
+    from softmerge.simulations.tasks import build_model
+
+    model = build_model("digits", seed=0)
+    inputs, labels = digits_task.gate.tensors()
+    assert FLTrust(model, (inputs, labels.to(torch.int16))).root_data[1].dtype == torch.int64
+    with pytest.raises(ValueError, match="the root split's inputs are torch.float64"):
+        FLTrust(model, (inputs.double(), labels))
+    with pytest.raises(ValueError, match="at least one example"):
+        FLTrust(model, (inputs[:0], labels[:0]))
+
+
 def test_fltrust_strategy_ignores_sign_flips_and_bounds_extreme_clients(federation, digits_task):
     model, locals_ = federation
     global_state = model.state_dict()

@@ -119,3 +119,101 @@ def test_every_configured_strategy_builds_and_the_update_rules_know_the_running_
             # BatchNorm's mean and variance are merged as the clients' median, not by the rule.
             assert strategy.statistics == {"1.running_mean", "1.running_var"}, name
             assert "1.running_var" not in strategy.update_names(model.state_dict())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda x, y: (x.double(), y), "inputs are torch.float64 but the model's parameters are torch.float32"),
+    (lambda x, y: (x, y.float()), "labels must be class indices"),
+    (lambda x, y: (x, y[:-1]), "one label per input"),
+    (lambda x, y: (x, y + 10), r"labels must lie in \[0, 10\)"),
+    (lambda x, y: (x[:, :-1], y), "the model cannot run on the gate split's inputs"),
+    (lambda x, y: x, "must be a pair of tensors"),
+])
+def test_a_gate_split_the_model_cannot_score_is_refused_when_the_strategy_is_built(honest_candidates, digits_task,
+                                                                                   edit, message):
+    """Found in round 1's merge, such a split ended the run after every client had trained."""
+    model, _ = honest_candidates
+    with pytest.raises(ValueError, match=message):
+        SoftMerge(model, edit(*digits_task.gate.tensors()))
+
+
+def test_integer_labels_of_any_width_are_read_as_class_indices(honest_candidates, digits_task):
+    model, locals_ = honest_candidates
+    inputs, labels = digits_task.gate.tensors()
+    strategy = SoftMerge(model, (inputs, labels.to(torch.int32)), SoftMergeConfig(steps=10))
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([1, 2, 3])))
+    arrays, metrics = strategy.aggregate_train(1, [make_reply(i + 1, locals_[i], partition=i) for i in range(3)])
+    assert metrics["softmerge-candidates"] == 4 and metrics["softmerge-merge-failed"] == 0
+    assert strategy.validation[1].dtype == torch.int64
+
+
+def test_a_merge_that_raises_keeps_the_global_model_and_records_no_trust(honest_candidates, digits_task, monkeypatch,
+                                                                           caplog):
+    import softmerge.server.strategy as strategy_module
+
+    model, locals_ = honest_candidates
+    strategy = _strategy(model, digits_task, [])
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(strategy_module, "soft_merge", failing)
+    with caplog.at_level("ERROR"):
+        arrays, metrics = strategy.aggregate_train(1, [make_reply(i + 1, locals_[i], partition=i) for i in range(4)])
+    merged = arrays.to_torch_state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+    assert metrics["softmerge-merge-failed"] == 1 and metrics["replies-used"] == 4
+    assert metrics["train-loss"] == pytest.approx(0.5)
+    assert strategy.trust_record == {} and 1 not in strategy.reports
+    assert "the merge failed (RuntimeError: out of memory); keeping the global model" in caplog.text
+
+
+def test_a_model_with_tied_weights_merges():
+    """Tied names arrive as two arrays; scoring a candidate must not ask torch to tie them again."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Linear(4, 4)
+            self.hidden = torch.nn.Linear(4, 4)
+            self.hidden.weight = self.embed.weight
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.hidden(torch.relu(self.embed(x)))))
+
+    torch.manual_seed(0)
+    model = Tied()
+    gate = (torch.randn(24, 4), torch.arange(24) % 3)
+    strategy = SoftMerge(model, gate, SoftMergeConfig(steps=4, check_every=2))
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    list(strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), StubGrid([1, 2, 3])))
+    replies = []
+    for node in (1, 2, 3):
+        noise = 0.01 * torch.randn(4, 4)
+        state = {k: v + 0.01 * node for k, v in global_state.items()}
+        state["embed.weight"] = global_state["embed.weight"] + noise
+        state["hidden.weight"] = state["embed.weight"].clone()
+        replies.append(make_reply(node, state, partition=node))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    merged = arrays.to_torch_state_dict()
+    assert metrics["softmerge-candidates"] == 4 and metrics["softmerge-excluded"] == 0
+    assert torch.equal(merged["embed.weight"], merged["hidden.weight"])
+
+
+def test_a_majority_that_adds_a_metric_key_does_not_shut_the_others_out(honest_candidates, digits_task):
+    """Replies were refused for metric keys unlike the majority's: at 50% or more, attackers
+    could keep every honest model out of the round by sending one key more."""
+    model, locals_ = honest_candidates
+    strategy = _strategy(model, digits_task, [])
+    replies = [make_reply(i + 1, locals_[i], partition=i) for i in range(2)]
+    for node in (3, 4, 5):
+        reply = make_reply(node, locals_[node], partition=node)
+        reply.content["metrics"]["extra"] = 1.0
+        replies.append(reply)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    report = strategy.reports[1]
+    assert report.candidates == [f"client-{i}" for i in (0, 1, 3, 4, 5)] + ["keep"]
+    assert metrics["softmerge-excluded"] == 0 and metrics["replies-used"] == 5
+    # The round's metrics are the most common form's: the three that send the extra key.
+    assert metrics["extra"] == pytest.approx(1.0)
