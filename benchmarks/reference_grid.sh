@@ -113,7 +113,19 @@ stage() {
       "$SIM" "${COMMON[@]}" "${OPEN[@]}" --alpha 0.1 --output benchmarks/fmnist-grid-alpha0.1-warm-step-auto-open-share \
           --attacks sign-flip,label-flip --fractions 0.4 --seeds 2
       "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
-          --attacks backdoor-replace,gaussian,scaling,fang --fractions 0.2 --seeds 0 ;;
+          --attacks backdoor-replace,gaussian,scaling,fang --fractions 0.2 --seeds 0
+      # Session 45: sign-flip at 60% on three seeds (the default's final-round miss), the rest
+      # of the 40% column and more of the 60% column (seed 0), then seed 1 at 40%.
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
+          --attacks sign-flip --fractions 0.6 --seeds 0,1,2
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
+          --attacks mimic-fixed,backdoor,backdoor-evade,min-max,alie,label-flip --fractions 0.6 --seeds 0
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
+          --attacks none,label-flip,gaussian,backdoor,backdoor-replace,alie,ipm-0.1,min-sum,fang,mimic --fractions 0.4 --seeds 0
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
+          --attacks none,extreme,backdoor-replace,scaling,ipm-0.1,ipm-100,min-sum,fang,mimic --fractions 0.6 --seeds 0
+      "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
+          --attacks sign-flip,label-flip,mimic-fixed,backdoor-evade,min-max,alie,ipm-100,extreme --fractions 0.4 --seeds 1 ;;
   esac
 }
 
