@@ -1267,8 +1267,9 @@ def checked_split(model: nn.Module, split: object, name: str = "validation",
     """The server's labelled split as the merge reads it, or a ValueError that says what is wrong.
 
     ``split`` must be ``(inputs, labels)``: as many inputs as labels, floating-point inputs
-    of the dtype of the model's floating parameters, and labels that are class indices (a
-    1-D integer tensor; any integer dtype is widened to int64, the one cross-entropy takes).
+    of the dtype of the model's floating parameters (or integer ones, such as token ids),
+    and labels that are class indices (a 1-D integer tensor; any integer dtype is widened
+    to int64, the one cross-entropy takes).
     With ``probe``, the model is run (in eval mode, without gradients) on up to two inputs,
     and the labels must be indices into its output's last dimension. Every defect found
     here would otherwise surface as a torch error in the first round's merge, after every
@@ -1283,10 +1284,9 @@ def checked_split(model: nn.Module, split: object, name: str = "validation",
                          f"{tuple(inputs.shape)} and labels of shape {tuple(labels.shape)}")
     if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
         raise ValueError(f"the {name} split's labels must be class indices (an integer tensor), got {labels.dtype}")
-    if not inputs.dtype.is_floating_point:
-        raise ValueError(f"the {name} split's inputs must be floating point, got {inputs.dtype}")
+    # Integer inputs (token ids into an embedding) are the model's to read; the probe says if it cannot.
     parameter_dtypes = {parameter.dtype for parameter in model.parameters() if parameter.dtype.is_floating_point}
-    if parameter_dtypes and inputs.dtype not in parameter_dtypes:
+    if inputs.dtype.is_floating_point and parameter_dtypes and inputs.dtype not in parameter_dtypes:
         raise ValueError(f"the {name} split's inputs are {inputs.dtype} but the model's parameters are "
                          f"{', '.join(sorted(str(dtype) for dtype in parameter_dtypes))}; convert the inputs")
     labels = labels.long()

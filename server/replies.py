@@ -31,7 +31,8 @@ import functools
 import io
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -213,26 +214,34 @@ def screen_replies(
     return screened
 
 
-def share_metric_keys(messages: list[Message]) -> None:
-    """Reduce every reply's MetricRecord, in place, to the keys all of them hold in one shape.
+@contextmanager
+def shared_metric_keys(messages: list[Message]) -> Iterator[None]:
+    """Within the block, every reply's MetricRecord holds only the keys all of them hold in one shape.
 
     For a Flower strategy, which checks that every reply it aggregates holds the same metric
     keys and raises otherwise: the models of replies whose metrics differ still count. The
-    record takes the most common name. Call it only after the round's metrics are averaged.
+    record takes the most common name. Each reply's own record is put back on leaving, so
+    nothing that reads the replies later sees them cut.
     """
     forms = []
     for message in messages:
         name, record = next(iter(message.content.metric_records.items()))
-        forms.append((name, {(key, len(value) if isinstance(value, list) else None) for key, value in record.items()}))
-    names = Counter(name for name, _ in forms)
+        forms.append((name, record, {(key, len(value) if isinstance(value, list) else None)
+                                     for key, value in record.items()}))
+    names = Counter(name for name, _, _ in forms)
     common_name = max(names, key=lambda name: names[name])
-    shared = {key for key, _ in set.intersection(*(form for _, form in forms))}
-    for message, (name, form) in zip(messages, forms):
-        if name == common_name and {key for key, _ in form} == shared:
-            continue
-        record = message.content[name]
+    shared = {key for key, _ in set.intersection(*(form for _, _, form in forms))} if forms else set()
+    changed = [(message, name, record) for message, (name, record, form) in zip(messages, forms)
+               if name != common_name or {key for key, _ in form} != shared]
+    for message, name, record in changed:
         del message.content[name]
         message.content[common_name] = MetricRecord({key: record[key] for key in record if key in shared})
+    try:
+        yield
+    finally:
+        for message, name, record in changed:
+            del message.content[common_name]
+            message.content[name] = record
 
 
 def _check_one(message: Message, reference, weighted_by_key: str, with_arrays: bool, arrayrecord_key: str):
@@ -419,19 +428,19 @@ def harden(strategy: FedAvg) -> FedAvg:
         valid = sorted(screened.messages, key=sort_key)
         arrays, metrics, round_metrics = None, None, None
         if screened.unaveraged:
-            # The metrics of the most common form, averaged before every reply's record is cut
-            # to the keys they all share so that the strategy can aggregate every model.
+            # The metrics of the most common form: the strategy gets every reply's record cut
+            # to the keys they all share, so that it can aggregate every model.
             round_metrics = aggregate_client_metrics(strategy, screened.averaged_contents(), ())
-            share_metric_keys(valid)
         if valid:
             try:
-                arrays, metrics = aggregate_train(server_round, valid)
-                if round_metrics is not None and metrics is not None:
-                    metrics = round_metrics
+                with shared_metric_keys(valid) if screened.unaveraged else nullcontext():
+                    arrays, metrics = aggregate_train(server_round, valid)
             except Exception as error:  # noqa: BLE001  (an aggregation rule failing must not end the run)
                 log(WARNING, "round %d: %s failed on screened replies (%s); keeping the global model",
                     server_round, type(strategy).__name__, error)
                 arrays, metrics = None, None
+        if round_metrics is not None:
+            metrics = round_metrics
         if arrays is not None and not all_finite(arrays):
             log(WARNING, "round %d: %s produced non-finite arrays; keeping the global model",
                 server_round, type(strategy).__name__)

@@ -177,9 +177,16 @@ def test_one_list_valued_metric_is_left_out_of_the_average_but_its_model_counts(
     assert not all(torch.equal(arrays.to_torch_state_dict()[k], GLOBAL[k]) for k in GLOBAL)
 
 
-@pytest.mark.parametrize("name", list(_strategies()))
+def _update_rules():
+    from softmerge.server.baselines import CenteredClipping, GeometricMedian
+
+    return {"centered-clipping": lambda: CenteredClipping(fraction_evaluate=0.0),
+            "geomed": lambda: GeometricMedian(fraction_evaluate=0.0)}
+
+
+@pytest.mark.parametrize("name", list(_strategies()) + list(_update_rules()))
 def test_a_majority_with_one_metric_key_more_does_not_shut_out_the_other_models(name, caplog):
-    strategy = _strategies()[name]()
+    strategy = {**_strategies(), **_update_rules()}[name]()
     list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(range(1, 6))))
     messages = [_offset_reply(node, {"train-loss": 0.1 * node} | ({"extra": 1.0} if node >= 3 else {}))
                 for node in range(1, 6)]
@@ -190,6 +197,9 @@ def test_a_majority_with_one_metric_key_more_does_not_shut_out_the_other_models(
     # The round's metrics are those of the most common form: nodes 3-5.
     assert metrics["extra"] == pytest.approx(1.0) and metrics["train-loss"] == pytest.approx(0.4)
     assert "node-1" in caplog.text and "metrics not averaged" in caplog.text
+    # Each reply's own record is as it was sent (a Flower rule saw them cut to the shared keys).
+    assert set(messages[0].content["metrics"]) == {"train-loss", "num-examples", "partition-id"}
+    assert set(messages[4].content["metrics"]) == {"train-loss", "num-examples", "partition-id", "extra"}
     if name in ("fedavg", "fedmedian"):
         # Over all five models the mean and the median are node 3's offset; over nodes 3-5 alone, node 4's.
         merged = arrays.to_torch_state_dict()

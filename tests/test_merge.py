@@ -557,6 +557,16 @@ def test_duplicate_groups_are_exact_and_the_first_named_leads_its_group():
     assert duplicate_groups([a, b, reordered]) == [[0, 2], [1]]
 
 
+def test_a_model_that_reads_token_ids_merges():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(50, 8), nn.Linear(8, 3))
+    tokens, labels = torch.randint(0, 50, (40, 5)), torch.arange(40) % 3
+    candidates = [{k: v + 0.01 * (i + 1) for k, v in model.state_dict().items()} for i in range(3)]
+    merged, report = soft_merge(model, candidates, (tokens, labels), SoftMergeConfig(steps=4, check_every=2))
+    assert set(merged) == set(model.state_dict()) and len(report.candidates) == 4
+    assert checked_split(model, (tokens, labels))[0] is tokens
+
+
 def test_checked_split_widens_integer_labels_and_names_what_is_wrong():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     inputs = torch.randn(5, 3)
@@ -564,7 +574,7 @@ def test_checked_split_widens_integer_labels_and_names_what_is_wrong():
     assert checked_inputs is inputs and labels.dtype == torch.int64 and labels.tolist() == [0, 1, 1, 0, 1]
     with pytest.raises(ValueError, match="labels must be class indices"):
         checked_split(model, (inputs, torch.ones(5, dtype=torch.bool)))
-    with pytest.raises(ValueError, match="inputs must be floating point"):
+    with pytest.raises(ValueError, match="the model cannot run on the validation split's inputs"):
         checked_split(model, (inputs.long(), torch.zeros(5, dtype=torch.long)))
     with pytest.raises(ValueError, match=r"the root split's labels must lie in \[0, 2\)"):
         checked_split(model, (inputs, torch.tensor([0, 1, 2, 0, 1])), "root")
