@@ -107,12 +107,13 @@ class _UpdateAggregation(RoundStartMemory):
                          for i in overflowing]
             kept = [i for i in range(len(states)) if i not in overflowing]
             states, labels, contents = [states[i] for i in kept], [labels[i] for i in kept], [contents[i] for i in kept]
+            averaged = [averaged[i] for i in kept]
             updates = updates[kept]
         self.excluded[server_round] = excluded
         for exclusion in excluded:
             log(WARNING, "%s round %d: excluded %s: %s", name, server_round, exclusion.label, exclusion.reason)
 
-        metrics = self._aggregate_client_metrics([content for content in contents if id(content) in averaged])
+        metrics = self._aggregate_client_metrics([content for content, kept in zip(contents, averaged) if kept])
         metrics[f"{self.metric_prefix}-clients"] = len(states)
         metrics[f"{self.metric_prefix}-excluded"] = len(excluded)
         # As the hardened Flower strategies report them (see :func:`softmerge.server.replies.harden`).
@@ -188,12 +189,12 @@ class _UpdateAggregation(RoundStartMemory):
                                   sent=self._sent_train)
         excluded = list(screened.rejected)
         log_unaveraged(server_round, "train", screened.unaveraged)
-        # The replies whose metrics the round averages (see screen_replies), by identity.
-        averaged = {id(content) for content in screened.averaged_contents()}
-        positions, states, labels, contents = [], [], [], []
+        # averaged[i]: whether contents[i]'s metrics go into the round's average (see screen_replies).
+        positions, states, labels, contents, averaged = [], [], [], [], []
         # Replies arrive in completion order; a fixed order makes float sums reproducible.
-        ordered = sorted(enumerate(zip(screened.messages, screened.states)), key=lambda item: sort_key(item[1][0]))
-        for position, (message, state) in ordered:
+        ordered = sorted(enumerate(zip(screened.messages, screened.states, screened.averaged)),
+                         key=lambda item: sort_key(item[1][0]))
+        for position, (message, state, metrics_averaged) in ordered:
             label = candidate_label(message, labels, LABEL_KEY)
             problem = self._reply_problem(message.content)
             if problem is not None:
@@ -203,6 +204,7 @@ class _UpdateAggregation(RoundStartMemory):
             states.append(state)
             labels.append(label)
             contents.append(message.content)
+            averaged.append(metrics_averaged)
         return positions, states, labels, contents, excluded, averaged
 
     def _aggregate_client_metrics(self, contents: list[RecordDict]) -> MetricRecord:

@@ -64,9 +64,9 @@ class ScreenedReplies:
     averaged: list[bool] = field(default_factory=list)
     unaveraged: list[Exclusion] = field(default_factory=list)
 
-    def averaged_contents(self) -> list:
-        """The contents of the replies whose metrics the round averages."""
-        return [message.content for message, kept in zip(self.messages, self.averaged) if kept]
+    def averaged_messages(self) -> list[Message]:
+        """The replies whose metrics the round averages."""
+        return [message for message, kept in zip(self.messages, self.averaged) if kept]
 
 
 def node_label(message: Message, sent_to: Mapping[str, int] | None = None) -> str:
@@ -386,7 +386,7 @@ def screened_evaluate(server_round: int, replies: Iterable[Message], weighted_by
     screened = screen_replies(replies, None, weighted_by_key, with_arrays=False, sent=sent)
     log_rejections(server_round, "evaluate", screened.rejected)
     log_unaveraged(server_round, "evaluate", screened.unaveraged)
-    averaged = [message for message, kept in zip(screened.messages, screened.averaged) if kept]
+    averaged = screened.averaged_messages()
     if not averaged:
         return None
     try:
@@ -430,7 +430,7 @@ def harden(strategy: FedAvg) -> FedAvg:
         if screened.unaveraged:
             # The metrics of the most common form: the strategy gets every reply's record cut
             # to the keys they all share, so that it can aggregate every model.
-            round_metrics = aggregate_client_metrics(strategy, screened.averaged_contents(), ())
+            round_metrics = aggregate_client_metrics(strategy, [m.content for m in screened.averaged_messages()], ())
         if valid:
             try:
                 with shared_metric_keys(valid) if screened.unaveraged else nullcontext():
