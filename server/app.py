@@ -22,8 +22,8 @@ from flwr.supercore import log
 
 from ..aggregation.candidates import running_statistics
 from ..simulations.colluding import is_colluding_attack
-from ..simulations.config import (RunSettings, node_count_problem, parse_run_config, replies_per_round, task_data,
-                                 to_run_config)
+from ..simulations.config import (RunSettings, malicious_ids_outside, node_count_problem, parse_run_config,
+                                 replies_per_round, task_data, to_run_config)
 from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
 from .checkpoint import (arrays_under, check_node_count, config_fingerprint, load_checkpoint, recorded_nodes,
                          restore_rng_state, save_checkpoint)
@@ -193,8 +193,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             num_nodes = started_with
     writer.nodes = num_nodes
     if num_nodes:
-        outside = sorted(i for i in settings.malicious_ids if i >= num_nodes)
-        if outside and (settings.attack != "none" or settings.exclude_malicious):
+        if outside := malicious_ids_outside(settings, num_nodes):
             # A simulation refuses this before it starts (check_simulation); nodes may still connect here.
             log(WARNING, "softmerge: malicious partition ids %s are beyond the %d nodes connected at the start: "
                 "unless more nodes connect, the '%s' attack%s has fewer attackers than configured", outside,

@@ -160,9 +160,9 @@ class SoftMerge(RoundStartMemory):
         keep = self._global_state if self._global_state is not None else self.model.state_dict()
         screened = screen_replies(replies, keep, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key,
                                   sent=self._sent_train)
+        log_unaveraged(server_round, "train", screened.unaveraged)
         # Replies arrive in completion order; sorting makes the gate noise, and so the
         # merge, reproducible for a given seed.
-        log_unaveraged(server_round, "train", screened.unaveraged)
         order = sorted(range(len(screened.messages)), key=lambda i: sort_key(screened.messages[i]))
         messages = [screened.messages[i] for i in order]
         # The round's metrics are averaged over the replies whose metrics have its most common form.

@@ -279,6 +279,14 @@ def malicious_per_round(settings: RunSettings, num_nodes: int) -> float:
     return max(1.0, len(settings.malicious_ids) * replies_per_round(settings, num_nodes) / num_nodes)
 
 
+def malicious_ids_outside(settings: RunSettings, count: int) -> list[int]:
+    """The malicious partition ids that name none of ``count`` clients, when they matter."""
+    # With no attack and no oracle the ids name nobody in particular, so they cannot be wrong.
+    if settings.attack == "none" and not settings.exclude_malicious:
+        return []
+    return sorted(i for i in settings.malicious_ids if i >= count)
+
+
 def check_simulation(settings: RunSettings, num_clients: int) -> None:
     """Raise :class:`ConfigError` if a simulation of ``num_clients`` clients cannot run these settings.
 
@@ -289,9 +297,7 @@ def check_simulation(settings: RunSettings, num_clients: int) -> None:
     """
     if num_clients < 2:
         raise ConfigError(f"a simulation needs at least 2 clients (Flower's strategies wait for 2); got {num_clients}")
-    outside = sorted(i for i in settings.malicious_ids if i >= num_clients)
-    # With no attack and no oracle the ids name nobody in particular, so they cannot be wrong.
-    if outside and (settings.attack != "none" or settings.exclude_malicious):
+    if outside := malicious_ids_outside(settings, num_clients):
         raise ConfigError(f"malicious partition ids {outside} do not exist with {num_clients} clients")
     if settings.attack != "none" and not settings.malicious_ids:
         raise ConfigError(f"attack '{settings.attack}' with no malicious partition would run unattacked: set "
