@@ -156,7 +156,12 @@ def trim_beta_for(configured: float, num_malicious: int, num_clients: int) -> fl
     more cannot be trimmed (the cell is n/a), so the configured value stands there.
     """
     share = num_malicious / num_clients if num_clients else 0.0
-    return max(configured, share) if share < 0.5 else configured
+    if share >= 0.5:
+        return configured
+    # Flower cuts int(beta * n) per side, and m / n * n can round to just under m (0.29 * 100).
+    while int(share * num_clients) < num_malicious:
+        share = math.nextafter(share, 1.0)
+    return max(configured, share)
 
 
 # Keys that only one rule reads: another rule's cell is the same run whatever they say.
@@ -218,14 +223,21 @@ def settings_mismatch(recorded: dict, expected: dict, ignored: frozenset[str] = 
     return differences
 
 
-def load_cell(output: Path, cell: Cell) -> dict | None:
-    path = output / "cells" / cell.key / "results.json"
-    if not path.is_file():
-        return None
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``; None if it is missing, unreadable, not text, not JSON or not an object.
+
+    A cell's results are written by another process that may have been killed, or edited
+    by hand: such a cell is simply not finished, and is run again.
+    """
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError covers both bad UTF-8 and bad JSON
         return None
+    return data if isinstance(data, dict) else None
+
+
+def load_cell(output: Path, cell: Cell) -> dict | None:
+    return read_json_object(output / "cells" / cell.key / "results.json")
 
 
 def same_clients(result: dict, key: str, num_clients: int) -> bool:
@@ -256,12 +268,9 @@ def no_attack_twin(output: Path, cell: Cell, expected: dict, num_clients: int) -
         return None
     pattern = f"{cell.strategy}__{NO_ATTACK}__f*__s{cell.seed}{alpha_suffix(cell.alpha)}"
     for directory in sorted((output / "cells").glob(pattern)):
-        try:
-            twin = json.loads((directory / "results.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+        twin = read_json_object(directory / "results.json")
         # Only a run, never another copy: a copy outlives its source when that is deleted to run again.
-        if not isinstance(twin, dict) or twin.get("reused_from"):
+        if twin is None or twin.get("reused_from"):
             continue
         recorded = twin.get("settings")
         if (directory.name != cell.key and twin.get("status") == "finished" and isinstance(recorded, dict)
@@ -283,11 +292,8 @@ def finished_cell(output: Path, cell: Cell) -> dict | None:
         return None
     source = result.get("reused_from")
     if source:
-        try:
-            original = json.loads((output / "cells" / str(source) / "results.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        if not isinstance(original, dict) or original.get("status") != "finished" \
+        original = read_json_object(output / "cells" / str(source) / "results.json")
+        if original is None or original.get("status") != "finished" \
                 or original.get("rounds") != result.get("rounds"):
             return None
     return result
@@ -795,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
         attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
         fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        for seed in seeds:
+            parse_run_config({"seed": seed})
         for strategy in strategies:
             parse_run_config({"strategy": strategy})
         for attack in attacks:
@@ -840,6 +848,12 @@ def main(argv: list[str] | None = None) -> int:
         print("Give this grid its own --output, or delete those cells' directories to run them again.",
               file=sys.stderr)
         return 2
+    if not args.tables_only and not args.worker and any(
+            not not_applicable(cell, args.clients, replies) and finished_cell(output, cell) is None for cell in cells):
+        # Once, before any cell starts Flower, rather than once per cell in each cell's log.
+        if problem := dataset_problem(base):
+            print(f"softmerge-grid: dataset error: {problem}", file=sys.stderr)
+            return 2
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -904,6 +918,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
     return 1 if failures else 0
+
+
+def dataset_problem(settings: RunSettings) -> str | None:
+    """Why the grid's dataset cannot be loaded (missing, damaged, too small for its splits), or None."""
+    from .config import task_data
+    from .tasks import DatasetUnavailable, load_task
+
+    try:
+        task_data(settings)
+    except (DatasetUnavailable, ValueError) as error:
+        return str(error)
+    finally:
+        # The cells load it in their own processes; this one need not hold it for the whole grid.
+        load_task.cache_clear()
+    return None
 
 
 def run_workers(argv: list[str], jobs: int, output: Path, runnable: list[Cell]) -> tuple[int, list[Cell]]:
@@ -1091,11 +1120,20 @@ def _merge_and_write_outputs(output: Path, rows: list[dict], strategies: list[st
     # change to a defense): its old figures no longer describe anything on disk.
     merged: dict[str, dict] = {}
     try:
-        merged = {row["key"]: row for row in json.loads((output / "cells.json").read_text())
-                  if _still_there(output, row)}
+        recorded = json.loads((output / "cells.json").read_text())
+        if not isinstance(recorded, list):
+            raise TypeError(f"a list of rows was expected, not {type(recorded).__name__}")
+        # The tables group rows by defense, attack and fraction: a row that does not name its
+        # cell (edited by hand, or cut short) has nowhere to go. This grid's own cells are read
+        # from disk again below.
+        unplaced = [row.get("key") if isinstance(row, dict) else row for row in recorded if _row_cell(row) is None]
+        if unplaced:
+            print(f"softmerge-grid: {output / 'cells.json'} has rows that do not name their cell, left out of "
+                  f"the tables: {', '.join(map(str, unplaced))}", file=sys.stderr)
+        merged = {row["key"]: row for row in recorded if _row_cell(row) is not None and _still_there(output, row)}
     except FileNotFoundError:
         pass
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as problem:
+    except (OSError, ValueError, AttributeError, TypeError) as problem:  # ValueError: bad JSON or not UTF-8
         print(f"softmerge-grid: {output / 'cells.json'} is unreadable ({problem}); it is written again from "
               "this grid's cells (--tables-only with the other grids' settings lists theirs again)", file=sys.stderr)
     for row in rows:
@@ -1186,10 +1224,7 @@ def _still_there(output: Path, row: dict) -> bool:
 
 def _still_finished(output: Path, row: dict) -> bool:
     cell = _row_cell(row)
-    if cell is None:
-        # A row from an older runner without those columns: judged by its results file alone.
-        return (output / "cells" / row["key"] / "results.json").exists()
-    return finished_cell(output, cell) is not None
+    return cell is not None and finished_cell(output, cell) is not None
 
 
 def _union(first: list[str], more) -> list[str]:

@@ -91,6 +91,8 @@ def read_idx(path: Path) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte idx file")
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} ends inside its header ({len(data)} bytes for {ndim} dimensions)")
     shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
     values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if values.size != int(np.prod(shape)):
@@ -117,6 +119,16 @@ def load_fashion_mnist_arrays(directory: str | os.PathLike | None = None) -> tup
             "package, or set dataset-path to a directory holding the four idx files."
         )
     parts = {key: read_idx(_find_idx(directory, stem)) for key, stem in FASHION_MNIST_FILES.items()}
+    for key, stem in FASHION_MNIST_FILES.items():
+        expected = (28, 28) if key.endswith("images") else ()
+        if parts[key].shape[1:] != expected or parts[key].ndim != 1 + len(expected):
+            raise ValueError(f"Fashion-MNIST in {directory}: {stem} has shape {parts[key].shape}, expected "
+                             f"(N{''.join(f', {size}' for size in expected)})")
+    classes = DATASET_CLASSES["fashion-mnist"]
+    for key in ("train_labels", "test_labels"):
+        if parts[key].size and int(parts[key].max()) >= classes:
+            raise ValueError(f"Fashion-MNIST in {directory}: {FASHION_MNIST_FILES[key]} has label "
+                             f"{int(parts[key].max())}; the classes are 0..{classes - 1}")
     images = np.concatenate([parts["train_images"], parts["test_images"]])
     labels = np.concatenate([parts["train_labels"], parts["test_labels"]])
     if len(images) != len(labels):

@@ -32,6 +32,11 @@ def test_the_trimmed_mean_trims_at_least_the_malicious_share(tmp_path):
     assert beta == {0.1: 0.2, 0.2: 0.2, 0.4: 0.4}
     assert trim_beta_for(0.45, 8, 20) == 0.45  # a larger configured beta stands
     assert trim_beta_for(0.2, 12, 20) == 0.2  # a majority cannot be trimmed: the cell is n/a
+    # Flower cuts int(beta * n) per side; 29 / 100 * 100 is 28.999999999999996 in floats.
+    for clients in range(2, 101):
+        for attackers in range(1, (clients + 1) // 2):
+            beta = trim_beta_for(0.0, attackers, clients)
+            assert beta < 0.5 and int(beta * clients) == attackers, (attackers, clients, beta)
     assert not_applicable(Cell("fedtrimmedavg", "alie", 0.6, 0), 20)
     # Its no-attack run now depends on the fraction, so it is not shared across fractions.
     assert not fraction_free(Cell("fedtrimmedavg", "none", 0.4, 0))
@@ -246,6 +251,27 @@ def test_grid_rejects_unknown_names(capsys, tmp_path):
     assert "'strategy' must be one of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seeds", ["0,-1", "4294967296"])
+def test_grid_rejects_a_seed_no_run_can_take(capsys, tmp_path, seeds):
+    # Before, every cell of such a seed started Flower and failed deep in numpy.
+    argv = ["--dataset", "digits", "--clients", "4", "--strategies", "fedavg", "--attacks", "none",
+            "--fractions", "0.25", "--seeds", seeds, "--output", str(tmp_path / "grid")]
+    assert main(argv) == 2
+    assert "'seed' must be in [0, 4294967295]" in capsys.readouterr().err
+    assert main([*argv, "--plan"]) == 2
+
+
+def test_grid_names_a_missing_dataset_once_before_any_cell_runs(capsys, tmp_path):
+    argv = ["--dataset", "fashion-mnist", "--set", f"dataset-path={tmp_path}", "--clients", "4", "--rounds", "1",
+            "--strategies", "fedavg,softmerge", "--attacks", "none", "--fractions", "0.25",
+            "--output", str(tmp_path / "grid")]
+    assert main(argv) == 2
+    assert "dataset error: Fashion-MNIST file train-images-idx3-ubyte[.gz] not found" in capsys.readouterr().err
+    assert not (tmp_path / "grid").exists()
+    # Tables from finished cells need no dataset.
+    assert main([*argv, "--tables-only"]) == 0
+
+
 @pytest.mark.slow
 def test_grid_runs_through_flower_and_resumes_without_rerunning(tmp_path):
     argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "softmerge,fedavg",
@@ -278,6 +304,38 @@ def test_an_unreadable_cells_file_is_named_and_written_again(tmp_path, capsys):
            "seconds": 1.0}
     _write_outputs(tmp_path, [row], ["fedavg"], ["alie"], [0.2], Namespace(clients=20), RunSettings())
     assert "cells.json is unreadable" in capsys.readouterr().err
+    assert [r["key"] for r in json.loads((tmp_path / "cells.json").read_text())] == [row["key"]]
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"[1, 2]", b'"finished"', b'{"status": "finis'])
+def test_a_damaged_cell_results_file_is_a_cell_to_run_again(tmp_path, content):
+    # Before, bytes that are not UTF-8 or JSON that is not an object stopped the whole grid
+    # (tables-only too) with a traceback.
+    from softmerge.simulations.grid import finished_cell, no_attack_twin
+
+    cell = Cell("fedavg", "none", 0.2, 0)
+    (tmp_path / "cells" / cell.key).mkdir(parents=True)
+    (tmp_path / "cells" / cell.key / "results.json").write_bytes(content)
+    assert finished_cell(tmp_path, cell) is None
+    assert no_attack_twin(tmp_path, Cell("fedavg", "none", 0.4, 0), {}, 20) is None
+
+
+def test_a_cells_file_that_is_not_text_or_has_a_row_without_its_cell_is_written_again(tmp_path, capsys):
+    from argparse import Namespace
+
+    from softmerge.simulations.config import RunSettings
+    from softmerge.simulations.grid import _write_outputs
+
+    row = {"key": "fedavg__alie__f0.2__s0", "strategy": "fedavg", "attack": "alie", "fraction": 0.2, "seed": 0,
+           "status": "failed", "final_accuracy": None, "final_backdoor_asr": None, "malicious_weight": None,
+           "seconds": 1.0}
+    (tmp_path / "cells.json").write_bytes(b"\xff\xfe[")
+    _write_outputs(tmp_path, [row], ["fedavg"], ["alie"], [0.2], Namespace(clients=20), RunSettings())
+    assert "cells.json is unreadable" in capsys.readouterr().err
+    # A finished row that does not say which cell it is (no strategy) cannot be put in a table.
+    (tmp_path / "cells.json").write_text(json.dumps([{"key": "krum__alie__f0.2__s0", "status": "finished"}]))
+    _write_outputs(tmp_path, [row], ["fedavg"], ["alie"], [0.2], Namespace(clients=20), RunSettings())
+    assert "rows that do not name their cell, left out of the tables: krum__alie__f0.2__s0" in capsys.readouterr().err
     assert [r["key"] for r in json.loads((tmp_path / "cells.json").read_text())] == [row["key"]]
 
 

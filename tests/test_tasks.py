@@ -63,12 +63,17 @@ def _write_idx(path, array):
         handle.write(header + array.astype(np.uint8).tobytes())
 
 
+def _write_fashion_mnist(directory, train_images, train_labels, test_images, test_labels):
+    _write_idx(directory / "train-images-idx3-ubyte.gz", train_images)
+    _write_idx(directory / "train-labels-idx1-ubyte.gz", train_labels)
+    _write_idx(directory / "t10k-images-idx3-ubyte.gz", test_images)
+    _write_idx(directory / "t10k-labels-idx1-ubyte.gz", test_labels)
+
+
 def test_fashion_mnist_reads_standard_idx_files(tmp_path):
     rng = np.random.default_rng(0)
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (30, 28, 28)))
-    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (30,)))
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (10, 28, 28)))
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, (10,)))
+    _write_fashion_mnist(tmp_path, rng.integers(0, 255, (30, 28, 28)), rng.integers(0, 10, (30,)),
+                         rng.integers(0, 255, (10, 28, 28)), rng.integers(0, 10, (10,)))
     x, y = load_fashion_mnist_arrays(tmp_path)
     assert x.shape == (40, 1, 28, 28) and y.shape == (40,)
     assert 0.0 <= x.min() and x.max() <= 1.0
@@ -96,6 +101,27 @@ def test_a_cut_off_gzipped_idx_file_is_named_in_the_error(tmp_path):
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz cannot be read .*EOFError.*dataset-path"):
         read_idx(path)
+
+
+def test_an_idx_file_cut_off_inside_its_header_is_named_in_the_error(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">I", 30))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte ends inside its header"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize(("train_images", "train_labels", "says"), [
+    # Images and labels swapped: the lengths agree, so only the shapes tell.
+    (np.zeros(30), np.zeros((30, 28, 28)), r"train-images-idx3-ubyte has shape \(30,\), expected \(N, 28, 28\)"),
+    (np.zeros((30, 32, 32)), np.zeros(30), r"train-images-idx3-ubyte has shape \(30, 32, 32\)"),
+    (np.zeros((30, 28, 28)), np.full(30, 12), r"train-labels-idx1-ubyte has label 12; the classes are 0..9"),
+])
+def test_fashion_mnist_files_of_the_wrong_shape_or_labels_are_named(tmp_path, train_images, train_labels, says):
+    # Before, these passed the length check and failed in numpy's indexing, or trained on labels
+    # the model has no output for.
+    _write_fashion_mnist(tmp_path, train_images, train_labels, np.zeros((10, 28, 28)), np.zeros(10))
+    with pytest.raises(ValueError, match=says):
+        load_fashion_mnist_arrays(tmp_path)
 
 
 @pytest.mark.parametrize(("partitioning", "pool", "clients", "says"), [
