@@ -175,6 +175,9 @@ MIN_SCORING_CHUNK = 64
 # anything else runs (Ray workers, another experiment) it makes a gate step several times
 # slower; docs/performance.md measures both.
 DEFAULT_THREADS = 1
+# torch.set_num_threads takes a C int, and each thread is an OS thread: a count beyond any
+# machine's cores is a typo, which would otherwise fail every merge of the run.
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -510,7 +513,8 @@ class SoftMergeConfig:
         _require(_finite(self.tolerance) and self.tolerance >= 0, "tolerance must be a finite number >= 0")
         _require(isinstance(self.check_every, int) and self.check_every >= 1, "check_every must be an integer >= 1")
         _require(isinstance(self.patience, int) and self.patience >= 1, "patience must be an integer >= 1")
-        _require(isinstance(self.threads, int) and self.threads >= 0, "threads must be an integer >= 0")
+        _require(isinstance(self.threads, int) and 0 <= self.threads <= MAX_THREADS,
+                 f"threads must be an integer in [0, {MAX_THREADS}]")
         _require(isinstance(self.max_candidates, int) and self.max_candidates >= 0,
                  "max_candidates must be an integer >= 0")
         _require(_finite(self.trust_strength) and self.trust_strength >= 0,

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -49,15 +50,18 @@ class NoClientUpdates(RuntimeError):
     """Every round of the run ended without one client reply the strategy could use."""
 
 
-def count_used_replies(strategy: FedAvg) -> dict[str, int]:
+def count_used_replies(strategy: FedAvg) -> dict[str, Any]:
     """Count, in place, the rounds ``strategy`` aggregates and the client replies it used in them.
 
-    The strategies report the replies that passed the screen as ``replies-used``; a run in
-    which that stays 0 (clients that all fail: a data setting they cannot load, a node
-    config they lack) only ever re-broadcast the initial model and must not be taken for
-    a result.
+    Also keeps, per round, how many nodes never replied (``replies-missing``).
+
+    The strategies report the replies that went into the round's model as ``replies-used``
+    (0 when every reply was excluded, or the rule skipped, raised or overflowed and the
+    global model was kept); a run in which that stays 0 (clients that all fail: a data
+    setting they cannot load, a node config they lack) only ever re-broadcast the initial
+    model and must not be taken for a result.
     """
-    counts = {"rounds": 0, "replies": 0}
+    counts = {"rounds": 0, "replies": 0, "missing": {}}
     aggregate_train = strategy.aggregate_train
 
     def counted(server_round, replies):
@@ -65,6 +69,8 @@ def count_used_replies(strategy: FedAvg) -> dict[str, int]:
         counts["rounds"] += 1
         used = metrics.get("replies-used", 0) if metrics is not None else 0
         counts["replies"] += int(used) if isinstance(used, int) else 0
+        # Per round as Flower numbers it: the nodes sent an instruction that never replied.
+        counts["missing"][server_round] = metrics.get("replies-missing") if metrics is not None else None
         return arrays, metrics
 
     strategy.aggregate_train = counted
@@ -257,6 +263,8 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             writer.restart_clock()
             return MetricRecord(metrics)
         report = getattr(strategy, "reports", {}).get(server_round)
+        if used["missing"].get(local_round) is not None:
+            extra["replies_missing"] = used["missing"][local_round]
         writer.record(server_round, accuracy, loss, report, extra=extra)
         if output is not None:
             gate_state = {"gate_log_alpha": report.log_alpha, "gate_candidates": report.candidates} if report else {}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from .replies import (
     RoundStartMemory,
     aggregate_client_metrics,
     candidate_label,
+    log_missing,
     log_unaveraged,
     screen_replies,
     sort_key,
@@ -81,6 +82,8 @@ class _UpdateAggregation(RoundStartMemory):
         # Floating tensors that are running statistics: the median of the clients', not the rule's.
         self.statistics = frozenset(statistics)
         self.excluded: dict[int, list[Exclusion]] = {}
+        # Per round, the nodes that were sent an instruction and never replied.
+        self.missing: dict[int, list[int]] = {}
         self.client_scores: dict[int, dict[str, float]] = {}
         # The update last added to the global model (float64, flattened); None before any.
         self.applied_update: torch.Tensor | None = None
@@ -119,13 +122,22 @@ class _UpdateAggregation(RoundStartMemory):
         # As the hardened Flower strategies report them (see :func:`softmerge.server.replies.harden`).
         metrics["replies-excluded"] = len(excluded)
         metrics["replies-used"] = len(states)
+        metrics["replies-missing"] = len(self.missing[server_round])
         unchanged = ArrayRecord({key: tensor.clone() for key, tensor in global_state.items()})
         self.client_scores[server_round] = {}
         if not states:
             log(WARNING, "%s round %d: no valid reply; keeping the global model", name, server_round)
             return unchanged, metrics
 
-        aggregate, scores, extra = self._aggregate_updates(server_round, updates, contents, global_state)
+        try:
+            aggregate, scores, extra = self._aggregate_updates(server_round, updates, contents, global_state)
+        except Exception as error:  # noqa: BLE001  (as the hardened Flower strategies: a failing rule must not end the run)
+            log(ERROR, "%s round %d: the rule failed (%s: %s); keeping the global model", name, server_round,
+                type(error).__name__, error, exc_info=True)
+            self.applied_update = torch.zeros(updates.shape[1], dtype=updates.dtype)
+            metrics[f"{self.metric_prefix}-update-norm"] = 0.0
+            metrics["replies-used"] = 0
+            return unchanged, metrics
         self.client_scores[server_round] = dict(zip(labels, (float(s) for s in scores), strict=True))
         metrics.update(extra)
         new_state = apply_update(global_state, aggregate, names)
@@ -135,6 +147,7 @@ class _UpdateAggregation(RoundStartMemory):
                 name, server_round)
             self.applied_update = torch.zeros_like(aggregate)
             metrics[f"{self.metric_prefix}-update-norm"] = 0.0
+            metrics["replies-used"] = 0
             return unchanged, metrics
         self.applied_update = aggregate
         metrics[f"{self.metric_prefix}-update-norm"] = _finite_norm(aggregate)
@@ -188,6 +201,8 @@ class _UpdateAggregation(RoundStartMemory):
         screened = screen_replies(replies, reference, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key,
                                   sent=self._sent_train)
         excluded = list(screened.rejected)
+        self.missing[server_round] = screened.missing
+        log_missing(server_round, "train", screened.missing)
         log_unaveraged(server_round, "train", screened.unaveraged)
         # averaged[i]: whether contents[i]'s metrics go into the round's average (see screen_replies).
         positions, states, labels, contents, averaged = [], [], [], [], []

@@ -63,6 +63,8 @@ class ScreenedReplies:
     rejected: list[Exclusion] = field(default_factory=list)
     averaged: list[bool] = field(default_factory=list)
     unaveraged: list[Exclusion] = field(default_factory=list)
+    # Nodes an instruction went to whose reply never came (within the round's timeout).
+    missing: list[int] = field(default_factory=list)
 
     def averaged_messages(self) -> list[Message]:
         """The replies whose metrics the round averages."""
@@ -185,8 +187,13 @@ def screen_replies(
     screened = ScreenedReplies()
     candidates: list[tuple[Message, dict[str, torch.Tensor] | None, tuple]] = []
     sent_to = recipients(sent)
+    answered = set()
     for position, message in enumerate(replies):
         label = node_label(message, sent_to)
+        try:
+            answered.add(message.metadata.reply_to_message_id)
+        except Exception:  # noqa: BLE001  (a reply without metadata is screened out below)
+            pass
         try:
             problem, state, signature = _check_one(message, reference, weighted_by_key, with_arrays,
                                                    arrayrecord_key)
@@ -211,6 +218,7 @@ def screen_replies(
         screened.averaged.append(signature == majority)
         if state is not None:
             screened.states.append(state)
+    screened.missing = sorted(node for message_id, node in sent_to.items() if message_id not in answered)
     return screened
 
 
@@ -385,6 +393,7 @@ def screened_evaluate(server_round: int, replies: Iterable[Message], weighted_by
     """
     screened = screen_replies(replies, None, weighted_by_key, with_arrays=False, sent=sent)
     log_rejections(server_round, "evaluate", screened.rejected)
+    log_missing(server_round, "evaluate", screened.missing)
     log_unaveraged(server_round, "evaluate", screened.unaveraged)
     averaged = screened.averaged_messages()
     if not averaged:
@@ -424,6 +433,7 @@ def harden(strategy: FedAvg) -> FedAvg:
         screened = screen_replies(replies, reference, strategy.weighted_by_key,
                                   arrayrecord_key=strategy.arrayrecord_key, sent=sent["train"])
         log_rejections(server_round, "train", screened.rejected)
+        log_missing(server_round, "train", screened.missing)
         log_unaveraged(server_round, "train", screened.unaveraged)
         valid = sorted(screened.messages, key=sort_key)
         arrays, metrics, round_metrics = None, None, None
@@ -447,6 +457,9 @@ def harden(strategy: FedAvg) -> FedAvg:
             arrays = None
         if arrays is not None and reference is not None:
             arrays = conformed(arrays, reference, server_round, type(strategy).__name__)
+        # A rule that skipped the round (Bulyan short of replies), raised, or built an unusable
+        # model used none of the replies: the global model goes out again.
+        aggregated = arrays is not None
         if arrays is None:
             if not valid:
                 log(WARNING, "round %d: no valid reply; keeping the global model", server_round)
@@ -455,7 +468,8 @@ def harden(strategy: FedAvg) -> FedAvg:
         if "partition-id" in metrics:
             del metrics["partition-id"]  # a label, meaningless as an average
         metrics["replies-excluded"] = len(screened.rejected)
-        metrics["replies-used"] = len(valid)
+        metrics["replies-used"] = len(valid) if aggregated else 0
+        metrics["replies-missing"] = len(screened.missing)
         return arrays, metrics
 
     def screened_aggregate_evaluate(server_round, replies):
@@ -472,6 +486,11 @@ def harden(strategy: FedAvg) -> FedAvg:
 def log_rejections(server_round: int, phase: str, rejected: list[Exclusion]) -> None:
     for exclusion in rejected:
         log(WARNING, "round %d %s: excluded %s: %s", server_round, phase, exclusion.label, exclusion.reason)
+
+
+def log_missing(server_round: int, phase: str, nodes: list[int]) -> None:
+    for node in nodes:
+        log(WARNING, "round %d %s: no reply from node-%d within the round's timeout", server_round, phase, node)
 
 
 def log_unaveraged(server_round: int, phase: str, unaveraged: list[Exclusion]) -> None:

@@ -22,7 +22,7 @@ from ..aggregation import GateReport
 from .checkpoint import CheckpointError
 
 CSV_COLUMNS = ("round", "test_accuracy", "test_loss", "backdoor_asr", "round_seconds", "aggregate_seconds",
-               "gate_steps", "excluded")
+               "gate_steps", "excluded", "replies_missing")
 
 
 def software_versions() -> dict[str, str | None]:

@@ -32,6 +32,7 @@ from .replies import (
     RoundStartMemory,
     aggregate_client_metrics,
     candidate_label,
+    log_missing,
     log_unaveraged,
     screen_replies,
     sort_key,
@@ -160,6 +161,7 @@ class SoftMerge(RoundStartMemory):
         keep = self._global_state if self._global_state is not None else self.model.state_dict()
         screened = screen_replies(replies, keep, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key,
                                   sent=self._sent_train)
+        log_missing(server_round, "train", screened.missing)
         log_unaveraged(server_round, "train", screened.unaveraged)
         # Replies arrive in completion order; sorting makes the gate noise, and so the
         # merge, reproducible for a given seed.
@@ -193,7 +195,7 @@ class SoftMerge(RoundStartMemory):
                 "nothing about the clients", server_round, type(error).__name__, error, exc_info=True)
             metrics = aggregate_client_metrics(self, averaged, (self.label_key,))
             metrics.update({"softmerge-merge-failed": 1, "replies-excluded": len(screened.rejected),
-                            "replies-used": len(messages)})
+                            "replies-used": 0, "replies-missing": len(screened.missing)})
             return ArrayRecord({name: tensor.clone() for name, tensor in keep.items()}), metrics
         del states, keep_view
         # A round whose first merge failed the no-harm check is not evidence about the
@@ -218,6 +220,7 @@ class SoftMerge(RoundStartMemory):
         # As the hardened baselines report them (see :func:`softmerge.server.replies.harden`).
         metrics["replies-excluded"] = len(screened.rejected)
         metrics["replies-used"] = len(messages)
+        metrics["replies-missing"] = len(screened.missing)
         return ArrayRecord(merged), metrics
 
     def _record_round(self, report: GateReport, node_of: dict[str, str], server_round: int) -> None:

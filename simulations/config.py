@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..aggregation.merge import (KEEP_MODES, MERGE_MODES, MERGE_STEP_SHARES, UNINFORMED_MERGES, UNIT_KINDS,
+from ..aggregation.merge import (KEEP_MODES, MAX_THREADS, MERGE_MODES, MERGE_STEP_SHARES, UNINFORMED_MERGES, UNIT_KINDS,
                                  WARM_START_STEPS, build_merge_units)
 from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_adaptive_attack, is_colluding_attack
 from .tasks import (DATASET_CLASSES, DATASETS, MIN_PARTITION_SIZE, PARTITIONINGS, ArraySet, TaskData, load_partition,
@@ -234,7 +234,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_l0": _at_least(0),
     "softmerge_batch_size": _at_least(1),
     "softmerge_tolerance": _at_least(0),
-    "softmerge_threads": _at_least(0),
+    "softmerge_threads": _closed_interval(0, MAX_THREADS),
     "softmerge_max_candidates": _at_least(0),
     "softmerge_warm_temperature": _open_interval(0, 100),
     "softmerge_mirror_temperature": _open_interval(0, 100),

@@ -51,7 +51,9 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-keep": "maybe"}, "'softmerge-keep' must be true or false"),
         ({"softmerge-tolerance": -0.1}, "'softmerge-tolerance' must be >= 0"),
         ({"softmerge-tolerance": float("inf")}, "'softmerge-tolerance' must be a finite number"),
-        ({"softmerge-threads": -1}, "'softmerge-threads' must be >= 0"),
+        ({"softmerge-threads": -1}, "'softmerge-threads' must be in [0, 1024]"),
+        # Before, this passed and every merge of the run failed in torch.set_num_threads.
+        ({"softmerge-threads": 2**31}, "'softmerge-threads' must be in [0, 1024]"),
         ({"softmerge-max-candidates": 2.5}, "'softmerge-max-candidates' must be an integer"),
         ({"softmerge-warm-temperature": 0}, "'softmerge-warm-temperature' must be in (0, 100]"),
         ({"softmerge-ceiling": "sometimes"}, "'softmerge-ceiling' must be true or false"),

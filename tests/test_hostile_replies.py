@@ -184,6 +184,43 @@ def _update_rules():
             "geomed": lambda: GeometricMedian(fraction_evaluate=0.0)}
 
 
+class _SkippingFedAvg(FedAvg):
+    """A Flower rule that skips the round, as Bulyan does when it has too few replies."""
+
+    def aggregate_train(self, server_round, replies):
+        return None, None
+
+
+class _RaisingFedAvg(FedAvg):
+    def aggregate_train(self, server_round, replies):
+        raise np.linalg.LinAlgError("singular")
+
+
+def _raising_update_rules():
+    def singular(*args):
+        raise np.linalg.LinAlgError("singular")
+
+    def raising(rule):
+        strategy = rule()
+        strategy._aggregate_updates = singular
+        return strategy
+
+    return {"skipping": lambda: harden(_SkippingFedAvg(fraction_evaluate=0.0)),
+            "raising": lambda: harden(_RaisingFedAvg(fraction_evaluate=0.0)),
+            **{f"raising-{name}": (lambda rule=rule: raising(rule)) for name, rule in _update_rules().items()}}
+
+
+@pytest.mark.parametrize("name", list(_raising_update_rules()))
+def test_replies_a_rule_did_not_aggregate_are_not_counted_as_used(name):
+    # The run's "no usable reply, so failed" check reads replies-used: counted for a round
+    # whose rule skipped or raised, a deployment that never trained ended "finished".
+    strategy = _raising_update_rules()[name]()
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(range(1, 6))))
+    arrays, metrics = strategy.aggregate_train(1, [_offset_reply(node, {"train-loss": 0.3}) for node in range(1, 6)])
+    assert all(torch.equal(arrays.to_torch_state_dict()[k], GLOBAL[k]) for k in GLOBAL)
+    assert metrics["replies-used"] == 0 and metrics["replies-excluded"] == 0
+
+
 @pytest.mark.parametrize("name", list(_strategies()) + list(_update_rules()))
 def test_a_majority_with_one_metric_key_more_does_not_shut_out_the_other_models(name, caplog):
     strategy = {**_strategies(), **_update_rules()}[name]()
@@ -235,6 +272,28 @@ def test_a_node_that_stops_answering_is_named_not_the_superlink(name, caplog):
     assert "node-1:" not in caplog.text and "node-1 " not in caplog.text
     if name == "softmerge":
         assert [e.label for e in strategy.reports[1].excluded] == ["node-15 (no answer; reply from the SuperLink)"]
+
+
+@pytest.mark.parametrize("name", list(_strategies()) + list(_update_rules()))
+def test_a_node_that_never_replies_is_named_and_counted(name, caplog):
+    """Within round-timeout no reply, not even the SuperLink's error: before, the round
+    recorded nothing and the log named nobody."""
+    from uuid import uuid4
+
+    strategy = {**_strategies(), **_update_rules()}[name]()
+    sent = list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(range(11, 16))))
+    for instruction in sent:
+        instruction.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grid does when it pushes
+    replies = [_offset_reply(0, {"train-loss": 0.3}) for _ in sent]
+    for reply, instruction in zip(replies, sent):
+        reply.metadata.__dict__["_reply_to_message_id"] = instruction.metadata.message_id
+    silent = {12, 14}
+    replies = [reply for reply, instruction in zip(replies, sent) if instruction.metadata.dst_node_id not in silent]
+    with caplog.at_level("WARNING"):
+        _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["replies-missing"] == 2 and metrics["replies-used"] == 3
+    assert "round 1 train: no reply from node-12 within the round's timeout" in caplog.text
+    assert "no reply from node-14" in caplog.text and "no reply from node-11" not in caplog.text
 
 
 @pytest.mark.parametrize("value", [
