@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
+from flwr.supercore.run import RunNotRunningException
 
 from ..aggregation.candidates import running_statistics
 from ..simulations.colluding import is_colluding_attack
@@ -287,15 +288,26 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
         torch.manual_seed(settings.seed)
     remaining = settings.num_server_rounds - done
     if remaining > 0:
-        with true_round_numbers(done, settings.num_server_rounds):
-            strategy.start(
-                grid=grid,
-                initial_arrays=ArrayRecord(model.state_dict()),
-                num_rounds=remaining,
-                timeout=settings.round_timeout,
-                train_config=ConfigRecord({"seed": settings.seed}),
-                evaluate_fn=evaluate_fn,
-            )
+        try:
+            with true_round_numbers(done, settings.num_server_rounds):
+                strategy.start(
+                    grid=grid,
+                    initial_arrays=ArrayRecord(model.state_dict()),
+                    num_rounds=remaining,
+                    timeout=settings.round_timeout,
+                    train_config=ConfigRecord({"seed": settings.seed}),
+                    evaluate_fn=evaluate_fn,
+                )
+        except BaseException as error:
+            # Otherwise results.json says "running" for good after `flwr stop`, a Ctrl-C or a crash.
+            # The checkpoint is untouched: the same command resumes after the last recorded round.
+            stopped = isinstance(error, (RunNotRunningException, RunStopped, KeyboardInterrupt))
+            try:
+                writer.flush(status="stopped" if stopped else "failed")
+            except OSError as flush_error:
+                log(WARNING, "softmerge: could not mark %s/results.json %s: %s", output,
+                    "stopped" if stopped else "failed", flush_error)
+            raise
     if stoppable is not None:
         stoppable.check()
     rounds = done + used["rounds"]

@@ -284,13 +284,47 @@ def test_a_run_whose_runtime_stops_mid_round_ends_at_once_unfinished_and_resumes
     assert not grid.waited_out  # it stopped while the round still waited for its replies
     grid.release.set()
     results = load_results(tmp_path / "run")
-    assert results["status"] != "finished"
+    assert results["status"] == "stopped"
     assert [entry["round"] for entry in results["rounds"]] == [0, 1]
     assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["round"] == 1
     run_server(EchoGrid(4), settings, num_nodes=4, stop=threading.Event())
     results = load_results(tmp_path / "run")
     assert results["status"] == "finished"
     assert [entry["round"] for entry in results["rounds"]] == [0, 1, 2, 3]
+
+
+def _stopped_by_flwr_stop():
+    from flwr.supercore.run import RunNotRunningException
+
+    return RunNotRunningException()
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("raised", "status"), [(_stopped_by_flwr_stop, "stopped"),
+                                                (lambda: ConnectionError("SuperLink gone"), "failed")])
+def test_a_run_that_ends_by_an_exception_is_not_left_running(tmp_path, raised, status):
+    # `flwr stop` makes the grid's next call raise Flower's RunNotRunningException; before,
+    # results.json went on saying "running" after the run had ended.
+    from flower_helpers import EchoGrid
+    from softmerge.server.app import run_server
+    from softmerge.simulations.config import parse_run_config
+
+    class EndsInRound2(EchoGrid):
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type.startswith("train") and self.train_rounds == 1:
+                raise raised()
+            return super().send_and_receive(messages, timeout=timeout)
+
+    settings = parse_run_config({"num-server-rounds": 3, "softmerge-steps": 4, "attack": "none",
+                                 "malicious-partitions": "", "output-dir": str(tmp_path / "run")})
+    with pytest.raises(BaseException) as ended:
+        run_server(EndsInRound2(4), settings, num_nodes=4)
+    assert type(ended.value) is type(raised())
+    results = load_results(tmp_path / "run")
+    assert results["status"] == status and [entry["round"] for entry in results["rounds"]] == [0, 1]
+    run_server(EchoGrid(4), settings, num_nodes=4)  # and the same command resumes it
+    assert load_results(tmp_path / "run")["status"] == "finished"
 
 
 @pytest.mark.usefixtures("task_identity")
