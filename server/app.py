@@ -315,9 +315,10 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
         # Also when a rerun resumes such a run with no rounds left: it is still untrained.
         writer.flush(status="failed")
         raise NoClientUpdates(
-            f"none of the {rounds} rounds got a client reply it could use, so the model was never "
-            "trained: the log names each excluded reply and why (a client that failed to load its data or "
-            "lacks its node config replies with an error)")
+            f"none of the {rounds} rounds put a client reply into the model, so it was never trained: the "
+            "log names each excluded reply and why (a client that failed to load its data or lacks its node "
+            "config replies with an error), each node that never replied, and each round whose rule skipped, "
+            "failed or overflowed")
     writer.flush(status="finished")
     return writer
 

@@ -204,7 +204,8 @@ class SoftMerge(RoundStartMemory):
         if self.trust and report.rejected_loss is None and not report.uninformed:
             self._record_round(report, dict(zip(labels, nodes)), server_round)
         report.excluded = screened.rejected + report.excluded
-        if not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point):
+        overflowed = not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point)
+        if overflowed:
             # Finite candidates can still overflow when summed; never broadcast that.
             log(WARNING, "SoftMerge round %d: the merge overflowed; keeping the global model", server_round)
             merged = {name: tensor.clone() for name, tensor in keep.items()}
@@ -219,7 +220,8 @@ class SoftMerge(RoundStartMemory):
         metrics["softmerge-merge-failed"] = 0
         # As the hardened baselines report them (see :func:`softmerge.server.replies.harden`).
         metrics["replies-excluded"] = len(screened.rejected)
-        metrics["replies-used"] = len(messages)
+        # An overflowed merge used no reply (as the hardened rules count it): the global model goes out again.
+        metrics["replies-used"] = 0 if overflowed else len(messages)
         metrics["replies-missing"] = len(screened.missing)
         return ArrayRecord(merged), metrics
 

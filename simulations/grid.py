@@ -1201,12 +1201,20 @@ def recorded_cells(output: Path) -> list[Cell]:
 
 
 def _row_cell(row: dict) -> Cell | None:
-    """The cell a cells.json row describes; None for a row without those columns or another key."""
+    """The cell a cells.json row describes; None for a row without those columns, of other types, or another key.
+
+    The tables sort and compare the columns as they stand in the row, so a fraction written
+    as text (hand-edited) is no cell either.
+    """
     try:
-        cell = Cell(row["strategy"], row["attack"], float(row["fraction"]), int(row["seed"]), row_alpha(row))
+        fields = (row["strategy"], row["attack"], row["fraction"], row["seed"])
+        cell = Cell(*fields, row_alpha(row))
     except (KeyError, TypeError, ValueError):
         return None
-    return cell if cell.key == row.get("key") else None
+    typed = (isinstance(fields[0], str) and isinstance(fields[1], str)
+             and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in fields[2:])
+             and isinstance(fields[3], int))
+    return cell if typed and cell.key == row.get("key") else None
 
 
 def _still_there(output: Path, row: dict) -> bool:

@@ -91,6 +91,8 @@ def read_idx(path: Path) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte idx file")
+    if ndim == 0 or ndim > 3:
+        raise ValueError(f"{path} claims {ndim} dimensions; an idx file of images or labels has 1 to 3")
     if len(data) < 4 + 4 * ndim:
         raise ValueError(f"{path} ends inside its header ({len(data)} bytes for {ndim} dimensions)")
     shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])

@@ -332,10 +332,15 @@ def test_a_cells_file_that_is_not_text_or_has_a_row_without_its_cell_is_written_
     (tmp_path / "cells.json").write_bytes(b"\xff\xfe[")
     _write_outputs(tmp_path, [row], ["fedavg"], ["alie"], [0.2], Namespace(clients=20), RunSettings())
     assert "cells.json is unreadable" in capsys.readouterr().err
-    # A finished row that does not say which cell it is (no strategy) cannot be put in a table.
-    (tmp_path / "cells.json").write_text(json.dumps([{"key": "krum__alie__f0.2__s0", "status": "finished"}]))
+    # A finished row that does not say which cell it is (no strategy, or a fraction as text)
+    # cannot be put in a table.
+    (tmp_path / "cells.json").write_text(json.dumps([
+        {"key": "krum__alie__f0.2__s0", "status": "finished"},
+        {"key": "geomed__alie__f0.4__s0", "strategy": "geomed", "attack": "alie", "fraction": "0.4", "seed": 0,
+         "status": "failed"}]))
     _write_outputs(tmp_path, [row], ["fedavg"], ["alie"], [0.2], Namespace(clients=20), RunSettings())
-    assert "rows that do not name their cell, left out of the tables: krum__alie__f0.2__s0" in capsys.readouterr().err
+    assert ("rows that do not name their cell, left out of the tables: krum__alie__f0.2__s0, geomed__alie__f0.4__s0"
+            in capsys.readouterr().err)
     assert [r["key"] for r in json.loads((tmp_path / "cells.json").read_text())] == [row["key"]]
 
 

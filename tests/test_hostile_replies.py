@@ -296,6 +296,25 @@ def test_a_node_that_never_replies_is_named_and_counted(name, caplog):
     assert "no reply from node-14" in caplog.text and "no reply from node-11" not in caplog.text
 
 
+def test_the_oracles_dropped_replies_are_not_nodes_that_never_replied(caplog):
+    # The oracle drops the malicious replies before the screen sees them; every node replied.
+    from uuid import uuid4
+
+    from softmerge.simulations.oracle import exclude_partitions
+
+    strategy = exclude_partitions(harden(FedAvg(fraction_evaluate=0.0)), {3, 4})
+    sent = list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(range(1, 6))))
+    replies = []
+    for instruction in sent:
+        instruction.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grid does when it pushes
+        replies.append(_offset_reply(instruction.metadata.dst_node_id, {"train-loss": 0.3}))
+        replies[-1].metadata.__dict__["_reply_to_message_id"] = instruction.metadata.message_id
+    with caplog.at_level("WARNING"):
+        _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["replies-used"] == 3 and metrics["replies-missing"] == 0
+    assert "no reply from" not in caplog.text
+
+
 @pytest.mark.parametrize("value", [
     np.arange(12, dtype=np.float32).reshape(3, 4), np.array(2.5), np.zeros((0, 3), np.float32),
     np.arange(6, dtype=">f8").reshape(2, 3), np.asfortranarray(np.arange(6.0).reshape(2, 3)),

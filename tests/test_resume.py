@@ -541,7 +541,7 @@ def test_a_run_in_which_no_client_reply_was_usable_fails_instead_of_finishing(tm
     config = {"strategy": strategy, "num-server-rounds": 2, "softmerge-steps": 4, "attack": "none",
               "malicious-partitions": ""}
     failed = parse_run_config({**config, "output-dir": str(tmp_path / "failed")})
-    with pytest.raises(NoClientUpdates, match="none of the 2 rounds got a client reply it could use"):
+    with pytest.raises(NoClientUpdates, match="none of the 2 rounds put a client reply into the model"):
         run_server(FailingClients(4), failed, num_nodes=4)
     assert load_results(tmp_path / "failed")["status"] == "failed"
     # Run again, it resumes with no round left: still untrained, still failed.

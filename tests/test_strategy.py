@@ -147,21 +147,40 @@ def test_integer_labels_of_any_width_are_read_as_class_indices(honest_candidates
     assert strategy.validation[1].dtype == torch.int64
 
 
-def test_a_merge_that_raises_keeps_the_global_model_and_records_no_trust(honest_candidates, digits_task, monkeypatch,
-                                                                           caplog):
+def _round_with_merge(honest_candidates, digits_task, monkeypatch, caplog, merge):
+    """One round of four honest replies with ``merge`` in place of soft_merge; asserts the global model stays."""
     import softmerge.server.strategy as strategy_module
 
     model, locals_ = honest_candidates
     strategy = _strategy(model, digits_task, [])
-
-    def failing(*args, **kwargs):
-        raise RuntimeError("out of memory")
-
-    monkeypatch.setattr(strategy_module, "soft_merge", failing)
-    with caplog.at_level("ERROR"):
+    monkeypatch.setattr(strategy_module, "soft_merge", merge)
+    with caplog.at_level("WARNING"):
         arrays, metrics = strategy.aggregate_train(1, [make_reply(i + 1, locals_[i], partition=i) for i in range(4)])
     merged = arrays.to_torch_state_dict()
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+    return strategy, metrics
+
+
+def test_a_merge_that_overflows_keeps_the_global_model_and_uses_no_reply(honest_candidates, digits_task,
+                                                                          monkeypatch, caplog):
+    from softmerge.server.strategy import soft_merge
+
+    def overflowing(*args, **kwargs):
+        merged, report = soft_merge(*args, **kwargs)
+        return {k: torch.full_like(v, math.inf) if v.is_floating_point() else v for k, v in merged.items()}, report
+
+    _, metrics = _round_with_merge(honest_candidates, digits_task, monkeypatch, caplog, overflowing)
+    # A run of such rounds must end failed, not finished untrained (server.app counts replies-used).
+    assert metrics["replies-used"] == 0 and metrics["softmerge-merge-failed"] == 0
+    assert "the merge overflowed; keeping the global model" in caplog.text
+
+
+def test_a_merge_that_raises_keeps_the_global_model_and_records_no_trust(honest_candidates, digits_task, monkeypatch,
+                                                                           caplog):
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    strategy, metrics = _round_with_merge(honest_candidates, digits_task, monkeypatch, caplog, failing)
     # No reply went into a model: a run of such rounds must end failed, not finished untrained.
     assert metrics["softmerge-merge-failed"] == 1 and metrics["replies-used"] == 0
     assert metrics["train-loss"] == pytest.approx(0.5)

@@ -108,6 +108,9 @@ def test_an_idx_file_cut_off_inside_its_header_is_named_in_the_error(tmp_path):
     path.write_bytes(struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">I", 30))
     with pytest.raises(ValueError, match="train-images-idx3-ubyte ends inside its header"):
         read_idx(path)
+    path.write_bytes(struct.pack(">HBB", 0, 0x08, 70) + bytes(280))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte claims 70 dimensions"):
+        read_idx(path)
 
 
 @pytest.mark.parametrize(("train_images", "train_labels", "says"), [
