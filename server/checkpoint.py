@@ -51,8 +51,10 @@ class Checkpoint:
 # Run-config keys that change how a run is carried out, not what it computes: a run may
 # resume with a longer round timeout, say, after its clients timed out.
 # The trust record's cap too: it changes nothing until the record outgrows it, and a server
-# short of memory must be able to lower it and resume.
-OPERATIONAL_KEYS = frozenset({"output-dir", "resume", "round-timeout", "softmerge-threads",
+# short of memory must be able to lower it and resume. And the nodes the server waits for: a
+# deployment that lost a node must be able to lower it and resume (it sets a round's sample
+# size only when fraction-train of the nodes is fewer).
+OPERATIONAL_KEYS = frozenset({"output-dir", "resume", "round-timeout", "min-nodes", "softmerge-threads",
                               "softmerge-trust-max-records"})
 
 

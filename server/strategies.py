@@ -82,7 +82,10 @@ def build_strategy(
     common = dict(
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_evaluate,
-        min_evaluate_nodes=0 if settings.fraction_evaluate == 0 else 2,
+        # Flower waits, with no deadline, for min_available_nodes before every round.
+        min_available_nodes=settings.min_nodes,
+        min_train_nodes=settings.min_nodes,
+        min_evaluate_nodes=0 if settings.fraction_evaluate == 0 else settings.min_nodes,
     )
     name = settings.strategy
     if name == "softmerge":

@@ -107,6 +107,7 @@ class RunSettings:
     output_dir: str = "results/flwr-run"
     resume: bool = True
     round_timeout: float = 600.0
+    min_nodes: int = 2
     client_failure_rate: float = 0.0
     client_failure_mode: str = "mixed"
 
@@ -249,6 +250,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_near_duplicates": _at_least(0),
     "attack_claimed_examples": _at_least(0),
     "round_timeout": _open_interval(0, 86400),
+    "min_nodes": _at_least(1),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
     "client_failure_mode": _choice(FAILURE_MODES),
 }
@@ -290,13 +292,14 @@ def malicious_ids_outside(settings: RunSettings, count: int) -> list[int]:
 def check_simulation(settings: RunSettings, num_clients: int) -> None:
     """Raise :class:`ConfigError` if a simulation of ``num_clients`` clients cannot run these settings.
 
-    Flower's strategies wait for two nodes before a round starts, so one client would wait
-    forever; malicious ids beyond the clients, or none at all, would silently attack (or,
+    The server waits for ``min-nodes`` nodes (Flower's default 2) before a round starts, so
+    fewer clients would wait forever; malicious ids beyond the clients, or none at all, would silently attack (or,
     for the oracle, leave out) nobody; and a robust rule given fewer replies than it needs would never
     aggregate (Bulyan) or lose its guarantee (Krum).
     """
-    if num_clients < 2:
-        raise ConfigError(f"a simulation needs at least 2 clients (Flower's strategies wait for 2); got {num_clients}")
+    if num_clients < settings.min_nodes:
+        raise ConfigError(f"a simulation needs at least min-nodes = {settings.min_nodes} clients (the server waits "
+                          f"for that many before every round); got {num_clients}")
     if outside := malicious_ids_outside(settings, num_clients):
         raise ConfigError(f"malicious partition ids {outside} do not exist with {num_clients} clients")
     if settings.attack != "none" and not settings.malicious_ids:

@@ -51,6 +51,7 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-keep": "maybe"}, "'softmerge-keep' must be true or false"),
         ({"softmerge-tolerance": -0.1}, "'softmerge-tolerance' must be >= 0"),
         ({"softmerge-tolerance": float("inf")}, "'softmerge-tolerance' must be a finite number"),
+        ({"min-nodes": 0}, "'min-nodes' must be >= 1"),
         ({"softmerge-threads": -1}, "'softmerge-threads' must be in [0, 1024]"),
         # Before, this passed and every merge of the run failed in torch.set_num_threads.
         ({"softmerge-threads": 2**31}, "'softmerge-threads' must be in [0, 1024]"),
@@ -170,7 +171,8 @@ def test_a_backdoor_target_outside_the_classes_is_refused():
 
 
 @pytest.mark.parametrize("clients, config, message", [
-    (1, {}, "at least 2 clients"),
+    (1, {}, "at least min-nodes = 2 clients"),
+    (2, {"min-nodes": 3}, "at least min-nodes = 3 clients"),
     (4, {"malicious-partitions": "1,7"}, r"ids \[7\] do not exist with 4 clients"),
     (10, {"strategy": "bulyan", "assumed-malicious": 3}, r"Bulyan needs n >= 4f \+ 3 \(n=10, f=3\)"),
     (20, {"strategy": "bulyan", "assumed-malicious": 4, "fraction-train": 0.5},
@@ -195,13 +197,14 @@ def test_a_simulation_that_can_run_passes_the_check():
     check_simulation(parse_run_config({"malicious-partitions": "1"}), 2)
     check_simulation(parse_run_config({"client-pool-size": 20}), 10)
     check_simulation(parse_run_config({"attack": "none", "malicious-partitions": ""}), 2)
+    check_simulation(parse_run_config({"attack": "none", "malicious-partitions": "", "min-nodes": 1}), 1)
 
 
 def test_softmerge_run_reports_a_simulation_that_could_not_run(capsys):
     from softmerge.simulations.run import main
 
     assert main(["--clients", "1"]) == 2
-    assert "at least 2 clients" in capsys.readouterr().err
+    assert "at least min-nodes = 2 clients" in capsys.readouterr().err
 
 
 def test_cli_reports_a_missing_dataset(capsys, tmp_path):

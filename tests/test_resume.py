@@ -328,6 +328,25 @@ def test_a_run_that_ends_by_an_exception_is_not_left_running(tmp_path, raised, s
 
 
 @pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("strategy", ["softmerge", "fedavg", "geomed"])
+def test_min_nodes_one_runs_on_a_single_node(tmp_path, strategy):
+    # Flower's strategies wait for two nodes before every round; a lone SuperNode waited forever.
+    from flower_helpers import EchoGrid
+    from softmerge.server.app import run_server
+    from softmerge.server.strategies import build_strategy
+    from softmerge.simulations.config import parse_run_config, task_data
+    from softmerge.simulations.tasks import build_model
+
+    settings = parse_run_config({"num-server-rounds": 2, "softmerge-steps": 4, "attack": "none", "strategy": strategy,
+                                 "malicious-partitions": "", "min-nodes": 1, "output-dir": str(tmp_path / "run")})
+    built = build_strategy(settings, build_model("digits"), task_data(settings).gate.tensors())
+    assert (built.min_available_nodes, built.min_train_nodes) == (1, 1)
+    run_server(EchoGrid(1), settings, num_nodes=1)
+    results = load_results(tmp_path / "run")
+    assert results["status"] == "finished" and [entry["round"] for entry in results["rounds"]] == [0, 1, 2]
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_centered_clipping_resumes_from_its_previous_aggregate(tmp_path):
     """Its reference point is the last round's aggregate: a resumed run must start from it, not from 0."""
     import torch
