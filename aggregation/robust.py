@@ -350,7 +350,7 @@ def geometric_median(
         alpha = _as_vector(weights, count, "weights")
         if bool((alpha < 0).any()) or float(alpha.sum()) <= 0:
             raise ValueError("weights must be >= 0 with a positive sum")
-        alpha = alpha / alpha.sum()
+        alpha = _normalised(alpha)
     if not (nu > 0 and math.isfinite(nu)):
         raise ValueError(f"nu must be a finite number > 0, got {nu!r}")
     if not (isinstance(max_iter, int) and max_iter >= 1):
@@ -377,7 +377,7 @@ def weighted_coordinate_median(points: ArrayLike, weights: ArrayLike | None = No
     count = matrix.shape[0]
     alpha = (torch.full((count,), 1.0 / count, dtype=torch.float64) if weights is None
              else _as_vector(weights, count, "weights"))
-    alpha = alpha / alpha.sum()
+    alpha = _normalised(alpha)
     values, order = torch.sort(matrix, dim=0)
     cumulative = alpha[order].cumsum(dim=0)
     # The relative slack makes a cumulative weight that should be exactly 1/2 count as a tie.
@@ -414,13 +414,54 @@ def _weiszfeld(points: torch.Tensor, alpha: torch.Tensor, start: torch.Tensor, s
         step = float(torch.linalg.vector_norm(updated - median))
         median = updated
         if step <= ftol * max(float(torch.linalg.vector_norm(median)), smoothing):
-            return median, beta, iteration, True
+            away = _off_a_data_point(points, alpha, median, smoothing)
+            if away is None:
+                return median, beta, iteration, True
+            median = away
     return median, beta, max_iter, False
+
+
+def _off_a_data_point(points: torch.Tensor, alpha: torch.Tensor, median: torch.Tensor,
+                      smoothing: float) -> torch.Tensor | None:
+    """Where to go from a data point the iteration stalled on, or None if it may stop.
+
+    Next to a data point x_j the smoothed weight alpha_j / nu swamps the others, so each
+    step moves by about nu: the stop rule fires wherever the iteration reaches a point,
+    minimum or not. x_j is the minimum iff ||R_j|| <= eta_j (Kuhn's condition), with
+    R_j = sum_{i not at x_j} alpha_i (x_i - x_j) / ||x_i - x_j|| and eta_j the weight at
+    x_j; otherwise the modified Weiszfeld step of Vardi & Zhang (PNAS 2000) leaves it:
+    x_j + (1 - eta_j / ||R_j||) (T_j - x_j), T_j the Weiszfeld point of the others.
+    """
+    nearest = int(torch.argmin(torch.linalg.vector_norm(points - median, dim=1)))
+    anchor = points[nearest]
+    offsets = points - anchor
+    lengths = torch.linalg.vector_norm(offsets, dim=1)
+    at_anchor = lengths <= smoothing
+    if bool(at_anchor.all()):
+        return None
+    eta = float(alpha[at_anchor].sum())
+    pull_weights = torch.where(at_anchor, torch.zeros_like(alpha), alpha / lengths.clamp_min(smoothing))
+    pull = float(torch.linalg.vector_norm(pull_weights @ offsets))
+    # A stalled step is about nu * ||R_j|| / eta_j long: further away, the iteration is not stuck here.
+    stuck = float(torch.linalg.vector_norm(median - anchor)) <= 2 * smoothing * max(1.0, pull / max(eta, 1e-300))
+    if not stuck or pull <= eta:
+        return None
+    target = (pull_weights @ points) / pull_weights.sum()
+    return anchor + (1 - eta / pull) * (target - anchor)
 
 
 # ---------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------
+
+
+def _normalised(weights: torch.Tensor) -> torch.Tensor:
+    """``weights`` / their sum; by way of their largest if the sum is past float64's range (every share would be 0)."""
+    total = weights.sum()
+    if bool(torch.isfinite(total)):
+        return weights / total
+    scaled = weights / weights.max()
+    return scaled / scaled.sum()
 
 
 def _as_matrix(values: ArrayLike, what: str) -> torch.Tensor:

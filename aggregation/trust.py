@@ -66,7 +66,8 @@ def relative_openness(gates: Sequence[Sequence[float]], client_columns: Sequence
     if not gates or not client_columns:
         return None
     means = [sum(float(row[k]) for row in gates) / len(gates) for k in client_columns]
-    top = max(means)
+    # Over a list holding a nan, max() answers by where the nan sits.
+    top = max((value for value in means if math.isfinite(value)), default=math.nan)
     if not math.isfinite(top) or top <= 0:
         return None
     return [min(1.0, max(0.0, value / top)) if math.isfinite(value) else 0.0 for value in means]

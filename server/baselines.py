@@ -318,7 +318,7 @@ class FLTrust(_UpdateAggregation):
         median = statistics.median(float(next(iter(content.metric_records.values()))[self.weighted_by_key])
                                    for content in contents)
         per_epoch = math.ceil(median / self.batch_size)
-        cap = MAX_SERVER_EPOCHS * math.ceil(len(self.root_data[1]) / self.batch_size)
+        cap = MAX_SERVER_EPOCHS * server_steps_per_epoch(len(self.root_data[1]), self.batch_size)
         return max(1, min(self.epochs * per_epoch, cap))
 
     def _aggregate_updates(self, server_round, updates, contents, global_state):

@@ -250,6 +250,34 @@ def test_geometric_median_is_not_fooled_by_a_start_on_a_data_point():
     _close(geometric_median(triangle, ftol=1e-10, max_iter=500).median, fermat, tol=1e-5)
 
 
+@pytest.mark.parametrize("shift", [0.0, 1000.0])
+def test_geometric_median_leaves_a_data_point_that_is_not_the_median(shift):
+    # Both starts (the mean and the coordinate-wise median) are data points here, and next to
+    # one the smoothed iteration moves by about nu a step: far from the origin the stop rule
+    # took that for convergence and returned the data point (999.0 against 999.06).
+    points = np.array([[0.0, 0.0], [-1.0, 0.1], [-1.0, -0.1], [-1.0, 0.0], [3.0, 0.0]]) + shift
+
+    def objective(v):
+        return float(np.linalg.norm(points - v, axis=1).mean())
+
+    best = minimize(objective, points.mean(0) + 0.3, method="Nelder-Mead",
+                    options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000})
+    result = geometric_median(points, max_iter=500)  # the default stop, relative to ||v||
+    assert result.converged
+    assert objective(result.median.numpy()) <= best.fun + 1e-5
+    _close(result.median, best.x, tol=1e-2)
+    # A data point that is the median (Kuhn's condition holds there) is still where it stops.
+    _close(geometric_median(np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]) + shift).median,
+           [shift, shift], tol=1e-6)
+
+
+def test_geometric_median_weights_beyond_float64s_sum_still_weigh():
+    # Their sum overflowed to inf, every share became 0 and the median nan.
+    result = geometric_median([[0.0], [1.0], [0.5]], weights=[1e308, 1e308, 1.0], max_iter=500, ftol=1e-12)
+    assert torch.isfinite(result.median).all() and 0.0 <= float(result.median[0]) <= 1.0
+    _close(weighted_coordinate_median([[0.0], [1.0], [0.5]], [1e308, 1e308, 1.0]), [0.5])
+
+
 def test_weighted_coordinate_median_by_hand():
     # Column 0 sorted: 0, 1, 5 -> 1.  Column 1 sorted: -2, 3, 4 -> 3.
     _close(weighted_coordinate_median([[0.0, 4.0], [1.0, -2.0], [5.0, 3.0]]), [1.0, 3.0])
@@ -466,6 +494,21 @@ def test_centered_clipping_from_zero_clips_what_previous_would_not(federation):
     assert float(_update_of(arrays, global_state).norm()) == pytest.approx(0.05, rel=1e-4)
 
 
+def test_geometric_median_strategy_weighs_each_reply_by_its_examples(federation):
+    # Three updates on one line, at 0, 1 and 10 times one direction: the geometric median is
+    # the weighted 1-D median, the middle one with equal counts and the heavy one with 1, 1, 5.
+    model, locals_ = federation
+    global_state = model.state_dict()
+    states = [_shifted(global_state, locals_[0], factor) for factor in (0.0, 1.0, 10.0)]
+    direction = _update_of(ArrayRecord(locals_[0]), global_state)
+    for counts, expected in (((100, 100, 100), 1.0), ((100, 100, 500), 10.0)):
+        strategy = GeometricMedian(max_iter=1000, ftol=1e-12)
+        _start_round(strategy, model)
+        arrays, _ = strategy.aggregate_train(1, [make_reply(i + 1, state, partition=i, num_examples=n)
+                                                 for i, (state, n) in enumerate(zip(states, counts))])
+        _close(_update_of(arrays, global_state), (expected * direction).tolist(), tol=1e-4)
+
+
 def test_geometric_median_strategy_stays_with_the_honest_clients(federation):
     model, locals_ = federation
     global_state = model.state_dict()
@@ -517,8 +560,10 @@ def test_fltrust_server_takes_the_median_client_s_steps(federation, digits_task)
     model, locals_ = federation
     root_size = len(digits_task.gate.tensors()[1])
 
-    def server_steps(counts, match_client_steps=True, **settings):
-        strategy = FLTrust(model, digits_task.gate.tensors(), batch_size=16, seed=0,
+    from softmerge.aggregation.robust import server_steps_per_epoch
+
+    def server_steps(counts, match_client_steps=True, batch_size=16, **settings):
+        strategy = FLTrust(model, digits_task.gate.tensors(), batch_size=batch_size, seed=0,
                            match_client_steps=match_client_steps, **settings)
         _start_round(strategy, model)
         replies = [make_reply(i + 1, locals_[i], partition=i, num_examples=n) for i, n in enumerate(counts)]
@@ -527,8 +572,10 @@ def test_fltrust_server_takes_the_median_client_s_steps(federation, digits_task)
     # Median 160 examples: 10 steps of 16 a client epoch; the lying minority moves nothing.
     assert server_steps([150, 1, 160, 10**8, 170]) == 10
     assert server_steps([150, 160, 170], epochs=2) == 20
-    # A median of 10^8 examples is capped at MAX_SERVER_EPOCHS passes over the root set.
-    assert server_steps([10**8] * 3) == MAX_SERVER_EPOCHS * math.ceil(root_size / 16)
+    # A median of 10^8 examples is capped at MAX_SERVER_EPOCHS passes over the root set, a pass
+    # counted as the server takes it (a one-example remainder batch is skipped).
+    assert server_steps([10**8] * 3) == MAX_SERVER_EPOCHS * server_steps_per_epoch(root_size, 16)
+    assert server_steps([10**8] * 3, batch_size=root_size - 1) == MAX_SERVER_EPOCHS
     # Off, the default: one pass over the root set.
     assert server_steps([150, 160, 170], match_client_steps=False) == math.ceil(root_size / 16)
     assert FLTrust(model, digits_task.gate.tensors()).match_client_steps is False

@@ -21,6 +21,8 @@ def test_relative_openness_is_each_client_gate_over_the_most_open_client():
     assert relative_openness(gates, [0, 1]) == pytest.approx([1.0, 0.125])
     assert relative_openness([[0.0, 0.0, 1.0]], [0, 1]) is None  # every client closed: no evidence
     assert relative_openness(gates, []) is None
+    # A nan gate counts as closed, wherever it sits (max() alone answered by its position).
+    assert relative_openness([[math.nan, 0.5]], [0, 1]) == relative_openness([[0.5, math.nan]], [1, 0]) == [0.0, 1.0]
 
 
 def test_update_record_discounts_and_leaves_absent_clients_alone():
