@@ -126,7 +126,7 @@ stage() {
           --attacks none,extreme,backdoor-replace,scaling,ipm-0.1,ipm-100,min-sum,fang,mimic --fractions 0.6 --seeds 0
       "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
           --attacks sign-flip,label-flip,mimic-fixed,backdoor-evade,min-max,alie,ipm-100,extreme --fractions 0.4 --seeds 1
-      # Session 46: the rest of seed 1 at 40%, then seed 2 (begun: sign-flip and backdoor-evade first).
+      # Session 46: the rest of seed 1 at 40%, then seed 2 (begun: its first four attacks ran).
       "$SIM" "${COMMON[@]}" "${OPEN[@]}" --output benchmarks/fmnist-grid-warm-step-auto-open-share \
           --attacks none,backdoor,backdoor-replace,scaling,gaussian,layer-stealth,ipm-0.1,min-sum,fang,mimic \
           --fractions 0.4 --seeds 1
