@@ -22,6 +22,7 @@ import numpy as np
 
 import softmerge.aggregation.merge as merge_module
 import softmerge.server.strategy as strategy_module
+from replica import CLIENTS, DATASET, GATE_SIZE, LOCAL_BATCH, LOCAL_LR, POOL, TEST_SIZE
 from softmerge.simulations.config import parse_run_config
 from softmerge.simulations.engine import run_experiment
 from softmerge.simulations.grid import Cell, cell_settings
@@ -58,14 +59,14 @@ def main() -> None:
 
     merge_module.update_bend, strategy_module.soft_merge = recorded_bend, recorded_merge
     base = parse_run_config({
-        "dataset": "fashion-mnist", "num-server-rounds": args.rounds, "partitioning": "dirichlet",
-        "dirichlet-alpha": args.alpha, "client-pool-size": 12000, "local-epochs": 1, "batch-size": 32,
-        "learning-rate": 0.05, "server-gate-size": 300, "server-test-size": 2000,
+        "dataset": DATASET, "num-server-rounds": args.rounds, "partitioning": "dirichlet",
+        "dirichlet-alpha": args.alpha, "client-pool-size": POOL, "local-epochs": 1, "batch-size": LOCAL_BATCH,
+        "learning-rate": LOCAL_LR, "server-gate-size": GATE_SIZE, "server-test-size": TEST_SIZE,
         "softmerge-warm-step": "auto", "softmerge-warm-bend": 1e9})
     with tempfile.TemporaryDirectory() as directory:
-        settings = cell_settings(base, Cell("softmerge", args.attack, args.fraction, args.seed, args.alpha), 20,
+        settings = cell_settings(base, Cell("softmerge", args.attack, args.fraction, args.seed, args.alpha), CLIENTS,
                                  Path(directory))
-        run_experiment(settings, 20, log_file=Path(directory) / "flower.log")
+        run_experiment(settings, CLIENTS, log_file=Path(directory) / "flower.log")
     args.output.write_text(json.dumps(rounds))
     print("round  " + "  ".join(f"q{q:.2f}" for q in QUANTILES))
     for number, record in enumerate(rounds, start=1):

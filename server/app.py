@@ -287,8 +287,8 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
     else:
         torch.manual_seed(settings.seed)
     remaining = settings.num_server_rounds - done
-    if remaining > 0:
-        try:
+    try:
+        if remaining > 0:
             with true_round_numbers(done, settings.num_server_rounds):
                 strategy.start(
                     grid=grid,
@@ -298,27 +298,26 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
                     train_config=ConfigRecord({"seed": settings.seed}),
                     evaluate_fn=evaluate_fn,
                 )
-        except BaseException as error:
-            # Otherwise results.json says "running" for good after `flwr stop`, a Ctrl-C or a crash.
-            # The checkpoint is untouched: the same command resumes after the last recorded round.
-            stopped = isinstance(error, (RunNotRunningException, RunStopped, KeyboardInterrupt))
-            try:
-                writer.flush(status="stopped" if stopped else "failed")
-            except OSError as flush_error:
-                log(WARNING, "softmerge: could not mark %s/results.json %s: %s", output,
-                    "stopped" if stopped else "failed", flush_error)
-            raise
-    if stoppable is not None:
-        stoppable.check()
-    rounds = done + used["rounds"]
-    if rounds and earlier_used is not None and not earlier_used + used["replies"]:
-        # Also when a rerun resumes such a run with no rounds left: it is still untrained.
-        writer.flush(status="failed")
-        raise NoClientUpdates(
-            f"none of the {rounds} rounds put a client reply into the model, so it was never trained: the "
-            "log names each excluded reply and why (a client that failed to load its data or lacks its node "
-            "config replies with an error), each node that never replied, and each round whose rule skipped, "
-            "failed or overflowed")
+        if stoppable is not None:
+            stoppable.check()
+        rounds = done + used["rounds"]
+        if rounds and earlier_used is not None and not earlier_used + used["replies"]:
+            # Also when a rerun resumes such a run with no rounds left: it is still untrained.
+            raise NoClientUpdates(
+                f"none of the {rounds} rounds put a client reply into the model, so it was never trained: the "
+                "log names each excluded reply and why (a client that failed to load its data or lacks its node "
+                "config replies with an error), each node that never replied, and each round whose rule skipped, "
+                "failed or overflowed")
+    except BaseException as error:
+        # Otherwise results.json says "running" for good after `flwr stop`, a Ctrl-C or a crash.
+        # The checkpoint is untouched: the same command resumes after the last recorded round.
+        stopped = isinstance(error, (RunNotRunningException, RunStopped, KeyboardInterrupt))
+        try:
+            writer.flush(status="stopped" if stopped else "failed")
+        except OSError as flush_error:
+            log(WARNING, "softmerge: could not mark %s/results.json %s: %s", output,
+                "stopped" if stopped else "failed", flush_error)
+        raise
     writer.flush(status="finished")
     return writer
 

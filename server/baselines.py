@@ -82,8 +82,6 @@ class _UpdateAggregation(RoundStartMemory):
         # Floating tensors that are running statistics: the median of the clients', not the rule's.
         self.statistics = frozenset(statistics)
         self.excluded: dict[int, list[Exclusion]] = {}
-        # Per round, the nodes that were sent an instruction and never replied.
-        self.missing: dict[int, list[int]] = {}
         self.client_scores: dict[int, dict[str, float]] = {}
         # The update last added to the global model (float64, flattened); None before any.
         self.applied_update: torch.Tensor | None = None
@@ -100,8 +98,8 @@ class _UpdateAggregation(RoundStartMemory):
                 name, server_round)
             return None, None
         global_state = self._global_state
-        positions, states, labels, contents, excluded, averaged = self._valid_replies(server_round, list(replies),
-                                                                                      global_state)
+        positions, states, labels, contents, excluded, averaged, missing = self._valid_replies(
+            server_round, list(replies), global_state)
         names, updates = flatten_updates(global_state, states, self.update_names(global_state))
         # Finite float64 models can still differ by more than float64 holds.
         overflowing = [i for i in range(len(states)) if not bool(torch.isfinite(updates[i]).all())]
@@ -122,7 +120,7 @@ class _UpdateAggregation(RoundStartMemory):
         # As the hardened Flower strategies report them (see :func:`softmerge.server.replies.harden`).
         metrics["replies-excluded"] = len(excluded)
         metrics["replies-used"] = len(states)
-        metrics["replies-missing"] = len(self.missing[server_round])
+        metrics["replies-missing"] = missing
         unchanged = ArrayRecord({key: tensor.clone() for key, tensor in global_state.items()})
         self.client_scores[server_round] = {}
         if not states:
@@ -134,10 +132,7 @@ class _UpdateAggregation(RoundStartMemory):
         except Exception as error:  # noqa: BLE001  (as the hardened Flower strategies: a failing rule must not end the run)
             log(ERROR, "%s round %d: the rule failed (%s: %s); keeping the global model", name, server_round,
                 type(error).__name__, error, exc_info=True)
-            self.applied_update = torch.zeros(updates.shape[1], dtype=updates.dtype)
-            metrics[f"{self.metric_prefix}-update-norm"] = 0.0
-            metrics["replies-used"] = 0
-            return unchanged, metrics
+            return self._keep_global(unchanged, metrics, updates)
         self.client_scores[server_round] = dict(zip(labels, (float(s) for s in scores), strict=True))
         metrics.update(extra)
         new_state = apply_update(global_state, aggregate, names)
@@ -145,15 +140,20 @@ class _UpdateAggregation(RoundStartMemory):
         if not all(bool(torch.isfinite(t).all()) for t in new_state.values() if t.dtype.is_floating_point):
             log(WARNING, "%s round %d: the aggregate overflows the model's dtypes; keeping the global model",
                 name, server_round)
-            self.applied_update = torch.zeros_like(aggregate)
-            metrics[f"{self.metric_prefix}-update-norm"] = 0.0
-            metrics["replies-used"] = 0
-            return unchanged, metrics
+            return self._keep_global(unchanged, metrics, updates)
         self.applied_update = aggregate
         metrics[f"{self.metric_prefix}-update-norm"] = _finite_norm(aggregate)
         log(INFO, "%s round %d: %d clients aggregated, %d excluded; %s", name, server_round, len(states),
             len(excluded), ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
         return ArrayRecord(new_state), metrics
+
+    def _keep_global(self, unchanged: ArrayRecord, metrics: MetricRecord,
+                     updates: torch.Tensor) -> tuple[ArrayRecord, MetricRecord]:
+        """The round keeps the global model: no update is applied and no reply went into it."""
+        self.applied_update = torch.zeros(updates.shape[1], dtype=updates.dtype)
+        metrics[f"{self.metric_prefix}-update-norm"] = 0.0
+        metrics["replies-used"] = 0
+        return unchanged, metrics
 
     def update_names(self, reference: dict[str, torch.Tensor]) -> list[str]:
         """The tensors the rule aggregates as updates: the floating ones that are not running statistics."""
@@ -201,7 +201,6 @@ class _UpdateAggregation(RoundStartMemory):
         screened = screen_replies(replies, reference, self.weighted_by_key, arrayrecord_key=self.arrayrecord_key,
                                   sent=self._sent_train)
         excluded = list(screened.rejected)
-        self.missing[server_round] = screened.missing
         log_missing(server_round, "train", screened.missing)
         log_unaveraged(server_round, "train", screened.unaveraged)
         # averaged[i]: whether contents[i]'s metrics go into the round's average (see screen_replies).
@@ -220,7 +219,7 @@ class _UpdateAggregation(RoundStartMemory):
             labels.append(label)
             contents.append(message.content)
             averaged.append(metrics_averaged)
-        return positions, states, labels, contents, excluded, averaged
+        return positions, states, labels, contents, excluded, averaged, len(screened.missing)
 
     def _aggregate_client_metrics(self, contents: list[RecordDict]) -> MetricRecord:
         return aggregate_client_metrics(self, contents, (LABEL_KEY,))

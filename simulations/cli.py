@@ -127,13 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late so that --help and configuration errors answer at once.
     from ..server.results import load_results
     from .engine import run_experiment
-    from .config import task_data
-    from .tasks import DatasetUnavailable
+    from .config import dataset_problem
 
-    try:
-        task_data(base)
-    except (DatasetUnavailable, ValueError) as error:
-        print(f"softmerge-sim: dataset error: {error}", file=sys.stderr)
+    if problem := dataset_problem(base):
+        print(f"softmerge-sim: dataset error: {problem}", file=sys.stderr)
         return 2
 
     output = Path(args.output)

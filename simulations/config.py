@@ -16,8 +16,8 @@ from typing import Any
 from ..aggregation.merge import (KEEP_MODES, MAX_THREADS, MERGE_MODES, MERGE_STEP_SHARES, UNINFORMED_MERGES, UNIT_KINDS,
                                  WARM_START_STEPS, build_merge_units)
 from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_adaptive_attack, is_colluding_attack
-from .tasks import (DATASET_CLASSES, DATASETS, MIN_PARTITION_SIZE, PARTITIONINGS, ArraySet, TaskData, load_partition,
-                    load_task)
+from .tasks import (DATASET_CLASSES, DATASETS, MIN_PARTITION_SIZE, PARTITIONINGS, ArraySet, DatasetUnavailable,
+                    TaskData, load_partition, load_task)
 
 STRATEGIES = ("softmerge", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fltrust",
               "centered-clipping", "geomed")
@@ -131,6 +131,19 @@ def task_data(settings: RunSettings) -> TaskData:
     """The run's dataset, split into the server's gate and test splits and the client pool."""
     return load_task(settings.dataset, settings.server_gate_size, settings.server_test_size, settings.seed,
                      settings.dataset_path, settings.client_pool_size)
+
+
+def dataset_problem(settings: RunSettings) -> str | None:
+    """Why the run's dataset cannot be loaded (missing, damaged, too small for its splits), or None.
+
+    For the command-line tools, before any run starts Flower (the load is cached for the runs
+    of this process).
+    """
+    try:
+        task_data(settings)
+    except (DatasetUnavailable, ValueError) as error:
+        return str(error)
+    return None
 
 
 def partition_data(settings: RunSettings, partition_id: int, num_partitions: int) -> ArraySet:

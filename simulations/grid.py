@@ -42,7 +42,8 @@ from pathlib import Path
 from ..server.checkpoint import OPERATIONAL_KEYS
 from ..server.output_lock import OutputBusy, output_lock, shared_files_lock
 from ..server.results import write_json_atomic
-from .config import ConfigError, RunSettings, node_count_problem, parse_run_config, replies_per_round
+from .config import (ConfigError, RunSettings, dataset_problem, node_count_problem, parse_run_config,
+                     replies_per_round)
 
 ORACLE = "oracle"
 NO_ATTACK = "none"
@@ -681,11 +682,7 @@ def _fingerprint(data: object) -> str:
 
 def _read_manifest(path: Path) -> dict[str, str]:
     """The figures' fingerprints; empty (so every figure is drawn) if missing or unreadable."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return manifest if isinstance(manifest, dict) else {}
+    return read_json_object(path) or {}
 
 
 def weights_by_round(rounds: list[dict], candidates: list[str]) -> tuple[list[int], list[list[float]]]:
@@ -848,12 +845,10 @@ def main(argv: list[str] | None = None) -> int:
         print("Give this grid its own --output, or delete those cells' directories to run them again.",
               file=sys.stderr)
         return 2
-    if not args.tables_only and not args.worker and any(
-            not not_applicable(cell, args.clients, replies) and finished_cell(output, cell) is None for cell in cells):
-        # Once, before any cell starts Flower, rather than once per cell in each cell's log.
-        if problem := dataset_problem(base):
-            print(f"softmerge-grid: dataset error: {problem}", file=sys.stderr)
-            return 2
+    # Once, before any cell starts Flower, rather than once per cell in each cell's log.
+    if not args.tables_only and not args.worker and (problem := dataset_problem(base)):
+        print(f"softmerge-grid: dataset error: {problem}", file=sys.stderr)
+        return 2
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -918,21 +913,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"softmerge-grid: {len(rows)} cells, {failures} failed; tables: {output / 'tables.md'}")
     return 1 if failures else 0
-
-
-def dataset_problem(settings: RunSettings) -> str | None:
-    """Why the grid's dataset cannot be loaded (missing, damaged, too small for its splits), or None."""
-    from .config import task_data
-    from .tasks import DatasetUnavailable, load_task
-
-    try:
-        task_data(settings)
-    except (DatasetUnavailable, ValueError) as error:
-        return str(error)
-    finally:
-        # The cells load it in their own processes; this one need not hold it for the whole grid.
-        load_task.cache_clear()
-    return None
 
 
 def run_workers(argv: list[str], jobs: int, output: Path, runnable: list[Cell]) -> tuple[int, list[Cell]]:
@@ -1093,12 +1073,10 @@ def stale_cells(output: Path, cells: list[Cell], base: RunSettings, num_clients:
 def record_invocation(path: Path, argv: list[str], config: dict) -> None:
     """Add this command line to grid.json's list of those that filled the grid, once each."""
     with shared_files_lock(path.parent):
-        invocations: list[list[str]] = []
-        try:
-            previous = json.loads(path.read_text())
-            invocations = previous.get("invocations") or ([previous["argv"]] if previous.get("argv") else [])
-        except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
-            pass
+        previous = read_json_object(path) or {}
+        invocations = previous.get("invocations") or ([previous["argv"]] if previous.get("argv") else [])
+        if not isinstance(invocations, list):
+            invocations = []
         if list(argv) not in invocations:
             invocations.append(list(argv))
         write_json_atomic(path, {"base": config, "invocations": invocations})
