@@ -558,7 +558,7 @@ def summary_tables(by_key: dict[tuple, list[dict]], defenses: list[str], attacks
 
 # Part of every figure's fingerprint: bump it when the drawing changes, so that every
 # figure is drawn again rather than kept as it was.
-PLOT_STYLE = 2
+PLOT_STYLE = 3
 PLOTS_MANIFEST = "manifest.json"
 
 
@@ -619,16 +619,19 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
             continue
         if unchanged(name, lines):
             continue
-        figure, axis = plt.subplots(figsize=(6, 4))
+        figure, axis = plt.subplots(figsize=(7.5, 4))
         for strategy, numbers, mean, low, high, seeds in lines:
             label = strategy if seeds == 1 else f"{strategy} (mean of {seeds} seeds)"
-            drawn = axis.plot(numbers, mean, label=label, linestyle="--" if strategy == ORACLE else "-")
+            style = curve_style(strategy)
+            axis.plot(numbers, mean, label=label, **style)
             if seeds > 1:
-                axis.fill_between(numbers, low, high, color=drawn[0].get_color(), alpha=0.15, linewidth=0)
+                axis.fill_between(numbers, low, high, color=style["color"], alpha=0.15, linewidth=0,
+                                  zorder=style["zorder"] - 1)
         axis.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1),
                  title=f"{attack}, {fraction:.0%} malicious{alpha_title(alpha)}")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        # Beside the axes: inside them it hid the curves of whichever defenses it sat on.
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         figure.tight_layout()
         figure.savefig(plots / name, dpi=110)
         plt.close(figure)
@@ -664,6 +667,22 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
         figure.savefig(plots / heatmap, dpi=110)
         plt.close(figure)
     write_json_atomic(plots / PLOTS_MANIFEST, dict(sorted(manifest.items())))
+
+
+# One colour per defense in every figure (a paper's figures must agree); SoftMerge is drawn
+# widest and on top, the oracle dashed in black, as the yardstick.
+_CURVE_COLORS = {"oracle": "black", "softmerge": "tab:red", "fltrust": "tab:blue", "fedavg": "tab:gray",
+                 "fedmedian": "tab:purple", "fedtrimmedavg": "tab:brown", "krum": "tab:pink",
+                 "multikrum": "tab:olive", "bulyan": "tab:cyan", "centered-clipping": "tab:green",
+                 "geomed": "tab:orange"}
+
+
+def curve_style(strategy: str) -> dict:
+    """The line style of a defense's accuracy curve: the same colour in every figure."""
+    return {"color": _CURVE_COLORS.get(strategy, "darkgoldenrod"),
+            "linestyle": "--" if strategy == ORACLE else "-",
+            "linewidth": 2.2 if strategy == "softmerge" else 1.3,
+            "zorder": 4 if strategy in ("softmerge", ORACLE) else 2}
 
 
 def seed_band(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float], int]:

@@ -425,6 +425,20 @@ def test_weights_by_round_heatmap_skips_rounds_whose_candidates_differ(tmp_path)
     assert weights_by_round(rounds, ["client-7"]) == ([], [])
 
 
+def test_every_defense_keeps_one_colour_of_its_own_in_every_accuracy_figure():
+    from softmerge.simulations.config import STRATEGIES
+    from softmerge.simulations.grid import ORACLE, curve_style
+
+    styles = {name: curve_style(name) for name in (*STRATEGIES, ORACLE)}
+    colours = [style["color"] for style in styles.values()]
+    assert len(set(colours)) == len(colours)
+    # The method under test is drawn widest and on top; only the oracle is dashed.
+    assert all(styles["softmerge"]["linewidth"] > style["linewidth"] for name, style in styles.items()
+               if name != "softmerge")
+    assert styles["softmerge"]["zorder"] >= max(style["zorder"] for style in styles.values())
+    assert [name for name, style in styles.items() if style["linestyle"] != "-"] == [ORACLE]
+
+
 def test_plots_drop_the_heatmaps_of_a_softmerge_cell_that_is_no_longer_finished(tmp_path):
     from softmerge.simulations.grid import plot_cells
 
