@@ -86,6 +86,22 @@ def split_held_out(data: ArraySet) -> tuple[ArraySet, ArraySet]:
     return ArraySet(data.x[:cut], data.y[:cut]), ArraySet(data.x[cut:], data.y[cut:])
 
 
+def message_round(config: Mapping[str, object]) -> int:
+    """The train message's ``server-round``, which seeds local training: an integer >= 0, or a ConfigError.
+
+    Flower's strategies always send it; without it every round would reuse one seed, so
+    round 0's is used with a warning. A fractional round would silently share a seed with
+    another round, and a negative one fails deep in numpy's seeding.
+    """
+    if "server-round" not in config:
+        log(WARNING, "train message without config 'server-round': round 0's seed is used for local training")
+        return 0
+    value = config["server-round"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"train message config 'server-round' must be an integer >= 0, got {value!r}")
+    return value
+
+
 def local_seed(run_seed: int, server_round: int, partition_id: int) -> int:
     """The seed of one client's local training (and poisoning) in one round."""
     return run_seed * 1_000_003 + server_round * 1_009 + partition_id
@@ -125,10 +141,7 @@ def train_reply(msg: Message, context: Context, settings: RunSettings) -> Messag
     """Train on this node's partition; a malicious node then poisons what it sends."""
     partition_id, num_partitions, train_set, _ = _local_data(settings, context)
     config = msg.content["config"] if "config" in msg.content.config_records else {}
-    if "server-round" not in config:
-        # Flower's strategies always send it; without it every round would reuse one seed.
-        log(WARNING, "train message without config 'server-round': round 0's seed is used for local training")
-    server_round = int(config.get("server-round", 0))
+    server_round = message_round(config)
     seed = local_seed(settings.seed, server_round, partition_id)
     failure = simulated_failure(settings, seed)
     if failure == "raise":

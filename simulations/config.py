@@ -15,6 +15,7 @@ from typing import Any
 
 from ..aggregation.merge import (KEEP_MODES, MAX_THREADS, MERGE_MODES, MERGE_STEP_SHARES, UNINFORMED_MERGES, UNIT_KINDS,
                                  WARM_START_STEPS, build_merge_units)
+from ..server.replies import MAX_NUM_EXAMPLES
 from .colluding import ADAPTIVE_ATTACKS, COLLUDING_ATTACKS, is_adaptive_attack, is_colluding_attack
 from .tasks import (DATASET_CLASSES, DATASETS, MIN_PARTITION_SIZE, PARTITIONINGS, ArraySet, DatasetUnavailable,
                     TaskData, load_partition, load_task)
@@ -261,7 +262,9 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "softmerge_trust_max_records": _at_least(1),
     "softmerge_harm_margin": _at_least(0),
     "softmerge_near_duplicates": _at_least(0),
-    "attack_claimed_examples": _at_least(0),
+    # Above the server's bound every malicious reply would be screened out as absurd, and the
+    # attack would read as clients that failed.
+    "attack_claimed_examples": _closed_interval(0, MAX_NUM_EXAMPLES),
     "round_timeout": _open_interval(0, 86400),
     "min_nodes": _at_least(1),
     "client_failure_rate": lambda v: None if 0 <= v < 1 else "in [0, 1)",
@@ -285,8 +288,12 @@ def node_count_problem(strategy: str, replies: int, assumed_malicious: int) -> s
 
 
 def replies_per_round(settings: RunSettings, num_nodes: int) -> int:
-    """How many nodes a round trains: Flower samples int(n * fraction_train), and at least two."""
-    return max(int(num_nodes * settings.fraction_train), 2)
+    """How many nodes a round trains: Flower samples int(n * fraction_train), and at least min-nodes.
+
+    As Flower's ``FedAvg.configure_train`` sizes its sample, with ``min_train_nodes`` =
+    ``min-nodes`` (see :func:`softmerge.server.strategies.build_strategy`).
+    """
+    return max(int(num_nodes * settings.fraction_train), settings.min_nodes)
 
 
 def malicious_per_round(settings: RunSettings, num_nodes: int) -> float:

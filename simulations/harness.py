@@ -70,6 +70,8 @@ KNOWLEDGE = ("full", "partial")
 # from one known update they have nothing to deviate by.
 SPREAD_ATTACKS = frozenset({"alie", "min-max", "min-sum"})
 _MISSING = object()
+# Flower's object ids are SHA-256 hex digests.
+OBJECT_ID_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,9 @@ class ColludingAdversary:
             log(WARNING, "colluding %s round %d: %d malicious replies do not match the global model's "
                 "arrays and are passed through unchanged", self.attack, server_round, len(unreadable))
         targets = [e for e in malicious if e[2] is not None]
-        num_total = len(with_content)
+        # n is what the defense can average: a reply without a model of the global's arrays
+        # (a client's empty failure reply) counts for nothing there, and would shrink ALIE's z.
+        num_total = sum(1 for e in honest if e[2] is not None) + len(targets)
 
         def skip(reason: str) -> list[Message]:
             if targets:
@@ -226,13 +230,15 @@ class ColludingAdversary:
 
         if not targets:
             return skip("")
-        if num_total <= len(targets):
-            return skip("every client this round is malicious; there is nothing to deviate from")
+        if num_total <= len(targets) and self.kind == "alie" and "z" not in self.attack_params:
+            # Every other attack crafts from the attackers' own updates below, as with partial knowledge.
+            return skip("every client this round is malicious, and ALIE's z needs n > m")
         source = honest if self.knowledge == "full" else malicious
         usable = [e for e in source if e[2] is not None and np.isfinite(e[2]).all()]
         if not usable and self.knowledge == "full":
-            log(WARNING, "colluding %s round %d: no readable, finite honest update; using the malicious "
-                "clients' own updates (partial knowledge)", self.attack, server_round)
+            log(WARNING, "colluding %s round %d: no readable, finite honest update (%s); using the malicious "
+                "clients' own updates (partial knowledge)", self.attack, server_round,
+                "every client this round is malicious" if num_total <= len(targets) else "none usable")
             usable = [e for e in malicious if e[2] is not None and np.isfinite(e[2]).all()]
         known = [e[2] for e in usable]
         if not known:
@@ -400,7 +406,14 @@ class ColludingAdversary:
         content = RecordDict({name: ArrayRecord(arrays) if name == record_name else value
                               for name, value in msg.content.items()})
         # Same sender, ids and timestamps as the real reply: only the model differs.
-        return Message(content, metadata=copy.deepcopy(msg.metadata))
+        rewritten = Message(content, metadata=copy.deepcopy(msg.metadata))
+        message_id = msg.metadata.message_id
+        # A deployment's SuperNode ids a reply by its content's hash (Flower's push_message
+        # does so); a rewritten reply keeping the old id would be told apart by it alone. The
+        # length test spares a simulation (uuid ids) hashing every model.
+        if len(message_id) == OBJECT_ID_LENGTH and message_id == msg.object_id:
+            rewritten.metadata.__dict__["_message_id"] = rewritten.object_id
+        return rewritten
 
 
 def _check_evade_params(params: dict) -> None:

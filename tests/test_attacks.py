@@ -206,6 +206,26 @@ def test_a_train_message_without_its_round_is_trained_and_logged(caplog):
     assert "without config 'server-round'" in caplog.text
 
 
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("server_round", ["abc", 2.7, -5, True, [1, 2]])
+def test_a_train_message_with_a_malformed_round_is_refused_by_name(server_round):
+    """A fractional round silently shared another round's seed; a negative one failed deep in numpy."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from softmerge.client.app import train_reply
+    from softmerge.simulations.config import ConfigError, parse_run_config
+    from softmerge.simulations.tasks import build_model
+
+    settings = parse_run_config({"local-epochs": 1, "attack": "backdoor", "malicious-partitions": "0"})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 4},
+                      state=RecordDict(), run_config={})
+    instruction = Message(RecordDict({"arrays": ArrayRecord(build_model(settings.dataset).state_dict()),
+                                      "config": ConfigRecord({"server-round": server_round})}),
+                          dst_node_id=1, message_type="train")
+    with pytest.raises(ConfigError, match="'server-round' must be an integer >= 0"):
+        train_reply(instruction, context, settings)
+
+
 @pytest.mark.parametrize("attack", ["sign-flip", "gaussian", "scaling", "layer-stealth"])
 def test_running_statistics_are_sent_as_trained_and_the_model_stays_finite(attack):
     # A sign-flipped or noised running variance goes negative and the model's outputs NaN;

@@ -530,6 +530,59 @@ def test_a_round_without_malicious_replies_passes_everything_through():
     assert adversary.history[1].malicious == ()
 
 
+def _attacked_by(attack, malicious, replies, **kwargs):
+    """What the defense receives from ``replies`` (Flower's FedAvg refuses an empty reply; the harness runs first)."""
+    from flwr.serverapp.exception import InconsistentMessageReplies
+
+    strategy = RecordingFedAvg()
+    adversary = make_colluding(strategy, attack, malicious, seed=3, **kwargs)
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(list(range(1, 10)))))
+    try:
+        strategy.aggregate_train(1, replies)
+    except InconsistentMessageReplies:
+        pass
+    return strategy.seen[1], adversary
+
+
+def test_a_round_of_attackers_alone_is_attacked_from_their_own_updates(caplog):
+    """Passed through unchanged, a sampled round of attackers alone would count as a round survived."""
+    replies = [make_reply(p + 1, _state(p, shift=0.1 * p), partition=p) for p in range(4)]
+    with caplog.at_level("WARNING"):
+        seen, adversary = _attacked_by("ipm-100", set(range(4)), replies)
+    own = np.mean([_flat_update(_model_of(reply), GLOBAL) for reply in replies], axis=0)
+    for reply in seen:
+        np.testing.assert_allclose(_flat_update(_model_of(reply), GLOBAL), -100.0 * own, rtol=1e-5, atol=1e-4)
+    assert adversary.history[1].malicious == (0, 1, 2, 3)
+    assert "every client this round is malicious" in caplog.text
+    # ALIE's z = Phi^-1((n-m-s)/(n-m)) has no value at n = m: those replies go as trained, and the log says why.
+    seen, adversary = _attacked_by("alie", set(range(4)), replies)
+    assert all(a is b for a, b in zip(seen, replies))
+    assert adversary.history[1].malicious == () and "ALIE's z needs n > m" in adversary.history[1].skipped_reason
+
+
+def test_replies_without_a_model_do_not_count_among_the_replies_alie_hides_in():
+    from flwr.app import Message, RecordDict
+
+    replies = [make_reply(p + 1, _state(p, shift=0.1 * p), partition=p) for p in PARTITIONS]
+    # Two clients' own failure replies: content, but no model the defense could average.
+    empty = [Message(RecordDict({}), reply_to=make_reply(node, error="unused")) for node in (7, 8)]
+    seen, _ = _attacked_by("alie", {3, 4, 5}, replies + empty)
+    honest = np.array([_flat_update(_model_of(replies[p]), GLOBAL) for p in range(3)])
+    expected = honest.mean(axis=0) + alie_z(3, 6) * honest.std(axis=0)
+    np.testing.assert_allclose(_flat_update(_model_of(seen[5]), GLOBAL), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rewritten_reply_keeps_a_deployment_reply_s_content_hash_as_its_id():
+    """A SuperNode ids its reply by the content's hash; a rewritten reply must too, or its id gives it away."""
+    replies = _round_replies()
+    for reply in replies:
+        reply.metadata.__dict__["_message_id"] = reply.object_id
+    seen, _ = _attacked_by("ipm-100", MALICIOUS, replies)
+    rewritten = [after for before, after in zip(replies, seen) if after is not before]
+    assert len(rewritten) == len(MALICIOUS)
+    assert all(reply.metadata.message_id == reply.object_id for reply in seen)
+
+
 def test_harness_mimic_fixed_copies_one_client_every_round_and_resumes_from_its_checkpoint(caplog):
     def play(adversary, server_round):
         strategy = RecordingFedAvg()

@@ -84,7 +84,7 @@ def test_pyproject_app_config_is_valid():
         ({"softmerge-merge-step-share": "half"}, "'softmerge-merge-step-share' must be one of"),
         ({"softmerge-example-weights": True, "softmerge-mode": "select"},
          "'softmerge-example-weights' needs softmerge-mode = 'weight'"),
-        ({"attack-claimed-examples": -1}, "'attack-claimed-examples' must be >= 0"),
+        ({"attack-claimed-examples": -1}, "'attack-claimed-examples' must be in [0, 1000000000]"),
         ({"attack-claimed-examples": 2.5}, "'attack-claimed-examples' must be an integer"),
         ({"malicious-partitions": "1,two"}, "malicious-partitions must be comma-separated partition ids"),
         ({"malicious-partitions": "-1"}, "malicious-partitions must hold ids >= 0"),
@@ -164,6 +164,15 @@ def test_cli_rejects_bad_config_before_any_run(capsys, tmp_path):
     assert "--set takes KEY=VALUE" in capsys.readouterr().err
 
 
+def test_a_claimed_example_count_the_server_would_screen_out_is_refused():
+    """Above the server's bound every malicious reply would be dropped: an attack that reads as failed clients."""
+    from softmerge.server.replies import MAX_NUM_EXAMPLES
+
+    assert parse_run_config({"attack-claimed-examples": MAX_NUM_EXAMPLES}).attack_claimed_examples == MAX_NUM_EXAMPLES
+    with pytest.raises(ConfigError, match="'attack-claimed-examples' must be in"):
+        parse_run_config({"attack-claimed-examples": 2 * MAX_NUM_EXAMPLES})
+
+
 def test_a_backdoor_target_outside_the_classes_is_refused():
     assert parse_run_config({"backdoor-target": 9}).backdoor_target == 9
     with pytest.raises(ConfigError, match=r"'backdoor-target' must be a class of digits \(0..9\); got 10"):
@@ -198,6 +207,29 @@ def test_a_simulation_that_can_run_passes_the_check():
     check_simulation(parse_run_config({"client-pool-size": 20}), 10)
     check_simulation(parse_run_config({"attack": "none", "malicious-partitions": ""}), 2)
     check_simulation(parse_run_config({"attack": "none", "malicious-partitions": "", "min-nodes": 1}), 1)
+    # Flower trains max(int(0.3 * 10), min-nodes) = 7 a round: enough for Krum with f = 2.
+    check_simulation(parse_run_config({"strategy": "krum", "assumed-malicious": 2, "fraction-train": 0.3,
+                                       "min-nodes": 7}), 10)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("nodes", "fraction", "min_nodes"), [(10, 0.2, 5), (3, 0.5, 1), (10, 1.0, 2), (20, 0.5, 2),
+                                                              (7, 0.1, 3)])
+def test_the_replies_a_round_averages_are_the_nodes_flower_samples(nodes, fraction, min_nodes):
+    """The scaling attack's and model replacement's gamma, and the Krum/Bulyan check, read this count."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from flower_helpers import StubGrid
+    from softmerge.server.strategies import build_strategy
+    from softmerge.simulations.config import replies_per_round
+    from softmerge.simulations.config import task_data
+    from softmerge.simulations.tasks import build_model
+
+    settings = parse_run_config({"strategy": "fedavg", "fraction-train": fraction, "min-nodes": min_nodes})
+    model = build_model(settings.dataset)
+    strategy = build_strategy(settings, model, task_data(settings).gate.tensors())
+    sent = strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid(range(1, nodes + 1)))
+    assert replies_per_round(settings, nodes) == len(list(sent))
 
 
 def test_softmerge_run_reports_a_simulation_that_could_not_run(capsys):
