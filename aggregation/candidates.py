@@ -96,5 +96,5 @@ def validate_candidates(
 def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
     try:
         return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-    except TypeError:
+    except (TypeError, ValueError):  # ValueError: a byte order other than the machine's
         return None

@@ -122,8 +122,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
+import warnings
 from contextlib import contextmanager
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -157,6 +158,8 @@ KEEP_LABEL = "keep"
 # The convergence check scores the deterministic gates on at most this many gate batches
 # of examples: a forward pass of two batches every ``check_every`` steps costs a few percent.
 PROBE_BATCHES = 2
+# Gate-split examples run through the model to find the parameters its loss does not read.
+BLIND_PROBE_SIZE = 64
 # The scoring passes (every candidate's and mirror image's per-example losses) take the
 # gate split in the fewest chunks of at most this many input values (but at least
 # MIN_SCORING_CHUNK examples), cut as evenly as they go: 167 Fashion-MNIST images, so the
@@ -491,6 +494,9 @@ class SoftMergeConfig:
         _require(_finite(self.lr) and self.lr > 0, "lr must be a finite number > 0")
         _require(_finite(self.l0_lambda) and self.l0_lambda >= 0, "l0_lambda must be a finite number >= 0")
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1")
+        # The strategy adds the round number; torch's generators take seeds below 2**64.
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63,
+                 "seed must be an integer in [0, 2**63)")
         _require(_finite(self.init_log_alpha), "init_log_alpha must be finite")
         _require(_finite(self.warm_start_temperature) and self.warm_start_temperature > 0,
                  "warm_start_temperature must be a finite number > 0")
@@ -593,6 +599,8 @@ class GateReport:
     ``log_alpha`` and ``start`` are the last attempt's. ``seconds`` is the whole merge's
     wall-clock time, ``gate_seconds`` the part spent learning gates (every attempt's
     steps and convergence checks), so that a step's cost is measured, not inferred.
+    ``blind_tensors`` names the parameters the gate-split loss does not depend on (see
+    :func:`loss_blind_parameters`): the merge leaves them at the keep model's values.
     """
 
     units: list[str]
@@ -624,6 +632,7 @@ class GateReport:
     skipped_steps: int = 0
     seconds: float = 0.0
     gate_seconds: float = 0.0
+    blind_tensors: list[str] = field(default_factory=list)
 
     def weight_on(self, labels: Sequence[str]) -> float:
         """Mean over units of the mixing weight that fell on the given candidates."""
@@ -662,13 +671,13 @@ def build_merge_units(model: nn.Module, units: str | Sequence[str] = "layer") ->
     if units == "model":
         return [MergeUnit("model", tuple(names))]
     if units == "tensor":
-        return [MergeUnit(name, (name,)) for name in names]
+        return _tied_together([MergeUnit(name, (name,)) for name in names], model)
     if units == "layer":
         grouped: dict[str, list[str]] = {}
         for name in names:
             module = name.rsplit(".", 1)[0] if "." in name else name
             grouped.setdefault(module, []).append(name)
-        return [MergeUnit(module, tuple(members)) for module, members in grouped.items()]
+        return _tied_together([MergeUnit(module, tuple(members)) for module, members in grouped.items()], model)
     remaining = list(names)
     result = []
     for pattern in units:
@@ -680,7 +689,35 @@ def build_merge_units(model: nn.Module, units: str | Sequence[str] = "layer") ->
         remaining = [n for n in remaining if n not in members]
     if remaining:
         result.append(MergeUnit("rest", tuple(remaining)))
-    return result
+    return _tied_together(result, model)
+
+
+def _tied_together(units: list[MergeUnit], model: nn.Module) -> list[MergeUnit]:
+    """The units with every alias of a tied tensor moved into the unit of its first name.
+
+    Tied names (an embedding shared with the output layer) are one tensor. In two units
+    they would get two mixing weights and two merged values, and ``load_state_dict``
+    keeps whichever comes last: not the model the no-harm check scored. A unit left
+    without tensors is dropped.
+    """
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        aliases.setdefault(id(tensor), []).append(name)
+    home = {}
+    for group in aliases.values():
+        if len(group) > 1:
+            first = next(unit.name for unit in units if any(name in unit.tensor_names for name in group))
+            home.update({name: first for name in group})
+    if not home:
+        return units
+    moved = []
+    for unit in units:
+        members = [name for name in unit.tensor_names if home.get(name, unit.name) == unit.name]
+        members += [name for name, target in home.items() if target == unit.name and name not in members]
+        if members:
+            moved.append(MergeUnit(unit.name, tuple(members)))
+    return moved
 
 
 def mixing_weights(
@@ -753,8 +790,10 @@ def example_count_weights(gates: torch.Tensor, counts: torch.Tensor, gate_weight
 
 
 def _stack_dtype(reference: Mapping[str, torch.Tensor]) -> torch.dtype:
+    # float64 holds every float32, float16 and bfloat16 value exactly, so a model with any
+    # float64 tensor stacks in it and a one-hot selection stays bit for bit its candidate.
     float_dtypes = [t.dtype for t in reference.values() if t.dtype.is_floating_point]
-    return torch.float64 if float_dtypes and all(d == torch.float64 for d in float_dtypes) else torch.float32
+    return torch.float64 if torch.float64 in float_dtypes else torch.float32
 
 
 def _unit_groups(reference: Mapping[str, torch.Tensor], unit: MergeUnit,
@@ -1023,10 +1062,48 @@ def evaluate_state(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: 
     return (loss if math.isfinite(loss) else math.inf), correct / count
 
 
-def mirror_state(candidate: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The candidate reflected through the keep model: 2 * keep - candidate (floating tensors)."""
-    return {name: (2 * keep[name] - tensor) if tensor.dtype.is_floating_point else tensor
+def mirror_state(candidate: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor],
+                 buffers: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """The candidate reflected through the keep model: 2 * keep - candidate (floating tensors).
+
+    Floating tensors named in ``buffers`` (BatchNorm's running statistics) take the keep
+    model's values instead: they are estimates, not a step, and reflected a variance can
+    fall below 0 (a candidate's more than twice the keep model's), which made the mirror's
+    loss NaN and so switched the mirror test off for that candidate.
+    """
+    return {name: tensor if not tensor.dtype.is_floating_point
+            else keep[name] if name in buffers else 2 * keep[name] - tensor
             for name, tensor in candidate.items()}
+
+
+def model_buffer_names(model: nn.Module) -> frozenset[str]:
+    """The state-dict names of the model's buffers (aliases included)."""
+    return frozenset(name for name, _ in model.named_buffers(remove_duplicate=False))
+
+
+def loss_blind_parameters(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: torch.Tensor,
+                          targets: torch.Tensor) -> list[str]:
+    """The floating parameters the model's loss on ``inputs`` does not depend on, in its current mode.
+
+    Found by autograd: a parameter without a path to the loss gets no gradient (``None``,
+    not a zero). A train-only head (Inception's auxiliary classifier) or an unused layer is
+    such a parameter in eval mode: the gate split cannot tell an honest value of it from
+    an extreme one, so the merge must not take clients' values of it on the gates' word.
+    """
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    leaves = {name: state[name].detach().clone().requires_grad_(True) for names in aliases.values() for name in names
+              if name in state and state[name].dtype.is_floating_point}
+    if not leaves or len(targets) == 0:
+        return []
+    with torch.enable_grad():
+        logits = functional_call(model, {**state, **leaves}, (inputs,), tie_weights=False)
+        loss = nn.functional.cross_entropy(logits, targets)
+        gradients = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)))
+    # A tied tensor is one parameter: blind only if no alias of it reaches the loss.
+    return [name for names in aliases.values() if all(gradients.get(n) is None for n in names)
+            for name in names if name in leaves]
 
 
 def per_example_losses(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: torch.Tensor,
@@ -1128,8 +1205,10 @@ def mirror_statistics(model: nn.Module, candidate: Mapping[str, torch.Tensor], k
     ``reflected_losses``, the mirror image's, saves the mirror's.
     """
     own = own_losses if own_losses is not None else per_example_losses(model, candidate, inputs, targets, batch_size)
-    reflected = (reflected_losses if reflected_losses is not None
-                 else per_example_losses(model, mirror_state(candidate, keep), inputs, targets, batch_size))
+    if reflected_losses is None:
+        reflected_losses = per_example_losses(model, mirror_state(candidate, keep, model_buffer_names(model)), inputs,
+                                              targets, batch_size)
+    reflected = reflected_losses
     difference = own - reflected
     error = float(difference.std()) / math.sqrt(len(difference)) if len(difference) > 1 else 0.0
     return _mean_loss(reflected), (error if math.isfinite(error) else math.inf)
@@ -1151,7 +1230,7 @@ def merge_step_losses(model: nn.Module, candidate: Mapping[str, torch.Tensor], k
     scaled = keep_losses + share * (own - keep_losses)
     if not mirror:
         return scaled, None
-    reflected = per_example_losses(model, mirror_state(stepped, keep), inputs, targets)
+    reflected = per_example_losses(model, mirror_state(stepped, keep, model_buffer_names(model)), inputs, targets)
     return scaled, keep_losses + share * (reflected - keep_losses)
 
 
@@ -1286,6 +1365,10 @@ def checked_split(model: nn.Module, split: object, name: str = "validation",
     if inputs.dim() < 1 or labels.dim() != 1 or len(inputs) != len(labels):
         raise ValueError(f"the {name} split must hold one label per input (1-D labels); got inputs of shape "
                          f"{tuple(inputs.shape)} and labels of shape {tuple(labels.shape)}")
+    if len(labels) == 0:
+        # With nothing to judge by, the gates would learn nothing and every candidate, extreme or not, would be merged.
+        raise ValueError(f"the {name} split is empty: the server needs clean labelled examples to judge the "
+                         "clients' models by")
     if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
         raise ValueError(f"the {name} split's labels must be class indices (an integer tensor), got {labels.dtype}")
     # Integer inputs (token ids into an embedding) are the model's to read; the probe says if it cannot.
@@ -1294,7 +1377,7 @@ def checked_split(model: nn.Module, split: object, name: str = "validation",
         raise ValueError(f"the {name} split's inputs are {inputs.dtype} but the model's parameters are "
                          f"{', '.join(sorted(str(dtype) for dtype in parameter_dtypes))}; convert the inputs")
     labels = labels.long()
-    if probe and len(labels):
+    if probe:
         was_training = model.training
         model.eval()
         try:
@@ -1412,10 +1495,12 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
 
     units = build_merge_units(model, config.units)
     unit_names = [unit.name for unit in units]
+    model_buffers = model_buffer_names(model)
     was_training = model.training
     model.eval()
     try:
         loss_before, accuracy_before = evaluate_state(model, keep_state, inputs, targets)
+        blind = loss_blind_parameters(model, keep_state, inputs[:BLIND_PROBE_SIZE], targets[:BLIND_PROBE_SIZE])
         if not states and not config.include_keep:
             report = GateReport(unit_names, [], [[] for _ in units], [[] for _ in units], [[] for _ in units], [],
                                 loss_before, accuracy_before, loss_before, accuracy_before, excluded,
@@ -1509,7 +1594,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         # and the mirror test when the round scores at that step all read them.
         reflect = auto or find_specialists or find_flipped
         own_step_reflections = [None if losses is None or not reflect
-                                else per_example_losses(model, mirror_state(state, keep_state), inputs, targets)
+                                else per_example_losses(model, mirror_state(state, keep_state, model_buffers), inputs,
+                                                        targets)
                                 for state, losses in zip(group_states, group_losses)]
         bend = None
         if auto:
@@ -1571,9 +1657,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             group_of[group] = g
         gated_keep = int(group_of[keep_index]) if keep_index is not None else None
 
-        buffer_names = {name for name, _ in model.named_buffers()}
         stacked = _StackedCandidates(reference, states if len(groups) == len(states) else group_states,
-                                     units, buffer_names)
+                                     units, model_buffers)
         # Identical models are as trustworthy as the most trusted client that sent them; a
         # mean of near-identical ones only as its least trusted member, since a distrusted
         # client could otherwise borrow an honest one's trust by behaving like it on the gate split.
@@ -1585,6 +1670,10 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
             trusted = [value >= config.mirror_trusted for value in per_group(sparing_trust)]
             spared = trusted if spared is None else [a or b for a, b in zip(spared, trusted)]
         given_start = initial_log_alpha is not None and tuple(initial_log_alpha.shape) == (len(units), len(states))
+        if initial_log_alpha is not None and not given_start:
+            # Not an error: a candidate excluded this round changes K, which a caller cannot foresee.
+            warnings.warn(f"initial_log_alpha has shape {tuple(initial_log_alpha.shape)}, not (units, gated "
+                          f"candidates) = {(len(units), len(states))}; the warm start is used instead", stacklevel=3)
 
         def warm_start(mean_losses: list[float], mirrors: list[tuple[float, float]]
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -1767,6 +1856,11 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 weights = torch.zeros_like(weights)
                 if gated_keep is not None:
                     weights[:, gated_keep] = 1.0
+            else:
+                # Nothing the gates learned speaks for a client's value of these: the loss never
+                # read them (so the loss and accuracy after stand).
+                for name in blind:
+                    merged[name] = keep_state[name].detach().clone()
             # Back to one column per candidate: a group's members share its gate and weight
             # (a client that resent the global model unchanged shares the keep model's).
             group_sizes = torch.tensor([len(group) for group in groups], dtype=weights.dtype)
@@ -1805,6 +1899,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         steps=steps,
         skipped_steps=skipped,
         gate_seconds=sum(learning_seconds),
+        blind_tensors=blind,
     )
     return merged, report
 

@@ -115,6 +115,7 @@ class SoftMerge(RoundStartMemory):
         self.trust_memory = trust_memory
         self.trust_max_records = trust_max_records
         self._warned_about_cap = False
+        self._warned_about_blind = False
         self.follow_labels = follow_labels
         # node ID (as text, for JSON checkpoints) -> (discounted rounds open, discounted rounds gated),
         # from the least to the most recently gated (checkpoints keep the order)
@@ -210,6 +211,10 @@ class SoftMerge(RoundStartMemory):
             log(WARNING, "SoftMerge round %d: the merge overflowed; keeping the global model", server_round)
             merged = {name: tensor.clone() for name, tensor in keep.items()}
             report.fallback_units = list(report.units)
+            # The report describes the model that goes out (the weight tables read it), not the discarded one.
+            report.weights = [[1.0 if label == KEEP_LABEL else 0.0 for label in report.candidates]
+                              for _ in report.units]
+            report.loss_after, report.accuracy_after = report.loss_before, report.accuracy_before
         self.reports[server_round] = report
         self._log_report(server_round, report)
         if self.on_report is not None:
@@ -351,6 +356,11 @@ class SoftMerge(RoundStartMemory):
         if report.own_step_retry:
             log(WARNING, "SoftMerge round %d: the merge-step starts harmed the gate-split loss by more than the "
                 "margin; learned again from each client's own step (start: %s)", server_round, report.start)
+        if report.blind_tensors and not self._warned_about_blind:
+            self._warned_about_blind = True
+            log(WARNING, "SoftMerge round %d: the gate split's loss does not read %s (in eval mode), so nothing can "
+                "judge the clients' values of them: they keep the global model's (said once per run)", server_round,
+                report.blind_tensors)
         if report.open_share is not None:
             log(INFO, "SoftMerge round %d: the merge opened %d client groups; scored again at that share (start: %s)",
                 server_round, report.open_share, report.start)

@@ -580,8 +580,9 @@ def test_checked_split_widens_integer_labels_and_names_what_is_wrong():
         checked_split(model, (inputs, torch.tensor([0, 1, 2, 0, 1])), "root")
     # Without the probe the model is not run, so labels out of its range pass.
     assert checked_split(model, (inputs, torch.tensor([0, 1, 2, 0, 1])), probe=False)[1].max() == 2
-    # An empty split is accepted (no gate can be learned on it; the merge says so by its steps).
-    assert len(checked_split(model, (inputs[:0], torch.zeros(0, dtype=torch.long)))[1]) == 0
+    # An empty split is refused: with nothing to judge by, every candidate, extreme or not, was averaged in.
+    with pytest.raises(ValueError, match="split is empty"):
+        checked_split(model, (inputs[:0], torch.zeros(0, dtype=torch.long)))
 
 
 def test_identical_replies_share_one_gate_and_one_candidate_s_weight(honest_candidates, digits_task):
@@ -712,3 +713,155 @@ def test_scoring_chunks_are_cut_evenly_and_never_below_the_minimum(monkeypatch):
     assert sizes == [67, 67, 66]
     handle.remove()
     assert per_example_losses(model, model.state_dict(), inputs[:0], targets[:0]).shape == (0,)
+
+
+class AuxHeadNet(nn.Module):
+    """A train-only auxiliary head (as Inception's): eval mode never reads ``aux``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+        self.aux = nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = torch.relu(self.fc1(x))
+        return self.fc2(hidden) + (0.3 * self.aux(hidden) if self.training else 0)
+
+
+class TiedAcrossLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 4)
+        self.hidden = nn.Linear(4, 4)
+        self.hidden.weight = self.embed.weight
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.hidden(torch.relu(self.embed(x)))))
+
+
+def _aux_federation():
+    torch.manual_seed(0)
+    model = AuxHeadNet()
+    inputs, targets = torch.randn(120, 4), torch.randint(0, 3, (120,))
+    keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    honest = [_perturbed(model, 0.05, seed) for seed in range(3)]
+    return model, (inputs, targets), keep, honest
+
+
+def test_loss_blind_parameters_are_the_ones_eval_mode_never_reads():
+    from softmerge.aggregation.merge import loss_blind_parameters
+
+    model, (inputs, targets), keep, _ = _aux_federation()
+    model.eval()
+    assert loss_blind_parameters(model, keep, inputs, targets) == ["aux.weight", "aux.bias"]
+    # A tied tensor read through one of its names is read: neither alias is blind.
+    tied = TiedAcrossLayers().eval()
+    assert loss_blind_parameters(tied, tied.state_dict(), inputs, targets) == []
+
+
+@pytest.mark.parametrize("units", ["model", "layer", "tensor"])
+def test_an_extreme_value_where_the_gate_split_cannot_see_it_never_reaches_the_merge(units):
+    """An honest copy with 1e30 in a train-only head passed every gate: the loss the gates read never used it."""
+    model, split, keep, honest = _aux_federation()
+    poisoned = {k: v.clone() for k, v in honest[0].items()}
+    poisoned["aux.weight"] = torch.full_like(poisoned["aux.weight"], 1e30)
+    merged, report = soft_merge(model, [*honest, poisoned], split, SoftMergeConfig(units=units, steps=20))
+    assert report.blind_tensors == ["aux.weight", "aux.bias"]
+    assert torch.equal(merged["aux.weight"], keep["aux.weight"]) and torch.equal(merged["aux.bias"], keep["aux.bias"])
+    # What the gates can judge is still the clients' merge.
+    assert not torch.equal(merged["fc1.weight"], keep["fc1.weight"])
+    assert model.training  # the merge restores the caller's mode
+
+
+def test_the_mirror_image_keeps_the_keep_model_s_running_statistics():
+    """Reflected, a running variance over twice the keep model's went below 0: a NaN mirror loss, no mirror test."""
+    from softmerge.aggregation.merge import model_buffer_names
+
+    torch.manual_seed(0)
+    net = BatchNormNet().eval()
+    keep = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    candidate = _perturbed(net, 0.1, 1)
+    candidate["bn.running_var"] = 3.0 * keep["bn.running_var"]
+    buffers = model_buffer_names(net)
+    assert {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"} <= buffers
+    mirrored = mirror_state(candidate, keep, buffers)
+    assert torch.equal(mirrored["bn.running_var"], keep["bn.running_var"])
+    assert torch.allclose(mirrored["fc.weight"], 2 * keep["fc.weight"] - candidate["fc.weight"])
+    inputs, targets = torch.randn(40, 4), torch.randint(0, 2, (40,))
+    mirror_loss, error = mirror_statistics(net, candidate, keep, inputs, targets)
+    assert math.isfinite(mirror_loss) and math.isfinite(error)
+
+
+def test_tied_names_share_one_unit_and_one_merged_value():
+    """In two layer units the aliases got two values; load_state_dict kept the last, not the model scored."""
+    torch.manual_seed(0)
+    model = TiedAcrossLayers()
+    units = build_merge_units(model, "layer")
+    unit_of = {name: unit.name for unit in units for name in unit.tensor_names}
+    assert unit_of["embed.weight"] == unit_of["hidden.weight"] == "embed"
+    assert sorted(name for unit in units for name in unit.tensor_names) == sorted(model.state_dict())
+    keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    candidates = []
+    for seed in range(3):
+        state = _perturbed(model, 0.1, seed)
+        state["hidden.weight"] = state["embed.weight"]
+        candidates.append(state)
+    split = (torch.randn(60, 4), torch.randint(0, 3, (60,)))
+    # Each unit its own start, so the units' weights differ.
+    start = torch.tensor([[3.0, -3.0, -3.0, -10.0], [-3.0, 3.0, -3.0, -10.0], [-3.0, -3.0, 3.0, -10.0]])
+    merged, report = soft_merge(model, candidates, split, SoftMergeConfig(units="layer", steps=0, harm_margin=0),
+                                keep=keep, initial_log_alpha=start)
+    assert torch.equal(merged["embed.weight"], merged["hidden.weight"])
+    model.load_state_dict(merged)
+    assert evaluate_state(model, model.state_dict(), *split)[0] == pytest.approx(report.loss_after)
+
+
+class Float64WithFloat32Buffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3).double()
+        self.register_buffer("scale", torch.ones(4, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.fc(x * self.scale.double())
+
+
+def test_a_float64_model_with_a_float32_buffer_selects_its_candidate_bit_for_bit():
+    """Stacked in float32 because of one buffer, the selected float64 weights came back rounded."""
+    torch.manual_seed(0)
+    model = Float64WithFloat32Buffer()
+    # Each candidate below float32's resolution from the next: rounded, the selection would not be candidate 0's.
+    candidates = [{k: v + 1e-12 * seed if v.dtype == torch.float64 else v
+                   for k, v in _perturbed(model, 0.1, seed).items()} for seed in range(3)]
+    split = (torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,)))
+    start = torch.tensor([[3.0, -10.0, -10.0, -10.0]])
+    merged, report = soft_merge(model, candidates, split, SoftMergeConfig(mode="select", steps=0, harm_margin=0),
+                                initial_log_alpha=start)
+    assert report.weights[0][0] == 1.0
+    assert torch.equal(merged["fc.weight"], candidates[0]["fc.weight"])
+    assert merged["scale"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("seed", [1.5, None, -1, 2**63, True])
+def test_a_merge_seed_that_torch_cannot_take_is_refused_when_configured(seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        SoftMergeConfig(seed=seed)
+
+
+def test_a_candidate_of_the_other_byte_order_is_excluded_not_a_crash():
+    torch.manual_seed(0)
+    model = BatchNormNet()
+    honest = _perturbed(model, 0.05, 0)
+    swapped = {k: v.numpy().astype(v.numpy().dtype.newbyteorder(">")) for k, v in _perturbed(model, 0.05, 1).items()}
+    merged, report = soft_merge(model, [honest, swapped], (torch.randn(20, 4), torch.randint(0, 2, (20,))),
+                                SoftMergeConfig(steps=4, check_every=2))
+    assert [exclusion.index for exclusion in report.excluded] == [1]
+    assert "unsupported dtype" in report.excluded[0].reason
+
+
+def test_a_start_of_the_wrong_shape_is_said_not_silently_replaced():
+    model, split, _, honest = _aux_federation()
+    with pytest.warns(UserWarning, match=r"initial_log_alpha has shape \(4,\), not \(units, gated candidates\)"):
+        soft_merge(model, honest, split, SoftMergeConfig(steps=0), initial_log_alpha=torch.zeros(4))

@@ -128,6 +128,7 @@ def test_every_configured_strategy_builds_and_the_update_rules_know_the_running_
     (lambda x, y: (x, y + 10), r"labels must lie in \[0, 10\)"),
     (lambda x, y: (x[:, :-1], y), "the model cannot run on the gate split's inputs"),
     (lambda x, y: x, "must be a pair of tensors"),
+    (lambda x, y: (x[:0], y[:0]), "split is empty"),
 ])
 def test_a_gate_split_the_model_cannot_score_is_refused_when_the_strategy_is_built(honest_candidates, digits_task,
                                                                                    edit, message):
@@ -169,10 +170,14 @@ def test_a_merge_that_overflows_keeps_the_global_model_and_uses_no_reply(honest_
         merged, report = soft_merge(*args, **kwargs)
         return {k: torch.full_like(v, math.inf) if v.is_floating_point() else v for k, v in merged.items()}, report
 
-    _, metrics = _round_with_merge(honest_candidates, digits_task, monkeypatch, caplog, overflowing)
+    strategy, metrics = _round_with_merge(honest_candidates, digits_task, monkeypatch, caplog, overflowing)
     # A run of such rounds must end failed, not finished untrained (server.app counts replies-used).
     assert metrics["replies-used"] == 0 and metrics["softmerge-merge-failed"] == 0
     assert "the merge overflowed; keeping the global model" in caplog.text
+    # The round's report describes the model that went out: all weight on the global model.
+    report = strategy.reports[1]
+    assert report.weights == [[0.0, 0.0, 0.0, 0.0, 1.0]] and report.candidates[-1] == "keep"
+    assert report.loss_after == report.loss_before
 
 
 def test_a_merge_that_raises_keeps_the_global_model_and_records_no_trust(honest_candidates, digits_task, monkeypatch,
