@@ -30,7 +30,9 @@ class Exclusion:
 def running_statistics(model: torch.nn.Module) -> list[str]:
     """The state-dict names of ``model``'s floating buffers: running statistics, not parameters."""
     state = model.state_dict()
-    return [name for name, buffer in model.named_buffers() if name in state and buffer.is_floating_point()]
+    # Every alias of a shared buffer: each is a state-dict name the rules must not treat as a parameter.
+    return [name for name, buffer in model.named_buffers(remove_duplicate=False)
+            if name in state and buffer.is_floating_point()]
 
 
 def as_tensor_state(state: Mapping[str, object]) -> dict[str, torch.Tensor]:

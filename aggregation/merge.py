@@ -121,6 +121,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 import time
 import warnings
 from contextlib import contextmanager
@@ -158,8 +159,8 @@ KEEP_LABEL = "keep"
 # The convergence check scores the deterministic gates on at most this many gate batches
 # of examples: a forward pass of two batches every ``check_every`` steps costs a few percent.
 PROBE_BATCHES = 2
-# Gate-split examples run through the model to find the parameters its loss does not read.
-BLIND_PROBE_SIZE = 64
+# Gate-split examples per forward and backward pass when looking for parameters the loss does not read.
+BLIND_PROBE_CHUNK = 512
 # The scoring passes (every candidate's and mirror image's per-example losses) take the
 # gate split in the fewest chunks of at most this many input values (but at least
 # MIN_SCORING_CHUNK examples), cut as evenly as they go: 167 Fashion-MNIST images, so the
@@ -495,8 +496,8 @@ class SoftMergeConfig:
         _require(_finite(self.l0_lambda) and self.l0_lambda >= 0, "l0_lambda must be a finite number >= 0")
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1")
         # The strategy adds the round number; torch's generators take seeds below 2**64.
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63,
-                 "seed must be an integer in [0, 2**63)")
+        _require(isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)
+                 and 0 <= self.seed < 2**63, "seed must be an integer in [0, 2**63)")
         _require(_finite(self.init_log_alpha), "init_log_alpha must be finite")
         _require(_finite(self.warm_start_temperature) and self.warm_start_temperature > 0,
                  "warm_start_temperature must be a finite number > 0")
@@ -599,8 +600,11 @@ class GateReport:
     ``log_alpha`` and ``start`` are the last attempt's. ``seconds`` is the whole merge's
     wall-clock time, ``gate_seconds`` the part spent learning gates (every attempt's
     steps and convergence checks), so that a step's cost is measured, not inferred.
-    ``blind_tensors`` names the parameters the gate-split loss does not depend on (see
-    :func:`loss_blind_parameters`): the merge leaves them at the keep model's values.
+    ``blind_tensors`` names the parameters with no gradient path to the gate-split loss
+    (:func:`loss_blind_parameters`) that the merge left at the keep model's values (it does
+    so only when that leaves the merge's loss and accuracy as measured); a unit of such
+    parameters alone reports all its weight on the keep candidate and is in
+    ``fallback_units``.
     """
 
     units: list[str]
@@ -689,25 +693,29 @@ def build_merge_units(model: nn.Module, units: str | Sequence[str] = "layer") ->
         remaining = [n for n in remaining if n not in members]
     if remaining:
         result.append(MergeUnit("rest", tuple(remaining)))
-    return _tied_together(result, model)
+    return _tied_together(result, model, patterns=True)
 
 
-def _tied_together(units: list[MergeUnit], model: nn.Module) -> list[MergeUnit]:
+def _tied_together(units: list[MergeUnit], model: nn.Module, patterns: bool = False) -> list[MergeUnit]:
     """The units with every alias of a tied tensor moved into the unit of its first name.
 
     Tied names (an embedding shared with the output layer) are one tensor. In two units
     they would get two mixing weights and two merged values, and ``load_state_dict``
-    keeps whichever comes last: not the model the no-harm check scored. A unit left
-    without tensors is dropped.
+    keeps whichever comes last: not the model the no-harm check scored. Only names in
+    the state dict count (a shared non-persistent buffer is in none). A unit left without
+    tensors is dropped; with ``patterns``, that is an error, as for a pattern that takes nothing.
     """
+    unit_of = {name: unit.name for unit in units for name in unit.tensor_names}
     aliases: dict[int, list[str]] = {}
     for name, tensor in [*model.named_parameters(remove_duplicate=False),
                          *model.named_buffers(remove_duplicate=False)]:
-        aliases.setdefault(id(tensor), []).append(name)
+        if name in unit_of:
+            aliases.setdefault(id(tensor), []).append(name)
+    order = {unit.name: position for position, unit in enumerate(units)}
     home = {}
     for group in aliases.values():
         if len(group) > 1:
-            first = next(unit.name for unit in units if any(name in unit.tensor_names for name in group))
+            first = min((unit_of[name] for name in group), key=order.__getitem__)
             home.update({name: first for name in group})
     if not home:
         return units
@@ -717,6 +725,9 @@ def _tied_together(units: list[MergeUnit], model: nn.Module) -> list[MergeUnit]:
         members += [name for name, target in home.items() if target == unit.name and name not in members]
         if members:
             moved.append(MergeUnit(unit.name, tuple(members)))
+        elif patterns:
+            raise ValueError(f"merge-unit pattern {unit.name!r} takes only names tied to tensors of an earlier "
+                             f"unit: {list(unit.tensor_names)}")
     return moved
 
 
@@ -924,7 +935,7 @@ def stack_in_place(
     sources = [states[i] for i in rows] + ([keep] if keep is not None else [])
     if not sources:
         return dict(keep) if keep is not None else None
-    buffer_names = {name for name, _ in model.named_buffers()}
+    buffer_names = model_buffer_names(model)
     matrices = []
     for unit in build_merge_units(model, units):
         for names, _ in _unit_groups(reference, unit, buffer_names)[0]:
@@ -1082,28 +1093,38 @@ def model_buffer_names(model: nn.Module) -> frozenset[str]:
 
 
 def loss_blind_parameters(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: torch.Tensor,
-                          targets: torch.Tensor) -> list[str]:
-    """The floating parameters the model's loss on ``inputs`` does not depend on, in its current mode.
+                          targets: torch.Tensor, chunk: int = BLIND_PROBE_CHUNK) -> list[str]:
+    """The floating parameters with no gradient path to the model's loss on ``inputs``, in its current mode.
 
-    Found by autograd: a parameter without a path to the loss gets no gradient (``None``,
-    not a zero). A train-only head (Inception's auxiliary classifier) or an unused layer is
-    such a parameter in eval mode: the gate split cannot tell an honest value of it from
-    an extreme one, so the merge must not take clients' values of it on the gates' word.
+    Found by autograd over every example (in chunks): a parameter the loss never reaches
+    gets no gradient (``None``, not a zero). A train-only head (Inception's auxiliary
+    classifier) or an unused layer is one in eval mode: the split cannot tell an honest
+    value of it from an extreme one. A parameter read without a gradient (a hard
+    router, ``.detach()``) is found too, though the loss does read it; the merge
+    therefore checks that leaving such parameters at the keep model's values changes
+    nothing it measured before it does so.
     """
+    state_names = set(state)
     aliases: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(parameter), []).append(name)
-    leaves = {name: state[name].detach().clone().requires_grad_(True) for names in aliases.values() for name in names
-              if name in state and state[name].dtype.is_floating_point}
+        if name in state_names and state[name].dtype.is_floating_point:
+            aliases.setdefault(id(parameter), []).append(name)
+    # Leaves that share the state's storage: gradients need a leaf, not a copy.
+    leaves = {name: state[name].detach().requires_grad_(True) for names in aliases.values() for name in names}
+    reached: set[str] = set()
     if not leaves or len(targets) == 0:
         return []
     with torch.enable_grad():
-        logits = functional_call(model, {**state, **leaves}, (inputs,), tie_weights=False)
-        loss = nn.functional.cross_entropy(logits, targets)
-        gradients = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)))
+        for start in range(0, len(targets), chunk):
+            unreached = [name for name in leaves if name not in reached]
+            if not unreached:
+                break
+            logits = functional_call(model, {**state, **leaves}, (inputs[start:start + chunk],), tie_weights=False)
+            loss = nn.functional.cross_entropy(logits, targets[start:start + chunk])
+            gradients = torch.autograd.grad(loss, [leaves[name] for name in unreached], allow_unused=True)
+            reached.update(name for name, gradient in zip(unreached, gradients) if gradient is not None)
     # A tied tensor is one parameter: blind only if no alias of it reaches the loss.
-    return [name for names in aliases.values() if all(gradients.get(n) is None for n in names)
-            for name in names if name in leaves]
+    return [name for names in aliases.values() if not reached.intersection(names) for name in names]
 
 
 def per_example_losses(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: torch.Tensor,
@@ -1205,10 +1226,10 @@ def mirror_statistics(model: nn.Module, candidate: Mapping[str, torch.Tensor], k
     ``reflected_losses``, the mirror image's, saves the mirror's.
     """
     own = own_losses if own_losses is not None else per_example_losses(model, candidate, inputs, targets, batch_size)
-    if reflected_losses is None:
-        reflected_losses = per_example_losses(model, mirror_state(candidate, keep, model_buffer_names(model)), inputs,
-                                              targets, batch_size)
     reflected = reflected_losses
+    if reflected is None:
+        reflected = per_example_losses(model, mirror_state(candidate, keep, model_buffer_names(model)), inputs,
+                                       targets, batch_size)
     difference = own - reflected
     error = float(difference.std()) / math.sqrt(len(difference)) if len(difference) > 1 else 0.0
     return _mean_loss(reflected), (error if math.isfinite(error) else math.inf)
@@ -1500,7 +1521,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
     model.eval()
     try:
         loss_before, accuracy_before = evaluate_state(model, keep_state, inputs, targets)
-        blind = loss_blind_parameters(model, keep_state, inputs[:BLIND_PROBE_SIZE], targets[:BLIND_PROBE_SIZE])
+        blind = loss_blind_parameters(model, keep_state, inputs, targets)
         if not states and not config.include_keep:
             report = GateReport(unit_names, [], [[] for _ in units], [[] for _ in units], [[] for _ in units], [],
                                 loss_before, accuracy_before, loss_before, accuracy_before, excluded,
@@ -1846,6 +1867,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                         chosen_start = name
                         break
         gates, weights = gates_and_weights(log_alpha)
+        blind_units: list[int] = []
         with torch.no_grad():
             if direction_weights is not None:
                 weights = direction_weights
@@ -1856,11 +1878,23 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
                 weights = torch.zeros_like(weights)
                 if gated_keep is not None:
                     weights[:, gated_keep] = 1.0
-            else:
-                # Nothing the gates learned speaks for a client's value of these: the loss never
-                # read them (so the loss and accuracy after stand).
-                for name in blind:
-                    merged[name] = keep_state[name].detach().clone()
+            elif blind:
+                # Nothing the gates learned speaks for a client's value of these. Kept only if the
+                # merge then measures the same: a hard router's or a detached parameter has no
+                # gradient either, yet the loss the no-harm check passed reads it.
+                unjudged = {**merged, **{name: keep_state[name].detach().clone() for name in blind}}
+                if evaluate_state(model, unjudged, inputs, targets) == (loss_after, accuracy_after):
+                    merged = unjudged
+                    floating = [[name for name in unit.tensor_names if reference[name].dtype.is_floating_point]
+                                for unit in units]
+                    blind_units = [u for u, names in enumerate(floating) if names and set(names) <= set(blind)]
+                    if blind_units:
+                        # The report describes the model that goes out: these units are the keep model's.
+                        weights[blind_units] = 0.0
+                        if gated_keep is not None:
+                            weights[blind_units, gated_keep] = 1.0
+                else:
+                    blind = []
             # Back to one column per candidate: a group's members share its gate and weight
             # (a client that resent the global model unchanged shares the keep model's).
             group_sizes = torch.tensor([len(group) for group in groups], dtype=weights.dtype)
@@ -1869,7 +1903,7 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
     finally:
         model.train(was_training)
 
-    dead_units = [unit_names[u] for u in range(len(units)) if float(gates[u].sum()) <= 0]
+    dead_units = [unit_names[u] for u in range(len(units)) if float(gates[u].sum()) <= 0 or u in blind_units]
     report = GateReport(
         units=unit_names,
         candidates=gated_labels,

@@ -671,7 +671,7 @@ def plot_cells(output: Path, cells: list[Cell], num_clients: int) -> None:
 
 # One colour per defense in every figure (a paper's figures must agree); SoftMerge is drawn
 # widest and on top, the oracle dashed in black, as the yardstick.
-_CURVE_COLORS = {"oracle": "black", "softmerge": "tab:red", "fltrust": "tab:blue", "fedavg": "tab:gray",
+_CURVE_COLORS = {ORACLE: "black", "softmerge": "tab:red", "fltrust": "tab:blue", "fedavg": "tab:gray",
                  "fedmedian": "tab:purple", "fedtrimmedavg": "tab:brown", "krum": "tab:pink",
                  "multikrum": "tab:olive", "bulyan": "tab:cyan", "centered-clipping": "tab:green",
                  "geomed": "tab:orange"}

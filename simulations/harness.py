@@ -236,9 +236,12 @@ class ColludingAdversary:
         source = honest if self.knowledge == "full" else malicious
         usable = [e for e in source if e[2] is not None and np.isfinite(e[2]).all()]
         if not usable and self.knowledge == "full":
-            log(WARNING, "colluding %s round %d: no readable, finite honest update (%s); using the malicious "
-                "clients' own updates (partial knowledge)", self.attack, server_round,
-                "every client this round is malicious" if num_total <= len(targets) else "none usable")
+            why = "every client this round is malicious" if not honest else "no readable, finite honest update"
+            if self.kind in ("mimic", "mimic-fixed"):
+                # Mimic copies an honest client; mimic-fixed would lock onto an attacker for good.
+                return skip(f"{why}, so there is no honest client to copy")
+            log(WARNING, "colluding %s round %d: %s; using the malicious clients' own updates (partial "
+                "knowledge)", self.attack, server_round, why)
             usable = [e for e in malicious if e[2] is not None and np.isfinite(e[2]).all()]
         known = [e[2] for e in usable]
         if not known:

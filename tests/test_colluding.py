@@ -558,6 +558,13 @@ def test_a_round_of_attackers_alone_is_attacked_from_their_own_updates(caplog):
     seen, adversary = _attacked_by("alie", set(range(4)), replies)
     assert all(a is b for a, b in zip(seen, replies))
     assert adversary.history[1].malicious == () and "ALIE's z needs n > m" in adversary.history[1].skipped_reason
+    # Mimic copies an honest client: with none, nothing is copied, and mimic-fixed's warm-up does not
+    # take the attackers' own updates (it would follow one of them for good).
+    for attack in ("mimic", "mimic-fixed"):
+        seen, adversary = _attacked_by(attack, set(range(4)), replies)
+        assert all(a is b for a, b in zip(seen, replies))
+        assert "no honest client to copy" in adversary.history[1].skipped_reason
+    assert adversary.mimic_tracker.rounds_seen == 0
 
 
 def test_replies_without_a_model_do_not_count_among_the_replies_alie_hides_in():

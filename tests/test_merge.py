@@ -773,6 +773,39 @@ def test_an_extreme_value_where_the_gate_split_cannot_see_it_never_reaches_the_m
     # What the gates can judge is still the clients' merge.
     assert not torch.equal(merged["fc1.weight"], keep["fc1.weight"])
     assert model.training  # the merge restores the caller's mode
+    # The report describes what went out: the head's own unit is all the keep model's.
+    aux_units = [u for u, name in enumerate(report.units) if name.startswith("aux")]
+    assert bool(aux_units) == (units != "model")
+    for u in aux_units:
+        assert report.weights[u][-1] == 1.0 and sum(report.weights[u]) == 1.0
+        assert report.units[u] in report.fallback_units
+
+
+class DetachedTemperature(nn.Module):
+    """A parameter the loss reads without a gradient path: autograd alone would call it blind."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.temperature = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.fc(x) * self.temperature.detach()
+
+
+def test_a_parameter_read_without_a_gradient_keeps_the_clients_merge_and_the_report_stays_true():
+    torch.manual_seed(0)
+    model = DetachedTemperature()
+    split = (torch.randn(80, 4), torch.randint(0, 3, (80,)))
+    candidates = []
+    for seed in range(3):
+        state = _perturbed(model, 0.1, seed)
+        state["temperature"] = torch.tensor([2.0 + seed])
+        candidates.append(state)
+    merged, report = soft_merge(model, candidates, split, SoftMergeConfig(steps=10, check_every=5))
+    assert report.blind_tensors == []
+    assert float(merged["temperature"]) != 1.0  # the clients' merge, which the gates' loss did read
+    assert evaluate_state(model, merged, *split) == (report.loss_after, report.accuracy_after)
 
 
 def test_the_mirror_image_keeps_the_keep_model_s_running_statistics():
@@ -828,6 +861,32 @@ class Float64WithFloat32Buffer(nn.Module):
         return self.fc(x * self.scale.double())
 
 
+class SharedMask(nn.Module):
+    """Two blocks share one non-persistent buffer (a causal mask, a rotary cache): it is in no state dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.block1, self.block2 = nn.Linear(4, 4), nn.Linear(4, 3)
+        mask = torch.ones(4)
+        self.block1.register_buffer("mask", mask, persistent=False)
+        self.block2.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x):
+        return self.block2(torch.relu(self.block1(x * self.block1.mask)))
+
+
+@pytest.mark.parametrize("units", ["layer", "tensor", ["block1.*"]])
+def test_a_shared_buffer_outside_the_state_dict_is_no_tie(units):
+    model = SharedMask()
+    built = build_merge_units(model, units)
+    assert sorted(name for unit in built for name in unit.tensor_names) == sorted(model.state_dict())
+
+
+def test_a_pattern_that_takes_only_aliases_of_an_earlier_unit_s_tensors_is_refused():
+    with pytest.raises(ValueError, match="'hidden.weight' takes only names tied to tensors of an earlier unit"):
+        build_merge_units(TiedAcrossLayers(), ["embed.*", "hidden.weight"])
+
+
 def test_a_float64_model_with_a_float32_buffer_selects_its_candidate_bit_for_bit():
     """Stacked in float32 because of one buffer, the selected float64 weights came back rounded."""
     torch.manual_seed(0)
@@ -848,6 +907,7 @@ def test_a_float64_model_with_a_float32_buffer_selects_its_candidate_bit_for_bit
 def test_a_merge_seed_that_torch_cannot_take_is_refused_when_configured(seed):
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
         SoftMergeConfig(seed=seed)
+    assert SoftMergeConfig(seed=np.int64(3)).seed == 3
 
 
 def test_a_candidate_of_the_other_byte_order_is_excluded_not_a_crash():
