@@ -53,7 +53,8 @@ class Checkpoint:
 # The trust record's cap too: it changes nothing until the record outgrows it, and a server
 # short of memory must be able to lower it and resume. And the nodes the server waits for: a
 # deployment that lost a node must be able to lower it and resume (it sets a round's sample
-# size only when fraction-train of the nodes is fewer).
+# size only when fraction-train of the nodes is fewer; the scaling attacks' gamma then follows
+# it, as it follows the replies such a round really averages).
 OPERATIONAL_KEYS = frozenset({"output-dir", "resume", "round-timeout", "min-nodes", "softmerge-threads",
                               "softmerge-trust-max-records"})
 
