@@ -74,6 +74,23 @@ def test_backdoor_trigger_relabels_a_fraction_and_is_measurable(digits_task):
     asr = attack_success_rate(build_model("digits"), digits_task.test, target=0)
     assert 0.0 <= asr <= 1.0
 
+    class TriggerReader(torch.nn.Module):
+        """Says ``target`` exactly when the bottom-right patch is at full intensity, else ``other``."""
+
+        def __init__(self, target, other):
+            super().__init__()
+            self.target, self.other = target, other
+
+        def forward(self, x):
+            stamped = (x.reshape(-1, 8, 8)[:, -2:, -2:] == 1.0).flatten(1).all(dim=1)
+            return torch.nn.functional.one_hot(torch.where(stamped, self.target, self.other), 10).float()
+
+    # Only triggered images that are not already of the target class count, and each of them is read.
+    assert attack_success_rate(TriggerReader(target=3, other=5), digits_task.test, target=3) == 1.0
+    assert attack_success_rate(TriggerReader(target=5, other=3), digits_task.test, target=3) == 0.0
+    class_three = ArraySet(digits_task.test.x[digits_task.test.y == 3], digits_task.test.y[digits_task.test.y == 3])
+    assert attack_success_rate(TriggerReader(target=3, other=5), class_three, target=3) == 0.0
+
 
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize(("partition", "attack", "inflated"), [(3, "scaling", True), (1, "scaling", False),

@@ -99,10 +99,11 @@ def _evaluate_reply(node: int, metrics: dict) -> Message:
 
 
 @pytest.mark.parametrize("name", list(_strategies()))
-@pytest.mark.parametrize("odd", [{"eval-loss": 0.5, "num-examples": 10, "extra": 1.0},
-                                 {"eval-loss": [0.5, 0.4], "num-examples": 10},
+# Each odd reply's loss is 0.9 where it has one: averaged in rather than screened out, it would move the 0.5.
+@pytest.mark.parametrize("odd", [{"eval-loss": 0.9, "num-examples": 10, "extra": 1.0},
+                                 {"eval-loss": [0.9, 0.9], "num-examples": 10},
                                  {"eval-loss": math.nan, "num-examples": 10},
-                                 {"eval-loss": 0.5, "num-examples": 0}])
+                                 {"eval-loss": 0.9, "num-examples": 0}])
 def test_an_odd_evaluate_reply_is_screened_out_not_raised(name, odd):
     strategy = _strategies()[name]()
     replies = [_evaluate_reply(node, {"eval-loss": 0.5, "num-examples": 10}) for node in (1, 2, 3)]

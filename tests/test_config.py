@@ -145,7 +145,14 @@ def test_the_largest_seed_still_seeds_every_client():
     from softmerge.simulations.config import MAX_SEED
 
     settings = parse_run_config({"seed": MAX_SEED})
-    torch.manual_seed(local_seed(settings.seed, 10**6, 10**6))  # raises on overflow
+    largest = local_seed(settings.seed, 10**6, 10**6)
+    assert 0 <= largest < 2**63
+    torch.manual_seed(largest)  # raises on overflow
+    # Every client of every round trains on a seed of its own (up to a thousand clients).
+    seeds = {local_seed(settings.seed, server_round, partition) for server_round in range(100)
+             for partition in range(1000)}
+    assert len(seeds) == 100 * 1000
+    assert local_seed(0, 1, 0) != local_seed(1, 1, 0)
 
 
 def test_strings_from_the_command_line_are_coerced():

@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -280,7 +282,13 @@ def test_grid_runs_through_flower_and_resumes_without_rerunning(tmp_path):
     rows = {row["key"]: row for row in json.loads((tmp_path / "cells.json").read_text())}
     assert set(rows) == {"softmerge__ipm-100__f0.25__s0", "fedavg__ipm-100__f0.25__s0", "oracle__none__f0.25__s0"}
     assert all(row["status"] == "finished" for row in rows.values())
-    assert rows["softmerge__ipm-100__f0.25__s0"]["malicious_weight"] is not None
+    # The share of merged weight on the attacker's candidate, as its round's gates record it.
+    softmerge_run = json.loads((tmp_path / "cells" / "softmerge__ipm-100__f0.25__s0" / "results.json").read_text())
+    (attacker,) = (f"client-{i}" for i in malicious_ids(4, 0.25))
+    gates = softmerge_run["rounds"][-1]["gates"]
+    on_attacker = sum(unit[gates["candidates"].index(attacker)] for unit in gates["weights"]) / len(gates["units"])
+    assert rows["softmerge__ipm-100__f0.25__s0"]["malicious_weight"] == pytest.approx(on_attacker)
+    assert 0.0 <= on_attacker <= 1.0
     stamp = (tmp_path / "cells" / "fedavg__ipm-100__f0.25__s0" / "results.json").stat().st_mtime_ns
     # The run records how many clients took part: its run config does not say.
     assert json.loads((tmp_path / "cells" / "fedavg__ipm-100__f0.25__s0" / "results.json").read_text())["nodes"] == 4
@@ -585,11 +593,23 @@ def test_grid_record_keeps_every_distinct_invocation_and_reads_the_old_format(tm
 
 
 def test_grids_recording_their_invocations_at_once_lose_none(tmp_path):
-    # Each process appends 40 command lines to one grid.json, read-modify-write each time.
-    path = tmp_path / "grid.json"
-    script = ("import sys; from pathlib import Path; from softmerge.simulations.grid import record_invocation\n"
-              "for i in range(40): record_invocation(Path(sys.argv[1]), [sys.argv[2], str(i)], {})")
-    writers = [subprocess.Popen([sys.executable, "-c", script, str(path), name]) for name in ("a", "b", "c")]
+    # Each process appends 40 command lines to one grid.json, read-modify-write each time. They
+    # start together once all have imported, and each pauses between its read and its write,
+    # so without the lock they would overwrite each other's lines in nearly every round.
+    path, go = tmp_path / "grid.json", tmp_path / "go"
+    script = ("import sys, time; from pathlib import Path; from softmerge.simulations import grid\n"
+              "read = grid.read_json_object\n"
+              "def slow_read(path):\n"
+              "    value = read(path); time.sleep(0.005); return value\n"
+              "grid.read_json_object = slow_read\n"
+              "Path(sys.argv[3] + sys.argv[2]).touch()\n"
+              "while not Path(sys.argv[3]).exists(): time.sleep(0.001)\n"
+              "for i in range(40): grid.record_invocation(Path(sys.argv[1]), [sys.argv[2], str(i)], {})")
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(path), name, str(go)]) for name in ("a", "b", "c")]
+    deadline = time.monotonic() + 120
+    while not all(Path(f"{go}{name}").exists() for name in "abc") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
     assert [w.wait(timeout=120) for w in writers] == [0, 0, 0]
     recorded = json.loads(path.read_text())["invocations"]
     assert sorted(map(tuple, recorded)) == sorted((name, str(i)) for name in "abc" for i in range(40))

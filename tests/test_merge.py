@@ -642,12 +642,29 @@ def test_a_resent_global_model_joins_the_keep_candidate(honest_candidates, digit
     assert all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point)
 
 
-def test_report_times_gate_learning_apart_from_the_whole_merge(honest_candidates, digits_task):
+def test_report_times_gate_learning_apart_from_the_whole_merge(honest_candidates, digits_task, monkeypatch):
+    """On a clock that moves 7 s per gate learning and 3 s per scoring pass, and at no other time."""
+    import softmerge.aggregation.merge as merge
+
+    clock = [0.0]
+    learn, score = merge._learn_gates, merge.per_example_losses
+
+    def timed(advance, function):
+        def run(*args, **kwargs):
+            clock[0] += advance
+            return function(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(merge.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(merge, "_learn_gates", timed(7.0, learn))
+    monkeypatch.setattr(merge, "per_example_losses", timed(3.0, score))
     model, locals_ = honest_candidates
     _, learned = soft_merge(model, locals_[:4], digits_task.gate.tensors(), SoftMergeConfig(steps=20, tolerance=0.0))
-    assert learned.steps == 20 and 0 < learned.gate_seconds < learned.seconds
+    assert learned.steps == 20 * learned.attempts
+    assert learned.gate_seconds == 7.0 * learned.attempts
+    assert learned.seconds > learned.gate_seconds and (learned.seconds - learned.gate_seconds) % 3.0 == 0
     _, scored_only = soft_merge(model, locals_[:4], digits_task.gate.tensors(), SoftMergeConfig(steps=0))
-    assert scored_only.steps == 0 and scored_only.gate_seconds < scored_only.seconds
+    assert scored_only.steps == 0 and scored_only.gate_seconds == 7.0 * scored_only.attempts
 
 
 def test_gate_learning_adam_is_torch_adam_step_for_step():

@@ -224,21 +224,3 @@ def test_a_model_with_tied_weights_merges():
     merged = arrays.to_torch_state_dict()
     assert metrics["softmerge-candidates"] == 4 and metrics["softmerge-excluded"] == 0
     assert torch.equal(merged["embed.weight"], merged["hidden.weight"])
-
-
-def test_a_majority_that_adds_a_metric_key_does_not_shut_the_others_out(honest_candidates, digits_task):
-    """Replies were refused for metric keys unlike the majority's: at 50% or more, attackers
-    could keep every honest model out of the round by sending one key more."""
-    model, locals_ = honest_candidates
-    strategy = _strategy(model, digits_task, [])
-    replies = [make_reply(i + 1, locals_[i], partition=i) for i in range(2)]
-    for node in (3, 4, 5):
-        reply = make_reply(node, locals_[node], partition=node)
-        reply.content["metrics"]["extra"] = 1.0
-        replies.append(reply)
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    report = strategy.reports[1]
-    assert report.candidates == [f"client-{i}" for i in (0, 1, 3, 4, 5)] + ["keep"]
-    assert metrics["softmerge-excluded"] == 0 and metrics["replies-used"] == 5
-    # The round's metrics are the most common form's: the three that send the extra key.
-    assert metrics["extra"] == pytest.approx(1.0)

@@ -1,5 +1,6 @@
 """Datasets, splits and partitions load offline and never overlap."""
 
+from collections import Counter
 import gzip
 import struct
 
@@ -18,9 +19,20 @@ from softmerge.simulations.tasks import (
 )
 
 
+def _examples(split):
+    """The split's examples as a multiset of (image bytes, label): the dataset repeats some images."""
+    return Counter((row.tobytes(), int(label)) for row, label in zip(split.x.reshape(len(split), -1), split.y))
+
+
 def test_digits_splits_are_disjoint_and_cover_the_dataset(digits_task):
+    from softmerge.simulations.tasks import load_digits_arrays
+
     assert len(digits_task.gate) == 200 and len(digits_task.test) == 360
     assert len(digits_task.gate) + len(digits_task.test) + len(digits_task.pool) == 1797
+    # The three splits add up to the dataset example for example: none shares a row with another.
+    x, y = load_digits_arrays()
+    whole = Counter((row.tobytes(), int(label)) for row, label in zip(x, y))
+    assert _examples(digits_task.gate) + _examples(digits_task.test) + _examples(digits_task.pool) == whole
 
 
 def test_the_attackers_sample_comes_from_the_pool_not_the_servers_split(digits_task):
@@ -28,6 +40,10 @@ def test_the_attackers_sample_comes_from_the_pool_not_the_servers_split(digits_t
     assert len(sample) == 200
     pool_rows = {row.tobytes() for row in digits_task.pool.x.reshape(len(digits_task.pool), -1)}
     assert all(row.tobytes() in pool_rows for row in sample.x.reshape(len(sample), -1))
+    # No example of the server's gate split, unless the dataset holds the same image twice.
+    assert not (_examples(sample) - _examples(digits_task.pool))
+    gate_only = _examples(digits_task.gate) - _examples(digits_task.pool)
+    assert not set(gate_only) & set(_examples(sample))
     again = attacker_sample(digits_task, 200, seed=0)
     assert np.array_equal(again.x, sample.x) and np.array_equal(again.y, sample.y)
     assert not np.array_equal(attacker_sample(digits_task, 200, seed=1).y, sample.y)
@@ -40,6 +56,8 @@ def test_the_attackers_sample_comes_from_the_pool_not_the_servers_split(digits_t
 def test_partitions_are_disjoint_and_cover_the_pool(partitioning, digits_task):
     parts = [load_partition("digits", p, 10, partitioning=partitioning, alpha=0.5) for p in range(10)]
     assert sum(len(p) for p in parts) == len(digits_task.pool)
+    # Example for example the pool: no client holds another's rows, and none is left out.
+    assert sum((_examples(part) for part in parts), Counter()) == _examples(digits_task.pool)
     assert all(len(p) >= 2 for p in parts)
     if partitioning == "dirichlet":
         # Label skew: some partition misses some class, or class shares vary widely.

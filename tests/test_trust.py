@@ -85,6 +85,8 @@ def test_gate_learning_may_reopen_a_distrusted_candidate_only_up_to_its_own_evid
     _, start = soft_merge(model, states, digits_task.gate.tensors(), SoftMergeConfig(steps=0))
     _, learned = soft_merge(model, states, digits_task.gate.tensors(), config, trust=[0.5, 0.5, 0.5, 0.2])
     assert learned.log_alpha[0][3] <= start.log_alpha[0][3] + 1e-6
+    # ...and may reopen it past the trust bound it started under: the bound is a start, not a ceiling.
+    assert learned.log_alpha[0][3] > trust_bound(0.2, config.init_log_alpha, config.trust_strength)
 
 
 def test_identical_models_take_the_trust_of_their_most_trusted_sender(honest_candidates, digits_task):

@@ -83,6 +83,7 @@ def test_a_single_client_is_scored_at_its_own_step_either_way():
     _, merged = soft_merge(model, candidates, (INPUTS, TARGETS),
                            SoftMergeConfig(**ONLY_THE_START, warm_start_step="merge"))
     assert merged.log_alpha == alone.log_alpha
+    assert not merged.merge_step and not alone.merge_step
 
 
 def test_a_keep_model_with_a_non_finite_loss_falls_back_to_each_candidates_own_step():
