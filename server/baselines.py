@@ -285,8 +285,6 @@ class FLTrust(_UpdateAggregation):
         super().__init__(**kwargs)
         root_data = checked_split(model, root_data, "root")
         inputs, targets = root_data
-        if len(targets) == 0:
-            raise ValueError("root_data must hold at least one example")
         _require(isinstance(epochs, int) and epochs >= 1, f"epochs must be an integer >= 1, got {epochs!r}")
         _require(_finite_number(learning_rate) and learning_rate > 0,
                  f"learning_rate must be > 0, got {learning_rate!r}")

@@ -416,7 +416,7 @@ def test_fltrust_reads_integer_root_labels_of_any_width_and_refuses_a_root_set_i
     assert FLTrust(model, (inputs, labels.to(torch.int16))).root_data[1].dtype == torch.int64
     with pytest.raises(ValueError, match="the root split's inputs are torch.float64"):
         FLTrust(model, (inputs.double(), labels))
-    with pytest.raises(ValueError, match="at least one example"):
+    with pytest.raises(ValueError, match="the root split is empty"):
         FLTrust(model, (inputs[:0], labels[:0]))
 
 
