@@ -67,3 +67,17 @@ def test_a_run_reports_the_defaults_it_measured_not_the_checkouts(performance, t
     # What a new run records: the checkout's own defaults.
     config = SoftMergeConfig()
     assert f"lr {config.lr}, L0 {config.l0_lambda}, batch {config.batch_size}" in performance.softmerge_defaults()
+
+
+def test_a_step_s_cost_is_each_timed_call_s_own_and_growth_is_read_on_log_log_axes(performance, tmp_path):
+    # Two calls of 50 and 100 steps: 2 s / 50 and 3 s / 100, not the median time over the last call's steps.
+    main = {"steps": 100, "seconds": 10.0, "gate_seconds": 2.5, "seconds_per_step": statistics.median([0.04, 0.03])}
+    assert performance.seconds_per_step(main, {"seconds": 9.5}) == pytest.approx(0.035)
+    assert performance._growth([10, 50, 100, 200], [2.0 * k for k in (10, 50, 100, 200)]) == pytest.approx(1.0)
+    assert performance._growth([10, 50, 100, 200], [k * k for k in (10, 50, 100, 200)]) == pytest.approx(2.0)
+    assert performance._growth([10, 100], [5.0, 5.0]) == pytest.approx(0.0)
+    # The verdict reads the whole merge's exponent.
+    report = _render(performance, tmp_path, json.loads((REPO / "docs" / "performance.json").read_text()))
+    line = next(row for row in report.splitlines() if row.startswith("| time linear in K |"))
+    assert "the merge grows as K^" in line and f"exponent at most {performance.LINEAR_POWER}" in line
+
