@@ -1030,7 +1030,9 @@ def worker_environment(threads: int) -> dict:
 
 def measure_e2e(args: argparse.Namespace) -> list[dict]:
     """The end-to-end runs (see :func:`run_e2e`), in a fresh process so that nothing measured before warms it."""
-    environment = worker_environment(args.threads)
+    # The default simulation as users run it: torch's own thread counts for clients and server alike
+    # (--threads levels the aggregation timings only).
+    environment = worker_environment(0)
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "e2e.json"
         worker = [sys.executable, __file__, "--e2e-worker", str(out), "--rounds", str(args.rounds)]
