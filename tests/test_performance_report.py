@@ -46,16 +46,22 @@ def test_seconds_per_step_are_the_timed_gate_learning_and_older_runs_say_they_ar
     # No step taken: no cost per step to report.
     assert math.isnan(performance.seconds_per_step({"steps": 0, "seconds": 1.0, "gate_seconds": 0.0}, {"seconds": 1.0}))
     raw = json.loads((REPO / "docs" / "performance.json").read_text())
+    current = _render(performance, tmp_path, raw)
+    assert "each call's seconds learning gates (`GateReport.gate_seconds`, wall clock) / its own steps" in current
+    assert "every call on a strategy of its own" in current
     for cell in raw["cells"]:
         for row in cell["rows"]:
             row.pop("gate_seconds", None)
-    assert "this run predates the timing of gate learning itself" in _render(performance, tmp_path, raw)
+            row.pop("seconds_per_step", None)
+    older = _render(performance, tmp_path, raw)
+    assert "this run predates the timing of gate learning itself" in older
+    assert "this run called one strategy object for every repetition" in older
     for cell in raw["cells"]:
         for row in cell["rows"]:
             row["gate_seconds"] = 1.0 if row["steps"] else None
     timed = _render(performance, tmp_path, raw)
     assert "the seconds it spent learning gates (`GateReport.gate_seconds`" in timed
-    assert "predates the timing" not in timed
+    assert "/ the last call's steps" in timed and "predates the timing" not in timed
 
 
 def test_a_run_reports_the_defaults_it_measured_not_the_checkouts(performance, tmp_path):
