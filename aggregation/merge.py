@@ -1521,12 +1521,12 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
     model.eval()
     try:
         loss_before, accuracy_before = evaluate_state(model, keep_state, inputs, targets)
-        blind = loss_blind_parameters(model, keep_state, inputs, targets)
         if not states and not config.include_keep:
             report = GateReport(unit_names, [], [[] for _ in units], [[] for _ in units], [[] for _ in units], [],
                                 loss_before, accuracy_before, loss_before, accuracy_before, excluded,
                                 fallback_units=unit_names)
             return {name: tensor.clone() for name, tensor in keep_state.items()}, report
+        blind = loss_blind_parameters(model, keep_state, inputs, targets)
 
         clients = len(states)
         # The trust of each gated state; the keep candidate is not a client and has no record.

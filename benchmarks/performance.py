@@ -648,6 +648,8 @@ def softmerge_defaults() -> str:
 
 def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[dict] | None, command: str,
                  elapsed: float, impl: str | None, clock: str = "wall") -> dict:
+    # Runs since 2026-12-07 time every call on a strategy of its own and keep each call's cost per step.
+    per_call = any(row.get("seconds_per_step") is not None for cell in cells for row in cell["rows"])
     best_bw = max(bw.values())
     lines = [
         "# Performance of SoftMerge (issue 5)",
@@ -686,7 +688,7 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
         "one strategy after another"
         + ("; every call on a strategy of its own (SoftMerge remembers past rounds: called again, one object "
            "would merge a later round in other steps); "
-           if any(row.get("seconds_per_step") is not None for cell in cells for row in cell["rows"]) else
+           if per_call else
            "; this run called one strategy object for every repetition, so SoftMerge's later calls merged what "
            "its trust over rounds made a later round; ")
         + ("wall-clock seconds." if clock == "wall" else
@@ -705,7 +707,7 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
         "  (measured, median of 20), both with SoftMerge's thread count. SoftMerge's seconds per step are "
         + ("the median over the timed calls of each call's seconds learning gates (`GateReport.gate_seconds`, "
            "wall clock) / its own steps, so they include the convergence checks."
-           if any(row.get("seconds_per_step") is not None for cell in cells for row in cell["rows"]) else
+           if per_call else
            "the seconds it spent learning gates (`GateReport.gate_seconds`, wall clock, median of the timed "
            "calls) / the last call's steps, so they include the convergence checks."
            if any(row.get("gate_seconds") is not None for cell in cells for row in cell["rows"]) else
@@ -769,7 +771,7 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
                       f"{worst:.0%}); seconds per step = {a2:.4f} + {b2 * 1e6:.1f} us x K (worst {worst2:.0%}). "
                       "The number of steps is decided by the early stop, so whole-merge seconds also move with "
                       "it.", ""]
-            summary.setdefault("linear", {})[kind] = (worst, worst2, power, power_step)
+            summary.setdefault("linear", {})[kind] = (power, power_step)
 
         # target bookkeeping
         for cell in model_cells:
@@ -887,9 +889,9 @@ def targets_section(summary: dict, accuracy_note: str, accuracy_met: str) -> lis
                      + (f"from K={below[0]}" if below else f"not up to K={points[-1][0]}") + " |")
     if "linear" in summary:
         text = "; ".join(f"{m}: the merge grows as K^{p:.2f}, a step as K^{p2:.2f}"
-                         for m, (_, _, p, p2) in summary["linear"].items())
+                         for m, (p, p2) in summary["linear"].items())
         # Linear or slower: a quadratic cost (Krum's) would read near 2 at these K.
-        ok = all(p <= LINEAR_POWER for _, _, p, _ in summary["linear"].values())
+        ok = all(p <= LINEAR_POWER for p, _ in summary["linear"].values())
         lines.append(f"| time linear in K | {text} | {'met' if ok else 'not met'} (whole merge, exponent at most "
                      f"{LINEAR_POWER}) |")
     if summary.get("memory"):
