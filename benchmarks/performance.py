@@ -662,8 +662,8 @@ def write_report(path: Path, info: dict, bw: dict, cells: list[dict], e2e: list[
         "",
         f"- Machine: {info['nproc']} cores (`nproc`), {info['cpu']}, {info['ram_gib']:.1f} GiB RAM, "
         f"Linux {info['kernel']}, no GPU.",
-        f"- Software: Python {info['python']}, torch {info['torch']}, flwr {info['flwr']}; torch intra-op "
-        f"threads {info['torch_threads']}.",
+        f"- Software: Python {info['python']}, torch {info['torch']}, flwr {info['flwr']}; torch's default "
+        f"intra-op threads here {info['torch_threads']} (what each timing ran with is under Conditions).",
         f"- Memory read bandwidth (torch `sum` over 1 GiB of float32, best of 5, {clock} clock): "
         + ", ".join(f"{t} thread{'s' if t > 1 else ''} {v / 1e9:.1f} GB/s" for t, v in sorted(bw.items()))
         + "; the floor uses the one at SoftMerge's thread count.",
