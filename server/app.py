@@ -8,6 +8,7 @@ the test split, for every strategy alike.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -58,9 +60,10 @@ def count_used_replies(strategy: FedAvg) -> dict[str, Any]:
 
     The strategies report the replies that went into the round's model as ``replies-used``
     (0 when every reply was excluded, or the rule skipped, raised or overflowed and the
-    global model was kept); a run in which that stays 0 (clients that all fail: a data
-    setting they cannot load, a node config they lack) only ever re-broadcast the initial
-    model and must not be taken for a result.
+    global model was kept, or SoftMerge gave every reply weight 0); a run in which that
+    stays 0 (clients that all fail: a data setting they cannot load, a node config they
+    lack; or clients whose models never beat the global one) only ever re-broadcast the
+    initial model and must not be taken for a result.
     """
     counts = {"rounds": 0, "replies": 0, "missing": {}}
     aggregate_train = strategy.aggregate_train
@@ -285,6 +288,10 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
     if checkpoint is not None:
         restore_rng_state(checkpoint.state["rng"])
     else:
+        # Flower samples nodes with Python's random (fraction-train < 1): seeded, a deployment
+        # whose nodes keep their IDs trains the same clients in every run of a config.
+        random.seed(settings.seed)
+        np.random.seed(settings.seed)
         torch.manual_seed(settings.seed)
     remaining = settings.num_server_rounds - done
     try:

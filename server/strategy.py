@@ -183,7 +183,8 @@ class SoftMerge(RoundStartMemory):
         recorded = [node in self.trust_record for node in nodes] if self.trust else None
         # The screen has checked every count (a finite number in (0, MAX_NUM_EXAMPLES]).
         examples = [_example_count(message, self.weighted_by_key) for message in messages]
-        round_config = replace(self.merge_config, seed=self.merge_config.seed + server_round)
+        # Modulo: a seed just under 2**63 (which the config accepts) stays in range in later rounds.
+        round_config = replace(self.merge_config, seed=(self.merge_config.seed + server_round) % 2**63)
         # Move the decoded models into the stacked layout the gates learn on, so the round
         # holds one copy of them instead of two; the merge itself is unchanged.
         try:
@@ -225,8 +226,9 @@ class SoftMerge(RoundStartMemory):
         metrics["softmerge-merge-failed"] = 0
         # As the hardened baselines report them (see :func:`softmerge.server.replies.harden`).
         metrics["replies-excluded"] = len(screened.rejected)
-        # An overflowed merge used no reply (as the hardened rules count it): the global model goes out again.
-        metrics["replies-used"] = 0 if overflowed else len(messages)
+        # The replies with weight in the broadcast: none when every gate closed, the no-harm check
+        # or the overflow guard sent the global model out again (as the hardened rules count it).
+        metrics["replies-used"] = replies_in_broadcast(report)
         metrics["replies-missing"] = len(screened.missing)
         return ArrayRecord(merged), metrics
 
@@ -398,6 +400,17 @@ def _example_count(message: Message, weighted_by_key: str) -> float:
     """The example count a screened reply claims."""
     (metrics,) = message.content.metric_records.values()
     return float(metrics[weighted_by_key])
+
+
+def replies_in_broadcast(report: GateReport) -> int:
+    """How many client candidates hold weight in some unit of the merged model.
+
+    Finite, well-formed replies can all end at weight 0 (every gate closed, or the no-harm
+    check kept the global model); a run whose rounds all end so has not trained, whatever
+    its replies looked like.
+    """
+    return sum(1 for column, label in enumerate(report.candidates)
+               if label != KEEP_LABEL and any(row[column] > 0 for row in report.weights))
 
 
 def report_summary(report: GateReport) -> dict[str, float | int]:

@@ -576,6 +576,67 @@ def test_a_run_in_which_no_client_reply_was_usable_fails_instead_of_finishing(tm
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_softmerge_run_whose_clients_never_beat_the_global_model_fails(tmp_path):
+    """Finite, well-formed, useless models (a broken client build) end at weight 0 every round."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    from flower_helpers import EchoGrid
+    from softmerge.server.app import NoClientUpdates, run_server
+    from softmerge.simulations.config import parse_run_config
+
+    class UselessClients(EchoGrid):
+        def send_and_receive(self, messages, timeout=None):
+            replies = []
+            for message in messages:
+                noise = np.random.default_rng(message.metadata.dst_node_id)
+                arrays = ArrayRecord({name: Array((noise.normal(0, 50, array.shape)).astype(np.float32))
+                                      for name, array in message.content["arrays"].items()})
+                metrics = MetricRecord({"train-loss": 0.5, "num-examples": 100})
+                replies.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message))
+            return replies
+
+    settings = parse_run_config({"num-server-rounds": 2, "softmerge-steps": 4, "attack": "none",
+                                 "malicious-partitions": "", "output-dir": str(tmp_path / "run")})
+    with pytest.raises(NoClientUpdates, match="none of the 2 rounds put a client reply into the model"):
+        run_server(UselessClients(4), settings, num_nodes=4)
+    assert load_results(tmp_path / "run")["status"] == "failed"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_seed_fixes_which_nodes_a_deployment_samples(tmp_path):
+    """Flower samples nodes with Python's random; nodes that keep their IDs train alike in every run."""
+    from flower_helpers import EchoGrid
+    from softmerge.server.app import run_server
+    from softmerge.simulations.config import parse_run_config
+
+    class SampledNodes(EchoGrid):
+        def __init__(self, count):
+            super().__init__(count)
+            self.sampled = []
+
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type.startswith("train"):
+                self.sampled.append(sorted(m.metadata.dst_node_id for m in messages))
+            return super().send_and_receive(messages, timeout)
+
+    def sampled(name, seed):
+        import random
+
+        random.seed(name)  # whatever state the process's random was left in
+        grid = SampledNodes(8)
+        run_server(grid, parse_run_config({"num-server-rounds": 4, "strategy": "fedavg", "fraction-train": 0.5,
+                                           "seed": seed, "attack": "none", "malicious-partitions": "",
+                                           "output-dir": str(tmp_path / name)}), num_nodes=8)
+        return grid.sampled
+
+    first = sampled("first", 0)
+    assert len(first) == 4 and all(len(nodes) == 4 for nodes in first)
+    assert sampled("second", 0) == first
+    assert sampled("other-seed", 1) != first
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_deployment_warns_when_its_malicious_ids_name_no_connected_node(tmp_path, caplog):
     """A simulation refuses such ids before it starts; a deployment's nodes may still connect,
     so its server says that the attack it records has fewer attackers than configured."""

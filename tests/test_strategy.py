@@ -180,6 +180,37 @@ def test_a_merge_that_overflows_keeps_the_global_model_and_uses_no_reply(honest_
     assert report.loss_after == report.loss_before
 
 
+def test_a_round_that_gives_every_reply_weight_0_used_no_reply(honest_candidates, digits_task):
+    """Finite but useless models (a broken client build) pass the screen and end at weight 0."""
+    model, locals_ = honest_candidates
+    strategy = _strategy(model, digits_task, [])
+    generator = torch.Generator().manual_seed(0)
+    useless = [{k: torch.randn(v.shape, generator=generator) * 3 for k, v in model.state_dict().items()}
+               for _ in range(3)]
+    arrays, metrics = strategy.aggregate_train(1, [make_reply(i + 1, useless[i], partition=i) for i in range(3)])
+    merged = arrays.to_torch_state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+    assert metrics["replies-excluded"] == 0 and metrics["replies-used"] == 0
+    # Among honest replies, exactly the replies holding weight count: the honest ones here.
+    replies = [make_reply(i + 1, locals_[i], partition=i) for i in range(4)]
+    replies += [make_reply(i + 5, useless[i], partition=i + 4) for i in range(3)]
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    report = strategy.reports[2]
+    holding = {label for k, label in enumerate(report.candidates)
+               if label != "keep" and any(row[k] > 0 for row in report.weights)}
+    assert metrics["replies-used"] == len(holding) >= 1
+    assert holding <= {"client-0", "client-1", "client-2", "client-3"}
+
+
+def test_a_merge_seed_at_the_top_of_its_range_still_merges(honest_candidates, digits_task):
+    """The config accepts any seed below 2**63, and each round adds its number to it."""
+    model, locals_ = honest_candidates
+    strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=4, seed=2**63 - 1))
+    list(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), StubGrid([1, 2, 3])))
+    arrays, metrics = strategy.aggregate_train(1, [make_reply(i + 1, locals_[i], partition=i) for i in range(3)])
+    assert metrics["softmerge-merge-failed"] == 0 and metrics["replies-used"] >= 1
+
+
 def test_a_merge_that_raises_keeps_the_global_model_and_records_no_trust(honest_candidates, digits_task, monkeypatch,
                                                                            caplog):
     def failing(*args, **kwargs):
