@@ -27,7 +27,7 @@ from flwr.supercore.run import RunNotRunningException
 from ..aggregation.candidates import running_statistics
 from ..simulations.colluding import is_colluding_attack
 from ..simulations.config import (RunSettings, malicious_ids_outside, node_count_problem, parse_run_config,
-                                 replies_per_round, task_data, to_run_config)
+                                 rule_replies, task_data, to_run_config)
 from ..simulations.tasks import attack_success_rate, build_model, evaluate_model
 from .checkpoint import (arrays_under, check_node_count, config_fingerprint, load_checkpoint, recorded_nodes,
                          restore_rng_state, save_checkpoint)
@@ -208,7 +208,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
             log(WARNING, "softmerge: malicious partition ids %s are beyond the %d nodes connected at the start: "
                 "unless more nodes connect, the '%s' attack%s has fewer attackers than configured", outside,
                 num_nodes, settings.attack, " (and the oracle's exclusion)" if settings.exclude_malicious else "")
-        replies = replies_per_round(settings, num_nodes)
+        replies = rule_replies(settings, num_nodes)
         if problem := node_count_problem(settings.strategy, replies, settings.assumed_malicious):
             # More nodes may still connect; a simulation checked this before it started.
             log(WARNING, "softmerge: %s with %d nodes connected at the start and assumed-malicious %d: %s "

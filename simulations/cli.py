@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ConfigError, RunSettings, check_simulation, parse_run_config
+from .config import ConfigError, RunSettings, check_simulation, parse_run_config, parse_set_options
 
 RUNS = (
     ("fedavg-clean", "fedavg", False),
@@ -49,16 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_value(text: str) -> object:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+# softmerge-sim runs three runs of its own: these keys are its to set.
+SIM_SET_KEYS = {
+    "strategy": "softmerge-sim runs FedAvg and SoftMerge side by side; for one run of another strategy use "
+                "softmerge-run --set strategy=...",
+    "output-dir": "use --output (each run writes to a directory under it)",
+    "exclude-malicious": "softmerge-sim compares clean FedAvg with both under attack; for the oracle (FedAvg over the "
+                         "honest clients) use softmerge-run --set exclude-malicious=true",
+}
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
@@ -70,11 +68,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         "malicious-partitions": args.malicious,
         "extreme-values": args.extreme_values,
     }
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        config[key.strip()] = _parse_value(value.strip())
+    config.update(parse_set_options(args.set, reserved=SIM_SET_KEYS))
     settings = parse_run_config(config)
     check_simulation(settings, args.clients)
     return settings
@@ -129,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import run_experiment
     from .config import dataset_problem
 
-    if problem := dataset_problem(base):
+    if problem := dataset_problem(base, args.clients):
         print(f"softmerge-sim: dataset error: {problem}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,7 @@ names the key and what it allows.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -134,14 +134,19 @@ def task_data(settings: RunSettings) -> TaskData:
                      settings.dataset_path, settings.client_pool_size)
 
 
-def dataset_problem(settings: RunSettings) -> str | None:
+def dataset_problem(settings: RunSettings, num_clients: int | None = None) -> str | None:
     """Why the run's dataset cannot be loaded (missing, damaged, too small for its splits), or None.
 
-    For the command-line tools, before any run starts Flower (the load is cached for the runs
-    of this process).
+    With ``num_clients``, also why its client pool cannot be split among them (too few
+    examples, or no Dirichlet draw that gives every client its minimum): otherwise every
+    client fails to load its partition and the run fails only after its last round. For the
+    command-line tools, before any run starts Flower (loads and partitions are cached for
+    the runs of this process).
     """
     try:
         task_data(settings)
+        if num_clients:
+            partition_data(settings, 0, num_clients)
     except (DatasetUnavailable, ValueError) as error:
         return str(error)
     return None
@@ -296,6 +301,15 @@ def replies_per_round(settings: RunSettings, num_nodes: int) -> int:
     return max(int(num_nodes * settings.fraction_train), settings.min_nodes)
 
 
+def rule_replies(settings: RunSettings, num_nodes: int) -> int:
+    """The fewest replies a round's rule can be given: the sampled nodes', less the malicious ones
+    the oracle drops (``exclude-malicious``; at worst every malicious node is sampled)."""
+    replies = replies_per_round(settings, num_nodes)
+    if settings.exclude_malicious:
+        replies -= min(sum(1 for i in settings.malicious_ids if i < num_nodes), replies)
+    return replies
+
+
 def malicious_per_round(settings: RunSettings, num_nodes: int) -> float:
     """How many of a round's replies are malicious, on average over Flower's uniform sampling (at least one)."""
     return max(1.0, len(settings.malicious_ids) * replies_per_round(settings, num_nodes) / num_nodes)
@@ -328,11 +342,45 @@ def check_simulation(settings: RunSettings, num_clients: int) -> None:
     if settings.client_pool_size and settings.client_pool_size < MIN_PARTITION_SIZE * num_clients:
         raise ConfigError(f"client-pool-size {settings.client_pool_size} is too small for {num_clients} clients of at "
                           f"least {MIN_PARTITION_SIZE} examples each")
-    replies = replies_per_round(settings, num_clients)
+    replies = rule_replies(settings, num_clients)
     problem = node_count_problem(settings.strategy, replies, settings.assumed_malicious)
     if problem:
+        dropped = " (after the oracle drops the malicious ones)" if settings.exclude_malicious else ""
         raise ConfigError(f"strategy '{settings.strategy}' with assumed-malicious {settings.assumed_malicious} "
-                          f"and {replies} replies a round: {problem}")
+                          f"and {replies} replies a round{dropped}: {problem}")
+
+
+def parse_set_options(items: Iterable[str], reserved: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The command line's ``--set KEY=VALUE`` options as a run config.
+
+    A value is typed as its key's setting expects: text stays text for a text setting
+    (``output-dir=2026_12_08`` is not the number 20261208), and otherwise reads as true,
+    false, an integer or a number where it is one, as a TOML run config would give it.
+    ``reserved`` maps the keys a tool sets itself to what to use instead.
+    """
+    text_keys = {f.name.replace("_", "-") for f in fields(RunSettings) if f.type in (str, "str")}
+    config: dict[str, Any] = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not separator:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        if reserved and key in reserved:
+            raise ConfigError(f"--set {key}: {reserved[key]}")
+        config[key] = value if key in text_keys else _typed_text(value)
+    return config
+
+
+def _typed_text(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def parse_run_config(run_config: Mapping[str, Any], *, check_paths: bool = True) -> RunSettings:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -43,7 +44,7 @@ from ..server.checkpoint import OPERATIONAL_KEYS
 from ..server.output_lock import OutputBusy, output_lock, shared_files_lock
 from ..server.results import write_json_atomic
 from .config import (ConfigError, RunSettings, dataset_problem, node_count_problem, parse_run_config,
-                     replies_per_round)
+                     parse_set_options, replies_per_round)
 
 ORACLE = "oracle"
 NO_ATTACK = "none"
@@ -800,18 +801,13 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _parse_value
-
     args = build_parser().parse_args(argv)
     try:
         alphas = parse_alphas(args.alpha)
         config = {"dataset": args.dataset, "num-server-rounds": args.rounds, "dirichlet-alpha": alphas[0],
                   "partitioning": "dirichlet"}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            if key.strip() in CELL_KEYS:
-                raise ConfigError(f"--set {key.strip()}: the grid sets it per cell; use {CELL_KEYS[key.strip()]}")
-            config[key.strip()] = _parse_value(value.strip())
+        config.update(parse_set_options(args.set, reserved={key: f"the grid sets it per cell; use {option}"
+                                                            for key, option in CELL_KEYS.items()}))
         base = parse_run_config(config)
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
         attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
@@ -864,10 +860,16 @@ def main(argv: list[str] | None = None) -> int:
         print("Give this grid its own --output, or delete those cells' directories to run them again.",
               file=sys.stderr)
         return 2
-    # Once, before any cell starts Flower, rather than once per cell in each cell's log.
-    if not args.tables_only and not args.worker and (problem := dataset_problem(base)):
-        print(f"softmerge-grid: dataset error: {problem}", file=sys.stderr)
-        return 2
+    # Once, before any cell starts Flower, rather than once per cell in each cell's log; each
+    # seed and alpha draws its own split of the pool among the clients.
+    if not args.tables_only and not args.worker:
+        if problem := dataset_problem(base):
+            print(f"softmerge-grid: dataset error: {problem}", file=sys.stderr)
+            return 2
+        for alpha, seed in itertools.product(alphas, seeds):
+            if problem := dataset_problem(replace(base, dirichlet_alpha=alpha, seed=seed), args.clients):
+                print(f"softmerge-grid: dataset error (seed {seed}, alpha {alpha:g}): {problem}", file=sys.stderr)
+                return 2
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:

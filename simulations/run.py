@@ -11,27 +11,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, check_simulation, parse_run_config
+from .config import ConfigError, check_simulation, dataset_problem, parse_run_config, parse_set_options
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _parse_value
-
     parser = argparse.ArgumentParser(prog="softmerge-run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        config = {}
-        for item in args.set:
-            key, separator, value = item.partition("=")
-            if not separator:
-                raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-            config[key.strip()] = _parse_value(value.strip())
-        settings = parse_run_config(config)
+        settings = parse_run_config(parse_set_options(args.set))
         check_simulation(settings, args.clients)
     except ConfigError as error:
         print(f"softmerge-run: configuration error: {error}", file=sys.stderr)
+        return 2
+    if problem := dataset_problem(settings, args.clients):
+        print(f"softmerge-run: dataset error: {problem}", file=sys.stderr)
         return 2
 
     from ..server.results import load_results

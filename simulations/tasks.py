@@ -160,6 +160,9 @@ def load_task(name: str, gate_size: int, test_size: int, seed: int, path: str = 
     gate_idx, test_idx, pool_idx = np.split(order, [gate_size, gate_size + test_size])
     if pool_size < 0:
         raise ValueError(f"client-pool-size must be >= 0, got {pool_size}")
+    if pool_size > len(pool_idx):
+        raise ValueError(f"client-pool-size {pool_size} is more than the {len(pool_idx)} {name} examples the gate "
+                         f"and test splits leave for the clients (0 takes them all)")
     if pool_size:
         pool_idx = pool_idx[:pool_size]
     return TaskData(

@@ -1,6 +1,7 @@
 """Every run-config error path names the key and what it allows."""
 
 import math
+import re
 
 import pytest
 
@@ -196,6 +197,9 @@ def test_a_backdoor_target_outside_the_classes_is_refused():
     (6, {"strategy": "krum", "assumed-malicious": 2, "malicious-partitions": "0"}, r"Krum needs n >= 2f \+ 3"),
     (4, {"attack": "sign-flip", "malicious-partitions": ""}, "no malicious partition would run unattacked"),
     (10, {"client-pool-size": 5}, "client-pool-size 5 is too small for 10 clients of at least 2 examples"),
+    # The oracle drops the malicious replies before the rule sees them: 7 sampled, 5 honest.
+    (7, {"strategy": "bulyan", "assumed-malicious": 1, "malicious-partitions": "0,1", "exclude-malicious": True},
+     r"5 replies a round \(after the oracle drops the malicious ones\): Bulyan needs n >= 4f \+ 3"),
 ])
 def test_a_simulation_that_could_not_run_is_refused_before_it_starts(clients, config, message):
     """One client waited forever for Flower's second; Bulyan on too few replies never aggregated."""
@@ -293,3 +297,51 @@ def test_cli_refuses_a_checkpoint_of_another_client_count_before_running(capsys,
     assert main(["--rounds", "1", "--clients", "12", "--output", str(tmp_path)]) == 2
     assert "a run with 10 clients, this run has 12" in capsys.readouterr().err
     assert not (tmp_path / RUNS[1][0]).exists()  # nothing ran
+
+
+@pytest.mark.parametrize("clients, config, message", [
+    (700, {}, r"the client pool holds 1237 digits examples .* too few for 700 clients"),
+    (5, {"server-gate-size": 1430}, r"the client pool holds 7 digits examples .* too few for 5 clients"),
+    (30, {"partitioning": "dirichlet", "dirichlet-alpha": 0.01}, r"no dirichlet split of the 1237 pool examples"),
+    (10, {"client-pool-size": 5000}, r"client-pool-size 5000 is more than the 1237 digits examples"),
+])
+def test_a_pool_the_clients_cannot_split_is_named_before_a_run(clients, config, message):
+    """Otherwise every client fails to load its partition, and the run fails only after its last round."""
+    from softmerge.simulations.config import dataset_problem
+
+    problem = dataset_problem(parse_run_config(config), clients)
+    assert problem is not None and re.search(message, problem), problem
+    assert dataset_problem(parse_run_config({}), 10) is None
+
+
+def test_softmerge_run_names_an_unsplittable_pool_before_starting_flower(capsys):
+    from softmerge.simulations.run import main
+
+    assert main(["--clients", "700", "--set", "output-dir=/nonexistent/never-written"]) == 2
+    assert "softmerge-run: dataset error: the client pool holds 1237 digits examples" in capsys.readouterr().err
+
+
+def test_set_options_keep_text_for_text_settings_and_type_the_rest():
+    from softmerge.simulations.config import parse_set_options
+
+    config = parse_set_options(["output-dir=2026_12_08", "dataset-path = 007", "malicious-partitions=3",
+                                "num-server-rounds=5", "fraction-train=0.5", "resume=false", "extreme-values=1e3"])
+    assert config == {"output-dir": "2026_12_08", "dataset-path": "007", "malicious-partitions": "3",
+                      "num-server-rounds": 5, "fraction-train": 0.5, "resume": False, "extreme-values": "1e3"}
+    assert parse_run_config(config).output_dir == "2026_12_08"
+    with pytest.raises(ConfigError, match="--set takes KEY=VALUE, got 'rounds'"):
+        parse_set_options(["rounds"])
+    with pytest.raises(ConfigError, match="--set seed: use --seeds"):
+        parse_set_options(["seed=1"], reserved={"seed": "use --seeds"})
+
+
+@pytest.mark.parametrize("key", ["strategy=krum", "output-dir=elsewhere", "exclude-malicious=true"])
+def test_softmerge_sim_refuses_the_keys_its_three_runs_set(key):
+    """They were silently overwritten (strategy, output-dir) or mislabelled a run (the oracle as 'attack')."""
+    from softmerge.simulations.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["--set", key])
+    with pytest.raises(ConfigError, match=f"--set {key.split('=')[0]}: .*(softmerge-run|--output)"):
+        settings_from_args(args)
+    # Every other key still goes through.
+    assert settings_from_args(build_parser().parse_args(["--set", "softmerge-mode=select"])).softmerge_mode == "select"

@@ -274,6 +274,16 @@ def test_grid_names_a_missing_dataset_once_before_any_cell_runs(capsys, tmp_path
     assert main([*argv, "--tables-only"]) == 0
 
 
+def test_grid_names_a_pool_its_clients_cannot_split_before_any_cell_runs(capsys, tmp_path):
+    """Every seed and alpha draws its own split; one that cannot give each client two examples stops the grid."""
+    argv = ["--dataset", "digits", "--clients", "30", "--rounds", "1", "--strategies", "fedavg", "--attacks", "none",
+            "--fractions", "0.1", "--alpha", "0.5,0.01", "--output", str(tmp_path / "grid")]
+    assert main(argv) == 2
+    assert "dataset error (seed 0, alpha 0.01): no dirichlet split of the 1237 pool examples into 30 clients" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "grid").exists()
+
+
 @pytest.mark.slow
 def test_grid_runs_through_flower_and_resumes_without_rerunning(tmp_path):
     argv = ["--dataset", "digits", "--clients", "4", "--rounds", "1", "--strategies", "softmerge,fedavg",
