@@ -308,9 +308,9 @@ class SoftMergeConfig:
             gone; at 80% malicious the backdoor's success rises from 21% to 30%); 0 bounds
             every candidate that fails the test. Only read when trust is passed. A client
             with no record (a newcomer, trust 1/2; ``recorded`` of :func:`soft_merge`) is
-            spared only in a round in which no client has a record, such as a
-            federation's first: later, one that came back under a new identity would
-            otherwise shed the test by doing so.
+            spared only while no client has a record (``record_held`` of
+            :func:`soft_merge`), as in a federation's first round: later, one that came
+            back under a new identity would otherwise shed the test by doing so.
         mirror_confidence: z > 0 makes the mirror test a significance test: only a
             candidate whose d exceeds z standard errors of its per-example differences on
             the gate split (an update that ascends beyond what the split's sampling noise
@@ -1430,6 +1430,7 @@ def soft_merge(
     trust: Sequence[float] | None = None,
     examples: Sequence[float] | None = None,
     recorded: Sequence[bool] | None = None,
+    record_held: bool | None = None,
 ) -> tuple[dict[str, torch.Tensor], GateReport]:
     """Merge candidate models by learning hard-concrete gates on a validation set.
 
@@ -1456,6 +1457,11 @@ def soft_merge(
             alone: a newcomer is spared the mirror test only in a round in which no valid
             candidate has a record (a malformed one's does not count; one that
             pre-selection drops does). None treats every candidate as recorded.
+        record_held: with ``recorded``, whether the caller holds a record of any client
+            at all, replying this round or not (a federation past its first recorded
+            round). True tests this round's newcomers even when none of its candidates
+            has a record (a round of new node IDs alone, after a SuperLink lost its
+            database); None reads it from ``recorded``.
 
     Returns:
         The merged state dict (same names, shapes and dtypes as ``model.state_dict()``)
@@ -1465,7 +1471,7 @@ def soft_merge(
     started = time.perf_counter()
     with _torch_threads(config.threads):
         merged, report = _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust,
-                                     examples, recorded)
+                                     examples, recorded, record_held)
     report.seconds = time.perf_counter() - started
     return merged, report
 
@@ -1483,7 +1489,8 @@ def _torch_threads(threads: int):
             torch.set_num_threads(previous)
 
 
-def _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust, examples, recorded):
+def _soft_merge(model, candidates, validation, config, keep, labels, initial_log_alpha, trust, examples, recorded,
+                record_held=None):
     # Cheap checks every call; the strategies run the model on the split once, when built.
     inputs, targets = checked_split(model, validation, probe=False)
     reference = {name: tensor.detach() for name, tensor in model.state_dict().items()}
@@ -1535,7 +1542,8 @@ def _soft_merge(model, candidates, validation, config, keep, labels, initial_log
         # and once anyone in the round has one, a newcomer is tested (trust 0 here), or a
         # client could shed the test by coming back under a new identity. In a round of
         # newcomers alone (a federation's first) nobody can be told apart by record.
-        someone_recorded = recorded is not None and any(recorded[i] for i in valid_indices)
+        someone_recorded = recorded is not None and (
+            bool(record_held) if record_held is not None else any(recorded[i] for i in valid_indices))
         sparing_trust = [trust[i] if trust is not None and (not someone_recorded or recorded[i]) else 0.0
                          for i in valid_indices]
         # The keep model is not a client and has no count (nan).

@@ -92,7 +92,7 @@ def build_strategy(
         return SoftMerge(model, gate_split, merge_config_from(settings), on_report=on_report,
                          trust=settings.softmerge_trust, trust_memory=settings.softmerge_trust_memory,
                          trust_max_records=settings.softmerge_trust_max_records,
-                         follow_labels=follow_labels, **common)
+                         trust_copies=settings.softmerge_trust_copies, follow_labels=follow_labels, **common)
     if name == "fltrust":
         # The server model trains on the root set the way clients train (Cao et al. 2021).
         return FLTrust(model, gate_split, epochs=settings.local_epochs, learning_rate=settings.learning_rate,

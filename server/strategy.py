@@ -27,7 +27,7 @@ from torch import nn
 
 from ..aggregation import GateReport, SoftMergeConfig, soft_merge
 from ..aggregation.merge import DIRECTION_START, KEEP_LABEL, build_merge_units, checked_split, stack_in_place
-from ..aggregation.trust import forget_least_recent, relative_openness, trust_of, update_record
+from ..aggregation.trust import NEUTRAL_TRUST, forget_least_recent, relative_openness, trust_of, update_record
 from .replies import (
     RoundStartMemory,
     aggregate_client_metrics,
@@ -68,6 +68,14 @@ class SoftMerge(RoundStartMemory):
         forgotten (and start neutral if they return, like a node under a new ID). It bounds
         the record's memory and the checkpoint's size in a long deployment where nodes leave
         and new node IDs keep arriving.
+    trust_copies : bool (default: True)
+        Whether a client whose reply is identical (or, with
+        ``merge_config.near_duplicate_tolerance``, near-identical) to another's earns trust from
+        the gate the group shares. False caps such a client's recorded openness at neutral
+        (1/2): a node that resends an honest client's update cannot build that client's record,
+        or launder its own, and colluders sending one crafted reply earn none from the group's
+        gate; a shut group is still recorded shut. (True, the default, is what the reference
+        benchmark ran; False is safer and has not run on it yet.)
     follow_labels : bool (default: False)
         When none of the nodes in a restored record reply (every node ID changed), move
         each record to the one node whose replies now carry its label. Only for callers
@@ -93,6 +101,7 @@ class SoftMerge(RoundStartMemory):
         trust: bool = True,
         trust_memory: float = 0.9,
         trust_max_records: int = 100_000,
+        trust_copies: bool = True,
         follow_labels: bool = False,
         **kwargs,
     ) -> None:
@@ -114,6 +123,7 @@ class SoftMerge(RoundStartMemory):
         self.trust = trust
         self.trust_memory = trust_memory
         self.trust_max_records = trust_max_records
+        self.trust_copies = trust_copies
         self._warned_about_cap = False
         self._warned_about_blind = False
         self.follow_labels = follow_labels
@@ -144,8 +154,9 @@ class SoftMerge(RoundStartMemory):
             cfg.example_weights)
         log(INFO, "\t│\t├── no-harm check: margin %g nats | must beat the label frequencies: %s", cfg.harm_margin,
             cfg.beat_constant and bool(cfg.harm_margin))
-        log(INFO, "\t│\t├── trust over rounds: %s (strength %g, memory %g, at most %d records)", self.trust,
-            cfg.trust_strength, self.trust_memory, self.trust_max_records)
+        log(INFO, "\t│\t├── trust over rounds: %s (strength %g, memory %g, at most %d records, copies earn "
+            "trust: %s)", self.trust, cfg.trust_strength, self.trust_memory, self.trust_max_records,
+            self.trust_copies)
         log(INFO, "\t│\t└── gate split: %d examples", len(self.validation[1]))
         super().summary()
 
@@ -191,7 +202,8 @@ class SoftMerge(RoundStartMemory):
             keep_view = stack_in_place(self.model, states, keep, round_config.units)
             merged, report = soft_merge(self.model, states, self.validation, round_config,
                                         keep=keep_view if keep_view is not None else keep, labels=labels,
-                                        trust=trust, examples=examples, recorded=recorded)
+                                        trust=trust, examples=examples, recorded=recorded,
+                                        record_held=bool(self.trust_record) if self.trust else None)
         except Exception as error:  # noqa: BLE001  (as the hardened baselines: a failed merge must not end the run)
             log(ERROR, "SoftMerge round %d: the merge failed (%s: %s); keeping the global model and recording "
                 "nothing about the clients", server_round, type(error).__name__, error, exc_info=True)
@@ -238,6 +250,11 @@ class SoftMerge(RoundStartMemory):
         openness = relative_openness(report.gates, columns)
         if openness is None:
             return  # nothing is recorded, so no label either: labels only serve records
+        if not self.trust_copies:
+            # A group's gate says the shared reply is good, not that each sender produced it.
+            copies = {label for group in report.duplicates for label in group}
+            openness = [min(value, NEUTRAL_TRUST) if report.candidates[k] in copies else value
+                        for k, value in zip(columns, openness)]
         if len(columns) > self.trust_max_records and not self._warned_about_cap:
             # Some of this very round's clients are forgotten at once: every round, with a
             # steady federation, so the record never bounds them (and the mirror test

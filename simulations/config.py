@@ -101,6 +101,7 @@ class RunSettings:
     softmerge_trust_strength: float = 2.0
     softmerge_trust_memory: float = 0.9
     softmerge_trust_max_records: int = 100_000
+    softmerge_trust_copies: bool = True
     softmerge_harm_margin: float = 0.25
     softmerge_example_weights: bool = False
     softmerge_beat_constant: bool = True

@@ -218,8 +218,9 @@ class ColludingAdversary:
                 "arrays and are passed through unchanged", self.attack, server_round, len(unreadable))
         targets = [e for e in malicious if e[2] is not None]
         # n is what the defense can average: a reply without a model of the global's arrays
-        # (a client's empty failure reply) counts for nothing there, and would shrink ALIE's z.
-        num_total = sum(1 for e in honest if e[2] is not None) + len(targets)
+        # (a client's empty failure reply), or with a non-finite one (which the screen rejects),
+        # counts for nothing there, and would shrink ALIE's z.
+        num_total = sum(1 for e in honest if e[2] is not None and np.isfinite(e[2]).all()) + len(targets)
 
         def skip(reason: str) -> list[Message]:
             if targets:

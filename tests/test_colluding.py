@@ -567,7 +567,7 @@ def test_a_round_of_attackers_alone_is_attacked_from_their_own_updates(caplog):
     assert adversary.mimic_tracker.rounds_seen == 0
 
 
-def test_replies_without_a_model_do_not_count_among_the_replies_alie_hides_in():
+def test_replies_without_a_finite_model_do_not_count_among_the_replies_alie_hides_in():
     from flwr.app import Message, RecordDict
 
     replies = [make_reply(p + 1, _state(p, shift=0.1 * p), partition=p) for p in PARTITIONS]
@@ -576,6 +576,13 @@ def test_replies_without_a_model_do_not_count_among_the_replies_alie_hides_in():
     seen, _ = _attacked_by("alie", {3, 4, 5}, replies + empty)
     honest = np.array([_flat_update(_model_of(replies[p]), GLOBAL) for p in range(3)])
     expected = honest.mean(axis=0) + alie_z(3, 6) * honest.std(axis=0)
+    np.testing.assert_allclose(_flat_update(_model_of(seen[5]), GLOBAL), expected, rtol=1e-5, atol=1e-6)
+    # Nor does a non-finite model, which the defense's screen rejects: n = 2 honest + 3 malicious.
+    broken = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in _state(2).items()}
+    replies[2] = make_reply(3, broken, partition=2)
+    seen, _ = _attacked_by("alie", {3, 4, 5}, replies)
+    honest = honest[:2]
+    expected = honest.mean(axis=0) + alie_z(3, 5) * honest.std(axis=0)
     np.testing.assert_allclose(_flat_update(_model_of(seen[5]), GLOBAL), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -345,3 +345,63 @@ def test_the_strategy_tells_the_merge_which_clients_are_newcomers(honest_candida
     play(1, [11, 12])
     play(2, [11, 12, 13])  # 13: client-2 under a node ID never gated
     assert seen == [[False, False], [True, True, False]]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("copies_earn_trust", [True, False])
+def test_a_node_that_resends_an_honest_update_earns_its_record_only_if_copies_earn_trust(
+        honest_candidates, digits_task, copies_earn_trust):
+    """The group's shared gate says the reply is good, not that each sender produced it."""
+    model, locals_ = honest_candidates
+
+    def strategy_playing(replies, rounds):
+        strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(steps=0), trust=True,
+                             trust_copies=copies_earn_trust)
+        for server_round in range(1, rounds + 1):
+            list(strategy.configure_train(server_round, ArrayRecord(model.state_dict()), ConfigRecord(),
+                                          StubGrid([11, 12, 13, 20])))
+            strategy.aggregate_train(server_round, replies)
+        return strategy
+
+    honest = [make_reply(11 + k, locals_[k], partition=k) for k in range(3)]
+    # Node 20 copies, bit for bit and every round, the honest update the gates open most.
+    gates = strategy_playing(honest, 1).reports[1].gates[0]
+    copied = max(range(3), key=lambda k: gates[k])
+    strategy = strategy_playing([*honest, make_reply(20, locals_[copied], partition=9)], 3)
+    assert [f"client-{copied}", "client-9"] in [sorted(group) for group in strategy.reports[3].duplicates]
+    record, source = strategy.trust_record, str(11 + copied)
+    if copies_earn_trust:
+        assert record["20"] == record[source] and trust_of(record, "20") > 0.5
+    else:
+        # At most a newcomer's trust from what the group earned, for the copier and the copied alike.
+        assert trust_of(record, "20") == trust_of(record, source) == 0.5
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_newcomers_are_tested_once_the_strategy_holds_any_record_even_in_a_round_of_newcomers(
+        honest_candidates, digits_task):
+    """A round of new node IDs alone (a SuperLink that lost its database) must not spare them all."""
+    model, locals_ = honest_candidates
+    global_state = model.state_dict()
+    flipped = {k: global_state[k] - 0.1 * (v - global_state[k]) if v.dtype.is_floating_point else v
+               for k, v in locals_[5].items()}
+
+    def flipped_weight(recorded_node_replies):
+        strategy = SoftMerge(model, digits_task.gate.tensors(), SoftMergeConfig(mirror_trusted=0.5), trust=True)
+
+        def play(server_round, senders):
+            list(strategy.configure_train(server_round, ArrayRecord(global_state), ConfigRecord(),
+                                          StubGrid([node for node, _, _ in senders])))
+            strategy.aggregate_train(server_round, [make_reply(node, state, partition=p) for node, state, p in senders])
+            return strategy.reports[server_round]
+
+        for server_round in (1, 2, 3):
+            play(server_round, [(11 + k, locals_[k], k) for k in range(5)])
+        senders = [(21, locals_[6], 6), (22, locals_[7], 7), (30, flipped, 8)]
+        report = play(4, senders + ([(11, locals_[0], 0)] if recorded_node_replies else []))
+        column = report.candidates.index("client-8")
+        return sum(row[column] for row in report.weights)
+
+    # Node 30 is a newcomer either way: with records held, the mirror test shuts its flipped update.
+    assert flipped_weight(recorded_node_replies=True) == 0.0
+    assert flipped_weight(recorded_node_replies=False) == 0.0
