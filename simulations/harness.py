@@ -264,7 +264,7 @@ class ColludingAdversary:
                     else "on the other side of the mean from the usual ALIE")
         scales: tuple[float, ...] = ()
         if self.adaptive:
-            crafted, scales = self._moved_own_updates(targets, known, num_total)
+            crafted, scales = self._moved_own_updates(targets, usable, replies, num_total)
         else:
             tracking = {}
             if self.mimic_tracker is not None:
@@ -290,11 +290,18 @@ class ColludingAdversary:
             f"; copying partition {copied}" if copied is not None else "")
         return rewritten
 
-    def _moved_own_updates(self, targets: list, known: list[np.ndarray],
+    def _moved_own_updates(self, targets: list, usable: list, replies: list[Message],
                            num_total: int) -> tuple[list[np.ndarray], tuple[float, ...]]:
-        """backdoor-evade: each malicious update moved from the known mean as far as its clean loss allows."""
+        """backdoor-evade: each malicious update moved from the known mean as far as its clean loss allows.
+
+        Every loss is of a model as it is sent: a known reply with its own running statistics,
+        a crafted one with those of the attacker's reply it replaces (a BatchNorm model's loss
+        depends on them).
+        """
         params = self.attack_params
-        losses = [loss for loss in (self.loss_of(self._state_of(update)) for update in known) if math.isfinite(loss)]
+        known = [update for _, _, update in usable]
+        losses = [loss for loss in (self.loss_of(self._state_of(update, replies[index])) for _, index, update in usable)
+                  if math.isfinite(loss)]
         mean = np.mean(known, axis=0)
         if not losses:
             # No bound to stay within: send the backdoors as trained rather than guess one.
@@ -305,7 +312,7 @@ class ColludingAdversary:
         upper = float(params.get("upper", num_total))
         iterations = int(params.get("iterations", 12))
         crafted, scales = [], []
-        for _, _, update in targets:
+        for _, index, update in targets:
             if not np.isfinite(update).all():
                 crafted.append(mean.copy())  # nothing of it can be sent: the known mean instead
                 scales.append(0.0)
@@ -316,8 +323,9 @@ class ColludingAdversary:
                 crafted.append(update)
                 scales.append(1.0)
                 continue
-            gamma = largest_scale_within(lambda g, d=direction: self.loss_of(self._state_of(mean + g * d)),
-                                         threshold, upper, iterations=iterations)
+            gamma = largest_scale_within(
+                lambda g, d=direction, sent=replies[index]: self.loss_of(self._state_of(mean + g * d, sent)),
+                threshold, upper, iterations=iterations)
             crafted.append(mean + gamma * direction)
             scales.append(gamma)
         if 0.0 in scales and not self.loss_of(self._state_of(mean)) <= threshold:
@@ -383,14 +391,21 @@ class ColludingAdversary:
             offsets[key], start = (start, start + size), start + size
         return offsets
 
-    def _state_of(self, update: np.ndarray) -> dict[str, np.ndarray]:
-        """The model state global + update, in the global model's dtypes (buffers as they are)."""
+    def _state_of(self, update: np.ndarray, sent: Message | None = None) -> dict[str, np.ndarray]:
+        """The model state global + update, in the global model's dtypes.
+
+        Buffers (running statistics, counters) are the global model's, or with ``sent`` (a
+        readable reply) that reply's own, as :meth:`_with_update` keeps them.
+        """
         offsets = self._offsets()
+        own = {} if sent is None else next(iter(sent.content.array_records.values()))
         state = {}
         for key, array in self._global.items():
             if key in offsets:
                 low, high = offsets[key]
                 array = (array.astype(np.float64).ravel() + update[low:high]).reshape(array.shape).astype(array.dtype)
+            elif key in own:
+                array = own[key].numpy()
             state[key] = array
         return state
 

@@ -865,6 +865,38 @@ def test_backdoor_evade_moves_each_own_update_to_the_median_honest_loss(maliciou
         assert strategy.seen[1][partition] is sent[partition]
 
 
+def test_backdoor_evade_bounds_each_reply_as_sent_with_its_own_running_statistics():
+    """A BatchNorm model's loss reads its running statistics, which every reply sends as its client trained them."""
+    base = {"layer.weight": GLOBAL["layer.weight"], "layer.bias": GLOBAL["layer.bias"],
+            "norm.running_var": torch.ones(3)}
+    variance = {0: 1.0, 1: 1.2, 2: 1.4, 3: 1.6, 4: 1.8, 5: 0.5}  # the attackers' own are far from the global's
+
+    def state(p):
+        noise = _state(p)
+        return {"layer.weight": base["layer.weight"] + 0.5 * noise["layer.weight"],
+                "layer.bias": base["layer.bias"] + 0.5 * noise["layer.bias"].to(base["layer.bias"].dtype),
+                "norm.running_var": torch.full((3,), variance[p])}
+
+    distance = _squared_distance_from(base)
+
+    def loss_of(model_state):  # a clean loss that also reads the statistics, as a BatchNorm model's does
+        return distance(model_state) + float(np.abs(np.asarray(model_state["norm.running_var"]) - 1.0).sum())
+
+    strategy = RecordingFedAvg()
+    adversary = make_colluding(strategy, "backdoor-evade", MALICIOUS, seed=3, loss_of=loss_of,
+                               statistics=["norm.running_var"])
+    list(strategy.configure_train(1, ArrayRecord(base), ConfigRecord(), StubGrid(list(range(1, 7)))))
+    replies = [make_reply(p + 1, state(p), partition=p) for p in PARTITIONS]
+    strategy.aggregate_train(1, replies)
+    threshold = float(np.median([loss_of(_model_of(replies[p])) for p in (0, 1, 2, 3)]))
+    assert all(gamma > 0 for gamma in adversary.history[1].scales)
+    for partition in (4, 5):
+        received = _model_of(strategy.seen[1][partition])
+        assert torch.equal(received["norm.running_var"], torch.full((3,), variance[partition]))
+        # Within the bound as sent, and not far inside it: the search used the statistics it sends.
+        assert threshold * 0.95 < loss_of(received) <= threshold * 1.001
+
+
 def test_backdoor_evade_with_quantile_one_goes_as_far_as_the_worst_honest_reply():
     scales = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 0.5, 5: 0.8}
     replies = [make_reply(p + 1, _scaled_state(p, scales[p]), partition=p) for p in PARTITIONS]
