@@ -81,6 +81,25 @@ def count_used_replies(strategy: FedAvg) -> dict[str, Any]:
     return counts
 
 
+class SortedNodeGrid:
+    """A Grid whose node IDs come sorted; everything else goes to ``grid``.
+
+    Why: Flower samples a round's nodes by their position in ``get_node_ids()``
+    (``random.sample``), and a SuperLink lists them in a set's order, which can differ
+    between two runs with the same nodes (it depends on the order they registered in).
+    Sorted, the run's seed alone fixes which nodes a round trains.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids())
+
+
 class StoppableGrid:
     """A Grid whose rounds give up as soon as ``stop`` is set, instead of waiting out the timeout.
 
@@ -288,8 +307,9 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
     if checkpoint is not None:
         restore_rng_state(checkpoint.state["rng"])
     else:
-        # Flower samples nodes with Python's random (fraction-train < 1): seeded, a deployment
-        # whose nodes keep their IDs trains the same clients in every run of a config.
+        # Flower samples nodes with Python's random (fraction-train < 1): seeded, and with the
+        # node IDs sorted (SortedNodeGrid), a deployment whose nodes keep their IDs trains the
+        # same clients in every run of a config.
         random.seed(settings.seed)
         np.random.seed(settings.seed)
         torch.manual_seed(settings.seed)
@@ -298,7 +318,7 @@ def _run_server(grid: Grid, settings: RunSettings, num_nodes: int | None, follow
         if remaining > 0:
             with true_round_numbers(done, settings.num_server_rounds):
                 strategy.start(
-                    grid=grid,
+                    grid=SortedNodeGrid(grid),
                     initial_arrays=ArrayRecord(model.state_dict()),
                     num_rounds=remaining,
                     timeout=settings.round_timeout,

@@ -423,11 +423,14 @@ def replies_in_broadcast(report: GateReport) -> int:
     """How many client candidates hold weight in some unit of the merged model.
 
     Finite, well-formed replies can all end at weight 0 (every gate closed, or the no-harm
-    check kept the global model); a run whose rounds all end so has not trained, whatever
-    its replies looked like.
+    check kept the global model), or be the global model resent unchanged; a run whose
+    rounds all end so has not trained, whatever its replies looked like.
     """
+    # A client that resent the global model unchanged shares the keep candidate's weight, and
+    # the global model is what goes out.
+    echoes = {label for group in report.duplicates if KEEP_LABEL in group for label in group}
     return sum(1 for column, label in enumerate(report.candidates)
-               if label != KEEP_LABEL and any(row[column] > 0 for row in report.weights))
+               if label != KEEP_LABEL and label not in echoes and any(row[column] > 0 for row in report.weights))
 
 
 def report_summary(report: GateReport) -> dict[str, float | int]:

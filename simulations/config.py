@@ -141,8 +141,9 @@ def dataset_problem(settings: RunSettings, num_clients: int | None = None) -> st
     With ``num_clients``, also why its client pool cannot be split among them (too few
     examples, or no Dirichlet draw that gives every client its minimum): otherwise every
     client fails to load its partition and the run fails only after its last round. For the
-    command-line tools, before any run starts Flower (loads and partitions are cached for
-    the runs of this process).
+    command-line tools, before any run starts Flower. The load is cached in this process
+    (where the ServerApp of a simulation runs); the clients load their partitions in their
+    own processes.
     """
     try:
         task_data(settings)
@@ -346,7 +347,8 @@ def check_simulation(settings: RunSettings, num_clients: int) -> None:
     replies = rule_replies(settings, num_clients)
     problem = node_count_problem(settings.strategy, replies, settings.assumed_malicious)
     if problem:
-        dropped = " (after the oracle drops the malicious ones)" if settings.exclude_malicious else ""
+        dropped = (" (after the oracle drops the malicious ones, at worst every one of them)"
+                   if settings.exclude_malicious else "")
         raise ConfigError(f"strategy '{settings.strategy}' with assumed-malicious {settings.assumed_malicious} "
                           f"and {replies} replies a round{dropped}: {problem}")
 

@@ -45,6 +45,7 @@ from ..server.output_lock import OutputBusy, output_lock, shared_files_lock
 from ..server.results import write_json_atomic
 from .config import (ConfigError, RunSettings, dataset_problem, node_count_problem, parse_run_config,
                      parse_set_options, replies_per_round)
+from .tasks import forget_loaded_data
 
 ORACLE = "oracle"
 NO_ATTACK = "none"
@@ -175,7 +176,8 @@ RULE_KEYS = {"softmerge": ("softmerge-",), "fltrust": ("fltrust-",), "fedtrimmed
 # new default changed and kept the others as its runs.)
 LEGACY_VALUES = {"softmerge-example-weights": False, "attack-claimed-examples": 0, "softmerge-near-duplicates": 0.0,
                  "softmerge-mirror-trusted": 0.0, "softmerge-mirror-flipped": 0.0,
-                 "softmerge-warm-step": "candidate", "softmerge-merge-step-share": "all"}
+                 "softmerge-warm-step": "candidate", "softmerge-merge-step-share": "all",
+                 "softmerge-trust-copies": True}
 
 
 # The keys in which two cells that differ only in the malicious fraction differ.
@@ -867,9 +869,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"softmerge-grid: dataset error: {problem}", file=sys.stderr)
             return 2
         for alpha, seed in itertools.product(alphas, seeds):
-            if problem := dataset_problem(replace(base, dirichlet_alpha=alpha, seed=seed), args.clients):
+            problem = dataset_problem(replace(base, dirichlet_alpha=alpha, seed=seed), args.clients)
+            if problem:
                 print(f"softmerge-grid: dataset error (seed {seed}, alpha {alpha:g}): {problem}", file=sys.stderr)
                 return 2
+        # The cells' clients load their own data; this process need not hold every seed's split.
+        forget_loaded_data()
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -220,7 +220,8 @@ class ColludingAdversary:
         # n is what the defense can average: a reply without a model of the global's arrays
         # (a client's empty failure reply), or with a non-finite one (which the screen rejects),
         # counts for nothing there, and would shrink ALIE's z.
-        num_total = sum(1 for e in honest if e[2] is not None and np.isfinite(e[2]).all()) + len(targets)
+        finite_honest = [e for e in honest if e[2] is not None and np.isfinite(e[2]).all()]
+        num_total = len(finite_honest) + len(targets)
 
         def skip(reason: str) -> list[Message]:
             if targets:
@@ -234,8 +235,8 @@ class ColludingAdversary:
         if num_total <= len(targets) and self.kind == "alie" and "z" not in self.attack_params:
             # Every other attack crafts from the attackers' own updates below, as with partial knowledge.
             return skip("every client this round is malicious, and ALIE's z needs n > m")
-        source = honest if self.knowledge == "full" else malicious
-        usable = [e for e in source if e[2] is not None and np.isfinite(e[2]).all()]
+        usable = finite_honest if self.knowledge == "full" else [
+            e for e in malicious if e[2] is not None and np.isfinite(e[2]).all()]
         if not usable and self.knowledge == "full":
             why = "every client this round is malicious" if not honest else "no readable, finite honest update"
             if self.kind in ("mimic", "mimic-fixed"):

@@ -213,6 +213,12 @@ def _partitioner(name: str, gate_size: int, test_size: int, seed: int, path: str
     return partitioner
 
 
+def forget_loaded_data() -> None:
+    """Drop the cached datasets and partitioners (a process that checked splits it will not use)."""
+    load_task.cache_clear()
+    _partitioner.cache_clear()
+
+
 def load_partition(name: str, partition_id: int, num_partitions: int, *, partitioning: str = "iid",
                    alpha: float = 0.5, gate_size: int = 200, test_size: int = 360, seed: int = 0,
                    path: str = "", pool_size: int = 0) -> ArraySet:

@@ -604,15 +604,23 @@ def test_a_softmerge_run_whose_clients_never_beat_the_global_model_fails(tmp_pat
 
 @pytest.mark.usefixtures("task_identity")
 def test_the_seed_fixes_which_nodes_a_deployment_samples(tmp_path):
-    """Flower samples nodes with Python's random; nodes that keep their IDs train alike in every run."""
+    """Flower samples nodes with Python's random, by position in the node list; nodes that keep their IDs
+    train alike in every run, whatever order they are listed in."""
     from flower_helpers import EchoGrid
     from softmerge.server.app import run_server
     from softmerge.simulations.config import parse_run_config
 
     class SampledNodes(EchoGrid):
-        def __init__(self, count):
+        """Lists its nodes in an order of its own, as a SuperLink lists a set's."""
+
+        def __init__(self, count, order):
             super().__init__(count)
-            self.sampled = []
+            self.sampled, self.order = [], order
+
+        def get_node_ids(self):
+            import random
+
+            return random.Random(self.order).sample(self.node_ids, len(self.node_ids))
 
         def send_and_receive(self, messages, timeout=None):
             messages = list(messages)
@@ -624,7 +632,7 @@ def test_the_seed_fixes_which_nodes_a_deployment_samples(tmp_path):
         import random
 
         random.seed(name)  # whatever state the process's random was left in
-        grid = SampledNodes(8)
+        grid = SampledNodes(8, order=name)
         run_server(grid, parse_run_config({"num-server-rounds": 4, "strategy": "fedavg", "fraction-train": 0.5,
                                            "seed": seed, "attack": "none", "malicious-partitions": "",
                                            "output-dir": str(tmp_path / name)}), num_nodes=8)

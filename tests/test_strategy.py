@@ -191,6 +191,12 @@ def test_a_round_that_gives_every_reply_weight_0_used_no_reply(honest_candidates
     merged = arrays.to_torch_state_dict()
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
     assert metrics["replies-excluded"] == 0 and metrics["replies-used"] == 0
+    # A client that resends the global model unchanged shares its weight, but trained nothing.
+    echo = {k: v.clone() for k, v in model.state_dict().items()}
+    arrays, metrics = strategy.aggregate_train(3, [make_reply(i + 1, useless[i], partition=i) for i in range(3)]
+                                               + [make_reply(4, echo, partition=3)])
+    assert any("keep" in group and "client-3" in group for group in strategy.reports[3].duplicates)
+    assert metrics["replies-used"] == 0
     # Among honest replies, exactly the replies holding weight count: the honest ones here.
     replies = [make_reply(i + 1, locals_[i], partition=i) for i in range(4)]
     replies += [make_reply(i + 5, useless[i], partition=i + 4) for i in range(3)]
