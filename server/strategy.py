@@ -212,13 +212,14 @@ class SoftMerge(RoundStartMemory):
                             "replies-used": 0, "replies-missing": len(screened.missing)})
             return ArrayRecord({name: tensor.clone() for name, tensor in keep.items()}), metrics
         del states, keep_view
+        overflowed = not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point)
         # A round whose first merge failed the no-harm check is not evidence about the
         # clients: the failure is the optimisation's, and the last retry starts every client
-        # closed. Nor is one whose merge did no better than the label frequencies.
-        if self.trust and report.rejected_loss is None and not report.uninformed:
+        # closed. Nor is one whose merge did no better than the label frequencies, or one
+        # whose merge overflowed and was discarded.
+        if self.trust and report.rejected_loss is None and not report.uninformed and not overflowed:
             self._record_round(report, dict(zip(labels, nodes)), server_round)
         report.excluded = screened.rejected + report.excluded
-        overflowed = not all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point)
         if overflowed:
             # Finite candidates can still overflow when summed; never broadcast that.
             log(WARNING, "SoftMerge round %d: the merge overflowed; keeping the global model", server_round)

@@ -178,6 +178,8 @@ def test_a_merge_that_overflows_keeps_the_global_model_and_uses_no_reply(honest_
     report = strategy.reports[1]
     assert report.weights == [[0.0, 0.0, 0.0, 0.0, 1.0]] and report.candidates[-1] == "keep"
     assert report.loss_after == report.loss_before
+    # The discarded merge's gates are not evidence about the clients.
+    assert strategy.trust_record == {}
 
 
 def test_a_round_that_gives_every_reply_weight_0_used_no_reply(honest_candidates, digits_task):
