@@ -283,7 +283,8 @@ def test_a_node_that_never_replies_is_named_and_counted(name, caplog):
     sent = list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), StubGrid(range(11, 16))))
     for instruction in sent:
         instruction.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grid does when it pushes
-    replies = [_offset_reply(0, {"train-loss": 0.3}) for _ in sent]
+    # Each node's own update (the global model resent unchanged would not be a used reply).
+    replies = [_offset_reply(instruction.metadata.dst_node_id - 10, {"train-loss": 0.3}) for instruction in sent]
     for reply, instruction in zip(replies, sent):
         reply.metadata.__dict__["_reply_to_message_id"] = instruction.metadata.message_id
     silent = {12, 14}
