@@ -235,8 +235,8 @@ class ColludingAdversary:
         if num_total <= len(targets) and self.kind == "alie" and "z" not in self.attack_params:
             # Every other attack crafts from the attackers' own updates below, as with partial knowledge.
             return skip("every client this round is malicious, and ALIE's z needs n > m")
-        usable = finite_honest if self.knowledge == "full" else [
-            e for e in malicious if e[2] is not None and np.isfinite(e[2]).all()]
+        finite_malicious = [e for e in targets if np.isfinite(e[2]).all()]
+        usable = finite_honest if self.knowledge == "full" else finite_malicious
         if not usable and self.knowledge == "full":
             why = "every client this round is malicious" if not honest else "no readable, finite honest update"
             if self.kind in ("mimic", "mimic-fixed"):
@@ -244,7 +244,7 @@ class ColludingAdversary:
                 return skip(f"{why}, so there is no honest client to copy")
             log(WARNING, "colluding %s round %d: %s; using the malicious clients' own updates (partial "
                 "knowledge)", self.attack, server_round, why)
-            usable = [e for e in malicious if e[2] is not None and np.isfinite(e[2]).all()]
+            usable = finite_malicious
         known = [e[2] for e in usable]
         if not known:
             return skip("no readable, finite update to compute the attack from")
